@@ -1,0 +1,179 @@
+//! Admit a request now, let it wait for the exact moment a slot frees, or
+//! reject it with the exact time until one would.
+//!
+//! Each [`QuotaKey`] has an [`AdmissionLog`] and a FIFO queue under one
+//! mutex (never held across an await). A request is admitted at once only
+//! when nobody is queued ahead of it and every window has room. Otherwise its
+//! grant time is projected exactly from the log and the waiters ahead
+//! ([`AdmissionLog::projected`]); if that lies within its maximum wait and the
+//! queue has room it waits, else it is rejected with that time as its
+//! `Retry-After`.
+//!
+//! Only the head of a queue sleeps, on a timer set to the moment its slot
+//! frees; the others sleep until they become the head. Nothing polls.
+//! Keys whose logs have emptied are dropped by [`Limiter::sweep`].
+
+mod place;
+pub mod rejection;
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use prometheus::IntGauge;
+use tokio::sync::Notify;
+
+pub use rejection::{Reason, Rejection};
+
+use crate::policy::{Mode, Policy};
+use crate::quota::{AdmissionLog, Clock, QuotaKey, Retention};
+use place::Place;
+
+/// How far past its maximum wait a waiter whose slot was promised in time
+/// still holds on, to absorb timer lateness.
+const TIMER_SLACK: Duration = Duration::from_millis(50);
+
+struct Waiter {
+    id: u64,
+    wake: Arc<Notify>,
+}
+
+#[derive(Default)]
+pub(crate) struct KeyState {
+    log: AdmissionLog,
+    retention: Retention,
+    queue: VecDeque<Waiter>,
+    next_id: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct KeyCell(Mutex<KeyState>);
+
+impl KeyCell {
+    fn lock(&self) -> MutexGuard<'_, KeyState> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Every key's admissions and waiters.
+pub struct Limiter {
+    keys: DashMap<QuotaKey, Arc<KeyCell>>,
+    clock: Clock,
+    guard: Duration,
+}
+
+impl Limiter {
+    pub fn new(guard: Duration) -> Self {
+        Limiter { keys: DashMap::new(), clock: Clock::default(), guard }
+    }
+
+    fn cell(&self, key: QuotaKey) -> Arc<KeyCell> {
+        if let Some(cell) = self.keys.get(&key) {
+            return cell.clone();
+        }
+        self.keys.entry(key).or_default().clone()
+    }
+
+    /// Admit a call for `key` under `policy`, waiting at most `max_wait`.
+    /// Returns how long it waited. `depth` counts this policy's waiters.
+    pub async fn acquire(
+        &self,
+        key: QuotaKey,
+        policy: &Policy,
+        max_wait: Duration,
+        depth: &IntGauge,
+    ) -> Result<Duration, Rejection> {
+        let cell = self.cell(key);
+        let start = self.clock.now();
+        let (id, wake) = {
+            let mut st = cell.lock();
+            st.retention = st.retention.union(Retention::for_windows(&policy.windows, self.guard));
+            let retention = st.retention;
+            st.log.prune(retention, start);
+            if st.queue.is_empty() && st.log.next_free(&policy.windows, self.guard, start).at <= start {
+                st.log.record(start);
+                return Ok(Duration::ZERO);
+            }
+            let grant = st.log.projected(st.queue.len(), &policy.windows, self.guard, start);
+            let wait = Duration::from_nanos(grant.at - start);
+            let reason = if policy.mode == Mode::Reject {
+                Some(Reason::NoSlot)
+            } else if st.queue.len() >= policy.max_queue {
+                Some(Reason::QueueFull)
+            } else if wait > max_wait {
+                Some(Reason::WaitTooLong)
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                return Err(Rejection { reason, retry_after: wait, window: grant.window });
+            }
+            st.next_id += 1;
+            let id = st.next_id;
+            let wake = Arc::new(Notify::new());
+            st.queue.push_back(Waiter { id, wake: wake.clone() });
+            (id, wake)
+        };
+        depth.inc();
+        let mut place = Place { cell: cell.clone(), id, depth: depth.clone(), queued: true };
+        let deadline = start + u64::try_from((max_wait + TIMER_SLACK).as_nanos()).unwrap_or(u64::MAX);
+        loop {
+            let now = self.clock.now();
+            let slot = {
+                let mut st = cell.lock();
+                let position = st.queue.iter().position(|w| w.id == id).unwrap_or(0);
+                let retention = st.retention;
+                st.log.prune(retention, now);
+                let grant = st.log.projected(position, &policy.windows, self.guard, now);
+                if position == 0 && grant.at <= now {
+                    st.log.record(now);
+                    st.queue.pop_front();
+                    if let Some(next) = st.queue.front() {
+                        next.wake.notify_one();
+                    }
+                    place.queued = false;
+                    return Ok(Duration::from_nanos(now - start));
+                }
+                if now >= deadline {
+                    return Err(Rejection {
+                        reason: Reason::Expired,
+                        retry_after: Duration::from_nanos(grant.at - now),
+                        window: grant.window,
+                    });
+                }
+                (position == 0).then_some(grant.at)
+            };
+            let until = self.clock.instant(slot.map_or(deadline, |at| at.min(deadline)));
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => {}
+                _ = wake.notified() => {}
+            }
+        }
+    }
+
+    /// Drop keys whose windows have emptied and that nobody waits on.
+    /// Returns how many keys remain.
+    pub fn sweep(&self) -> usize {
+        let now = self.clock.now();
+        self.keys.retain(|_, cell| {
+            if Arc::strong_count(cell) > 1 {
+                return true;
+            }
+            let Ok(mut st) = cell.0.try_lock() else { return true };
+            let retention = st.retention;
+            st.log.prune(retention, now);
+            st.log.shrink();
+            !(st.log.is_empty() && st.queue.is_empty())
+        });
+        self.keys.len()
+    }
+
+    /// Number of keys held in memory.
+    pub fn keys(&self) -> usize {
+        self.keys.len()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,37 @@
+//! A request's place in a key's queue, released on drop.
+//!
+//! A place rides inside the request's future: when a client disconnects,
+//! hyper drops the future, the place leaves the queue, and if it was at the
+//! head the next waiter is woken to take the slot.
+
+use std::sync::Arc;
+
+use prometheus::IntGauge;
+
+use super::KeyCell;
+
+pub(super) struct Place {
+    pub cell: Arc<KeyCell>,
+    pub id: u64,
+    pub depth: IntGauge,
+    /// Still in the queue (not yet admitted or removed).
+    pub queued: bool,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.depth.dec();
+        if !self.queued {
+            return;
+        }
+        let mut st = self.cell.lock();
+        if let Some(pos) = st.queue.iter().position(|w| w.id == self.id) {
+            st.queue.remove(pos);
+            if pos == 0 {
+                if let Some(next) = st.queue.front() {
+                    next.wake.notify_one();
+                }
+            }
+        }
+    }
+}

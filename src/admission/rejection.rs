@@ -1,0 +1,52 @@
+//! Why a request was not admitted, and when it could be.
+
+use std::time::Duration;
+
+use crate::quota::Window;
+
+/// The reason a request was turned away locally.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// The policy rejects instead of queueing, and no slot is free.
+    NoSlot,
+    /// The key's queue is full.
+    QueueFull,
+    /// The slot this request would get is further away than its maximum wait.
+    WaitTooLong,
+    /// The request waited its whole maximum wait without getting a slot.
+    Expired,
+}
+
+/// A local rejection with the exact time until a slot would be free for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rejection {
+    pub reason: Reason,
+    /// Exact time until this request could be admitted.
+    pub retry_after: Duration,
+    /// The window that is full, when one is.
+    pub window: Option<Window>,
+}
+
+impl Rejection {
+    /// `Retry-After` in whole seconds, rounded up, at least 1: a client that
+    /// waits this long finds its slot free.
+    pub fn retry_after_secs(&self) -> u64 {
+        let d = self.retry_after;
+        (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_rounds_up_to_whole_seconds() {
+        let r =
+            |ms| Rejection { reason: Reason::NoSlot, retry_after: Duration::from_millis(ms), window: None };
+        assert_eq!(r(1).retry_after_secs(), 1);
+        assert_eq!(r(1000).retry_after_secs(), 1);
+        assert_eq!(r(1001).retry_after_secs(), 2);
+        assert_eq!(r(0).retry_after_secs(), 1);
+    }
+}

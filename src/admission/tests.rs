@@ -1,0 +1,146 @@
+//! Queue behaviour under tokio's paused clock: no real sleeps, exact times.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::IntGauge;
+use tokio::time::Instant;
+
+use super::*;
+use crate::policy::{Mode, Policy, Timeouts};
+use crate::quota::{KeyScope, Window};
+
+fn policy(mode: Mode, limit: u32, per: Duration, max_queue: usize, max_wait: Duration) -> Arc<Policy> {
+    let windows = vec![Window::new(NonZeroU32::new(limit).unwrap(), per)];
+    Arc::new(Policy {
+        id: 0,
+        name: "p".into(),
+        methods: vec![],
+        upstreams: vec![],
+        paths: vec![],
+        windows,
+        key: KeyScope::TenantAppPolicy,
+        mode,
+        max_wait,
+        max_queue,
+        timeouts: Timeouts {
+            connect: Duration::from_secs(1),
+            header: Duration::from_secs(1),
+            total: Duration::from_secs(1),
+        },
+    })
+}
+
+fn key(tenant: &str) -> QuotaKey {
+    QuotaKey { policy: Some(0), tenant: tenant.into(), app: Some("a".into()) }
+}
+
+fn gauge() -> IntGauge {
+    IntGauge::new("depth", "queue depth").unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn reject_mode_gives_the_exact_time_until_a_slot_frees() {
+    let limiter = Limiter::new(Duration::ZERO);
+    let p = policy(Mode::Reject, 2, Duration::from_secs(10), 0, Duration::ZERO);
+    let g = gauge();
+    assert_eq!(limiter.acquire(key("t"), &p, p.max_wait, &g).await, Ok(Duration::ZERO));
+    tokio::time::advance(Duration::from_millis(2500)).await;
+    assert_eq!(limiter.acquire(key("t"), &p, p.max_wait, &g).await, Ok(Duration::ZERO));
+    tokio::time::advance(Duration::from_millis(500)).await;
+    let r = limiter.acquire(key("t"), &p, p.max_wait, &g).await.unwrap_err();
+    assert_eq!(r.reason, Reason::NoSlot);
+    assert_eq!(r.retry_after, Duration::from_secs(7));
+    tokio::time::advance(Duration::from_millis(6999)).await;
+    assert!(limiter.acquire(key("t"), &p, p.max_wait, &g).await.is_err());
+    tokio::time::advance(Duration::from_millis(1)).await;
+    assert_eq!(limiter.acquire(key("t"), &p, p.max_wait, &g).await, Ok(Duration::ZERO));
+    // Another tenant is untouched by the first one's full window.
+    assert_eq!(limiter.acquire(key("u"), &p, p.max_wait, &g).await, Ok(Duration::ZERO));
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiters_go_in_fifo_order_at_the_exact_moment_their_slot_frees() {
+    let limiter = Arc::new(Limiter::new(Duration::ZERO));
+    let p = policy(Mode::Queue, 2, Duration::from_secs(1), 10, Duration::from_secs(5));
+    let g = gauge();
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let (limiter, p, g) = (limiter.clone(), p.clone(), g.clone());
+        tasks.push(tokio::spawn(async move {
+            limiter.acquire(key("t"), &p, p.max_wait, &g).await.unwrap();
+            (i, t0.elapsed())
+        }));
+        tokio::task::yield_now().await;
+    }
+    let mut done = Vec::new();
+    for t in tasks {
+        done.push(t.await.unwrap());
+    }
+    let secs: Vec<u128> = done.iter().map(|(_, d)| d.as_millis()).collect();
+    assert_eq!(secs, vec![0, 0, 1000, 1000, 2000, 2000]);
+    assert_eq!(g.get(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_queue_and_a_too_long_wait_are_rejected_at_once() {
+    let limiter = Arc::new(Limiter::new(Duration::ZERO));
+    let p = policy(Mode::Queue, 1, Duration::from_secs(1), 2, Duration::from_millis(2500));
+    let g = gauge();
+    limiter.acquire(key("t"), &p, p.max_wait, &g).await.unwrap();
+    let mut waiters = Vec::new();
+    for _ in 0..2 {
+        let (limiter, p, g) = (limiter.clone(), p.clone(), g.clone());
+        waiters.push(tokio::spawn(async move { limiter.acquire(key("t"), &p, p.max_wait, &g).await }));
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(g.get(), 2);
+    let full = limiter.acquire(key("t"), &p, p.max_wait, &g).await.unwrap_err();
+    assert_eq!((full.reason, full.retry_after), (Reason::QueueFull, Duration::from_secs(3)));
+    // A caller that will wait only 1.5 s cannot get the slot 3 s away.
+    let p2 = policy(Mode::Queue, 1, Duration::from_secs(1), 5, Duration::from_millis(2500));
+    let short = limiter.acquire(key("t"), &p2, Duration::from_millis(1500), &g).await.unwrap_err();
+    assert_eq!((short.reason, short.retry_after), (Reason::WaitTooLong, Duration::from_secs(3)));
+    for w in waiters {
+        assert!(w.await.unwrap().is_ok());
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiter_that_leaves_frees_its_place_and_its_slot() {
+    let limiter = Arc::new(Limiter::new(Duration::ZERO));
+    let p = policy(Mode::Queue, 1, Duration::from_secs(1), 1, Duration::from_secs(10));
+    let g = gauge();
+    let t0 = Instant::now();
+    limiter.acquire(key("t"), &p, p.max_wait, &g).await.unwrap();
+    let first = {
+        let (limiter, p, g) = (limiter.clone(), p.clone(), g.clone());
+        tokio::spawn(async move { limiter.acquire(key("t"), &p, p.max_wait, &g).await })
+    };
+    tokio::task::yield_now().await;
+    assert_eq!(g.get(), 1);
+    first.abort();
+    let _ = first.await;
+    assert_eq!(g.get(), 0);
+    // The place is free again, and the slot at 1 s goes to the next waiter.
+    let waited = limiter.acquire(key("t"), &p, p.max_wait, &g).await.unwrap();
+    assert_eq!(t0.elapsed(), Duration::from_secs(1));
+    assert_eq!(waited, Duration::from_secs(1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_keys_are_freed_once_their_windows_empty() {
+    let limiter = Limiter::new(Duration::from_millis(5));
+    let p = policy(Mode::Reject, 3, Duration::from_secs(1), 0, Duration::ZERO);
+    let g = gauge();
+    for t in 0..100 {
+        limiter.acquire(key(&t.to_string()), &p, p.max_wait, &g).await.unwrap();
+    }
+    assert_eq!(limiter.sweep(), 100);
+    tokio::time::advance(Duration::from_millis(1004)).await;
+    assert_eq!(limiter.sweep(), 100);
+    tokio::time::advance(Duration::from_millis(1)).await;
+    assert_eq!(limiter.sweep(), 0);
+}

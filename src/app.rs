@@ -1,0 +1,170 @@
+//! The proxy's request path, in one place: route, match a policy, identify,
+//! admit, forward.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::response::Response;
+use axum::Router;
+use http::header::CONTENT_LENGTH;
+use http::{HeaderMap, HeaderValue, StatusCode};
+
+use crate::admission::Limiter;
+use crate::config::Config;
+use crate::error::{GatewayError, THROTTLED_BY};
+use crate::identity::identity_from_headers;
+use crate::metrics::{Metrics, PolicyMetrics};
+use crate::quota::QuotaKey;
+use crate::upstream::{forward, route, ApiKind, Clients, UpstreamError};
+
+/// Request header with which a caller shortens its own maximum queue wait,
+/// in seconds (fractions allowed). It can only shorten the policy's wait.
+pub const MAX_WAIT_HEADER: &str = "x-quotagate-max-wait";
+
+/// Everything a request needs, shared by all listeners.
+pub struct Gateway {
+    pub config: Arc<Config>,
+    pub limiter: Limiter,
+    pub metrics: Arc<Metrics>,
+    clients: Clients,
+    /// Per policy id, then one more for unmetered requests.
+    policy_metrics: Vec<PolicyMetrics>,
+}
+
+impl Gateway {
+    pub fn new(config: Arc<Config>, metrics: Arc<Metrics>) -> Self {
+        let policies = &config.policies.0;
+        let mut timeouts: Vec<Duration> = policies.iter().map(|p| p.timeouts.connect).collect();
+        timeouts.push(config.unmetered_timeouts.connect);
+        timeouts.sort();
+        timeouts.dedup();
+        let mut policy_metrics: Vec<PolicyMetrics> =
+            policies.iter().map(|p| metrics.policy(&p.name)).collect();
+        policy_metrics.push(metrics.policy("unmetered"));
+        Gateway {
+            limiter: Limiter::new(config.guard),
+            clients: Clients::new(timeouts),
+            policy_metrics,
+            metrics,
+            config,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Listener {
+    gateway: Arc<Gateway>,
+    upstream: Option<usize>,
+}
+
+/// The router of one proxy listener; `upstream` binds it to one upstream.
+pub fn proxy_router(gateway: Arc<Gateway>, upstream: Option<usize>) -> Router {
+    Router::new().fallback(proxy).with_state(Listener { gateway, upstream })
+}
+
+async fn proxy(State(listener): State<Listener>, req: Request) -> Response {
+    let gw = &*listener.gateway;
+    let config = &*gw.config;
+    let Some(up) = route::select(&config.upstreams, listener.upstream, req.uri(), req.headers()) else {
+        let kind = guess_kind(req.uri().path());
+        return GatewayError::NoRoute { path: req.uri().path().to_string() }.into_response_for(kind);
+    };
+    let upstream = &config.upstreams[up];
+    let policy = config.policies.find(req.method(), up, req.uri().path());
+    let metrics = &gw.policy_metrics[policy.map_or(config.policies.0.len(), |p| usize::from(p.id))];
+    let fail = |e: GatewayError| e.into_response_for(upstream.kind);
+
+    if content_length(req.headers()).is_some_and(|n| n > config.max_body_bytes) {
+        return fail(GatewayError::PayloadTooLarge { limit: config.max_body_bytes });
+    }
+    let mut counter = &metrics.forwarded;
+    if let Some(policy) = policy {
+        let who = match identity_from_headers(req.headers()) {
+            Ok(who) => who,
+            Err(e) => {
+                metrics.unauthorized.inc();
+                tracing::debug!(policy = %policy.name, error = %e, "unauthorized");
+                return fail(e.into());
+            }
+        };
+        let max_wait = caller_max_wait(req.headers()).map_or(policy.max_wait, |w| w.min(policy.max_wait));
+        let key = QuotaKey::new(policy.key, policy.id, &who);
+        match gw.limiter.acquire(key, policy, max_wait, &metrics.depth).await {
+            Ok(waited) => {
+                if !waited.is_zero() {
+                    counter = &metrics.queued;
+                    metrics.wait.observe(waited.as_secs_f64());
+                }
+            }
+            Err(rejection) => {
+                metrics.rejected.inc();
+                metrics.rejection(rejection.reason).inc();
+                tracing::debug!(policy = %policy.name, tenant = %who.tenant, reason = ?rejection.reason,
+                    retry_after_ms = rejection.retry_after.as_millis() as u64, "rejected locally");
+                return fail(GatewayError::Throttled {
+                    policy: policy.name.clone(),
+                    tenant: who.tenant,
+                    rejection,
+                });
+            }
+        }
+    }
+
+    let timeouts = policy.map_or(config.unmetered_timeouts, |p| p.timeouts);
+    let client = gw.clients.get(timeouts.connect);
+    let started = tokio::time::Instant::now();
+    match forward::send(client, upstream, req, &timeouts, config.max_body_bytes).await {
+        Ok(mut response) => {
+            counter.inc();
+            let status = response.status();
+            metrics.response(status.as_u16()).inc();
+            metrics.duration.observe(started.elapsed().as_secs_f64());
+            if status == StatusCode::TOO_MANY_REQUESTS {
+                metrics.throttles.inc();
+                response.headers_mut().insert(THROTTLED_BY, HeaderValue::from_static("upstream"));
+            }
+            response
+        }
+        Err(e) => {
+            metrics.failed.inc();
+            let (kind, error) = match e {
+                UpstreamError::BodyTooLarge => {
+                    ("body_too_large", GatewayError::PayloadTooLarge { limit: config.max_body_bytes })
+                }
+                UpstreamError::Connect(detail) => {
+                    ("connect", GatewayError::UpstreamUnreachable { upstream: upstream.name.clone(), detail })
+                }
+                UpstreamError::Timeout(after) => {
+                    ("timeout", GatewayError::UpstreamTimeout { upstream: upstream.name.clone(), after })
+                }
+                UpstreamError::Protocol(detail) => {
+                    ("protocol", GatewayError::UpstreamFailed { upstream: upstream.name.clone(), detail })
+                }
+            };
+            metrics.failure(kind).inc();
+            tracing::warn!(upstream = %upstream.name, error = %error, "upstream exchange failed");
+            fail(error)
+        }
+    }
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// The caller's own maximum wait from [`MAX_WAIT_HEADER`], if it sent a valid one.
+fn caller_max_wait(headers: &HeaderMap) -> Option<Duration> {
+    let secs: f64 = headers.get(MAX_WAIT_HEADER)?.to_str().ok()?.trim().parse().ok()?;
+    Duration::try_from_secs_f64(secs).ok()
+}
+
+/// The error shape for a request that reached no upstream.
+fn guess_kind(path: &str) -> ApiKind {
+    let p = path.to_ascii_lowercase();
+    if p.starts_with("/v1.0/") || p.starts_with("/beta/") {
+        ApiKind::Graph
+    } else {
+        ApiKind::Defender
+    }
+}

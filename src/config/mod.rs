@@ -1,0 +1,170 @@
+//! Configuration: the file's schema, the built-in defaults, and validation.
+//!
+//! `load` parses; [`validate`] reports every problem at once, each naming the
+//! field it is about, and yields a [`Config`] whose values cannot be invalid
+//! (non-zero limits, compiled path patterns, resolved upstream names).
+
+pub mod file;
+pub mod validate;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+pub use file::File;
+
+use crate::policy::{Policies, Timeouts};
+use crate::upstream::route::Upstream;
+
+/// The built-in defaults, a commented TOML file.
+pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
+
+/// A proxy listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerSpec {
+    pub addr: SocketAddr,
+    /// The upstream every request goes to; `None` routes by host and path.
+    pub upstream: Option<usize>,
+}
+
+/// The validated configuration the gateway runs on.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Proxy listeners; the first is the base-URL listener.
+    pub listeners: Vec<ListenerSpec>,
+    pub admin_listen: SocketAddr,
+    pub upstreams: Vec<Upstream>,
+    pub policies: Policies,
+    /// Timeouts for requests no policy meters.
+    pub unmetered_timeouts: Timeouts,
+    pub max_body_bytes: u64,
+    pub guard: Duration,
+    pub idle_sweep: Duration,
+}
+
+/// Everything wrong with a configuration, one line each.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("{origin}: {} problem(s):\n{}", .problems.len(), .problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid { origin: String, problems: Vec<String> },
+}
+
+impl Config {
+    /// The built-in defaults.
+    pub fn builtin() -> Config {
+        Config::from_toml(DEFAULT_TOML, "built-in defaults").expect("the built-in defaults are valid")
+    }
+
+    /// Parse and validate TOML text; `origin` names it in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let file = parse(text, origin)?;
+        validate::validate(&file).map_err(|problems| ConfigError::Invalid { origin: origin.into(), problems })
+    }
+
+    /// Read, parse and validate a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        Config::from_toml(&text, &path.display().to_string())
+    }
+
+    /// A human-readable table of the effective policies.
+    pub fn describe(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let _ = writeln!(out, "listeners:");
+        for l in &self.listeners {
+            let to = l.upstream.map_or("routed by host and path".to_string(), |u| {
+                format!("bound to {}", self.upstreams[u].name)
+            });
+            let _ = writeln!(out, "  {} ({to})", l.addr);
+        }
+        let _ = writeln!(out, "  {} (admin: health and metrics)", self.admin_listen);
+        let _ = writeln!(out, "upstreams:");
+        for u in &self.upstreams {
+            let _ = writeln!(
+                out,
+                "  {:<12} {}://{} {:?} prefixes {:?}",
+                u.name, u.scheme, u.authority, u.kind, u.route_prefixes
+            );
+        }
+        let _ = writeln!(out, "policies (first match wins; guard {:?}):", self.guard);
+        for p in &self.policies.0 {
+            let windows: Vec<String> = p
+                .windows
+                .iter()
+                .map(|w| format!("{}/{}", w.limit, humantime::format_duration(w.per)))
+                .collect();
+            let methods = if p.methods.is_empty() {
+                "ANY".to_string()
+            } else {
+                p.methods.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(",")
+            };
+            let _ = writeln!(
+                out,
+                "  {:<18} {methods:<6} {:<40} windows [{}] key {} mode {:?} max_wait {} max_queue {}",
+                p.name,
+                p.paths.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(" "),
+                windows.join(", "),
+                p.key,
+                p.mode,
+                humantime::format_duration(p.max_wait),
+                p.max_queue
+            );
+        }
+        let _ = writeln!(out, "everything else: forwarded unmetered, counted");
+        out
+    }
+}
+
+/// Parse TOML into the file schema.
+pub fn parse(text: &str, origin: &str) -> Result<File, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse { origin: origin.into(), message: e.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_defaults_carry_the_published_limits() {
+        let c = Config::builtin();
+        let find = |name: &str| c.policies.0.iter().find(|p| p.name == name).unwrap();
+        let limits = |name: &str| {
+            find(name).windows.iter().map(|w| (w.limit.get(), w.per.as_secs())).collect::<Vec<_>>()
+        };
+        assert_eq!(limits("hunting"), vec![(45, 60), (1500, 3600)]);
+        assert_eq!(limits("incidents"), vec![(50, 60), (1500, 3600)]);
+        assert_eq!(limits("mde-entities"), vec![(100, 60), (1500, 3600)]);
+        assert_eq!(limits("indicator-import"), vec![(30, 60)]);
+        assert_eq!(limits("live-response"), vec![(10, 60)]);
+        assert!(find("hunting").timeouts.header >= Duration::from_secs(200));
+        assert!(c.listeners[0].addr.ip().is_loopback() && c.admin_listen.ip().is_loopback());
+    }
+
+    #[test]
+    fn the_printed_defaults_load_back_unchanged() {
+        let printed = DEFAULT_TOML;
+        assert_eq!(parse(printed, "printed").unwrap(), parse(DEFAULT_TOML, "builtin").unwrap());
+        assert_eq!(Config::from_toml(printed, "printed").unwrap().describe(), Config::builtin().describe());
+    }
+
+    #[test]
+    fn policy_matching_on_the_defaults() {
+        let c = Config::builtin();
+        let name = |m: &str, up: usize, path: &str| {
+            c.policies.find(&m.parse().unwrap(), up, path).map(|p| p.name.clone())
+        };
+        assert_eq!(name("POST", 0, "/api/advancedhunting/run").as_deref(), Some("hunting"));
+        assert_eq!(name("POST", 2, "/v1.0/security/runHuntingQuery").as_deref(), Some("hunting"));
+        assert_eq!(name("GET", 0, "/api/incidents/42").as_deref(), Some("incidents"));
+        assert_eq!(name("POST", 1, "/api/machines/m1/runliveresponse").as_deref(), Some("live-response"));
+        assert_eq!(name("GET", 1, "/api/machines/m1").as_deref(), Some("mde-entities"));
+        assert_eq!(name("POST", 1, "/api/indicators/import").as_deref(), Some("indicator-import"));
+        assert_eq!(name("GET", 2, "/v1.0/users"), None);
+    }
+}

@@ -1,0 +1,167 @@
+//! The one place where a failure becomes a status and a body.
+//!
+//! Every local answer uses the error shape the client already parses:
+//! Defender's `{"error":{"code","message","target"}}` or Graph's envelope
+//! with `innerError`. A local 429 carries `Retry-After` in whole seconds,
+//! rounded up, and ends its message with "You can send requests again in N
+//! seconds." with the same N, which is what the PowerShell modules, the
+//! Splunk add-on and the Graph SDKs read.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode};
+use serde_json::json;
+
+use crate::admission::{Reason, Rejection};
+use crate::identity::TokenError;
+use crate::upstream::route::ApiKind;
+
+/// Marks a response the gateway made itself, and says whose throttle a 429 is.
+pub const THROTTLED_BY: &str = "x-quotagate-throttled-by";
+
+/// What went wrong, with what the response needs.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("{0}")]
+    Unauthorized(#[from] TokenError),
+    #[error("{}", throttle_message(.policy, .rejection))]
+    Throttled { policy: String, tenant: String, rejection: Rejection },
+    #[error("the request body is larger than the gateway's limit of {limit} bytes")]
+    PayloadTooLarge { limit: u64 },
+    #[error("no configured upstream serves `{path}`; Defender paths start with /api/, Graph paths with /v1.0/ or /beta/")]
+    NoRoute { path: String },
+    #[error("the gateway could not reach upstream `{upstream}`: {detail}")]
+    UpstreamUnreachable { upstream: String, detail: String },
+    #[error("upstream `{upstream}` did not answer within {}", humantime::format_duration(*.after))]
+    UpstreamTimeout { upstream: String, after: Duration },
+    #[error("upstream `{upstream}` failed: {detail}")]
+    UpstreamFailed { upstream: String, detail: String },
+}
+
+fn throttle_message(policy: &str, r: &Rejection) -> String {
+    let n = r.retry_after_secs();
+    let why = match (r.reason, r.window) {
+        (Reason::QueueFull, _) => format!("The gateway's queue for policy '{policy}' is full."),
+        (_, Some(w)) => format!(
+            "API calls quota exceeded! Maximum allowed {} per {} for policy '{policy}' of this tenant and app (enforced by quotagate).",
+            w.limit,
+            timespan(w.per)
+        ),
+        (_, None) => format!("API calls quota of policy '{policy}' exceeded (enforced by quotagate)."),
+    };
+    format!("{why} You can send requests again in {n} seconds.")
+}
+
+/// A .NET TimeSpan as the service prints windows: `00:01:00`, `1.00:00:00`.
+fn timespan(d: Duration) -> String {
+    let s = d.as_secs();
+    let (days, h, m, s) = (s / 86_400, s / 3600 % 24, s / 60 % 60, s % 60);
+    if days > 0 {
+        format!("{days}.{h:02}:{m:02}:{s:02}")
+    } else {
+        format!("{h:02}:{m:02}:{s:02}")
+    }
+}
+
+impl GatewayError {
+    fn status(&self) -> StatusCode {
+        match self {
+            GatewayError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            GatewayError::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            GatewayError::UpstreamUnreachable { .. } | GatewayError::UpstreamFailed { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
+            GatewayError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            GatewayError::Unauthorized(_) => "Unauthorized",
+            GatewayError::Throttled { .. } => "TooManyRequests",
+            GatewayError::PayloadTooLarge { .. } => "RequestEntityTooLarge",
+            GatewayError::NoRoute { .. } => "NotFound",
+            GatewayError::UpstreamUnreachable { .. } | GatewayError::UpstreamFailed { .. } => "BadGateway",
+            GatewayError::UpstreamTimeout { .. } => "GatewayTimeout",
+        }
+    }
+
+    /// The response in the shape clients of `kind` expect.
+    pub fn into_response_for(self, kind: ApiKind) -> Response {
+        let status = self.status();
+        let id = request_id();
+        let message = self.to_string();
+        let body = match kind {
+            ApiKind::Defender => {
+                let target = match &self {
+                    GatewayError::Throttled { tenant, .. } => tenant.clone(),
+                    _ => id,
+                };
+                json!({"error": {"code": self.code(), "message": message, "target": target}})
+            }
+            ApiKind::Graph => {
+                let date = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+                json!({"error": {"code": self.code(), "message": message, "innerError": {
+                    "code": status.as_str(), "date": date.trim_end_matches('Z'), "message": message,
+                    "request-id": id, "status": status.as_str()}}})
+            }
+        };
+        let mut response = (status, axum::Json(body)).into_response();
+        if let GatewayError::Throttled { rejection, .. } = &self {
+            let headers = response.headers_mut();
+            headers.insert(http::header::RETRY_AFTER, HeaderValue::from(rejection.retry_after_secs()));
+            headers.insert(THROTTLED_BY, HeaderValue::from_static("gateway"));
+        }
+        response
+    }
+}
+
+/// A request id shaped like the service's GUIDs, unique within the process.
+fn request_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    static SEED: std::sync::OnceLock<std::collections::hash_map::RandomState> = std::sync::OnceLock::new();
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let mut h = SEED.get_or_init(Default::default).build_hasher();
+    h.write_u64(n);
+    let a = h.finish();
+    format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xfff,
+        n >> 48 & 0xfff,
+        n & 0xffff_ffff_ffff
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroU32;
+
+    use super::*;
+    use crate::quota::Window;
+
+    #[test]
+    fn timespans_like_the_service() {
+        assert_eq!(timespan(Duration::from_secs(60)), "00:01:00");
+        assert_eq!(timespan(Duration::from_secs(3600)), "01:00:00");
+        assert_eq!(timespan(Duration::from_secs(86_400)), "1.00:00:00");
+    }
+
+    #[test]
+    fn the_last_number_of_a_throttle_message_is_the_retry_after() {
+        let r = Rejection {
+            reason: Reason::NoSlot,
+            retry_after: Duration::from_millis(7200),
+            window: Some(Window::new(NonZeroU32::new(45).unwrap(), Duration::from_secs(60))),
+        };
+        let m = throttle_message("hunting", &r);
+        assert!(m.contains("Maximum allowed 45 per 00:01:00"), "{m}");
+        assert!(m.ends_with("You can send requests again in 8 seconds."), "{m}");
+    }
+}

@@ -1,0 +1,125 @@
+//! Tenant and app from the claims of an Entra ID access token.
+//!
+//! Decodes the payload (the second dot-separated part, base64url) without
+//! verifying the signature, and reads `tid` and `appid` (v1.0 tokens) or
+//! `azp` (v2.0 tokens). Errors say what is wrong without echoing the token.
+
+use base64::engine::general_purpose::{URL_SAFE, URL_SAFE_NO_PAD};
+use base64::Engine;
+use http::header::AUTHORIZATION;
+use http::HeaderMap;
+use serde::Deserialize;
+
+use super::Identity;
+
+/// Why a token gives no identity. The message goes back to the client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("the request has no Authorization header; send `Authorization: Bearer <access token>`")]
+    Missing,
+    #[error("the Authorization header is not a bearer token; send `Authorization: Bearer <access token>`")]
+    NotBearer,
+    #[error("the bearer token is not a JWT: it must have three dot-separated parts")]
+    NotJwt,
+    #[error("the bearer token's payload is not base64url-encoded JSON")]
+    BadPayload,
+    #[error("the bearer token has no `{0}` claim")]
+    MissingClaim(&'static str),
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    tid: Option<String>,
+    appid: Option<String>,
+    azp: Option<String>,
+    ver: Option<String>,
+}
+
+/// Read the identity from a request's `Authorization` header.
+pub fn identity_from_headers(headers: &HeaderMap) -> Result<Identity, TokenError> {
+    let value = headers.get(AUTHORIZATION).ok_or(TokenError::Missing)?;
+    let value = value.to_str().map_err(|_| TokenError::NotBearer)?.trim();
+    let (scheme, token) = value.split_once(' ').ok_or(TokenError::NotBearer)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(TokenError::NotBearer);
+    }
+    identity_from_token(token.trim())
+}
+
+/// Read the identity from a compact JWT.
+pub fn identity_from_token(token: &str) -> Result<Identity, TokenError> {
+    let mut parts = token.split('.');
+    let (Some(_header), Some(payload), Some(_signature), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(TokenError::NotJwt);
+    };
+    let bytes = URL_SAFE_NO_PAD
+        .decode(payload)
+        .or_else(|_| URL_SAFE.decode(payload))
+        .map_err(|_| TokenError::BadPayload)?;
+    let claims: Claims = serde_json::from_slice(&bytes).map_err(|_| TokenError::BadPayload)?;
+    let tenant = claims.tid.filter(|t| !t.is_empty()).ok_or(TokenError::MissingClaim("tid"))?;
+    let v2 = claims.ver.as_deref() == Some("2.0");
+    let app = if v2 { claims.azp.or(claims.appid) } else { claims.appid.or(claims.azp) };
+    let app =
+        app.filter(|a| !a.is_empty()).ok_or(TokenError::MissingClaim(if v2 { "azp" } else { "appid" }))?;
+    Ok(Identity { tenant, app })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b64(s: &str) -> String {
+        URL_SAFE_NO_PAD.encode(s)
+    }
+
+    fn token(payload: &str) -> String {
+        format!("{}.{}.sig", b64(r#"{"alg":"none"}"#), b64(payload))
+    }
+
+    fn headers(value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(AUTHORIZATION, value.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn reads_v1_and_v2_tokens() {
+        let v1 = token(r#"{"tid":"t1","appid":"a1","ver":"1.0","azp":"x"}"#);
+        assert_eq!(
+            identity_from_headers(&headers(&format!("Bearer {v1}"))),
+            Ok(Identity { tenant: "t1".into(), app: "a1".into() })
+        );
+        let v2 = token(r#"{"tid":"t2","azp":"a2","ver":"2.0","appid":"x"}"#);
+        assert_eq!(
+            identity_from_headers(&headers(&format!("bearer  {v2}"))),
+            Ok(Identity { tenant: "t2".into(), app: "a2".into() })
+        );
+    }
+
+    #[test]
+    fn padded_payloads_are_accepted() {
+        let payload = base64::engine::general_purpose::URL_SAFE.encode(r#"{"tid":"t","appid":"a"}"#);
+        assert!(identity_from_token(&format!("h.{payload}.s")).is_ok());
+    }
+
+    #[test]
+    fn every_malformation_has_its_own_message() {
+        assert_eq!(identity_from_headers(&HeaderMap::new()), Err(TokenError::Missing));
+        assert_eq!(identity_from_headers(&headers("Basic abc")), Err(TokenError::NotBearer));
+        assert_eq!(identity_from_headers(&headers("Bearer abc")), Err(TokenError::NotJwt));
+        assert_eq!(identity_from_headers(&headers("Bearer a.!!!.c")), Err(TokenError::BadPayload));
+        assert_eq!(identity_from_token(&token("[1,2]")), Err(TokenError::BadPayload));
+        assert_eq!(identity_from_token(&token(r#"{"appid":"a"}"#)), Err(TokenError::MissingClaim("tid")));
+        assert_eq!(identity_from_token(&token(r#"{"tid":"t"}"#)), Err(TokenError::MissingClaim("appid")));
+    }
+
+    #[test]
+    fn errors_never_echo_the_token() {
+        let secret = token(r#"{"tid":"secret-tenant"}"#);
+        let err = identity_from_token(&secret).unwrap_err().to_string();
+        assert!(!err.contains(&secret) && !err.contains("secret-tenant"));
+    }
+}

@@ -1,0 +1,138 @@
+//! The `quotagate` command: parse the command line, load the config, start
+//! logging, run the server until a shutdown signal.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use quotagate::config::{Config, DEFAULT_TOML};
+
+/// A rate-limiting reverse proxy for the Microsoft Defender XDR, Defender for
+/// Endpoint and Graph security APIs. With no arguments it runs on its
+/// built-in defaults (see --print-default-config).
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Run from this TOML configuration file instead of the built-in defaults.
+    #[arg(long, env = "QUOTAGATE_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Override the address of the base-URL proxy listener.
+    #[arg(long, env = "QUOTAGATE_LISTEN", value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Override the address of the admin listener (health and metrics).
+    #[arg(long, env = "QUOTAGATE_ADMIN_LISTEN", value_name = "ADDR")]
+    admin_listen: Option<SocketAddr>,
+    /// Print the built-in defaults as a commented TOML file and exit.
+    #[arg(long)]
+    print_default_config: bool,
+    /// Log format. The level comes from RUST_LOG (default: info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a configuration file and print the effective policies.
+    CheckConfig {
+        /// The TOML file to check.
+        file: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if cli.print_default_config {
+        print!("{DEFAULT_TOML}");
+        return ExitCode::SUCCESS;
+    }
+    if let Some(Command::CheckConfig { file }) = &cli.command {
+        return match Config::load(file) {
+            Ok(config) => {
+                print!("{} is valid.\n{}", file.display(), config.describe());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    init_logging(cli.log_format);
+    let config = match &cli.config {
+        Some(path) => Config::load(path),
+        None => Ok(Config::builtin()),
+    };
+    let mut config = match config {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(addr) = cli.listen {
+        config.listeners[0].addr = addr;
+    }
+    if let Some(addr) = cli.admin_listen {
+        config.admin_listen = addr;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "quotagate stopped");
+            eprintln!("quotagate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> std::io::Result<()> {
+    let running = quotagate::server::start(config).await?;
+    for (addr, spec) in running.proxy_addrs.iter().zip(&running.gateway.config.listeners) {
+        let upstream = spec.upstream.map(|u| running.gateway.config.upstreams[u].name.as_str());
+        tracing::info!(%addr, upstream = upstream.unwrap_or("routed by host and path"), "proxy listening");
+        println!("quotagate: proxy listening on http://{addr}");
+    }
+    tracing::info!(addr = %running.admin_addr, "admin listening");
+    println!("quotagate: admin listening on http://{}", running.admin_addr);
+    running.serve_until(shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

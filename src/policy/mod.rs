@@ -1,0 +1,71 @@
+//! Which policy meters a request: method, upstream and path → [`Policy`].
+//!
+//! Policies are tried in configured order and the first match wins. A
+//! request no policy matches is forwarded unmetered.
+
+pub mod pattern;
+
+use std::time::Duration;
+
+use http::Method;
+
+pub use pattern::PathPattern;
+
+use crate::quota::{KeyScope, Window};
+
+/// What a request does when its key has no free slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Wait in a bounded FIFO queue until the exact moment a slot frees.
+    Queue,
+    /// Answer 429 at once with the exact `Retry-After`.
+    Reject,
+}
+
+/// Upstream timeouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    pub connect: Duration,
+    /// Until the response headers arrive.
+    pub header: Duration,
+    /// For the whole exchange, body included.
+    pub total: Duration,
+}
+
+/// One metered class of calls, as validated from config.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Position in the configured order; also the id in quota keys.
+    pub id: u16,
+    pub name: String,
+    pub methods: Vec<Method>,
+    /// Indices of the upstreams this policy applies to; empty means any.
+    pub upstreams: Vec<usize>,
+    pub paths: Vec<PathPattern>,
+    /// Non-empty.
+    pub windows: Vec<Window>,
+    pub key: KeyScope,
+    pub mode: Mode,
+    pub max_wait: Duration,
+    pub max_queue: usize,
+    pub timeouts: Timeouts,
+}
+
+impl Policy {
+    pub fn matches(&self, method: &Method, upstream: usize, path: &str) -> bool {
+        (self.methods.is_empty() || self.methods.contains(method))
+            && (self.upstreams.is_empty() || self.upstreams.contains(&upstream))
+            && self.paths.iter().any(|p| p.matches(path))
+    }
+}
+
+/// The configured policies, in order.
+#[derive(Debug, Clone, Default)]
+pub struct Policies(pub Vec<Policy>);
+
+impl Policies {
+    /// The first policy that meters this request, if any.
+    pub fn find(&self, method: &Method, upstream: usize, path: &str) -> Option<&Policy> {
+        self.0.iter().find(|p| p.matches(method, upstream, path))
+    }
+}

@@ -1,0 +1,11 @@
+//! Forwarding to the upstream APIs: route selection, the pooled TLS client,
+//! header hygiene and streaming with timeouts.
+
+pub mod client;
+pub mod deadline;
+pub mod forward;
+pub mod route;
+
+pub use client::Clients;
+pub use forward::UpstreamError;
+pub use route::{ApiKind, Upstream};

@@ -1,0 +1,126 @@
+//! Which upstream a request goes to.
+//!
+//! In order: the upstream a listener is bound to; the configured upstream
+//! whose host the request names (its `Host` header or absolute URI, as with
+//! a hosts-file override); the upstream with the longest matching route
+//! prefix. A host that is not configured never selects anything, so the
+//! gateway cannot be made to forward outside its upstream table.
+
+use http::uri::{Authority, Scheme};
+use http::{HeaderMap, Uri};
+
+/// The error shape and conventions clients of an upstream expect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiKind {
+    /// Defender XDR and Defender for Endpoint: `{"error":{"code","message","target"}}`.
+    Defender,
+    /// Microsoft Graph: `{"error":{"code","message","innerError":{...}}}`.
+    Graph,
+}
+
+/// A configured upstream.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub name: String,
+    pub scheme: Scheme,
+    pub authority: Authority,
+    pub kind: ApiKind,
+    /// Lower-case path prefixes that route base-URL requests here.
+    pub route_prefixes: Vec<String>,
+}
+
+impl Upstream {
+    /// The upstream URI for a request's path and query.
+    pub fn uri_for(&self, path_and_query: &str) -> Result<Uri, http::Error> {
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+    }
+}
+
+/// Pick the upstream for a request; `bound` is the listener's own upstream.
+pub fn select(upstreams: &[Upstream], bound: Option<usize>, uri: &Uri, headers: &HeaderMap) -> Option<usize> {
+    if bound.is_some() {
+        return bound;
+    }
+    let named_host = uri.host().or_else(|| {
+        headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(|h| h.split(':').next().unwrap_or(h))
+    });
+    if let Some(host) = named_host {
+        if let Some(i) = upstreams.iter().position(|u| u.authority.host().eq_ignore_ascii_case(host)) {
+            return Some(i);
+        }
+    }
+    let path = uri.path();
+    upstreams
+        .iter()
+        .enumerate()
+        .flat_map(|(i, u)| u.route_prefixes.iter().map(move |p| (i, p)))
+        .filter(|(_, p)| {
+            path.len() >= p.len() && path.as_bytes()[..p.len()].eq_ignore_ascii_case(p.as_bytes())
+        })
+        .max_by_key(|(_, p)| p.len())
+        .map(|(i, _)| i)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn up(name: &str, url: &str, prefixes: &[&str]) -> Upstream {
+        let uri: Uri = url.parse().unwrap();
+        Upstream {
+            name: name.into(),
+            scheme: uri.scheme().unwrap().clone(),
+            authority: uri.authority().unwrap().clone(),
+            kind: ApiKind::Defender,
+            route_prefixes: prefixes.iter().map(|p| p.to_string()).collect(),
+        }
+    }
+
+    fn table() -> Vec<Upstream> {
+        vec![
+            up("defender", "https://api.security.microsoft.com", &["/api/"]),
+            up("mde", "https://api.securitycenter.microsoft.com", &[]),
+            up("graph", "https://graph.microsoft.com", &["/v1.0/", "/beta/"]),
+        ]
+    }
+
+    fn host(h: &str) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        m.insert(http::header::HOST, h.parse().unwrap());
+        m
+    }
+
+    #[test]
+    fn base_url_mode_routes_by_path() {
+        let t = table();
+        let local = host("127.0.0.1:7480");
+        assert_eq!(select(&t, None, &"/api/incidents".parse().unwrap(), &local), Some(0));
+        assert_eq!(select(&t, None, &"/API/incidents".parse().unwrap(), &local), Some(0));
+        assert_eq!(select(&t, None, &"/v1.0/security/x".parse().unwrap(), &local), Some(2));
+        assert_eq!(select(&t, None, &"/beta/security/x".parse().unwrap(), &local), Some(2));
+        assert_eq!(select(&t, None, &"/other".parse().unwrap(), &local), None);
+    }
+
+    #[test]
+    fn a_configured_host_selects_its_upstream_and_others_never_do() {
+        let t = table();
+        let uri: Uri = "/api/machines".parse().unwrap();
+        assert_eq!(select(&t, None, &uri, &host("api.securitycenter.microsoft.com")), Some(1));
+        assert_eq!(select(&t, None, &uri, &host("evil.example.com")), Some(0));
+        let abs: Uri = "https://evil.example.com/other".parse().unwrap();
+        assert_eq!(select(&t, None, &abs, &HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn a_bound_listener_wins() {
+        let t = table();
+        assert_eq!(select(&t, Some(1), &"/api/incidents".parse().unwrap(), &HeaderMap::new()), Some(1));
+    }
+}

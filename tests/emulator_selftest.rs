@@ -1,0 +1,286 @@
+//! Tests of the upstream emulator itself, driven directly with `reqwest`.
+
+mod support;
+
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use support::emulator::*;
+
+const TENANT_A: &str = "11111111-1111-1111-1111-111111111111";
+const TENANT_B: &str = "22222222-2222-2222-2222-222222222222";
+const APP_1: &str = "aaaaaaaa-0000-0000-0000-000000000001";
+const APP_2: &str = "aaaaaaaa-0000-0000-0000-000000000002";
+
+fn b64(v: &Value) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+}
+
+/// An unsigned JWT carrying the given claims.
+fn token_with(claims: Value) -> String {
+    format!("{}.{}.sig", b64(&json!({"alg": "none", "typ": "JWT"})), b64(&claims))
+}
+
+/// A v1.0 token for `tid` and `appid`.
+fn token(tid: &str, appid: &str) -> String {
+    token_with(json!({"tid": tid, "appid": appid, "ver": "1.0"}))
+}
+
+async fn call(em: &Emulator, method: reqwest::Method, path: &str, tok: Option<&str>) -> reqwest::Response {
+    let mut rb = reqwest::Client::new().request(method, format!("{}{path}", em.url()));
+    if let Some(t) = tok {
+        rb = rb.bearer_auth(t);
+    }
+    rb.json(&json!({"Query": "DeviceInfo | take 1"})).send().await.expect("request")
+}
+
+fn header<'a>(r: &'a reqwest::Response, name: &str) -> &'a str {
+    r.headers().get(name).map(|v| v.to_str().unwrap()).unwrap_or("")
+}
+
+#[tokio::test]
+async fn defender_quota_throttles_then_recovers() {
+    let rule = QuotaRule::new("hunt", &["/api/advancedhunting/"], &[(3, Duration::from_secs(1))])
+        .methods(&[http::Method::POST]);
+    let em = Emulator::start(EmulatorConfig::new().quota(rule)).await;
+    let tok = token(TENANT_A, APP_1);
+    for _ in 0..3 {
+        let r = call(&em, reqwest::Method::POST, "/api/AdvancedHunting/run", Some(&tok)).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["Results"][0]["x"], "y");
+        assert_eq!(v["Stats"]["dataset_statistics"][0]["table_row_count"], 1);
+    }
+    let r = call(&em, reqwest::Method::POST, "/api/advancedhunting/run", Some(&tok)).await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(header(&r, "content-type"), "application/json");
+    assert_eq!(header(&r, "retry-after"), "1");
+    let v: Value = r.json().await.unwrap();
+    let expected = "API calls quota exceeded! Maximum allowed 3 per 00:00:01 for the key \
+                    Destination+TenantID+AppID. You can send requests again in 1 seconds.";
+    assert_eq!(v, json!({"error": {"code": "429", "message": expected, "target": TENANT_A}}));
+
+    // A GET is not covered by the POST-only rule.
+    let r = call(&em, reqwest::Method::GET, "/api/advancedhunting/run", Some(&tok)).await;
+    assert_eq!(r.status(), StatusCode::OK);
+
+    tokio::time::sleep(Duration::from_millis(1050)).await;
+    let r = call(&em, reqwest::Method::POST, "/api/advancedhunting/run", Some(&tok)).await;
+    assert_eq!(r.status(), StatusCode::OK);
+
+    assert_eq!(em.count(), 6);
+    assert_eq!(em.throttled(), 1);
+    assert_eq!(em.accepted("hunt"), 4);
+    let times = em.accepted_times("hunt", TENANT_A);
+    assert_eq!(times.len(), 4);
+    assert_eq!(max_in_any_interval(&times, Duration::from_secs(1)), 3);
+    let seen = em.requests();
+    let statuses: Vec<u16> = seen.iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [200, 200, 200, 429, 200, 200]);
+    assert_eq!(seen[3].rule.as_deref(), Some("hunt"));
+    assert!(!seen[3].admitted);
+    assert_eq!(seen[4].rule, None);
+    assert_eq!(seen[0].tenant.as_deref(), Some(TENANT_A));
+    assert_eq!(seen[0].app.as_deref(), Some(APP_1));
+    assert_eq!(&seen[0].body[..], br#"{"Query":"DeviceInfo | take 1"}"#);
+    assert!(seen.windows(2).all(|w| w[0].at <= w[1].at));
+}
+
+#[tokio::test]
+async fn graph_quota_uses_graph_envelope() {
+    let rule =
+        QuotaRule::new("graph", &["/v1.0/security/", "/beta/security/"], &[(3, Duration::from_secs(1))]);
+    let em = Emulator::start(EmulatorConfig::new().quota(rule)).await;
+    let tok = token(TENANT_A, APP_1);
+    for path in
+        ["/v1.0/security/runHuntingQuery", "/beta/security/runHuntingQuery", "/v1.0/security/alerts_v2"]
+    {
+        let r = call(&em, reqwest::Method::POST, path, Some(&tok)).await;
+        assert_eq!(r.status(), StatusCode::OK, "{path}");
+    }
+    let r = call(&em, reqwest::Method::POST, "/v1.0/security/runHuntingQuery", Some(&tok)).await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(header(&r, "content-type"), "application/json");
+    let ra = header(&r, "retry-after").to_string();
+    let (whole, frac) = ra.split_once('.').expect("fractional Retry-After");
+    assert!(whole.chars().all(|c| c.is_ascii_digit()) && frac.len() == 3, "{ra}");
+    let secs: f64 = ra.parse().unwrap();
+    assert!(secs > 0.0 && secs <= 1.0, "{ra}");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "TooManyRequests");
+    assert_eq!(v["error"]["message"], "Please retry again later.");
+    let inner = &v["error"]["innerError"];
+    assert_eq!(inner["code"], "429");
+    assert_eq!(inner["status"], "429");
+    assert_eq!(inner["message"], "Please retry after");
+    assert_eq!(inner["date"].as_str().unwrap().len(), 19);
+    assert_eq!(inner["request-id"].as_str().unwrap().len(), 36);
+
+    tokio::time::sleep(Duration::from_secs_f64(secs) + Duration::from_millis(20)).await;
+    let r = call(&em, reqwest::Method::POST, "/v1.0/security/runHuntingQuery", Some(&tok)).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["results"][0]["x"], "y");
+    assert!(v["@odata.context"].is_string());
+}
+
+#[tokio::test]
+async fn keys_separate_tenants_and_apps() {
+    let long = Duration::from_secs(60);
+    let cfg = EmulatorConfig::new()
+        .quota(QuotaRule::new("incidents", &["/api/incidents"], &[(5, long), (1, long)]))
+        .quota(QuotaRule::new("alerts", &["/api/alerts"], &[(1, long)]).key(KeyScope::Tenant));
+    let em = Emulator::start(cfg).await;
+    let get = reqwest::Method::GET;
+    let (a1, a2, b1) = (token(TENANT_A, APP_1), token(TENANT_A, APP_2), token(TENANT_B, APP_1));
+
+    let r = call(&em, get.clone(), "/api/incidents?$top=10", Some(&a1)).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["value"][0]["status"], "Active");
+    let r = call(&em, get.clone(), "/api/incidents", Some(&a1)).await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    let wait: u64 = header(&r, "retry-after").parse().unwrap();
+    assert!((59..=60).contains(&wait));
+    let v: Value = r.json().await.unwrap();
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("Maximum allowed 1 per 00:01:00"), "{msg}");
+    assert!(msg.ends_with(&format!("again in {wait} seconds.")), "{msg}");
+    assert_eq!(call(&em, get.clone(), "/api/incidents", Some(&a2)).await.status(), StatusCode::OK);
+    assert_eq!(call(&em, get.clone(), "/api/incidents", Some(&b1)).await.status(), StatusCode::OK);
+
+    // Tenant-scoped: another app of the same tenant shares the budget, another tenant does not.
+    assert_eq!(call(&em, get.clone(), "/api/alerts", Some(&a1)).await.status(), StatusCode::OK);
+    assert_eq!(
+        call(&em, get.clone(), "/api/alerts", Some(&a2)).await.status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(call(&em, get.clone(), "/api/alerts", Some(&b1)).await.status(), StatusCode::OK);
+
+    assert_eq!(em.accepted("incidents"), 3);
+    assert_eq!(em.accepted_times("incidents", TENANT_A).len(), 2);
+    assert_eq!(em.accepted_times("alerts", TENANT_B).len(), 1);
+    assert_eq!(em.throttled(), 2);
+}
+
+#[tokio::test]
+async fn identity_from_tokens() {
+    let rule = QuotaRule::new("any", &["/api/"], &[(100, Duration::from_secs(1))]);
+    let em = Emulator::start(EmulatorConfig::new().quota(rule)).await;
+    let post = reqwest::Method::POST;
+
+    let r = call(&em, post.clone(), "/api/machines", None).await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "Unauthorized");
+    assert_eq!(
+        call(&em, post.clone(), "/api/machines", Some("not-a-jwt")).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+
+    // v2.0 tokens name the app in `azp`; padded base64url is accepted too.
+    let v2 = token_with(json!({"tid": TENANT_B, "azp": APP_2, "appid": "ignored", "ver": "2.0"}));
+    assert_eq!(call(&em, post.clone(), "/api/machines", Some(&v2)).await.status(), StatusCode::OK);
+    let claims = json!({"tid": TENANT_A, "azp": APP_1}).to_string();
+    let padded = format!("e30.{}.sig", base64::engine::general_purpose::URL_SAFE.encode(claims));
+    assert_eq!(call(&em, post.clone(), "/api/machines", Some(&padded)).await.status(), StatusCode::OK);
+    // Unmetered paths need no token.
+    assert_eq!(call(&em, post.clone(), "/v1.0/security/alerts", None).await.status(), StatusCode::OK);
+
+    let seen = em.requests();
+    assert_eq!((seen[2].tenant.as_deref(), seen[2].app.as_deref()), (Some(TENANT_B), Some(APP_2)));
+    assert_eq!((seen[3].tenant.as_deref(), seen[3].app.as_deref()), (Some(TENANT_A), Some(APP_1)));
+    assert_eq!(seen.iter().map(|r| r.status).collect::<Vec<_>>(), [401, 401, 200, 200, 200]);
+    assert_eq!(em.accepted("any"), 2);
+}
+
+#[tokio::test]
+async fn test_endpoints() {
+    let em = Emulator::start(EmulatorConfig::new()).await;
+    let client = reqwest::Client::new();
+
+    let n = 300_000;
+    let r = client.get(format!("{}/api/test/bytes/{n}", em.url())).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(header(&r, "content-type"), "application/octet-stream");
+    assert!(r.headers().get("content-length").is_none());
+    assert_eq!(header(&r, "transfer-encoding"), "chunked");
+    assert_eq!(r.bytes().await.unwrap().to_vec(), bytes_pattern(n));
+
+    let r = client.get(format!("{}/api/test/gzip", em.url())).send().await.unwrap();
+    assert_eq!(header(&r, "content-encoding"), "gzip");
+    assert_eq!(header(&r, "content-type"), "application/json");
+    let raw = r.bytes().await.unwrap();
+    assert_eq!(raw.to_vec(), gzip_payload());
+    let mut plain = String::new();
+    flate2::read::GzDecoder::new(&raw[..]).read_to_string(&mut plain).unwrap();
+    assert_eq!(plain, GZIP_PLAIN);
+
+    let r = client
+        .patch(format!("{}/api/test/echo?a=1&b=%20", em.url()))
+        .header("x-one", "1")
+        .header("x-two", "2")
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["method"], "PATCH");
+    assert_eq!(v["uri"], "/api/test/echo?a=1&b=%20");
+    assert_eq!((v["body_len"].as_u64(), v["body"].as_str()), (Some(5), Some("hello")));
+    let names: Vec<&str> = v["headers"].as_array().unwrap().iter().map(|h| h[0].as_str().unwrap()).collect();
+    let (one, two) = (names.iter().position(|n| *n == "x-one"), names.iter().position(|n| *n == "x-two"));
+    assert!(one.unwrap() < two.unwrap(), "{names:?}");
+
+    let r = client.delete(format!("{}/api/test/status/503", em.url())).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(header(&r, "x-emulator-status"), "503");
+    assert_eq!(header(&r, "set-cookie"), "a=b; Path=/");
+    assert_eq!(header(&r, "cache-control"), "no-store");
+    assert_eq!(header(&r, "content-type"), "application/json");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v, json!({"error": {"code": "Status503", "message": "status 503"}}));
+
+    let start = Instant::now();
+    let r = client.get(format!("{}/api/test/slow/80", em.url())).send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), r#"{"value":[]}"#);
+    assert!(start.elapsed() >= Duration::from_millis(80));
+
+    let r = client.get(format!("{}/v1.0/test/status/418", em.url())).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 418);
+
+    assert_eq!(em.count(), 6);
+    assert_eq!(em.requests()[3].status, 503);
+    assert_eq!(em.throttled(), 0);
+}
+
+#[test]
+fn max_in_any_interval_by_hand() {
+    let t0 = Instant::now();
+    let times: Vec<Instant> =
+        [1050, 0, 100, 200, 900, 1000].iter().map(|ms| t0 + Duration::from_millis(*ms)).collect();
+    // [100, 1100) holds 100, 200, 900, 1000, 1050.
+    assert_eq!(max_in_any_interval(&times, Duration::from_secs(1)), 5);
+    // Half-open: 0 and 100 do not share a 100 ms interval; 1000 and 1050 do.
+    assert_eq!(max_in_any_interval(&times, Duration::from_millis(100)), 2);
+    assert_eq!(max_in_any_interval(&times, Duration::from_millis(50)), 1);
+    assert_eq!(max_in_any_interval(&times, Duration::from_secs(2)), 6);
+    assert_eq!(max_in_any_interval(&[], Duration::from_secs(1)), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_burst_admits_exactly_the_limit() {
+    let rule = QuotaRule::new("burst", &["/api/alerts"], &[(3, Duration::from_secs(5))]);
+    let em = Emulator::start(EmulatorConfig::new().quota(rule)).await;
+    let tok = token(TENANT_A, APP_1);
+    let calls = (0..20).map(|_| call(&em, reqwest::Method::GET, "/api/alerts", Some(&tok)));
+    let statuses: Vec<u16> =
+        futures_util::future::join_all(calls).await.iter().map(|r| r.status().as_u16()).collect();
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 3);
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 17);
+    assert_eq!((em.accepted("burst"), em.throttled(), em.count()), (3, 17, 20));
+}
