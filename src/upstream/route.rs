@@ -30,6 +30,19 @@ pub struct Upstream {
 }
 
 impl Upstream {
+    /// Whether a requested authority names this upstream: same host, and
+    /// the same port, a missing port standing for the scheme's default.
+    fn is_named_by(&self, named: &Authority) -> bool {
+        let default = if self.scheme == Scheme::HTTPS { 443 } else { 80 };
+        let same_port = match (named.port_u16(), self.authority.port_u16()) {
+            (a, b) if a == b => true,
+            (Some(p), None) => p == default,
+            (None, Some(p)) => p == default,
+            _ => false,
+        };
+        same_port && named.host().eq_ignore_ascii_case(self.authority.host())
+    }
+
     /// The upstream URI for a request's path and query.
     pub fn uri_for(&self, path_and_query: &str) -> Result<Uri, http::Error> {
         Uri::builder()
@@ -45,14 +58,12 @@ pub fn select(upstreams: &[Upstream], bound: Option<usize>, uri: &Uri, headers: 
     if bound.is_some() {
         return bound;
     }
-    let named_host = uri.host().or_else(|| {
-        headers
-            .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(|h| h.split(':').next().unwrap_or(h))
-    });
-    if let Some(host) = named_host {
-        if let Some(i) = upstreams.iter().position(|u| u.authority.host().eq_ignore_ascii_case(host)) {
+    let named = uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| headers.get(http::header::HOST).and_then(|h| h.to_str().ok()));
+    if let Some(named) = named.and_then(|n| n.parse::<Authority>().ok()) {
+        if let Some(i) = upstreams.iter().position(|u| u.is_named_by(&named)) {
             return Some(i);
         }
     }
@@ -113,6 +124,8 @@ mod tests {
         let t = table();
         let uri: Uri = "/api/machines".parse().unwrap();
         assert_eq!(select(&t, None, &uri, &host("api.securitycenter.microsoft.com")), Some(1));
+        assert_eq!(select(&t, None, &uri, &host("api.securitycenter.microsoft.com:443")), Some(1));
+        assert_eq!(select(&t, None, &uri, &host("api.securitycenter.microsoft.com:8080")), Some(0));
         assert_eq!(select(&t, None, &uri, &host("evil.example.com")), Some(0));
         let abs: Uri = "https://evil.example.com/other".parse().unwrap();
         assert_eq!(select(&t, None, &abs, &HeaderMap::new()), None);

@@ -1,0 +1,279 @@
+//! Call quotas end to end: the real gateway on port 0 in front of the
+//! emulator, with scaled windows (a "minute" of one second).
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::emulator::{max_in_any_interval, Emulator, EmulatorConfig, QuotaRule};
+use support::gateway::TestGateway;
+use support::{bearer, client};
+
+const SEC: Duration = Duration::from_secs(1);
+
+fn incidents_upstream(limit: u32, per: Duration) -> EmulatorConfig {
+    EmulatorConfig::new().quota(QuotaRule::new(
+        "incidents",
+        &["/api/incidents"],
+        &[(limit, per), (1500, 60 * SEC)],
+    ))
+}
+
+/// Issue #2, case 1: three times the quota, sustained for five windows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_times_the_quota_for_five_windows_gets_no_upstream_429_and_uses_the_quota() {
+    let emu = Emulator::start(incidents_upstream(50, SEC)).await;
+    let gw = TestGateway::start(
+        &emu.url(),
+        r#"
+[[policy]]
+name = "incidents"
+paths = ["/api/incidents", "/api/incidents/**"]
+windows = [{ limit = 50, per = "1s" }, { limit = 1500, per = "60s" }]
+max_wait = "1500ms"
+max_queue = 1000
+"#,
+    )
+    .await;
+    let http = client();
+    let auth = bearer("tenant-1", "app-1");
+    let rate = 150.0; // 3 × 50 per second
+    let total = 5 * 150;
+    let start = tokio::time::Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..total {
+        let (http, auth, url) = (http.clone(), auth.clone(), gw.url("/api/incidents?$top=10"));
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate)).await;
+            http.get(url).header("authorization", auth).send().await.unwrap().status().as_u16()
+        }));
+    }
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap());
+    }
+    assert_eq!(emu.throttled(), 0, "the upstream must never throttle");
+    assert!(statuses.iter().all(|&s| s == 200 || s == 429), "{statuses:?}");
+
+    let times = emu.accepted_times("incidents", "tenant-1");
+    let first = times[0];
+    let in_five_windows = times.iter().filter(|&&t| t < first + 5 * SEC).count();
+    assert!(
+        in_five_windows as f64 >= 0.98 * 250.0,
+        "admitted {in_five_windows} of 250 possible in five windows"
+    );
+    assert!(max_in_any_interval(&times, SEC) <= 50);
+    let local_rejections = statuses.iter().filter(|&&s| s == 429).count();
+    assert_eq!(
+        local_rejections + times.len(),
+        total,
+        "every request is either forwarded or rejected locally"
+    );
+}
+
+/// Issue #2, case 2: in reject mode, `Retry-After` is exact in both directions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reject_mode_retry_after_is_exact_in_both_directions() {
+    let emu = Emulator::start(incidents_upstream(2, 3 * SEC)).await;
+    let gw = TestGateway::start(
+        &emu.url(),
+        r#"
+[[policy]]
+name = "incidents"
+paths = ["/api/incidents"]
+windows = [{ limit = 2, per = "3s" }]
+mode = "reject"
+"#,
+    )
+    .await;
+    let http = client();
+    let get = || http.get(gw.url("/api/incidents")).header("authorization", bearer("t", "a")).send();
+    assert_eq!(get().await.unwrap().status(), 200);
+    assert_eq!(get().await.unwrap().status(), 200);
+    let rejected = get().await.unwrap();
+    let rejected_at = Instant::now();
+    assert_eq!(rejected.status(), 429);
+    assert_eq!(rejected.headers()["x-quotagate-throttled-by"], "gateway");
+    assert_eq!(rejected.headers()["content-type"], "application/json");
+    let n: u64 = rejected.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((3..=4).contains(&n), "Retry-After {n}");
+    let body: serde_json::Value = rejected.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "TooManyRequests");
+    assert_eq!(body["error"]["target"], "t");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.ends_with(&format!("You can send requests again in {n} seconds.")), "{message}");
+    assert!(message.contains("Maximum allowed 2 per 00:00:03"), "{message}");
+
+    // One second less than Retry-After is too early...
+    tokio::time::sleep_until((rejected_at + Duration::from_secs(n - 1) - Duration::from_millis(50)).into())
+        .await;
+    let early = get().await.unwrap();
+    assert_eq!(early.status(), 429, "Retry-After was longer than needed");
+    assert_eq!(early.headers()["retry-after"], "1");
+    // ...and exactly Retry-After is enough.
+    tokio::time::sleep_until((rejected_at + Duration::from_secs(n)).into()).await;
+    assert_eq!(get().await.unwrap().status(), 200, "Retry-After was too short");
+    assert_eq!(emu.throttled(), 0);
+    assert_eq!(emu.accepted("incidents"), 3);
+}
+
+/// Issue #2, case 3: FIFO order, a full queue, and a waiter's disconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_mode_is_fifo_bounded_and_frees_the_place_of_a_client_that_leaves() {
+    let emu = Emulator::start(incidents_upstream(1, 400 * Duration::from_millis(1))).await;
+    let gw = Arc::new(
+        TestGateway::start(
+            &emu.url(),
+            r#"
+[[policy]]
+name = "incidents"
+paths = ["/api/incidents"]
+windows = [{ limit = 1, per = "400ms" }]
+max_queue = 3
+max_wait = "5s"
+"#,
+        )
+        .await,
+    );
+    let http = client();
+    let send = |seq: usize| {
+        let req =
+            http.get(gw.url(&format!("/api/incidents?seq={seq}"))).header("authorization", bearer("t", "a"));
+        tokio::spawn(async move { req.send().await.map(|r| r.status().as_u16()) })
+    };
+    let first = send(0);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut queued = Vec::new();
+    for seq in 1..=3 {
+        queued.push(send(seq));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The queue holds three: a fourth is turned away at once, with the time its slot would come.
+    let started = Instant::now();
+    let full = http
+        .get(gw.url("/api/incidents?seq=99"))
+        .header("authorization", bearer("t", "a"))
+        .send()
+        .await
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_millis(200));
+    assert_eq!(full.status(), 429);
+    assert_eq!(full.headers()["retry-after"], "2", "three waiters ahead, one slot per 0.4 s");
+    let body: serde_json::Value = full.json().await.unwrap();
+    assert!(body["error"]["message"].as_str().unwrap().contains("queue"), "{body}");
+
+    assert_eq!(first.await.unwrap().unwrap(), 200);
+    for q in queued {
+        assert_eq!(q.await.unwrap().unwrap(), 200);
+    }
+    let order: Vec<String> = emu.requests().iter().map(|r| r.path_and_query.clone()).collect();
+    let expected: Vec<String> = (0..=3).map(|s| format!("/api/incidents?seq={s}")).collect();
+    assert_eq!(order, expected, "waiters go in arrival order");
+    let times = emu.accepted_times("incidents", "t");
+    for pair in times.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(gap >= Duration::from_millis(400), "slots are 400 ms apart, got {gap:?}");
+        assert!(gap < Duration::from_millis(480), "a waiter goes when its slot frees, got {gap:?}");
+    }
+
+    // A waiter that disconnects frees its place: the one behind it takes its slot.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let a = send(10);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let leaver = send(11);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(gw.metric("quotagate_queue_depth{policy=\"incidents\"}").await, 1.0);
+    leaver.abort();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(gw.metric("quotagate_queue_depth{policy=\"incidents\"}").await, 0.0, "the place is freed");
+    let stayer_sent = Instant::now();
+    let stayer = send(12);
+    assert_eq!(a.await.unwrap().unwrap(), 200);
+    assert_eq!(stayer.await.unwrap().unwrap(), 200);
+    assert!(stayer_sent.elapsed() < Duration::from_millis(450), "the next waiter got the freed slot");
+    let seen: Vec<String> = emu.requests().iter().map(|r| r.path_and_query.clone()).collect();
+    assert!(
+        !seen.iter().any(|p| p.ends_with("seq=11")),
+        "the upstream never sees a request whose client left"
+    );
+    assert_eq!(emu.throttled(), 0);
+}
+
+/// Issue #2, case 4: one tenant's flood does not delay another tenant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tenants_flood_does_not_delay_another() {
+    let emu = Emulator::start(incidents_upstream(5, SEC)).await;
+    let gw = TestGateway::start(
+        &emu.url(),
+        r#"
+[[policy]]
+name = "incidents"
+paths = ["/api/incidents"]
+windows = [{ limit = 5, per = "1s" }]
+max_queue = 1000
+max_wait = "30s"
+"#,
+    )
+    .await;
+    let http = client();
+    let mut flood = Vec::new();
+    for _ in 0..200 {
+        let req = http.get(gw.url("/api/incidents")).header("authorization", bearer("noisy", "a"));
+        flood.push(tokio::spawn(async move { req.send().await.map(|r| r.status().as_u16()) }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        gw.metric("quotagate_queue_depth{policy=\"incidents\"}").await > 100.0,
+        "the noisy tenant is queued"
+    );
+    for _ in 0..5 {
+        let started = Instant::now();
+        let r = http
+            .get(gw.url("/api/incidents"))
+            .header("authorization", bearer("quiet", "a"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(
+            started.elapsed() < Duration::from_millis(150),
+            "quiet tenant waited {:?}",
+            started.elapsed()
+        );
+    }
+    assert_eq!(emu.accepted_times("incidents", "quiet").len(), 5);
+    for f in flood {
+        f.abort();
+    }
+    assert_eq!(emu.throttled(), 0);
+}
+
+/// A caller shortens its own wait with `x-quotagate-max-wait`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_can_shorten_its_wait_with_a_header() {
+    let emu = Emulator::start(incidents_upstream(1, 2 * SEC)).await;
+    let gw = TestGateway::start(
+        &emu.url(),
+        r#"
+[[policy]]
+name = "incidents"
+paths = ["/api/incidents"]
+windows = [{ limit = 1, per = "2s" }]
+max_wait = "10s"
+"#,
+    )
+    .await;
+    let http = client();
+    let get = || http.get(gw.url("/api/incidents")).header("authorization", bearer("t", "a"));
+    assert_eq!(get().send().await.unwrap().status(), 200);
+    let started = Instant::now();
+    let impatient = get().header("x-quotagate-max-wait", "0.5").send().await.unwrap();
+    assert_eq!(impatient.status(), 429);
+    assert!(started.elapsed() < Duration::from_millis(200), "rejected at once, not after waiting");
+    assert_eq!(impatient.headers()["retry-after"], "2");
+    let patient = get().send().await.unwrap();
+    assert_eq!(patient.status(), 200);
+    assert!(started.elapsed() >= Duration::from_millis(1900), "the patient caller waited for the slot");
+    assert_eq!(emu.throttled(), 0);
+}
