@@ -92,7 +92,7 @@ impl Limiter {
             let retention = st.retention;
             st.log.prune(retention, start);
             if st.queue.is_empty() && st.log.next_free(&policy.windows, self.guard, start).at <= start {
-                st.log.record(start);
+                st.log.record(start, retention);
                 return Ok(Duration::ZERO);
             }
             let grant = st.log.projected(st.queue.len(), &policy.windows, self.guard, start);
@@ -127,7 +127,7 @@ impl Limiter {
                 st.log.prune(retention, now);
                 let grant = st.log.projected(position, &policy.windows, self.guard, now);
                 if position == 0 && grant.at <= now {
-                    st.log.record(now);
+                    st.log.record(now, retention);
                     st.queue.pop_front();
                     if let Some(next) = st.queue.front() {
                         next.wake.notify_one();

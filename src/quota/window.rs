@@ -127,9 +127,19 @@ impl AdmissionLog {
         binding
     }
 
-    /// Record an admission at `at`. Admissions are recorded in time order;
-    /// an earlier time is clamped to the newest entry, which is conservative.
-    pub fn record(&mut self, at: u64) {
+    /// Record an admission at `at`, keeping no more entries than `retention`
+    /// needs. Admissions are recorded in time order; an earlier time is
+    /// clamped to the newest entry, which is conservative. The log's memory
+    /// grows up to exactly `retention.cap` entries, never past it.
+    pub fn record(&mut self, at: u64, retention: Retention) {
+        let cap = retention.cap.max(1);
+        while self.times.len() >= cap {
+            self.times.pop_front();
+        }
+        if self.times.len() == self.times.capacity() {
+            let want = (self.times.capacity() * 2).max(4).min(cap);
+            self.times.reserve_exact(want.saturating_sub(self.times.len()));
+        }
         let at = self.times.back().map_or(at, |&last| at.max(last));
         self.times.push_back(at);
     }
@@ -193,6 +203,7 @@ mod tests {
     use proptest::prelude::*;
 
     const MS: u64 = 1_000_000;
+    const ALL: Retention = Retention { horizon: u64::MAX, cap: usize::MAX };
 
     fn w(limit: u32, per_ms: u64) -> Window {
         Window::new(NonZeroU32::new(limit).unwrap(), Duration::from_millis(per_ms))
@@ -218,7 +229,7 @@ mod tests {
         let mut log = AdmissionLog::new();
         for t in [0, 100 * MS, 200 * MS] {
             assert_eq!(log.next_free(&windows, guard, t).at, t);
-            log.record(t);
+            log.record(t, ALL);
         }
         let b = log.next_free(&windows, guard, 300 * MS);
         assert_eq!(b.at, 1010 * MS);
@@ -234,7 +245,7 @@ mod tests {
         let mut grants = vec![];
         for _ in 0..5 {
             t = log.next_free(&windows, guard, t).at;
-            log.record(t);
+            log.record(t, ALL);
             grants.push(t / MS);
         }
         assert_eq!(grants, vec![0, 0, 100, 1000, 1000]);
@@ -245,12 +256,12 @@ mod tests {
         let windows = [w(2, 100), w(5, 1000)];
         let guard = Duration::from_millis(1);
         let mut log = AdmissionLog::new();
-        log.record(0);
+        log.record(0, ALL);
         let projected = log.projected(6, &windows, guard, 5 * MS).at;
         let mut t = 5 * MS;
         for _ in 0..7 {
             t = log.next_free(&windows, guard, t).at;
-            log.record(t);
+            log.record(t, ALL);
         }
         assert_eq!(projected, t);
     }
@@ -263,10 +274,13 @@ mod tests {
         assert_eq!(retention, Retention { horizon: 1005 * MS, cap: 3 });
         let mut log = AdmissionLog::new();
         for t in 0..10 {
-            log.record(t * MS);
+            log.record(t * MS, ALL);
         }
         log.prune(retention, 10 * MS);
         assert_eq!(log.len(), 3);
+        log.record(10 * MS, retention);
+        assert_eq!(log.len(), 3, "recording keeps only what constrains");
+        log.times.pop_back();
         log.prune(retention, 1013 * MS);
         assert_eq!(log.len(), 1);
         log.prune(retention, 1014 * MS);
@@ -274,10 +288,21 @@ mod tests {
     }
 
     #[test]
+    fn a_full_log_holds_exactly_its_cap() {
+        let retention = Retention { horizon: u64::MAX, cap: 1500 };
+        let mut log = AdmissionLog::new();
+        for t in 0..5000 {
+            log.record(t, retention);
+        }
+        assert_eq!(log.len(), 1500);
+        assert!(log.times.capacity() < 1600, "capacity {}", log.times.capacity());
+    }
+
+    #[test]
     fn used_counts_the_half_open_window() {
         let mut log = AdmissionLog::new();
         for t in [0, 500 * MS, 999 * MS, 1000 * MS] {
-            log.record(t);
+            log.record(t, ALL);
         }
         assert_eq!(log.used(Duration::from_secs(1), 1000 * MS), 3);
         assert_eq!(log.used(Duration::from_secs(1), 1500 * MS), 2);
@@ -308,7 +333,7 @@ mod tests {
                 }
                 let at = log.next_free(&windows, guard, now).at;
                 prop_assert!(at >= now);
-                log.record(at);
+                log.record(at, retention);
                 admitted.push(at);
             }
             let arrivals: Vec<u64> = {
@@ -345,7 +370,7 @@ mod tests {
                     let inside = log.times.iter().filter(|&&t| t + span > earlier).count();
                     prop_assert!(inside >= n);
                 }
-                log.record(b.at);
+                log.record(b.at, ALL);
                 now = b.at;
             }
         }
