@@ -4,9 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Request, State};
+use std::convert::Infallible;
+
+use axum::extract::Request;
 use axum::response::Response;
-use axum::Router;
 use http::header::CONTENT_LENGTH;
 use http::{HeaderMap, HeaderValue, StatusCode};
 
@@ -14,7 +15,7 @@ use crate::admission::Limiter;
 use crate::config::Config;
 use crate::error::{GatewayError, THROTTLED_BY};
 use crate::identity::identity_from_headers;
-use crate::metrics::{Metrics, PolicyMetrics};
+use crate::metrics::{Failure, Metrics, PolicyMetrics};
 use crate::quota::QuotaKey;
 use crate::upstream::{forward, route, ApiKind, Clients, UpstreamError};
 
@@ -22,57 +23,63 @@ use crate::upstream::{forward, route, ApiKind, Clients, UpstreamError};
 /// in seconds (fractions allowed). It can only shorten the policy's wait.
 pub const MAX_WAIT_HEADER: &str = "x-quotagate-max-wait";
 
-/// Everything a request needs, shared by all listeners.
+/// Everything a request needs that all workers share.
 pub struct Gateway {
     pub config: Arc<Config>,
     pub limiter: Limiter,
     pub metrics: Arc<Metrics>,
-    clients: Clients,
-    /// Per policy id, then one more for unmetered requests.
-    policy_metrics: Vec<PolicyMetrics>,
 }
 
 impl Gateway {
     pub fn new(config: Arc<Config>, metrics: Arc<Metrics>) -> Self {
-        let policies = &config.policies.0;
-        let mut timeouts: Vec<Duration> = policies.iter().map(|p| p.timeouts.connect).collect();
-        timeouts.push(config.unmetered_timeouts.connect);
-        timeouts.sort();
-        timeouts.dedup();
-        let mut policy_metrics: Vec<PolicyMetrics> =
-            policies.iter().map(|p| metrics.policy(&p.name)).collect();
-        policy_metrics.push(metrics.policy("unmetered"));
-        Gateway {
-            limiter: Limiter::new(config.guard),
-            clients: Clients::new(timeouts),
-            policy_metrics,
-            metrics,
-            config,
-        }
+        Gateway { limiter: Limiter::new(config.guard), metrics, config }
     }
 }
 
-#[derive(Clone)]
-struct Listener {
+/// What one worker thread's listeners share: its own connection pools and
+/// metric handles, so a request touches no other core's cache lines.
+pub struct Worker {
     gateway: Arc<Gateway>,
+    clients: Clients,
+    /// Per policy id, then one more for unmetered requests.
+    metrics: Vec<PolicyMetrics>,
+}
+
+impl Worker {
+    pub fn new(gateway: Arc<Gateway>, index: usize) -> Self {
+        let config = &gateway.config;
+        let mut timeouts: Vec<Duration> = config.policies.0.iter().map(|p| p.timeouts.connect).collect();
+        timeouts.push(config.unmetered_timeouts.connect);
+        timeouts.sort();
+        timeouts.dedup();
+        let mut metrics: Vec<PolicyMetrics> =
+            config.policies.0.iter().map(|p| gateway.metrics.policy(index, &p.name)).collect();
+        metrics.push(gateway.metrics.policy(index, "unmetered"));
+        Worker { clients: Clients::new(timeouts), metrics, gateway }
+    }
+}
+
+/// The service of one proxy listener; `upstream` binds it to one upstream.
+pub fn proxy_service(
+    worker: Arc<Worker>,
     upstream: Option<usize>,
+) -> impl tower::Service<Request, Response = Response, Error = Infallible, Future: Send> + Clone + Send {
+    tower::service_fn(move |req: Request| {
+        let worker = worker.clone();
+        async move { Ok(proxy(&worker, upstream, req).await) }
+    })
 }
 
-/// The router of one proxy listener; `upstream` binds it to one upstream.
-pub fn proxy_router(gateway: Arc<Gateway>, upstream: Option<usize>) -> Router {
-    Router::new().fallback(proxy).with_state(Listener { gateway, upstream })
-}
-
-async fn proxy(State(listener): State<Listener>, req: Request) -> Response {
-    let gw = &*listener.gateway;
+async fn proxy(worker: &Worker, bound: Option<usize>, req: Request) -> Response {
+    let gw = &*worker.gateway;
     let config = &*gw.config;
-    let Some(up) = route::select(&config.upstreams, listener.upstream, req.uri(), req.headers()) else {
+    let Some(up) = route::select(&config.upstreams, bound, req.uri(), req.headers()) else {
         let kind = guess_kind(req.uri().path());
         return GatewayError::NoRoute { path: req.uri().path().to_string() }.into_response_for(kind);
     };
     let upstream = &config.upstreams[up];
     let policy = config.policies.find(req.method(), up, req.uri().path());
-    let metrics = &gw.policy_metrics[policy.map_or(config.policies.0.len(), |p| usize::from(p.id))];
+    let metrics = &worker.metrics[policy.map_or(config.policies.0.len(), |p| usize::from(p.id))];
     let fail = |e: GatewayError| e.into_response_for(upstream.kind);
 
     if content_length(req.headers()).is_some_and(|n| n > config.max_body_bytes) {
@@ -112,7 +119,7 @@ async fn proxy(State(listener): State<Listener>, req: Request) -> Response {
     }
 
     let timeouts = policy.map_or(config.unmetered_timeouts, |p| p.timeouts);
-    let client = gw.clients.get(timeouts.connect);
+    let client = worker.clients.get(timeouts.connect);
     let started = tokio::time::Instant::now();
     match forward::send(client, upstream, req, &timeouts, config.max_body_bytes).await {
         Ok(mut response) => {
@@ -128,18 +135,19 @@ async fn proxy(State(listener): State<Listener>, req: Request) -> Response {
         }
         Err(e) => {
             metrics.failed.inc();
+            let name = upstream.name.clone();
             let (kind, error) = match e {
                 UpstreamError::BodyTooLarge => {
-                    ("body_too_large", GatewayError::PayloadTooLarge { limit: config.max_body_bytes })
+                    (Failure::BodyTooLarge, GatewayError::PayloadTooLarge { limit: config.max_body_bytes })
                 }
                 UpstreamError::Connect(detail) => {
-                    ("connect", GatewayError::UpstreamUnreachable { upstream: upstream.name.clone(), detail })
+                    (Failure::Connect, GatewayError::UpstreamUnreachable { upstream: name, detail })
                 }
                 UpstreamError::Timeout(after) => {
-                    ("timeout", GatewayError::UpstreamTimeout { upstream: upstream.name.clone(), after })
+                    (Failure::Timeout, GatewayError::UpstreamTimeout { upstream: name, after })
                 }
                 UpstreamError::Protocol(detail) => {
-                    ("protocol", GatewayError::UpstreamFailed { upstream: upstream.name.clone(), detail })
+                    (Failure::Protocol, GatewayError::UpstreamFailed { upstream: name, detail })
                 }
             };
             metrics.failure(kind).inc();

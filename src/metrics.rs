@@ -2,19 +2,33 @@
 //!
 //! Labels are bounded: a configured policy name (or `unmetered`), a fixed
 //! decision, reason or status class. Never a tenant id, path or token.
+//!
+//! The per-request counters and histograms live in one registry per worker
+//! thread, so the request path never bounces a cache line between cores;
+//! [`Metrics::render`] sums the workers' families into one exposition.
+//! Gauges of shared state (queue depth) live in the shared registry.
 
+use std::collections::BTreeMap;
+
+use prometheus::proto::{self, MetricFamily};
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 use crate::admission::Reason;
 
-/// The registry and the metric families.
+/// The shared registry and every worker's families.
 pub struct Metrics {
-    pub registry: Registry,
+    shared: Registry,
+    queue_depth: IntGaugeVec,
+    workers: Vec<WorkerMetrics>,
+}
+
+/// One worker's per-request families.
+struct WorkerMetrics {
+    registry: Registry,
     requests: IntCounterVec,
     rejections: IntCounterVec,
-    queue_depth: IntGaugeVec,
     queue_wait: HistogramVec,
     upstream_responses: IntCounterVec,
     upstream_throttles: IntCounterVec,
@@ -22,7 +36,8 @@ pub struct Metrics {
     upstream_duration: HistogramVec,
 }
 
-/// One policy's handles, resolved once so the request path does no label lookups.
+/// One policy's handles on one worker, resolved once so the request path
+/// does no label lookups.
 pub struct PolicyMetrics {
     pub forwarded: IntCounter,
     pub queued: IntCounter,
@@ -34,9 +49,17 @@ pub struct PolicyMetrics {
     pub wait: Histogram,
     responses: [IntCounter; 5],
     pub throttles: IntCounter,
-    failures: IntCounterVec,
-    policy: String,
+    failures: [IntCounter; 4],
     pub duration: Histogram,
+}
+
+/// Kinds of upstream failure, as counted.
+#[derive(Debug, Clone, Copy)]
+pub enum Failure {
+    Connect,
+    Timeout,
+    Protocol,
+    BodyTooLarge,
 }
 
 impl PolicyMetrics {
@@ -50,20 +73,19 @@ impl PolicyMetrics {
         &self.responses[class]
     }
 
-    /// Count an upstream failure of a fixed kind.
-    pub fn failure(&self, kind: &'static str) -> IntCounter {
-        self.failures.with_label_values(&[self.policy.as_str(), kind])
+    pub fn failure(&self, kind: Failure) -> &IntCounter {
+        &self.failures[kind as usize]
     }
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        Self::new()
+        Self::new(1)
     }
 }
 
-impl Metrics {
-    pub fn new() -> Self {
+impl WorkerMetrics {
+    fn new() -> Self {
         let registry = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
@@ -76,67 +98,72 @@ impl Metrics {
             registry.register(Box::new(h.clone())).expect("unique metric");
             h
         };
-        let requests = counter(
-            "quotagate_requests_total",
-            "Proxied requests by policy and decision (forwarded, queued then forwarded, rejected locally, unauthorized, failed).",
-            &["policy", "decision"],
-        );
-        let rejections = counter(
-            "quotagate_local_rejections_total",
-            "Requests the gateway answered with its own 429, by reason.",
-            &["policy", "reason"],
-        );
+        WorkerMetrics {
+            requests: counter(
+                "quotagate_requests_total",
+                "Proxied requests by policy and decision (forwarded, queued then forwarded, rejected locally, unauthorized, failed).",
+                &["policy", "decision"],
+            ),
+            rejections: counter(
+                "quotagate_local_rejections_total",
+                "Requests the gateway answered with its own 429, by reason.",
+                &["policy", "reason"],
+            ),
+            queue_wait: histogram(
+                "quotagate_queue_wait_seconds",
+                "Time admitted requests waited for their slot.",
+                vec![0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0],
+            ),
+            upstream_responses: counter(
+                "quotagate_upstream_responses_total",
+                "Upstream responses by status class.",
+                &["policy", "class"],
+            ),
+            upstream_throttles: counter(
+                "quotagate_upstream_throttles_total",
+                "429 responses from the upstream.",
+                &["policy"],
+            ),
+            upstream_failures: counter(
+                "quotagate_upstream_failures_total",
+                "Upstream exchanges that failed without a response, by kind.",
+                &["policy", "kind"],
+            ),
+            upstream_duration: histogram(
+                "quotagate_upstream_duration_seconds",
+                "Time until the upstream's response headers arrived.",
+                prometheus::exponential_buckets(0.001, 2.5, 14).expect("valid buckets"),
+            ),
+            registry,
+        }
+    }
+}
+
+impl Metrics {
+    /// Metrics for a gateway with `workers` worker threads.
+    pub fn new(workers: usize) -> Self {
+        let shared = Registry::new();
         let queue_depth = IntGaugeVec::new(
             Opts::new("quotagate_queue_depth", "Requests waiting for a slot, by policy."),
             &["policy"],
         )
         .expect("valid metric");
-        registry.register(Box::new(queue_depth.clone())).expect("unique metric");
-        let queue_wait = histogram(
-            "quotagate_queue_wait_seconds",
-            "Time admitted requests waited for their slot.",
-            vec![0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0],
-        );
-        let upstream_responses = counter(
-            "quotagate_upstream_responses_total",
-            "Upstream responses by status class.",
-            &["policy", "class"],
-        );
-        let upstream_throttles =
-            counter("quotagate_upstream_throttles_total", "429 responses from the upstream.", &["policy"]);
-        let upstream_failures = counter(
-            "quotagate_upstream_failures_total",
-            "Upstream exchanges that failed without a response, by kind.",
-            &["policy", "kind"],
-        );
-        let upstream_duration = histogram(
-            "quotagate_upstream_duration_seconds",
-            "Time until the upstream's response headers arrived.",
-            prometheus::exponential_buckets(0.001, 2.5, 14).expect("valid buckets"),
-        );
+        shared.register(Box::new(queue_depth.clone())).expect("unique metric");
         let build_info =
             IntGaugeVec::new(Opts::new("quotagate_build_info", "Build information; always 1."), &["version"])
                 .expect("valid metric");
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        registry.register(Box::new(build_info)).expect("unique metric");
-        Metrics {
-            registry,
-            requests,
-            rejections,
-            queue_depth,
-            queue_wait,
-            upstream_responses,
-            upstream_throttles,
-            upstream_failures,
-            upstream_duration,
-        }
+        shared.register(Box::new(build_info)).expect("unique metric");
+        Metrics { shared, queue_depth, workers: (0..workers.max(1)).map(|_| WorkerMetrics::new()).collect() }
     }
 
-    /// Resolve the handles of one policy (`unmetered` for the rest).
-    pub fn policy(&self, policy: &str) -> PolicyMetrics {
-        let req = |d: &str| self.requests.with_label_values(&[policy, d]);
-        let rej = |r: &str| self.rejections.with_label_values(&[policy, r]);
-        let class = |c: &str| self.upstream_responses.with_label_values(&[policy, c]);
+    /// Resolve one worker's handles for one policy (`unmetered` for the rest).
+    pub fn policy(&self, worker: usize, policy: &str) -> PolicyMetrics {
+        let w = &self.workers[worker % self.workers.len()];
+        let req = |d: &str| w.requests.with_label_values(&[policy, d]);
+        let rej = |r: &str| w.rejections.with_label_values(&[policy, r]);
+        let class = |c: &str| w.upstream_responses.with_label_values(&[policy, c]);
+        let fail = |k: &str| w.upstream_failures.with_label_values(&[policy, k]);
         PolicyMetrics {
             forwarded: req("forwarded"),
             queued: req("queued"),
@@ -145,17 +172,106 @@ impl Metrics {
             failed: req("failed"),
             rejections: [rej("no_slot"), rej("queue_full"), rej("wait_too_long"), rej("expired")],
             depth: self.queue_depth.with_label_values(&[policy]),
-            wait: self.queue_wait.with_label_values(&[policy]),
+            wait: w.queue_wait.with_label_values(&[policy]),
             responses: [class("1xx"), class("2xx"), class("3xx"), class("4xx"), class("5xx")],
-            throttles: self.upstream_throttles.with_label_values(&[policy]),
-            failures: self.upstream_failures.clone(),
-            policy: policy.to_string(),
-            duration: self.upstream_duration.with_label_values(&[policy]),
+            throttles: w.upstream_throttles.with_label_values(&[policy]),
+            failures: [fail("connect"), fail("timeout"), fail("protocol"), fail("body_too_large")],
+            duration: w.upstream_duration.with_label_values(&[policy]),
         }
     }
 
-    /// The text exposition format.
+    /// The text exposition format, with the workers' families summed.
     pub fn render(&self) -> String {
-        prometheus::TextEncoder::new().encode_to_string(&self.registry.gather()).unwrap_or_default()
+        let mut families = self.shared.gather();
+        families.extend(merge(self.workers.iter().flat_map(|w| w.registry.gather())));
+        families.sort_by(|a, b| a.name().cmp(b.name()));
+        prometheus::TextEncoder::new().encode_to_string(&families).unwrap_or_default()
+    }
+}
+
+/// Sum families of the same name, metric by metric (same label values).
+fn merge(families: impl Iterator<Item = MetricFamily>) -> Vec<MetricFamily> {
+    let mut by_name: BTreeMap<String, (MetricFamily, BTreeMap<Vec<String>, proto::Metric>)> = BTreeMap::new();
+    for mut family in families {
+        let metrics = family.take_metric();
+        let (_, merged) =
+            by_name.entry(family.name().to_string()).or_insert_with(|| (family, BTreeMap::new()));
+        for metric in metrics {
+            let key: Vec<String> = metric.get_label().iter().map(|l| l.value().to_string()).collect();
+            match merged.get_mut(&key) {
+                None => {
+                    merged.insert(key, metric);
+                }
+                Some(sum) => add(sum, &metric),
+            }
+        }
+    }
+    by_name
+        .into_values()
+        .map(|(mut family, metrics)| {
+            family.set_metric(metrics.into_values().collect());
+            family
+        })
+        .collect()
+}
+
+fn add(sum: &mut proto::Metric, other: &proto::Metric) {
+    let mut counter = proto::Counter::default();
+    counter.set_value(sum.get_counter().get_value() + other.get_counter().get_value());
+    sum.set_counter(counter);
+    let (a, b) = (sum.get_histogram(), other.get_histogram());
+    let mut h = proto::Histogram::default();
+    h.set_sample_count(a.get_sample_count() + b.get_sample_count());
+    h.set_sample_sum(a.get_sample_sum() + b.get_sample_sum());
+    h.set_bucket(
+        a.get_bucket()
+            .iter()
+            .zip(b.get_bucket())
+            .map(|(x, y)| {
+                let mut bucket = proto::Bucket::default();
+                bucket.set_upper_bound(x.upper_bound());
+                bucket.set_cumulative_count(x.cumulative_count() + y.cumulative_count());
+                bucket
+            })
+            .collect(),
+    );
+    sum.set_histogram(h);
+}
+
+/// Whether a family is of a type [`merge`] sums (all worker families are).
+#[cfg(test)]
+fn summable(family: &MetricFamily) -> bool {
+    use prometheus::proto::MetricType;
+    matches!(family.get_field_type(), MetricType::COUNTER | MetricType::HISTOGRAM)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workers_are_summed_into_one_exposition() {
+        let m = Metrics::new(2);
+        let (a, b) = (m.policy(0, "incidents"), m.policy(1, "incidents"));
+        a.forwarded.inc();
+        b.forwarded.inc_by(2);
+        a.duration.observe(0.002);
+        b.duration.observe(0.002);
+        b.duration.observe(10.0);
+        for w in &m.workers {
+            assert!(w.registry.gather().iter().all(summable));
+        }
+        let text = m.render();
+        assert!(
+            text.contains("quotagate_requests_total{decision=\"forwarded\",policy=\"incidents\"} 3"),
+            "{text}"
+        );
+        assert!(text.contains("quotagate_upstream_duration_seconds_count{policy=\"incidents\"} 3"), "{text}");
+        assert!(
+            text.contains("quotagate_upstream_duration_seconds_bucket{policy=\"incidents\",le=\"0.0025\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("quotagate_build_info{version="), "{text}");
+        assert_eq!(text.matches("# TYPE quotagate_requests_total counter").count(), 1);
     }
 }

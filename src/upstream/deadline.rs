@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Sleep;
 
 /// The error a body yields when its deadline passes.
 #[derive(Debug, thiserror::Error)]
@@ -21,14 +21,14 @@ pin_project! {
     pub struct DeadlineBody<B> {
         #[pin]
         inner: B,
-        #[pin]
-        sleep: Sleep,
+        sleep: Pin<Box<Sleep>>,
     }
 }
 
 impl<B> DeadlineBody<B> {
-    pub fn new(inner: B, deadline: Instant) -> Self {
-        DeadlineBody { inner, sleep: tokio::time::sleep_until(deadline) }
+    /// `sleep` fires at the deadline (it may be a timer already in use, reset).
+    pub fn new(inner: B, sleep: Pin<Box<Sleep>>) -> Self {
+        DeadlineBody { inner, sleep }
     }
 }
 
@@ -48,7 +48,7 @@ where
         if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
-        match this.sleep.poll(cx) {
+        match this.sleep.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(DeadlineExceeded)))),
             Poll::Pending => Poll::Pending,
         }

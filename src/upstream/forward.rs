@@ -44,6 +44,10 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 
 /// Remove hop-by-hop headers, including any named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry few or none of these: look before hashing nine removals.
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(k) || k == header::UPGRADE) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -58,7 +62,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Send `req` to `upstream` and return its response with a streaming body
-/// bounded by the total timeout.
+/// bounded by the total timeout. The caller has refused bodies whose
+/// announced length is over `max_body_bytes`; unannounced ones are cut there.
 pub async fn send(
     client: &HttpClient,
     upstream: &Upstream,
@@ -68,23 +73,36 @@ pub async fn send(
 ) -> Result<Response<Body>, UpstreamError> {
     let start = Instant::now();
     let (mut parts, body) = req.into_parts();
-    let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    parts.uri = upstream.uri_for(path_and_query).map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+    let mut uri = std::mem::take(&mut parts.uri).into_parts();
+    uri.scheme = Some(upstream.scheme.clone());
+    uri.authority = Some(upstream.authority.clone());
+    if uri.path_and_query.is_none() {
+        uri.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    }
+    parts.uri = http::Uri::from_parts(uri).map_err(|e| UpstreamError::Protocol(e.to_string()))?;
     parts.version = http::Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(header::HOST);
-    let limit = usize::try_from(max_body_bytes).unwrap_or(usize::MAX);
-    let req = Request::from_parts(parts, Body::new(Limited::new(body, limit)));
-
-    let header_deadline = timeouts.header.min(timeouts.total);
-    let response = match tokio::time::timeout(header_deadline, client.request(req)).await {
-        Err(_) => return Err(UpstreamError::Timeout(header_deadline)),
-        Ok(Err(e)) => return Err(classify(&e)),
-        Ok(Ok(r)) => r,
+    let announced = parts.headers.contains_key(header::CONTENT_LENGTH);
+    let body = if announced || http_body::Body::is_end_stream(&body) {
+        body
+    } else {
+        Body::new(Limited::new(body, usize::try_from(max_body_bytes).unwrap_or(usize::MAX)))
     };
+    let req = Request::from_parts(parts, body);
+
+    // One timer serves both deadlines: first the header timeout, then the total.
+    let header_deadline = timeouts.header.min(timeouts.total);
+    let mut deadline = Box::pin(tokio::time::sleep_until(start + header_deadline));
+    let response = tokio::select! {
+        biased;
+        result = client.request(req) => result.map_err(|e| classify(&e))?,
+        _ = deadline.as_mut() => return Err(UpstreamError::Timeout(header_deadline)),
+    };
+    deadline.as_mut().reset(start + timeouts.total);
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    let body = DeadlineBody::new(body, start + timeouts.total);
+    let body = DeadlineBody::new(body, deadline);
     Ok(Response::from_parts(parts, Body::new(body.map_err(axum::Error::new))))
 }
 

@@ -30,26 +30,24 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Whether a requested authority names this upstream: same host, and
-    /// the same port, a missing port standing for the scheme's default.
-    fn is_named_by(&self, named: &Authority) -> bool {
-        let default = if self.scheme == Scheme::HTTPS { 443 } else { 80 };
-        let same_port = match (named.port_u16(), self.authority.port_u16()) {
-            (a, b) if a == b => true,
-            (Some(p), None) => p == default,
-            (None, Some(p)) => p == default,
-            _ => false,
+    /// Whether a requested authority (`host[:port]`) names this upstream:
+    /// same host, and the same port, a missing port standing for the scheme's default.
+    fn is_named_by(&self, named: &str) -> bool {
+        let split = match named.strip_prefix('[') {
+            Some(v6) => v6.split_once(']').map(|(h, rest)| (&named[..h.len() + 2], rest.strip_prefix(':'))),
+            None => Some(named.rsplit_once(':').map_or((named, None), |(h, p)| (h, Some(p)))),
         };
-        same_port && named.host().eq_ignore_ascii_case(self.authority.host())
-    }
-
-    /// The upstream URI for a request's path and query.
-    pub fn uri_for(&self, path_and_query: &str) -> Result<Uri, http::Error> {
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(path_and_query)
-            .build()
+        let Some((host, port)) = split else { return false };
+        let Ok(port) = port.map(str::parse::<u16>).transpose() else { return false };
+        if !host.eq_ignore_ascii_case(self.authority.host()) {
+            return false;
+        }
+        let default = if self.scheme == Scheme::HTTPS { 443 } else { 80 };
+        match (port, self.authority.port_u16()) {
+            (a, b) if a == b => true,
+            (Some(p), None) | (None, Some(p)) => p == default,
+            _ => false,
+        }
     }
 }
 
@@ -62,8 +60,8 @@ pub fn select(upstreams: &[Upstream], bound: Option<usize>, uri: &Uri, headers: 
         .authority()
         .map(|a| a.as_str())
         .or_else(|| headers.get(http::header::HOST).and_then(|h| h.to_str().ok()));
-    if let Some(named) = named.and_then(|n| n.parse::<Authority>().ok()) {
-        if let Some(i) = upstreams.iter().position(|u| u.is_named_by(&named)) {
+    if let Some(named) = named {
+        if let Some(i) = upstreams.iter().position(|u| u.is_named_by(named)) {
             return Some(i);
         }
     }
@@ -126,6 +124,10 @@ mod tests {
         assert_eq!(select(&t, None, &uri, &host("api.securitycenter.microsoft.com")), Some(1));
         assert_eq!(select(&t, None, &uri, &host("api.securitycenter.microsoft.com:443")), Some(1));
         assert_eq!(select(&t, None, &uri, &host("api.securitycenter.microsoft.com:8080")), Some(0));
+        let v6 = [up("v6", "http://[::1]:9000", &[])];
+        assert_eq!(select(&v6, None, &uri, &host("[::1]:9000")), Some(0));
+        assert_eq!(select(&v6, None, &uri, &host("[::1]")), None);
+        assert_eq!(select(&v6, None, &uri, &host("[::1]:x")), None);
         assert_eq!(select(&t, None, &uri, &host("evil.example.com")), Some(0));
         let abs: Uri = "https://evil.example.com/other".parse().unwrap();
         assert_eq!(select(&t, None, &abs, &HeaderMap::new()), None);
