@@ -1,9 +1,9 @@
 //! Bind the listeners and serve until shut down.
 //!
 //! The gateway runs one single-threaded tokio runtime per core ([`Workers`]),
-//! like nginx's worker processes: each worker accepts on its own
-//! `SO_REUSEPORT` socket of every proxy listener and keeps its own upstream
-//! connection pools, so a request never hops between threads. The quota
+//! like nginx's worker processes. Connections are dealt to the workers in
+//! turn ([`handoff`]); each worker keeps its own upstream connection pools,
+//! so a request never hops between threads. The quota
 //! state ([`Gateway`]) is shared by all workers.
 //!
 //! [`start`] binds everything first (port 0 works) and returns the bound
@@ -14,12 +14,16 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::serve::ListenerExt;
 use axum::ServiceExt;
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::TcpListener;
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+
+mod handoff;
+mod workers;
+
+pub use workers::Workers;
 
 use crate::app::{proxy_service, Gateway, Worker};
 use crate::config::Config;
@@ -48,30 +52,25 @@ pub async fn start_on(config: Config, workers: &[Handle]) -> io::Result<Running>
     let gateway = Arc::new(Gateway::new(config.clone(), Arc::new(Metrics::new(workers.len()))));
     let (stop, stopped) = watch::channel(false);
     let mut tasks = JoinSet::new();
-    let reuse = workers.len() > 1;
 
     // Bind everything before serving anything, so a bad address fails startup cleanly.
     let mut proxy_addrs = Vec::new();
-    let mut per_worker: Vec<Vec<(TcpListener, Option<usize>)>> = workers.iter().map(|_| Vec::new()).collect();
+    let mut sockets = Vec::new();
     for spec in &config.listeners {
-        let mut addr = spec.addr;
-        for (w, handle) in workers.iter().enumerate() {
-            let listener = bind(addr, reuse, handle)?;
-            addr = listener.local_addr()?;
-            per_worker[w].push((listener, spec.upstream));
-        }
-        proxy_addrs.push(addr);
+        let socket = bind(spec.addr, first)?;
+        proxy_addrs.push(socket.local_addr()?);
+        sockets.push((socket, spec.upstream));
     }
-    let admin = bind(config.admin_listen, false, first)?;
+    let admin = bind(config.admin_listen, first)?;
     let admin_addr = admin.local_addr()?;
 
-    for (index, (listeners, handle)) in per_worker.into_iter().zip(workers).enumerate() {
-        let worker = Arc::new(Worker::new(gateway.clone(), index));
-        for (listener, upstream) in listeners {
+    let worker_states: Vec<Arc<Worker>> =
+        (0..workers.len()).map(|i| Arc::new(Worker::new(gateway.clone(), i))).collect();
+    for ((socket, upstream), addr) in sockets.into_iter().zip(&proxy_addrs) {
+        let (dealer, listeners) = handoff::deal(socket, *addr, workers.len());
+        tasks.spawn_on(handoff::run_until(dealer, stopping(stopped.clone())), first);
+        for ((listener, worker), handle) in listeners.into_iter().zip(&worker_states).zip(workers) {
             let service = proxy_service(worker.clone(), upstream).into_make_service();
-            let listener = listener.tap_io(|tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
             let stopped = stopped.clone();
             tasks.spawn_on(
                 async move { axum::serve(listener, service).with_graceful_shutdown(stopping(stopped)).await },
@@ -107,17 +106,13 @@ async fn stopping(mut stopped: watch::Receiver<bool>) {
     let _ = stopped.wait_for(|s| *s).await;
 }
 
-/// Bind a listening socket registered with `handle`'s reactor.
-fn bind(addr: SocketAddr, reuse_port: bool, handle: &Handle) -> io::Result<TcpListener> {
+/// Bind a listening socket, registered with `handle`'s reactor.
+fn bind(addr: SocketAddr, handle: &Handle) -> io::Result<TcpListener> {
     let fail = |e: io::Error| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"));
+    let socket = std::net::TcpListener::bind(addr).map_err(fail)?;
+    socket.set_nonblocking(true).map_err(fail)?;
     let _runtime = handle.enter();
-    let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(fail)?;
-    socket.set_reuseaddr(true).map_err(fail)?;
-    if reuse_port {
-        socket.set_reuseport(true).map_err(fail)?;
-    }
-    socket.bind(addr).map_err(fail)?;
-    socket.listen(1024).map_err(fail)
+    TcpListener::from_std(socket).map_err(fail)
 }
 
 impl Running {
@@ -140,42 +135,5 @@ impl Running {
             result.map_err(io::Error::other)??;
         }
         Ok(())
-    }
-}
-
-/// Single-threaded runtimes on their own threads, one per core by default.
-pub struct Workers {
-    handles: Vec<Handle>,
-    stops: Vec<tokio::sync::oneshot::Sender<()>>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Workers {
-    pub fn spawn(count: usize) -> io::Result<Workers> {
-        let mut workers = Workers { handles: Vec::new(), stops: Vec::new(), threads: Vec::new() };
-        for i in 0..count.max(1) {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            workers.handles.push(runtime.handle().clone());
-            workers.stops.push(stop);
-            workers.threads.push(std::thread::Builder::new().name(format!("quotagate-worker-{i}")).spawn(
-                move || {
-                    let _ = runtime.block_on(stopped);
-                },
-            )?);
-        }
-        Ok(workers)
-    }
-
-    pub fn handles(&self) -> &[Handle] {
-        &self.handles
-    }
-
-    /// Stop the runtimes once the server has stopped.
-    pub fn join(self) {
-        drop(self.stops);
-        for t in self.threads {
-            let _ = t.join();
-        }
     }
 }
