@@ -284,3 +284,238 @@ async fn concurrent_burst_admits_exactly_the_limit() {
     assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 17);
     assert_eq!((em.accepted("burst"), em.throttled(), em.count()), (3, 17, 20));
 }
+
+#[tokio::test]
+async fn throttle_styles_and_running_time_wording() {
+    use ThrottleStyle::*;
+    let timed = "API calls quota exceeded! Maximum allowed 1 per 00:01:00 for the key \
+                 Destination+TenantID+AppID. You can send requests again in 60 seconds.";
+    let untimed = "API calls quota exceeded! maximum allowed 1 per 00:01:00";
+    let cpu_timed = "You have exceeded processing resources allocated to this tenant. \
+                     You can run queries again in 00:01:00.";
+    let cpu_untimed = "You have exceeded processing resources allocated to this tenant.";
+    // (path, style, running time, Retry-After, Defender message)
+    let cases = [
+        ("/api/calls/both", HeaderAndBody, false, Some("60"), timed),
+        ("/api/calls/header", HeaderOnly, false, Some("60"), untimed),
+        ("/api/calls/body", BodyOnly, false, None, timed),
+        ("/api/calls/neither", Neither, false, None, untimed),
+        ("/api/cpu/both", HeaderAndBody, true, Some("60"), cpu_timed),
+        ("/api/cpu/header", HeaderOnly, true, Some("60"), cpu_untimed),
+        ("/api/cpu/body", BodyOnly, true, None, cpu_timed),
+        ("/api/cpu/neither", Neither, true, None, cpu_untimed),
+    ];
+    let graph = [
+        ("/v1.0/security/both", HeaderAndBody, false),
+        ("/v1.0/security/header", HeaderOnly, false),
+        ("/beta/security/body", BodyOnly, false),
+        ("/v1.0/security/neither", Neither, false),
+        ("/v1.0/security/cpu", HeaderAndBody, true),
+        ("/beta/security/cpu-neither", Neither, true),
+    ];
+    let minute = [(1, Duration::from_secs(60))];
+    let mut cfg = EmulatorConfig::new();
+    for (path, style, cpu) in cases.iter().map(|c| (c.0, c.1, c.2)).chain(graph) {
+        let rule = QuotaRule::new(path, &[path], &minute).style(style);
+        cfg = cfg.quota(if cpu { rule.running_time() } else { rule });
+    }
+    let em = Emulator::start(cfg).await;
+    let tok = token(TENANT_A, APP_1);
+    let post = reqwest::Method::POST;
+
+    for (path, style, cpu, retry_after, message) in cases {
+        assert_eq!(call(&em, post.clone(), path, Some(&tok)).await.status(), StatusCode::OK, "{path}");
+        let r = call(&em, post.clone(), path, Some(&tok)).await;
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS, "{path}");
+        assert_eq!(header(&r, "content-type"), "application/json", "{path}");
+        assert_eq!(r.headers().get("retry-after").map(|v| v.to_str().unwrap()), retry_after, "{path}");
+        let v: Value = r.json().await.unwrap();
+        let expected = json!({"error": {"code": "429", "message": message, "target": TENANT_A}});
+        assert_eq!(v, expected, "{path} {style:?} running time {cpu}");
+    }
+
+    for (path, style, _) in graph {
+        assert_eq!(call(&em, post.clone(), path, Some(&tok)).await.status(), StatusCode::OK, "{path}");
+        let r = call(&em, post.clone(), path, Some(&tok)).await;
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS, "{path}");
+        let ra = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+        if matches!(style, HeaderAndBody | HeaderOnly) {
+            let ra = ra.unwrap_or_else(|| panic!("{path}: Retry-After expected"));
+            assert_eq!(ra.split_once('.').map(|(_, frac)| frac.len()), Some(3), "{path}: {ra}");
+            let secs: f64 = ra.parse().unwrap();
+            assert!(secs > 59.0 && secs <= 60.0, "{path}: {ra}");
+        } else {
+            assert_eq!(ra, None, "{path}");
+        }
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "TooManyRequests", "{path}");
+        assert_eq!(v["error"]["message"], "Please retry again later.", "{path}");
+        assert_eq!(v["error"]["innerError"]["status"], "429", "{path}");
+    }
+    assert_eq!(em.throttled(), cases.len() + graph.len());
+}
+
+#[tokio::test]
+async fn spend_uses_the_budget_like_another_tool() {
+    let minute = Duration::from_secs(60);
+    let cfg = EmulatorConfig::new()
+        .quota(QuotaRule::new("hunt", &["/api/advancedhunting/"], &[(3, minute)]))
+        .quota(QuotaRule::new("alerts", &["/api/alerts"], &[(2, minute)]).key(KeyScope::Tenant));
+    let em = Emulator::start(cfg).await;
+    let (a1, a2, b1) = (token(TENANT_A, APP_1), token(TENANT_A, APP_2), token(TENANT_B, APP_1));
+    let (post, get) = (reqwest::Method::POST, reqwest::Method::GET);
+    let hunt = "/api/advancedhunting/run";
+
+    em.spend("hunt", TENANT_A, APP_1, 2);
+    assert_eq!(call(&em, post.clone(), hunt, Some(&a1)).await.status(), StatusCode::OK);
+    let r = call(&em, post.clone(), hunt, Some(&a1)).await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(header(&r, "retry-after"), "60");
+    // Another app of the tenant has its own budget under a tenant+app rule.
+    assert_eq!(call(&em, post.clone(), hunt, Some(&a2)).await.status(), StatusCode::OK);
+
+    // Under a tenant rule, whatever app the other tool used, the tenant's budget is spent.
+    em.spend("alerts", TENANT_A, "some-other-tool", 2);
+    assert_eq!(
+        call(&em, get.clone(), "/api/alerts", Some(&a1)).await.status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(call(&em, get.clone(), "/api/alerts", Some(&b1)).await.status(), StatusCode::OK);
+
+    // Spent arrivals are not requests the emulator received.
+    assert_eq!(em.count(), 5);
+    assert_eq!((em.accepted("hunt"), em.accepted("alerts"), em.throttled()), (2, 1, 2));
+}
+
+#[tokio::test]
+async fn faults_as_a_client_sees_them() {
+    let rule = QuotaRule::new("any", &["/api/"], &[(100, Duration::from_secs(60))]);
+    let em = Emulator::start(EmulatorConfig::new().quota(rule)).await;
+    let tok = token(TENANT_A, APP_1);
+    let url = format!("{}/api/alerts", em.url());
+    // One client throughout: its pooled, kept-alive connection meets the faults too.
+    let client = reqwest::Client::new();
+    let r = client.get(&url).bearer_auth(&tok).send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), r#"{"value":[]}"#);
+
+    em.set_fault(Fault::Garbage);
+    let err = client.get(&url).bearer_auth(&tok).send().await.unwrap_err();
+    assert!(!err.is_timeout(), "{err:?}");
+
+    em.set_fault(Fault::ResetMidBody);
+    let r = client.get(&url).bearer_auth(&tok).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(header(&r, "content-type"), "application/json");
+    assert_eq!(header(&r, "content-length"), "100000");
+    assert!(r.bytes().await.is_err(), "the body must not complete");
+
+    em.set_fault(Fault::Stall);
+    let start = Instant::now();
+    let body = json!({"Query": "DeviceInfo | take 1"});
+    let send = client.post(&url).bearer_auth(&tok).json(&body).timeout(Duration::from_millis(300)).send();
+    let err = send.await.unwrap_err();
+    assert!(err.is_timeout(), "{err:?}");
+    assert!(start.elapsed() >= Duration::from_millis(300));
+
+    em.set_fault(Fault::None);
+    let r = reqwest::Client::new().get(&url).bearer_auth(&tok).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+
+    let seen = em.requests();
+    assert_eq!(seen.iter().map(|r| r.status).collect::<Vec<_>>(), [200, 0, 0, 0, 200]);
+    assert_eq!(seen.iter().map(|r| r.admitted).collect::<Vec<_>>(), [true, false, false, false, true]);
+    assert_eq!(seen[3].rule.as_deref(), Some("any"));
+    assert_eq!(seen[3].tenant.as_deref(), Some(TENANT_A));
+    assert_eq!(&seen[3].body[..], br#"{"Query":"DeviceInfo | take 1"}"#, "a stalled request is read whole");
+    assert_eq!((em.accepted("any"), em.throttled()), (2, 0));
+}
+
+/// Reads until `s` closes cleanly or fails; returns what came and the error, if any.
+async fn read_to_close(s: &mut tokio::net::TcpStream) -> (Vec<u8>, Option<std::io::Error>) {
+    use tokio::io::AsyncReadExt as _;
+    let mut got = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), s.read_buf(&mut got)).await {
+            Ok(Ok(0)) => return (got, None),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return (got, Some(e)),
+            Err(_) => panic!("the connection stayed open: {:?}", String::from_utf8_lossy(&got)),
+        }
+    }
+}
+
+#[tokio::test]
+async fn faults_on_the_wire() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::TcpStream;
+    let em = Emulator::start(EmulatorConfig::new()).await;
+    let get = b"GET /api/alerts HTTP/1.1\r\nHost: upstream\r\n\r\n";
+
+    // A fault set between two requests on one kept-alive connection meets the second.
+    let mut s = TcpStream::connect(em.addr()).await.unwrap();
+    s.write_all(get).await.unwrap();
+    let mut first = Vec::new();
+    while !first.ends_with(br#"{"value":[]}"#) {
+        assert_ne!(s.read_buf(&mut first).await.unwrap(), 0, "closed early");
+    }
+    assert!(first.starts_with(b"HTTP/1.1 200 OK\r\n"));
+    em.set_fault(Fault::Garbage);
+    s.write_all(get).await.unwrap();
+    let (got, err) = read_to_close(&mut s).await;
+    assert_eq!((&got[..], err.map(|e| e.kind())), (&b"this is not HTTP at all\r\n\r\n"[..], None));
+
+    // A truncated response, then a reset rather than a clean close.
+    em.set_fault(Fault::ResetMidBody);
+    let mut s = TcpStream::connect(em.addr()).await.unwrap();
+    s.write_all(get).await.unwrap();
+    let (got, err) = read_to_close(&mut s).await;
+    assert_eq!(err.map(|e| e.kind()), Some(std::io::ErrorKind::ConnectionReset));
+    let head_end = got.windows(4).position(|w| w == b"\r\n\r\n").expect("a response head") + 4;
+    let head = String::from_utf8_lossy(&got[..head_end]).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200 ok\r\n"), "{head}");
+    assert!(head.contains("\r\ncontent-type: application/json\r\n"), "{head}");
+    assert!(head.contains("\r\ncontent-length: 100000\r\n"), "{head}");
+    assert_eq!(got.len() - head_end, 1000);
+
+    // A stalled connection answers nothing, and closes when the fault is cleared...
+    em.set_fault(Fault::Stall);
+    let post = b"POST /api/alerts HTTP/1.1\r\nHost: upstream\r\nContent-Length: 5\r\n\r\nhello";
+    let mut s = TcpStream::connect(em.addr()).await.unwrap();
+    s.write_all(post).await.unwrap();
+    let mut buf = [0u8; 64];
+    assert!(tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await.is_err());
+    em.set_fault(Fault::None);
+    assert_eq!(read_to_close(&mut s).await.0, b"");
+    // ...or when the emulator is dropped.
+    em.set_fault(Fault::Stall);
+    let mut s = TcpStream::connect(em.addr()).await.unwrap();
+    s.write_all(post).await.unwrap();
+    assert!(tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await.is_err());
+
+    let seen = em.requests();
+    assert_eq!(seen.iter().map(|r| r.status).collect::<Vec<_>>(), [200, 0, 0, 0, 0]);
+    assert_eq!(&seen[3].body[..], b"hello");
+    drop(em);
+    assert_eq!(read_to_close(&mut s).await.0, b"");
+}
+
+#[tokio::test]
+async fn delay_header_holds_the_answer_not_the_decision() {
+    let rule = QuotaRule::new("hunt", &["/api/advancedhunting/"], &[(1, Duration::from_secs(60))]);
+    let em = Emulator::start(EmulatorConfig::new().quota(rule)).await;
+    let url = format!("{}/api/advancedhunting/run", em.url());
+    let tok = token(TENANT_A, APP_1);
+    let client = reqwest::Client::new();
+
+    let start = Instant::now();
+    let r = client.post(&url).bearer_auth(&tok).header(DELAY_HEADER, "150").send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(start.elapsed() >= Duration::from_millis(150));
+
+    // The client gives up first; the verdict (429) was taken, and recorded, on arrival.
+    let slow = client.post(&url).bearer_auth(&tok).header(DELAY_HEADER, "2000");
+    let err = slow.timeout(Duration::from_millis(100)).send().await.unwrap_err();
+    assert!(err.is_timeout(), "{err:?}");
+    assert_eq!(em.requests().iter().map(|r| r.status).collect::<Vec<_>>(), [200, 429]);
+    assert_eq!(em.accepted("hunt"), 1);
+}

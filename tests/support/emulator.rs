@@ -2,19 +2,37 @@
 //! APIs, for integration tests. It is written independently of the `quotagate` crate.
 //!
 //! What it does:
-//! - serves plain HTTP on `127.0.0.1:<random port>` until the [`Emulator`] is dropped;
+//! - serves plain HTTP/1.1 on `127.0.0.1:<random port>` until the [`Emulator`] is dropped;
 //! - reads tenant and app from the bearer token's payload (`tid`; `appid`, or `azp` for `ver` 2.0)
 //!   without verifying the signature, and answers 401 on a metered path without a usable token;
 //! - meters requests against configured [`QuotaRule`]s with a strict sliding window by arrival
 //!   time (the decision is taken when the request head arrives; throttled calls are not counted)
-//!   and answers 429 with the exact Defender or Graph body and `Retry-After`;
+//!   and answers 429 with the exact Defender or Graph body and `Retry-After`, in the rule's
+//!   [`ThrottleStyle`] (header and/or a body naming the wait, or neither) and, with
+//!   [`QuotaRule::running_time`], the running-time wording; on Graph paths the body is always
+//!   the Graph envelope, which never names the wait;
+//! - lets a test play another consumer of the same budget ([`Emulator::spend`]);
 //! - answers canned success bodies (hunting, incidents, `{"value":[]}`) and offers test
 //!   endpoints under `/api/test/` (and `/v1.0/test/`): `status/{code}`, `bytes/{n}`, `gzip`,
-//!   `echo`, `slow/{ms}`;
-//! - records every request it receives, with the status it answered.
+//!   `echo`, `slow/{ms}`; any request carrying [`DELAY_HEADER`] (`x-emulator-delay-ms: N`) is
+//!   answered N ms late (the metering decision still falls on arrival);
+//! - plays transport [`Fault`]s switched at run time with [`Emulator::set_fault`];
+//! - records every request it receives, with the status it answered (0 for a faulted request).
+//!
+//! How faults reach kept-alive connections: the emulator runs its own accept loop and serves
+//! each connection with hyper's HTTP/1.1 server on the axum router, so a pooled connection from
+//! a proxy is handled request by request. The handler reads the fault when a request arrives; if
+//! one is set it records the request, reads its body, and sends the fault to its connection task
+//! (a channel carried in the request's extensions). That task stops polling hyper, takes the
+//! `TcpStream` back with `Connection::into_parts` (which drops the waiting handler) and acts the
+//! fault out on the raw socket: hold it open (`Stall`), write a truncated response then reset
+//! it with `SO_LINGER` 0 (`ResetMidBody`), or write garbage and close (`Garbage`). So the very
+//! next request meets the fault, on a new or a reused connection, and a fault never leaks into a
+//! response already under way. HTTP/2 (h2c) is not served.
 //!
 //! What it does not do: TLS, signature or audience checks, KQL, OData query options, running-time
-//! (CPU) budgets, or Graph's habit of counting calls made while throttled.
+//! (CPU) budgets (a running-time rule counts calls), or Graph's habit of counting calls made
+//! while throttled.
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
@@ -31,8 +49,14 @@ use axum::Router;
 use base64::Engine as _;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
-use tokio::sync::oneshot;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tower::ServiceExt as _;
 
 /// What a quota counts per.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -42,6 +66,30 @@ pub enum KeyScope {
     TenantApp,
     /// Destination and tenant only.
     Tenant,
+}
+
+/// How a quota rule's 429 tells the client when to come back.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ThrottleStyle {
+    /// `Retry-After` and a Defender body that names the wait (`... again in N seconds.`).
+    #[default]
+    HeaderAndBody,
+    /// `Retry-After`; the Defender body is the older form without a time.
+    HeaderOnly,
+    /// No `Retry-After`; the Defender body names the wait.
+    BodyOnly,
+    /// No `Retry-After`, and the older Defender body without a time.
+    Neither,
+}
+
+impl ThrottleStyle {
+    fn header(self) -> bool {
+        matches!(self, ThrottleStyle::HeaderAndBody | ThrottleStyle::HeaderOnly)
+    }
+
+    fn timed_body(self) -> bool {
+        matches!(self, ThrottleStyle::HeaderAndBody | ThrottleStyle::BodyOnly)
+    }
 }
 
 /// A call quota: requests whose method and path match are limited in every window at once.
@@ -55,6 +103,10 @@ pub struct QuotaRule {
     /// `(limit, window length)` pairs.
     pub windows: Vec<(u32, Duration)>,
     pub key: KeyScope,
+    /// Whether the 429 carries `Retry-After` and whether its body names the wait.
+    pub style: ThrottleStyle,
+    /// Throttle with the running-time ("processing resources") wording; still counts calls.
+    pub running_time: bool,
 }
 
 impl QuotaRule {
@@ -65,7 +117,21 @@ impl QuotaRule {
             path_prefixes: path_prefixes.iter().map(|p| p.to_string()).collect(),
             windows: windows.to_vec(),
             key: KeyScope::TenantApp,
+            style: ThrottleStyle::HeaderAndBody,
+            running_time: false,
         }
+    }
+
+    pub fn style(mut self, s: ThrottleStyle) -> Self {
+        self.style = s;
+        self
+    }
+
+    /// Throttle with the running-time wording (`You have exceeded processing resources ...`)
+    /// instead of the call-quota one. The rule still meters calls, not CPU time.
+    pub fn running_time(mut self) -> Self {
+        self.running_time = true;
+        self
     }
 
     pub fn methods(mut self, m: &[Method]) -> Self {
@@ -82,6 +148,14 @@ impl QuotaRule {
         let path = path.to_ascii_lowercase();
         (self.methods.is_empty() || self.methods.contains(method))
             && self.path_prefixes.iter().any(|p| path.starts_with(&p.to_ascii_lowercase()))
+    }
+
+    /// The key its arrivals are counted under.
+    fn key_for(&self, tid: &str, app: Option<&str>) -> String {
+        match self.key {
+            KeyScope::TenantApp => format!("{}|{tid}|{}", self.name, app.unwrap_or("")),
+            KeyScope::Tenant => format!("{}|{tid}", self.name),
+        }
     }
 }
 
@@ -113,6 +187,7 @@ pub struct SeenRequest {
     pub app: Option<String>,
     /// The first quota rule the request matched, if any.
     pub rule: Option<String>,
+    /// The status answered; 0 when a [`Fault`] met the request.
     pub status: u16,
     /// True when `rule` is set and the rule admitted (counted) the request.
     pub admitted: bool,
@@ -128,6 +203,10 @@ struct Inner {
 struct Shared {
     cfg: EmulatorConfig,
     inner: Mutex<Inner>,
+    /// The fault every request arriving from now on meets.
+    fault: watch::Sender<Fault>,
+    /// Set once, when the [`Emulator`] is dropped.
+    stop: watch::Sender<bool>,
 }
 
 impl Shared {
@@ -140,24 +219,21 @@ impl Shared {
 pub struct Emulator {
     addr: SocketAddr,
     shared: Arc<Shared>,
-    shutdown: Option<oneshot::Sender<()>>,
 }
 
 impl Emulator {
     pub async fn start(cfg: EmulatorConfig) -> Emulator {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind emulator");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind emulator");
         let addr = listener.local_addr().expect("emulator address");
-        let shared = Arc::new(Shared { cfg, inner: Mutex::new(Inner::default()) });
-        let app = Router::new().fallback(handle).with_state(shared.clone());
-        let (tx, rx) = oneshot::channel::<()>();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = rx.await;
-                })
-                .await;
+        let shared = Arc::new(Shared {
+            cfg,
+            inner: Mutex::new(Inner::default()),
+            fault: watch::Sender::new(Fault::None),
+            stop: watch::Sender::new(false),
         });
-        Emulator { addr, shared, shutdown: Some(tx) }
+        let app = Router::new().fallback(handle).with_state(shared.clone());
+        tokio::spawn(accept_loop(listener, app, shared.clone()));
+        Emulator { addr, shared }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -192,6 +268,24 @@ impl Emulator {
         self.admitted_by(rule).iter().filter(|r| r.tenant.as_deref() == Some(tenant)).map(|r| r.at).collect()
     }
 
+    /// An outside consumer: records `n` accepted arrivals now on the rule's key for `tenant` and
+    /// `app` (ignored by a tenant-scoped rule), as if another tool had called. They use up the
+    /// budget like real calls but appear in neither [`requests`](Self::requests) nor
+    /// [`accepted`](Self::accepted). Panics if no rule has that name.
+    pub fn spend(&self, rule: &str, tenant: &str, app: &str, n: usize) {
+        let r = self.shared.cfg.quotas.iter().find(|r| r.name == rule);
+        let key = r.unwrap_or_else(|| panic!("no quota rule named {rule:?}")).key_for(tenant, Some(app));
+        let mut inner = self.shared.lock();
+        let now = Instant::now();
+        inner.arrivals.entry(key).or_default().extend(std::iter::repeat(now).take(n));
+    }
+
+    /// Switches the fault that requests arriving from now on meet, on new and kept-alive
+    /// connections alike; [`Fault::None`] restores normal service. See [`Fault`].
+    pub fn set_fault(&self, f: Fault) {
+        self.shared.fault.send_replace(f);
+    }
+
     fn admitted_by(&self, rule: &str) -> Vec<SeenRequest> {
         let inner = self.shared.lock();
         inner.seen.iter().filter(|r| r.admitted && r.rule.as_deref() == Some(rule)).cloned().collect()
@@ -200,9 +294,7 @@ impl Emulator {
 
 impl Drop for Emulator {
     fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
+        self.shared.stop.send_replace(true);
     }
 }
 
@@ -295,7 +387,13 @@ impl Route {
 enum Verdict {
     Pass,
     Unauthorized,
-    Throttled { limit: u32, window: Duration, wait: Duration },
+    Throttled {
+        limit: u32,
+        window: Duration,
+        wait: Duration,
+    },
+    /// A fault was set: the request is not metered and is handed to the fault.
+    Fault(Fault),
 }
 
 /// `(tid, app)` from the bearer token's payload.
@@ -348,6 +446,8 @@ fn meter(inner: &mut Inner, rule: &QuotaRule, key: String, now: Instant) -> Verd
 }
 
 async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
+    let fault = *shared.fault.borrow();
+    let conn = req.extensions().get::<ConnHandle>().cloned();
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
     let path_and_query = parts.uri.path_and_query().map_or(path.clone(), |p| p.as_str().to_string());
@@ -361,20 +461,16 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         let mut inner = shared.lock();
         let now = Instant::now();
         let verdict = match (rule, &ident) {
+            _ if fault != Fault::None => Verdict::Fault(fault),
             (None, _) => Verdict::Pass,
             (Some(_), None) => Verdict::Unauthorized,
-            (Some(r), Some((tid, app))) => {
-                let key = match r.key {
-                    KeyScope::TenantApp => format!("{}|{tid}|{}", r.name, app.as_deref().unwrap_or("")),
-                    KeyScope::Tenant => format!("{}|{tid}", r.name),
-                };
-                meter(&mut inner, r, key, now)
-            }
+            (Some(r), Some((tid, app))) => meter(&mut inner, r, r.key_for(tid, app.as_deref()), now),
         };
         let status = match verdict {
             Verdict::Pass => route.status(),
             Verdict::Unauthorized => 401,
             Verdict::Throttled { .. } => 429,
+            Verdict::Fault(_) => 0,
         };
         inner.seen.push(SeenRequest {
             at: now,
@@ -394,6 +490,11 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
     let body = axum::body::to_bytes(body, usize::MAX).await.unwrap_or_default();
     shared.lock().seen[idx].body = body.clone();
 
+    let delay = parts.headers.get(DELAY_HEADER).and_then(|v| v.to_str().ok()?.trim().parse().ok());
+    if let Some(ms) = delay {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+
     let graph = {
         let lower = path.to_ascii_lowercase();
         lower.starts_with("/v1.0/") || lower.starts_with("/beta/")
@@ -403,25 +504,67 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
             let msg = "Authorization header is missing or its bearer token has no tenant.";
             json_response(401, json!({"error": {"code": "Unauthorized", "message": msg, "target": path}}))
         }
-        Verdict::Throttled { wait, .. } if graph => {
-            let ms = wait.as_micros().div_ceil(1000).max(1);
-            let body = json!({"error": {"code": "TooManyRequests", "innerError": {
-                "code": "429", "date": utc_now(), "message": "Please retry after",
-                "request-id": request_id(), "status": "429"}, "message": "Please retry again later."}});
-            with_header(json_response(429, body), "retry-after", &format!("{}.{:03}", ms / 1000, ms % 1000))
-        }
         Verdict::Throttled { limit, window, wait } => {
-            let secs = wait.as_nanos().div_ceil(1_000_000_000).max(1);
-            let message = format!(
-                "API calls quota exceeded! Maximum allowed {limit} per {} for the key \
-                 Destination+TenantID+AppID. You can send requests again in {secs} seconds.",
-                timespan(window)
-            );
-            let target = tid.unwrap_or_default();
-            let body = json!({"error": {"code": "429", "message": message, "target": target}});
-            with_header(json_response(429, body), "retry-after", &secs.to_string())
+            let rule = rule.expect("only a rule throttles");
+            throttled(rule, graph, limit, window, wait, &tid.unwrap_or_default())
+        }
+        Verdict::Fault(f) => {
+            // The connection task takes the socket back from hyper and drops this future.
+            if let Some(conn) = conn {
+                conn.take_over(f);
+            }
+            std::future::pending().await
         }
         Verdict::Pass => respond(route, &parts.method, &path_and_query, &parts.headers, body).await,
+    }
+}
+
+const RUNNING_TIME_EXCEEDED: &str = "You have exceeded processing resources allocated to this tenant.";
+
+/// The 429 for a rule's verdict, in the rule's style and wording.
+fn throttled(
+    rule: &QuotaRule,
+    graph: bool,
+    limit: u32,
+    window: Duration,
+    wait: Duration,
+    tid: &str,
+) -> Response {
+    let header = rule.style.header();
+    if graph {
+        // The Graph envelope never names the wait; only the (fractional) header can.
+        let ms = wait.as_micros().div_ceil(1000).max(1);
+        let body = json!({"error": {"code": "TooManyRequests", "innerError": {
+            "code": "429", "date": utc_now(), "message": "Please retry after",
+            "request-id": request_id(), "status": "429"}, "message": "Please retry again later."}});
+        let r = json_response(429, body);
+        return if header {
+            with_header(r, "retry-after", &format!("{}.{:03}", ms / 1000, ms % 1000))
+        } else {
+            r
+        };
+    }
+    let secs = wait.as_nanos().div_ceil(1_000_000_000).max(1);
+    let message = match (rule.running_time, rule.style.timed_body()) {
+        (false, true) => format!(
+            "API calls quota exceeded! Maximum allowed {limit} per {} for the key \
+             Destination+TenantID+AppID. You can send requests again in {secs} seconds.",
+            timespan(window)
+        ),
+        (false, false) => {
+            format!("API calls quota exceeded! maximum allowed {limit} per {}", timespan(window))
+        }
+        (true, true) => format!(
+            "{RUNNING_TIME_EXCEEDED} You can run queries again in {}.",
+            timespan(Duration::from_secs(secs as u64))
+        ),
+        (true, false) => RUNNING_TIME_EXCEEDED.to_string(),
+    };
+    let r = json_response(429, json!({"error": {"code": "429", "message": message, "target": tid}}));
+    if header {
+        with_header(r, "retry-after", &secs.to_string())
+    } else {
+        r
     }
 }
 
@@ -517,4 +660,125 @@ fn request_id() -> String {
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as u64;
     let hex = format!("{nanos:016x}{n:016x}");
     format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
+}
+
+/// The request header that delays any answer by that many milliseconds.
+pub const DELAY_HEADER: &str = "x-emulator-delay-ms";
+
+/// A transport fault that every request meets while it is set (see [`Emulator::set_fault`]).
+///
+/// A faulted request is still recorded in [`Emulator::requests`], with `status` 0 and
+/// `admitted` false (it is not metered), once its head and body have been read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Normal service.
+    None,
+    /// Read the request, then never answer: the connection stays open until the fault is
+    /// changed, the emulator is dropped or the client closes it.
+    Stall,
+    /// Answer `200 OK` announcing `Content-Length: 100000`, send 1,000 bytes of body, then abort
+    /// the connection with a TCP reset.
+    ResetMidBody,
+    /// Answer `this is not HTTP at all\r\n\r\n` and close.
+    Garbage,
+}
+
+/// What a request handler uses to hand its connection over to a fault.
+#[derive(Clone)]
+struct ConnHandle(mpsc::UnboundedSender<Fault>);
+
+impl ConnHandle {
+    fn take_over(&self, f: Fault) {
+        let _ = self.0.send(f);
+    }
+}
+
+/// Waits until the watched value satisfies `f` (or its sender is gone).
+async fn until<T>(rx: &mut watch::Receiver<T>, f: impl FnMut(&T) -> bool) {
+    let _ = rx.wait_for(f).await;
+}
+
+/// Accepts connections until the emulator is dropped, then drops the listener.
+async fn accept_loop(listener: TcpListener, app: Router, shared: Arc<Shared>) {
+    let mut stop = shared.stop.subscribe();
+    loop {
+        tokio::select! {
+            _ = until(&mut stop, |s| *s) => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(serve_connection(stream, app.clone(), shared.clone()));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            },
+        }
+    }
+}
+
+/// Serves one connection with hyper's HTTP/1.1 server until a request handler meets a fault;
+/// then takes the socket back from hyper (dropping that handler) and acts the fault out on it.
+async fn serve_connection(stream: TcpStream, app: Router, shared: Arc<Shared>) {
+    let (tx, mut faults) = mpsc::unbounded_channel();
+    let handle = ConnHandle(tx);
+    let service = service_fn(move |mut req: http::Request<Incoming>| {
+        req.extensions_mut().insert(handle.clone());
+        app.clone().oneshot(req.map(Body::new))
+    });
+    let mut conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+    let mut stop = shared.stop.subscribe();
+    let mut draining = false;
+    let fault = loop {
+        tokio::select! {
+            _ = &mut conn => return,
+            Some(f) = faults.recv() => break f,
+            // Like a graceful shutdown: finish the request in flight, close idle connections.
+            _ = until(&mut stop, |s| *s), if !draining => {
+                std::pin::Pin::new(&mut conn).graceful_shutdown();
+                draining = true;
+            }
+        }
+    };
+    let stream = conn.into_parts().io.into_inner();
+    act_out(stream, fault, &shared).await;
+}
+
+/// The bytes [`Fault::Garbage`] answers.
+const GARBAGE: &[u8] = b"this is not HTTP at all\r\n\r\n";
+
+/// Plays a fault on a connection whose request has been read.
+async fn act_out(mut stream: TcpStream, fault: Fault, shared: &Shared) {
+    match fault {
+        Fault::None => {}
+        Fault::Stall => {
+            let (mut fault, mut stop) = (shared.fault.subscribe(), shared.stop.subscribe());
+            let mut buf = [0u8; 4096];
+            loop {
+                tokio::select! {
+                    r = stream.read(&mut buf) => if !matches!(r, Ok(n) if n > 0) { return },
+                    _ = until(&mut fault, |f| *f != Fault::Stall) => return,
+                    _ = until(&mut stop, |s| *s) => return,
+                }
+            }
+        }
+        Fault::Garbage => {
+            let _ = stream.write_all(GARBAGE).await;
+            let _ = stream.shutdown().await;
+        }
+        Fault::ResetMidBody => {
+            let mut out =
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+                    .to_vec();
+            let mut body = br#"{"value":["#.to_vec();
+            while body.len() < 1000 {
+                body.extend_from_slice(br#"{"id":"cut"},"#);
+            }
+            out.extend_from_slice(&body[..1000]);
+            let _ = stream.write_all(&out).await;
+            let _ = stream.flush().await;
+            // Let the client read the head and the first bytes before the reset.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = stream.set_zero_linger();
+            drop(stream); // SO_LINGER 0: close sends RST, not FIN
+        }
+    }
 }
