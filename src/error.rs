@@ -49,7 +49,7 @@ fn throttle_message(policy: &str, r: &Rejection) -> String {
             w.limit,
             timespan(w.per)
         ),
-        (_, None) => format!("API calls quota of policy '{policy}' exceeded (enforced by quotagate)."),
+        (_, None) => format!("The upstream asked to pause calls of policy '{policy}' for this tenant and app."),
     };
     format!("{why} You can send requests again in {n} seconds.")
 }

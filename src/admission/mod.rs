@@ -45,6 +45,8 @@ pub(crate) struct KeyState {
     retention: Retention,
     queue: VecDeque<Waiter>,
     next_id: u64,
+    /// No admission before this time: the upstream asked the key to pause.
+    hold_until: u64,
 }
 
 #[derive(Default)]
@@ -91,11 +93,12 @@ impl Limiter {
             st.retention = st.retention.union(Retention::for_windows(&policy.windows, self.guard));
             let retention = st.retention;
             st.log.prune(retention, start);
-            if st.queue.is_empty() && st.log.next_free(&policy.windows, self.guard, start).at <= start {
+            let from = start.max(st.hold_until);
+            if st.queue.is_empty() && st.log.next_free(&policy.windows, self.guard, from).at <= start {
                 st.log.record(start, retention);
                 return Ok(Duration::ZERO);
             }
-            let grant = st.log.projected(st.queue.len(), &policy.windows, self.guard, start);
+            let grant = st.log.projected(st.queue.len(), &policy.windows, self.guard, from);
             let wait = Duration::from_nanos(grant.at - start);
             let reason = if policy.mode == Mode::Reject {
                 Some(Reason::NoSlot)
@@ -125,7 +128,7 @@ impl Limiter {
                 let position = st.queue.iter().position(|w| w.id == id).unwrap_or(0);
                 let retention = st.retention;
                 st.log.prune(retention, now);
-                let grant = st.log.projected(position, &policy.windows, self.guard, now);
+                let grant = st.log.projected(position, &policy.windows, self.guard, now.max(st.hold_until));
                 if position == 0 && grant.at <= now {
                     st.log.record(now, retention);
                     st.queue.pop_front();
@@ -152,6 +155,29 @@ impl Limiter {
         }
     }
 
+    /// Admit nothing for `key` until `wait` from now has passed, because the
+    /// upstream said so. Waiters stay queued and go when the hold ends; new
+    /// requests queue or are rejected with the exact remaining time. A
+    /// shorter hold never shortens a longer one.
+    pub fn hold(&self, key: QuotaKey, wait: Duration) {
+        let until = self.clock.now().saturating_add(u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX));
+        let cell = self.cell(key);
+        let mut st = cell.lock();
+        st.hold_until = st.hold_until.max(until);
+        // The head may be asleep until an earlier moment: let it recompute.
+        if let Some(head) = st.queue.front() {
+            head.wake.notify_one();
+        }
+    }
+
+    /// Time left on `key`'s upstream hold, if any.
+    pub fn held_for(&self, key: &QuotaKey) -> Option<Duration> {
+        let cell = self.keys.get(key)?.clone();
+        let until = cell.lock().hold_until;
+        let now = self.clock.now();
+        (until > now).then(|| Duration::from_nanos(until - now))
+    }
+
     /// Drop keys whose windows have emptied and that nobody waits on.
     /// Returns how many keys remain.
     pub fn sweep(&self) -> usize {
@@ -164,7 +190,7 @@ impl Limiter {
             let retention = st.retention;
             st.log.prune(retention, now);
             st.log.shrink();
-            !(st.log.is_empty() && st.queue.is_empty())
+            !(st.log.is_empty() && st.queue.is_empty() && st.hold_until <= now)
         });
         self.keys.len()
     }

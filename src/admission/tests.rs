@@ -144,3 +144,45 @@ async fn idle_keys_are_freed_once_their_windows_empty() {
     tokio::time::advance(Duration::from_millis(1)).await;
     assert_eq!(limiter.sweep(), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_upstream_hold_pauses_the_key_and_its_waiters_but_no_other_key() {
+    let limiter = Arc::new(Limiter::new(Duration::ZERO));
+    let p = policy(Mode::Queue, 100, Duration::from_secs(1), 10, Duration::from_secs(10));
+    let g = gauge();
+    let t0 = Instant::now();
+    limiter.acquire(key("t"), &p, p.max_wait, &g).await.unwrap();
+    limiter.hold(key("t"), Duration::from_secs(4));
+    assert_eq!(limiter.held_for(&key("t")), Some(Duration::from_secs(4)));
+    assert_eq!(limiter.held_for(&key("u")), None);
+    // Another key is untouched.
+    assert_eq!(limiter.acquire(key("u"), &p, p.max_wait, &g).await, Ok(Duration::ZERO));
+    // A caller that will not wait is told the exact remaining hold.
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let r = limiter.acquire(key("t"), &p, Duration::ZERO, &g).await.unwrap_err();
+    assert_eq!((r.reason, r.retry_after, r.window), (Reason::WaitTooLong, Duration::from_secs(3), None));
+    // A waiter goes the moment the hold ends, not before; a shorter hold does not shorten it.
+    limiter.hold(key("t"), Duration::from_secs(1));
+    let waited = limiter.acquire(key("t"), &p, p.max_wait, &g).await.unwrap();
+    assert_eq!(waited, Duration::from_secs(3));
+    assert_eq!(t0.elapsed(), Duration::from_secs(4));
+    assert_eq!(limiter.held_for(&key("t")), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hold_placed_while_a_waiter_sleeps_delays_it() {
+    let limiter = Arc::new(Limiter::new(Duration::ZERO));
+    let p = policy(Mode::Queue, 1, Duration::from_secs(1), 10, Duration::from_secs(10));
+    let g = gauge();
+    let t0 = Instant::now();
+    limiter.acquire(key("t"), &p, p.max_wait, &g).await.unwrap();
+    let waiter = {
+        let (limiter, p, g) = (limiter.clone(), p.clone(), g.clone());
+        tokio::spawn(async move { limiter.acquire(key("t"), &p, p.max_wait, &g).await })
+    };
+    tokio::task::yield_now().await;
+    tokio::time::advance(Duration::from_millis(500)).await;
+    limiter.hold(key("t"), Duration::from_secs(2));
+    assert_eq!(waiter.await.unwrap(), Ok(Duration::from_millis(2500)));
+    assert_eq!(t0.elapsed(), Duration::from_millis(2500));
+}

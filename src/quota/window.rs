@@ -144,6 +144,20 @@ impl AdmissionLog {
         self.times.push_back(at);
     }
 
+    /// Take back an admission recorded at `at` whose call never left the
+    /// gateway (the upstream refused the connection). Returns whether one
+    /// was found. Removing an admission only loosens the windows, so the
+    /// guarantee holds for what remains.
+    pub fn refund(&mut self, at: u64) -> bool {
+        match self.times.iter().rposition(|&t| t == at) {
+            Some(i) => {
+                self.times.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Forget the entries that can no longer constrain any admission at or after `now`.
     pub fn prune(&mut self, retention: Retention, now: u64) {
         while self.times.len() > retention.cap {
@@ -164,6 +178,18 @@ impl AdmissionLog {
             self.times = VecDeque::new();
         }
     }
+}
+
+/// The windows of a policy with a limit the upstream revealed applied: a
+/// window of the same length takes the lower limit; a window of another
+/// length is added. Never loosens a configured window.
+pub fn tightened(windows: &[Window], revealed: Window) -> Vec<Window> {
+    let mut out = windows.to_vec();
+    match out.iter_mut().find(|w| w.per == revealed.per) {
+        Some(w) => w.limit = w.limit.min(revealed.limit),
+        None => out.push(revealed),
+    }
+    out
 }
 
 /// `next_free` over the log `times` followed by the hypothetical admissions `ahead`.
@@ -296,6 +322,26 @@ mod tests {
         }
         assert_eq!(log.len(), 1500);
         assert!(log.times.capacity() < 1600, "capacity {}", log.times.capacity());
+    }
+
+    #[test]
+    fn a_refund_frees_the_slot_it_held() {
+        let windows = [w(2, 1000)];
+        let mut log = AdmissionLog::new();
+        log.record(0, ALL);
+        log.record(10 * MS, ALL);
+        assert_eq!(log.next_free(&windows, Duration::ZERO, 20 * MS).at, 1000 * MS);
+        assert!(log.refund(10 * MS));
+        assert!(!log.refund(10 * MS), "refunded once only");
+        assert_eq!(log.next_free(&windows, Duration::ZERO, 20 * MS).at, 20 * MS);
+    }
+
+    #[test]
+    fn a_revealed_limit_only_ever_tightens() {
+        let configured = [w(45, 60_000), w(1500, 3_600_000)];
+        assert_eq!(tightened(&configured, w(30, 60_000)), vec![w(30, 60_000), w(1500, 3_600_000)]);
+        assert_eq!(tightened(&configured, w(50, 60_000)), configured.to_vec());
+        assert_eq!(tightened(&configured, w(5, 1000)), vec![w(45, 60_000), w(1500, 3_600_000), w(5, 1000)]);
     }
 
     #[test]

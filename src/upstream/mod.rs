@@ -5,6 +5,7 @@ pub mod client;
 pub mod deadline;
 pub mod forward;
 pub mod route;
+pub mod throttle;
 
 pub use client::Clients;
 pub use forward::UpstreamError;
