@@ -1,0 +1,37 @@
+//! Every configuration file shipped in the repository is valid, so the
+//! examples and the benchmark config never go stale.
+
+use std::path::Path;
+
+use quotagate::config::Config;
+
+fn toml_files(dir: &str) -> Vec<std::path::PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn every_shipped_config_is_valid() {
+    let files: Vec<_> = toml_files("config").into_iter().chain(toml_files("bench")).collect();
+    assert!(files.len() >= 2, "{files:?}");
+    for file in files {
+        if let Err(e) = Config::load(&file) {
+            panic!("{e}");
+        }
+    }
+}
+
+#[test]
+fn the_benchmark_config_meters_everything_on_the_benchmark_ports() {
+    let c = Config::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/overhead.toml")).unwrap();
+    assert_eq!(c.listeners[0].addr.to_string(), "127.0.0.1:18004");
+    assert_eq!(c.upstreams[0].authority.as_str(), "127.0.0.1:18001");
+    let p = c.policies.find(&http::Method::GET, 0, "/api/incidents").expect("metered");
+    assert!(p.windows.iter().all(|w| w.limit.get() > 1_000_000_000), "never rejects");
+}
