@@ -69,17 +69,17 @@ fn limiter_reject(c: &mut Criterion) {
         // 1,500 admissions in the hour: 45 per minute for 33⅓ minutes.
         let mut admitted = 0;
         while admitted < 1500 {
-            match limiter.acquire(key(), &policy, Duration::ZERO, &depth).await {
+            match limiter.acquire(&key(), &policy, Duration::ZERO, &depth).await {
                 Ok(_) => admitted += 1,
                 Err(r) => tokio::time::advance(r.retry_after).await,
             }
         }
-        let r = limiter.acquire(key(), &policy, Duration::ZERO, &depth).await.unwrap_err();
+        let r = limiter.acquire(&key(), &policy, Duration::ZERO, &depth).await.unwrap_err();
         assert!(r.retry_after > Duration::from_secs(1000), "the hour window is what is full");
     });
     c.bench_function("limiter/reject_full_hour", |b| {
         b.iter(|| {
-            rt.block_on(async { black_box(limiter.acquire(key(), &policy, Duration::ZERO, &depth).await) })
+            rt.block_on(async { black_box(limiter.acquire(&key(), &policy, Duration::ZERO, &depth).await) })
         })
     });
 }

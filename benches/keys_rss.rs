@@ -43,7 +43,7 @@ fn main() {
                 let who = Identity { tenant: format!("tenant-{i:06}"), app: "app".into() };
                 while *n < 1500 {
                     let key = QuotaKey::new(policy.key, policy.id, &who);
-                    match limiter.acquire(key, &policy, Duration::ZERO, &depth).await {
+                    match limiter.acquire(&key, &policy, Duration::ZERO, &depth).await {
                         Ok(_) => *n += 1,
                         Err(_) => break,
                     }

@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode};
 use serde_json::json;
 
+use crate::admission::rejection::whole_seconds as secs;
 use crate::admission::{Reason, Rejection};
 use crate::identity::TokenError;
 use crate::upstream::route::ApiKind;
@@ -28,6 +29,10 @@ pub enum GatewayError {
     Unauthorized(#[from] TokenError),
     #[error("{}", throttle_message(.policy, .rejection))]
     Throttled { policy: String, tenant: String, rejection: Rejection },
+    #[error("{}", upstream_throttle_message(.message, *.retry_after))]
+    UpstreamThrottled { tenant: String, retry_after: Duration, message: String },
+    #[error("the request body could not be read: {detail}")]
+    BadBody { detail: String },
     #[error("the request body is larger than the gateway's limit of {limit} bytes")]
     PayloadTooLarge { limit: u64 },
     #[error("no configured upstream serves `{path}`; Defender paths start with /api/, Graph paths with /v1.0/ or /beta/")]
@@ -40,8 +45,16 @@ pub enum GatewayError {
     UpstreamFailed { upstream: String, detail: String },
 }
 
+/// The upstream's own message (or a generic one), ending with the wait the
+/// gateway stands behind, so message parsers and `Retry-After` agree.
+fn upstream_throttle_message(message: &str, retry_after: Duration) -> String {
+    let message = message.trim().trim_end_matches('.');
+    let message = if message.is_empty() { "The upstream throttled this call" } else { message };
+    format!("{message}. You can send requests again in {} seconds.", secs(retry_after))
+}
+
 fn throttle_message(policy: &str, r: &Rejection) -> String {
-    let n = r.retry_after_secs();
+    let n = secs(r.retry_after);
     let why = match (r.reason, r.window) {
         (Reason::QueueFull, _) => format!("The gateway's queue for policy '{policy}' is full."),
         (_, Some(w)) => format!(
@@ -69,7 +82,10 @@ impl GatewayError {
     fn status(&self) -> StatusCode {
         match self {
             GatewayError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            GatewayError::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::Throttled { .. } | GatewayError::UpstreamThrottled { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            GatewayError::BadBody { .. } => StatusCode::BAD_REQUEST,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::NoRoute { .. } => StatusCode::NOT_FOUND,
             GatewayError::UpstreamUnreachable { .. } | GatewayError::UpstreamFailed { .. } => {
@@ -82,7 +98,8 @@ impl GatewayError {
     fn code(&self) -> &'static str {
         match self {
             GatewayError::Unauthorized(_) => "Unauthorized",
-            GatewayError::Throttled { .. } => "TooManyRequests",
+            GatewayError::Throttled { .. } | GatewayError::UpstreamThrottled { .. } => "TooManyRequests",
+            GatewayError::BadBody { .. } => "BadRequest",
             GatewayError::PayloadTooLarge { .. } => "RequestEntityTooLarge",
             GatewayError::NoRoute { .. } => "NotFound",
             GatewayError::UpstreamUnreachable { .. } | GatewayError::UpstreamFailed { .. } => "BadGateway",
@@ -98,7 +115,8 @@ impl GatewayError {
         let body = match kind {
             ApiKind::Defender => {
                 let target = match &self {
-                    GatewayError::Throttled { tenant, .. } => tenant.clone(),
+                    GatewayError::Throttled { tenant, .. }
+                    | GatewayError::UpstreamThrottled { tenant, .. } => tenant.clone(),
                     _ => id,
                 };
                 json!({"error": {"code": self.code(), "message": message, "target": target}})
@@ -111,10 +129,15 @@ impl GatewayError {
             }
         };
         let mut response = (status, axum::Json(body)).into_response();
-        if let GatewayError::Throttled { rejection, .. } = &self {
+        let throttle = match &self {
+            GatewayError::Throttled { rejection, .. } => Some((rejection.retry_after, "gateway")),
+            GatewayError::UpstreamThrottled { retry_after, .. } => Some((*retry_after, "upstream")),
+            _ => None,
+        };
+        if let Some((retry_after, by)) = throttle {
             let headers = response.headers_mut();
-            headers.insert(http::header::RETRY_AFTER, HeaderValue::from(rejection.retry_after_secs()));
-            headers.insert(THROTTLED_BY, HeaderValue::from_static("gateway"));
+            headers.insert(http::header::RETRY_AFTER, HeaderValue::from(secs(retry_after)));
+            headers.insert(THROTTLED_BY, HeaderValue::from_static(by));
         }
         response
     }

@@ -21,6 +21,8 @@ use crate::admission::Reason;
 pub struct Metrics {
     shared: Registry,
     queue_depth: IntGaugeVec,
+    holds: IntCounterVec,
+    revealed: IntGaugeVec,
     workers: Vec<WorkerMetrics>,
 }
 
@@ -32,6 +34,7 @@ struct WorkerMetrics {
     queue_wait: HistogramVec,
     upstream_responses: IntCounterVec,
     upstream_throttles: IntCounterVec,
+    upstream_retries: IntCounterVec,
     upstream_failures: IntCounterVec,
     upstream_duration: HistogramVec,
 }
@@ -48,7 +51,12 @@ pub struct PolicyMetrics {
     pub depth: IntGauge,
     pub wait: Histogram,
     responses: [IntCounter; 5],
-    pub throttles: IntCounter,
+    throttles: [IntCounter; 3],
+    pub retries: IntCounter,
+    /// Holds placed on keys after an upstream throttle.
+    pub holds: IntCounter,
+    /// The lowest limit the upstream revealed for this policy, 0 when none.
+    pub revealed_limit: IntGauge,
     failures: [IntCounter; 4],
     pub duration: Histogram,
 }
@@ -71,6 +79,11 @@ impl PolicyMetrics {
     pub fn response(&self, status: u16) -> &IntCounter {
         let class = usize::from((status / 100).clamp(1, 5)) - 1;
         &self.responses[class]
+    }
+
+    /// Count an upstream throttle by kind.
+    pub fn throttle(&self, kind: crate::upstream::throttle::Kind) -> &IntCounter {
+        &self.throttles[kind as usize]
     }
 
     pub fn failure(&self, kind: Failure) -> &IntCounter {
@@ -121,7 +134,12 @@ impl WorkerMetrics {
             ),
             upstream_throttles: counter(
                 "quotagate_upstream_throttles_total",
-                "429 responses from the upstream.",
+                "Throttles from the upstream (429, or Graph 503/504 with Retry-After), by kind (call_rate, running_time, concurrency).",
+                &["policy", "kind"],
+            ),
+            upstream_retries: counter(
+                "quotagate_upstream_retries_total",
+                "Requests sent again after an upstream throttle.",
                 &["policy"],
             ),
             upstream_failures: counter(
@@ -149,12 +167,36 @@ impl Metrics {
         )
         .expect("valid metric");
         shared.register(Box::new(queue_depth.clone())).expect("unique metric");
+        let holds = IntCounterVec::new(
+            Opts::new(
+                "quotagate_upstream_holds_total",
+                "Keys held until the upstream's reset after it throttled.",
+            ),
+            &["policy"],
+        )
+        .expect("valid metric");
+        shared.register(Box::new(holds.clone())).expect("unique metric");
+        let revealed = IntGaugeVec::new(
+            Opts::new(
+                "quotagate_upstream_revealed_limit",
+                "The lowest call limit an upstream throttle message revealed, when lower than configured (0: none).",
+            ),
+            &["policy"],
+        )
+        .expect("valid metric");
+        shared.register(Box::new(revealed.clone())).expect("unique metric");
         let build_info =
             IntGaugeVec::new(Opts::new("quotagate_build_info", "Build information; always 1."), &["version"])
                 .expect("valid metric");
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         shared.register(Box::new(build_info)).expect("unique metric");
-        Metrics { shared, queue_depth, workers: (0..workers.max(1)).map(|_| WorkerMetrics::new()).collect() }
+        Metrics {
+            shared,
+            queue_depth,
+            holds,
+            revealed,
+            workers: (0..workers.max(1)).map(|_| WorkerMetrics::new()).collect(),
+        }
     }
 
     /// Resolve one worker's handles for one policy (`unmetered` for the rest).
@@ -174,7 +216,11 @@ impl Metrics {
             depth: self.queue_depth.with_label_values(&[policy]),
             wait: w.queue_wait.with_label_values(&[policy]),
             responses: [class("1xx"), class("2xx"), class("3xx"), class("4xx"), class("5xx")],
-            throttles: w.upstream_throttles.with_label_values(&[policy]),
+            throttles: ["call_rate", "running_time", "concurrency"]
+                .map(|k| w.upstream_throttles.with_label_values(&[policy, k])),
+            retries: w.upstream_retries.with_label_values(&[policy]),
+            holds: self.holds.with_label_values(&[policy]),
+            revealed_limit: self.revealed.with_label_values(&[policy]),
             failures: [fail("connect"), fail("timeout"), fail("protocol"), fail("body_too_large")],
             duration: w.upstream_duration.with_label_values(&[policy]),
         }

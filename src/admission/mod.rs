@@ -16,6 +16,7 @@
 mod place;
 pub mod rejection;
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -27,7 +28,7 @@ use tokio::sync::Notify;
 pub use rejection::{Reason, Rejection};
 
 use crate::policy::{Mode, Policy};
-use crate::quota::{AdmissionLog, Clock, QuotaKey, Retention};
+use crate::quota::{tightened, AdmissionLog, Clock, QuotaKey, Retention, Window};
 use place::Place;
 
 /// How far past its maximum wait a waiter whose slot was promised in time
@@ -47,6 +48,26 @@ pub(crate) struct KeyState {
     next_id: u64,
     /// No admission before this time: the upstream asked the key to pause.
     hold_until: u64,
+    /// A lower limit the upstream revealed for this key.
+    revealed: Option<Window>,
+}
+
+impl KeyState {
+    /// The policy's windows, tightened by what the upstream revealed.
+    fn windows<'a>(&self, policy: &'a Policy) -> Cow<'a, [Window]> {
+        match self.revealed {
+            Some(r) => Cow::Owned(tightened(&policy.windows, r)),
+            None => Cow::Borrowed(&policy.windows),
+        }
+    }
+}
+
+/// An admitted call: how long it waited, and its place in the key's log
+/// (for a refund).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admitted {
+    pub waited: Duration,
+    at: u64,
 }
 
 #[derive(Default)]
@@ -70,35 +91,36 @@ impl Limiter {
         Limiter { keys: DashMap::new(), clock: Clock::default(), guard }
     }
 
-    fn cell(&self, key: QuotaKey) -> Arc<KeyCell> {
-        if let Some(cell) = self.keys.get(&key) {
+    fn cell(&self, key: &QuotaKey) -> Arc<KeyCell> {
+        if let Some(cell) = self.keys.get(key) {
             return cell.clone();
         }
-        self.keys.entry(key).or_default().clone()
+        self.keys.entry(key.clone()).or_default().clone()
     }
 
     /// Admit a call for `key` under `policy`, waiting at most `max_wait`.
-    /// Returns how long it waited. `depth` counts this policy's waiters.
+    /// `depth` counts this policy's waiters.
     pub async fn acquire(
         &self,
-        key: QuotaKey,
+        key: &QuotaKey,
         policy: &Policy,
         max_wait: Duration,
         depth: &IntGauge,
-    ) -> Result<Duration, Rejection> {
+    ) -> Result<Admitted, Rejection> {
         let cell = self.cell(key);
         let start = self.clock.now();
         let (id, wake) = {
             let mut st = cell.lock();
-            st.retention = st.retention.union(Retention::for_windows(&policy.windows, self.guard));
+            let windows = st.windows(policy);
+            st.retention = st.retention.union(Retention::for_windows(&windows, self.guard));
             let retention = st.retention;
             st.log.prune(retention, start);
             let from = start.max(st.hold_until);
-            if st.queue.is_empty() && st.log.next_free(&policy.windows, self.guard, from).at <= start {
+            if st.queue.is_empty() && st.log.next_free(&windows, self.guard, from).at <= start {
                 st.log.record(start, retention);
-                return Ok(Duration::ZERO);
+                return Ok(Admitted { waited: Duration::ZERO, at: start });
             }
-            let grant = st.log.projected(st.queue.len(), &policy.windows, self.guard, from);
+            let grant = st.log.projected(st.queue.len(), &windows, self.guard, from);
             let wait = Duration::from_nanos(grant.at - start);
             let reason = if policy.mode == Mode::Reject {
                 Some(Reason::NoSlot)
@@ -128,7 +150,8 @@ impl Limiter {
                 let position = st.queue.iter().position(|w| w.id == id).unwrap_or(0);
                 let retention = st.retention;
                 st.log.prune(retention, now);
-                let grant = st.log.projected(position, &policy.windows, self.guard, now.max(st.hold_until));
+                let windows = st.windows(policy);
+                let grant = st.log.projected(position, &windows, self.guard, now.max(st.hold_until));
                 if position == 0 && grant.at <= now {
                     st.log.record(now, retention);
                     st.queue.pop_front();
@@ -136,7 +159,7 @@ impl Limiter {
                         next.wake.notify_one();
                     }
                     place.queued = false;
-                    return Ok(Duration::from_nanos(now - start));
+                    return Ok(Admitted { waited: Duration::from_nanos(now - start), at: now });
                 }
                 if now >= deadline {
                     return Err(Rejection {
@@ -159,7 +182,7 @@ impl Limiter {
     /// upstream said so. Waiters stay queued and go when the hold ends; new
     /// requests queue or are rejected with the exact remaining time. A
     /// shorter hold never shortens a longer one.
-    pub fn hold(&self, key: QuotaKey, wait: Duration) {
+    pub fn hold(&self, key: &QuotaKey, wait: Duration) {
         let until = self.clock.now().saturating_add(u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX));
         let cell = self.cell(key);
         let mut st = cell.lock();
@@ -168,6 +191,35 @@ impl Limiter {
         if let Some(head) = st.queue.front() {
             head.wake.notify_one();
         }
+    }
+
+    /// Take back an admission whose call never reached the upstream.
+    pub fn refund(&self, key: &QuotaKey, admitted: &Admitted) {
+        let Some(cell) = self.keys.get(key).map(|c| c.clone()) else { return };
+        let mut st = cell.lock();
+        if st.log.refund(admitted.at) {
+            if let Some(head) = st.queue.front() {
+                head.wake.notify_one();
+            }
+        }
+    }
+
+    /// Apply a limit the upstream revealed (lower than configured) to `key`
+    /// from now on. Returns whether it tightened anything.
+    pub fn reveal(&self, key: &QuotaKey, policy: &Policy, window: Window) -> bool {
+        let cell = self.cell(key);
+        let mut st = cell.lock();
+        let before = st.windows(policy).into_owned();
+        let revealed = match st.revealed {
+            Some(r) if r.per == window.per => Window::new(r.limit.min(window.limit), r.per),
+            _ => window,
+        };
+        if tightened(&before, revealed) == before {
+            return false;
+        }
+        st.revealed = Some(revealed);
+        st.retention = st.retention.union(Retention::for_windows(&[revealed], self.guard));
+        true
     }
 
     /// Time left on `key`'s upstream hold, if any.

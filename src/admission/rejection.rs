@@ -31,9 +31,13 @@ impl Rejection {
     /// `Retry-After` in whole seconds, rounded up, at least 1: a client that
     /// waits this long finds its slot free.
     pub fn retry_after_secs(&self) -> u64 {
-        let d = self.retry_after;
-        (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
+        whole_seconds(self.retry_after)
     }
+}
+
+/// A wait as `Retry-After` states it: whole seconds, rounded up, at least 1.
+pub fn whole_seconds(d: Duration) -> u64 {
+    (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
 }
 
 #[cfg(test)]

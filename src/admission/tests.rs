@@ -24,6 +24,7 @@ fn policy(mode: Mode, limit: u32, per: Duration, max_queue: usize, max_wait: Dur
         mode,
         max_wait,
         max_queue,
+        max_attempts: 1,
         timeouts: Timeouts {
             connect: Duration::from_secs(1),
             header: Duration::from_secs(1),
@@ -45,19 +46,19 @@ async fn reject_mode_gives_the_exact_time_until_a_slot_frees() {
     let limiter = Limiter::new(Duration::ZERO);
     let p = policy(Mode::Reject, 2, Duration::from_secs(10), 0, Duration::ZERO);
     let g = gauge();
-    assert_eq!(limiter.acquire(key("t"), &p, p.max_wait, &g).await, Ok(Duration::ZERO));
+    assert_eq!(limiter.acquire(&key("t"), &p, p.max_wait, &g).await.map(|a| a.waited), Ok(Duration::ZERO));
     tokio::time::advance(Duration::from_millis(2500)).await;
-    assert_eq!(limiter.acquire(key("t"), &p, p.max_wait, &g).await, Ok(Duration::ZERO));
+    assert_eq!(limiter.acquire(&key("t"), &p, p.max_wait, &g).await.map(|a| a.waited), Ok(Duration::ZERO));
     tokio::time::advance(Duration::from_millis(500)).await;
-    let r = limiter.acquire(key("t"), &p, p.max_wait, &g).await.unwrap_err();
+    let r = limiter.acquire(&key("t"), &p, p.max_wait, &g).await.unwrap_err();
     assert_eq!(r.reason, Reason::NoSlot);
     assert_eq!(r.retry_after, Duration::from_secs(7));
     tokio::time::advance(Duration::from_millis(6999)).await;
-    assert!(limiter.acquire(key("t"), &p, p.max_wait, &g).await.is_err());
+    assert!(limiter.acquire(&key("t"), &p, p.max_wait, &g).await.is_err());
     tokio::time::advance(Duration::from_millis(1)).await;
-    assert_eq!(limiter.acquire(key("t"), &p, p.max_wait, &g).await, Ok(Duration::ZERO));
+    assert_eq!(limiter.acquire(&key("t"), &p, p.max_wait, &g).await.map(|a| a.waited), Ok(Duration::ZERO));
     // Another tenant is untouched by the first one's full window.
-    assert_eq!(limiter.acquire(key("u"), &p, p.max_wait, &g).await, Ok(Duration::ZERO));
+    assert_eq!(limiter.acquire(&key("u"), &p, p.max_wait, &g).await.map(|a| a.waited), Ok(Duration::ZERO));
 }
 
 #[tokio::test(start_paused = true)]
@@ -70,7 +71,7 @@ async fn waiters_go_in_fifo_order_at_the_exact_moment_their_slot_frees() {
     for i in 0..6 {
         let (limiter, p, g) = (limiter.clone(), p.clone(), g.clone());
         tasks.push(tokio::spawn(async move {
-            limiter.acquire(key("t"), &p, p.max_wait, &g).await.unwrap();
+            limiter.acquire(&key("t"), &p, p.max_wait, &g).await.unwrap();
             (i, t0.elapsed())
         }));
         tokio::task::yield_now().await;
@@ -89,19 +90,19 @@ async fn a_full_queue_and_a_too_long_wait_are_rejected_at_once() {
     let limiter = Arc::new(Limiter::new(Duration::ZERO));
     let p = policy(Mode::Queue, 1, Duration::from_secs(1), 2, Duration::from_millis(2500));
     let g = gauge();
-    limiter.acquire(key("t"), &p, p.max_wait, &g).await.unwrap();
+    limiter.acquire(&key("t"), &p, p.max_wait, &g).await.unwrap();
     let mut waiters = Vec::new();
     for _ in 0..2 {
         let (limiter, p, g) = (limiter.clone(), p.clone(), g.clone());
-        waiters.push(tokio::spawn(async move { limiter.acquire(key("t"), &p, p.max_wait, &g).await }));
+        waiters.push(tokio::spawn(async move { limiter.acquire(&key("t"), &p, p.max_wait, &g).await }));
         tokio::task::yield_now().await;
     }
     assert_eq!(g.get(), 2);
-    let full = limiter.acquire(key("t"), &p, p.max_wait, &g).await.unwrap_err();
+    let full = limiter.acquire(&key("t"), &p, p.max_wait, &g).await.unwrap_err();
     assert_eq!((full.reason, full.retry_after), (Reason::QueueFull, Duration::from_secs(3)));
     // A caller that will wait only 1.5 s cannot get the slot 3 s away.
     let p2 = policy(Mode::Queue, 1, Duration::from_secs(1), 5, Duration::from_millis(2500));
-    let short = limiter.acquire(key("t"), &p2, Duration::from_millis(1500), &g).await.unwrap_err();
+    let short = limiter.acquire(&key("t"), &p2, Duration::from_millis(1500), &g).await.unwrap_err();
     assert_eq!((short.reason, short.retry_after), (Reason::WaitTooLong, Duration::from_secs(3)));
     for w in waiters {
         assert!(w.await.unwrap().is_ok());
@@ -114,10 +115,10 @@ async fn a_waiter_that_leaves_frees_its_place_and_its_slot() {
     let p = policy(Mode::Queue, 1, Duration::from_secs(1), 1, Duration::from_secs(10));
     let g = gauge();
     let t0 = Instant::now();
-    limiter.acquire(key("t"), &p, p.max_wait, &g).await.unwrap();
+    limiter.acquire(&key("t"), &p, p.max_wait, &g).await.unwrap();
     let first = {
         let (limiter, p, g) = (limiter.clone(), p.clone(), g.clone());
-        tokio::spawn(async move { limiter.acquire(key("t"), &p, p.max_wait, &g).await })
+        tokio::spawn(async move { limiter.acquire(&key("t"), &p, p.max_wait, &g).await })
     };
     tokio::task::yield_now().await;
     assert_eq!(g.get(), 1);
@@ -125,7 +126,7 @@ async fn a_waiter_that_leaves_frees_its_place_and_its_slot() {
     let _ = first.await;
     assert_eq!(g.get(), 0);
     // The place is free again, and the slot at 1 s goes to the next waiter.
-    let waited = limiter.acquire(key("t"), &p, p.max_wait, &g).await.unwrap();
+    let waited = limiter.acquire(&key("t"), &p, p.max_wait, &g).await.unwrap().waited;
     assert_eq!(t0.elapsed(), Duration::from_secs(1));
     assert_eq!(waited, Duration::from_secs(1));
 }
@@ -136,7 +137,7 @@ async fn idle_keys_are_freed_once_their_windows_empty() {
     let p = policy(Mode::Reject, 3, Duration::from_secs(1), 0, Duration::ZERO);
     let g = gauge();
     for t in 0..100 {
-        limiter.acquire(key(&t.to_string()), &p, p.max_wait, &g).await.unwrap();
+        limiter.acquire(&key(&t.to_string()), &p, p.max_wait, &g).await.unwrap();
     }
     assert_eq!(limiter.sweep(), 100);
     tokio::time::advance(Duration::from_millis(1004)).await;
@@ -151,19 +152,19 @@ async fn an_upstream_hold_pauses_the_key_and_its_waiters_but_no_other_key() {
     let p = policy(Mode::Queue, 100, Duration::from_secs(1), 10, Duration::from_secs(10));
     let g = gauge();
     let t0 = Instant::now();
-    limiter.acquire(key("t"), &p, p.max_wait, &g).await.unwrap();
-    limiter.hold(key("t"), Duration::from_secs(4));
+    limiter.acquire(&key("t"), &p, p.max_wait, &g).await.unwrap();
+    limiter.hold(&key("t"), Duration::from_secs(4));
     assert_eq!(limiter.held_for(&key("t")), Some(Duration::from_secs(4)));
     assert_eq!(limiter.held_for(&key("u")), None);
     // Another key is untouched.
-    assert_eq!(limiter.acquire(key("u"), &p, p.max_wait, &g).await, Ok(Duration::ZERO));
+    assert_eq!(limiter.acquire(&key("u"), &p, p.max_wait, &g).await.map(|a| a.waited), Ok(Duration::ZERO));
     // A caller that will not wait is told the exact remaining hold.
     tokio::time::advance(Duration::from_secs(1)).await;
-    let r = limiter.acquire(key("t"), &p, Duration::ZERO, &g).await.unwrap_err();
+    let r = limiter.acquire(&key("t"), &p, Duration::ZERO, &g).await.unwrap_err();
     assert_eq!((r.reason, r.retry_after, r.window), (Reason::WaitTooLong, Duration::from_secs(3), None));
     // A waiter goes the moment the hold ends, not before; a shorter hold does not shorten it.
-    limiter.hold(key("t"), Duration::from_secs(1));
-    let waited = limiter.acquire(key("t"), &p, p.max_wait, &g).await.unwrap();
+    limiter.hold(&key("t"), Duration::from_secs(1));
+    let waited = limiter.acquire(&key("t"), &p, p.max_wait, &g).await.unwrap().waited;
     assert_eq!(waited, Duration::from_secs(3));
     assert_eq!(t0.elapsed(), Duration::from_secs(4));
     assert_eq!(limiter.held_for(&key("t")), None);
@@ -175,14 +176,50 @@ async fn a_hold_placed_while_a_waiter_sleeps_delays_it() {
     let p = policy(Mode::Queue, 1, Duration::from_secs(1), 10, Duration::from_secs(10));
     let g = gauge();
     let t0 = Instant::now();
-    limiter.acquire(key("t"), &p, p.max_wait, &g).await.unwrap();
+    limiter.acquire(&key("t"), &p, p.max_wait, &g).await.unwrap();
     let waiter = {
         let (limiter, p, g) = (limiter.clone(), p.clone(), g.clone());
-        tokio::spawn(async move { limiter.acquire(key("t"), &p, p.max_wait, &g).await })
+        tokio::spawn(async move { limiter.acquire(&key("t"), &p, p.max_wait, &g).await })
     };
     tokio::task::yield_now().await;
     tokio::time::advance(Duration::from_millis(500)).await;
-    limiter.hold(key("t"), Duration::from_secs(2));
-    assert_eq!(waiter.await.unwrap(), Ok(Duration::from_millis(2500)));
+    limiter.hold(&key("t"), Duration::from_secs(2));
+    assert_eq!(waiter.await.unwrap().map(|a| a.waited), Ok(Duration::from_millis(2500)));
     assert_eq!(t0.elapsed(), Duration::from_millis(2500));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refund_gives_the_slot_to_the_next_waiter() {
+    let limiter = Arc::new(Limiter::new(Duration::ZERO));
+    let p = policy(Mode::Queue, 1, Duration::from_secs(10), 10, Duration::from_secs(20));
+    let g = gauge();
+    let t0 = Instant::now();
+    let first = limiter.acquire(&key("t"), &p, p.max_wait, &g).await.unwrap();
+    let waiter = {
+        let (limiter, p, g) = (limiter.clone(), p.clone(), g.clone());
+        tokio::spawn(async move { limiter.acquire(&key("t"), &p, p.max_wait, &g).await })
+    };
+    tokio::task::yield_now().await;
+    tokio::time::advance(Duration::from_secs(1)).await;
+    limiter.refund(&key("t"), &first);
+    assert!(waiter.await.unwrap().is_ok());
+    assert_eq!(t0.elapsed(), Duration::from_secs(1), "the waiter took the refunded slot at once");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_revealed_lower_limit_applies_to_its_key_only() {
+    let limiter = Limiter::new(Duration::ZERO);
+    let p = policy(Mode::Reject, 10, Duration::from_secs(1), 0, Duration::ZERO);
+    let g = gauge();
+    let lower = Window::new(NonZeroU32::new(2).unwrap(), Duration::from_secs(1));
+    assert!(limiter.reveal(&key("t"), &p, lower));
+    assert!(!limiter.reveal(&key("t"), &p, Window::new(NonZeroU32::new(5).unwrap(), Duration::from_secs(1))));
+    for _ in 0..2 {
+        limiter.acquire(&key("t"), &p, Duration::ZERO, &g).await.unwrap();
+    }
+    let r = limiter.acquire(&key("t"), &p, Duration::ZERO, &g).await.unwrap_err();
+    assert_eq!(r.window, Some(lower));
+    for _ in 0..10 {
+        limiter.acquire(&key("u"), &p, Duration::ZERO, &g).await.unwrap();
+    }
 }

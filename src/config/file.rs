@@ -23,6 +23,16 @@ pub struct File {
     /// Period of the sweep that frees idle keys.
     #[serde(default = "default_idle_sweep")]
     pub idle_sweep: String,
+    /// Metered request bodies up to this many bytes are kept for replay, so
+    /// a call the upstream throttles can be retried; larger ones are not.
+    #[serde(default = "default_retry_body")]
+    pub retry_body_bytes: u64,
+    /// First wait after an upstream throttle that names no time; doubles per attempt.
+    #[serde(default = "default_backoff_base")]
+    pub backoff_base: String,
+    /// Longest such wait.
+    #[serde(default = "default_backoff_cap")]
+    pub backoff_cap: String,
     /// Proxy listeners bound to a single upstream.
     #[serde(default, rename = "listener")]
     pub listeners: Vec<ListenerFile>,
@@ -45,6 +55,15 @@ fn default_guard() -> String {
 }
 fn default_idle_sweep() -> String {
     "30s".into()
+}
+fn default_retry_body() -> u64 {
+    1024 * 1024
+}
+fn default_backoff_base() -> String {
+    "1s".into()
+}
+fn default_backoff_cap() -> String {
+    "60s".into()
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -73,6 +92,7 @@ pub struct UpstreamFile {
 #[serde(deny_unknown_fields)]
 pub struct PolicyDefaultsFile {
     pub key: Option<String>,
+    pub max_attempts: Option<u32>,
     pub mode: Option<String>,
     pub max_wait: Option<String>,
     pub max_queue: Option<usize>,
@@ -96,6 +116,8 @@ pub struct PolicyFile {
     /// Call windows: at most `limit` calls in any interval of length `per`.
     pub windows: Vec<WindowFile>,
     pub key: Option<String>,
+    /// Attempts at the upstream, the first included, when it throttles.
+    pub max_attempts: Option<u32>,
     pub mode: Option<String>,
     pub max_wait: Option<String>,
     pub max_queue: Option<usize>,

@@ -40,6 +40,10 @@ pub struct Config {
     pub max_body_bytes: u64,
     pub guard: Duration,
     pub idle_sweep: Duration,
+    /// Metered bodies up to this size are kept for a retry.
+    pub retry_body_bytes: u64,
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
 }
 
 /// Everything wrong with a configuration, one line each.

@@ -56,6 +56,11 @@ pub fn validate(file: &File) -> Result<Config, Vec<String>> {
         Duration::ZERO
     });
     let idle_sweep = p.duration("idle_sweep", &file.idle_sweep);
+    let backoff_base = p.duration("backoff_base", &file.backoff_base);
+    let backoff_cap = p.duration("backoff_cap", &file.backoff_cap);
+    if backoff_cap < backoff_base {
+        p.push("backoff_cap", "must not be shorter than backoff_base");
+    }
     if file.max_body_bytes == 0 {
         p.push("max_body_bytes", "must be more than zero");
     }
@@ -89,6 +94,7 @@ pub fn validate(file: &File) -> Result<Config, Vec<String>> {
         paths: vec![],
         windows: vec![],
         key: Some(d.key.clone().unwrap_or_else(|| "tenant+app+policy".into())),
+        max_attempts: Some(d.max_attempts.unwrap_or(3)),
         mode: Some(d.mode.clone().unwrap_or_else(|| "queue".into())),
         max_wait: Some(d.max_wait.clone().unwrap_or_else(|| "60s".into())),
         max_queue: Some(d.max_queue.unwrap_or(500)),
@@ -166,6 +172,10 @@ pub fn validate(file: &File) -> Result<Config, Vec<String>> {
             pf.max_wait.as_ref().or(defaults.max_wait.as_ref()).expect("default"),
         );
         let max_queue = pf.max_queue.or(defaults.max_queue).expect("default");
+        let max_attempts = pf.max_attempts.or(defaults.max_attempts).expect("default");
+        if max_attempts == 0 {
+            p.push(&format!("{field}.max_attempts"), "must be at least 1 (the first attempt)");
+        }
         let timeouts = timeouts(&field, pf, &defaults, &mut p);
         policies.push(Policy {
             id: u16::try_from(i).unwrap_or(u16::MAX),
@@ -178,6 +188,7 @@ pub fn validate(file: &File) -> Result<Config, Vec<String>> {
             mode,
             max_wait,
             max_queue,
+            max_attempts: max_attempts.max(1),
             timeouts,
         });
     }
@@ -195,6 +206,9 @@ pub fn validate(file: &File) -> Result<Config, Vec<String>> {
             max_body_bytes: file.max_body_bytes,
             guard,
             idle_sweep,
+            retry_body_bytes: file.retry_body_bytes,
+            backoff_base,
+            backoff_cap,
         })
     } else {
         Err(p.0)

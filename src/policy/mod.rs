@@ -48,6 +48,8 @@ pub struct Policy {
     pub mode: Mode,
     pub max_wait: Duration,
     pub max_queue: usize,
+    /// Attempts at the upstream when it throttles, the first included (≥ 1).
+    pub max_attempts: u32,
     pub timeouts: Timeouts,
 }
 

@@ -35,6 +35,8 @@ pub struct Throttle {
     pub retry_after: Option<Duration>,
     /// "maximum allowed N per hh:mm:ss": the upstream's own limit and window.
     pub revealed: Option<(u32, Duration)>,
+    /// The upstream's `error.message`, when the body had one.
+    pub message: Option<String>,
 }
 
 /// Parse a response as a throttle. `None` when it is not one: a throttle is
@@ -51,7 +53,8 @@ pub fn parse(status: StatusCode, headers: &HeaderMap, body: &[u8], now: SystemTi
         return None;
     }
     let text = String::from_utf8_lossy(&body[..body.len().min(64 * 1024)]);
-    let message = message_of(&text);
+    let json_message = message_of(&text);
+    let message = json_message.as_deref().unwrap_or(&text);
     let lower = message.to_ascii_lowercase();
     let kind = if lower.contains("run queries again") || lower.contains("processing resources") {
         Kind::RunningTime
@@ -73,7 +76,7 @@ pub fn parse(status: StatusCode, headers: &HeaderMap, body: &[u8], now: SystemTi
         let window = timespan(rest.split(|c: char| c.is_whitespace() || c == ',').next()?)?;
         (n > 0 && !window.is_zero()).then_some((n, window))
     });
-    Some(Throttle { kind, retry_after, revealed })
+    Some(Throttle { kind, retry_after, revealed, message: json_message })
 }
 
 /// `Retry-After`: integer or fractional seconds, or an HTTP date.
@@ -95,12 +98,11 @@ pub fn backoff(attempt: u32, base: Duration, cap: Duration, jitter: u64) -> Dura
     exp.mul_f64(factor)
 }
 
-/// `error.message` of a Defender or Graph error body, else the whole text.
-fn message_of(text: &str) -> String {
+/// `error.message` of a Defender or Graph error body.
+fn message_of(text: &str) -> Option<String> {
     serde_json::from_str::<serde_json::Value>(text)
         .ok()
         .and_then(|v| v.get("error")?.get("message")?.as_str().map(str::to_string))
-        .unwrap_or_else(|| text.to_string())
 }
 
 fn after_phrase<'a>(text: &'a str, phrase: &str) -> Option<&'a str> {
@@ -229,7 +231,12 @@ mod tests {
         let t = t429(Some("2.128"), body);
         assert_eq!(
             t,
-            Throttle { kind: Kind::CallRate, retry_after: Some(Duration::from_millis(2128)), revealed: None }
+            Throttle {
+                kind: Kind::CallRate,
+                retry_after: Some(Duration::from_millis(2128)),
+                revealed: None,
+                message: Some("Please retry again later.".into()),
+            }
         );
     }
 

@@ -1,5 +1,7 @@
 //! The proxy's request path, in one place: route, match a policy, identify,
-//! admit, forward.
+//! then admit and forward ([`exchange`]).
+
+mod exchange;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,15 +11,15 @@ use std::convert::Infallible;
 use axum::extract::Request;
 use axum::response::Response;
 use http::header::CONTENT_LENGTH;
-use http::{HeaderMap, HeaderValue, StatusCode};
+use http::HeaderMap;
 
 use crate::admission::Limiter;
 use crate::config::Config;
-use crate::error::{GatewayError, THROTTLED_BY};
+use crate::error::GatewayError;
 use crate::identity::identity_from_headers;
-use crate::metrics::{Failure, Metrics, PolicyMetrics};
+use crate::metrics::{Metrics, PolicyMetrics};
 use crate::quota::QuotaKey;
-use crate::upstream::{forward, route, ApiKind, Clients, UpstreamError};
+use crate::upstream::{route, ApiKind, Clients};
 
 /// Request header with which a caller shortens its own maximum queue wait,
 /// in seconds (fractions allowed). It can only shorten the policy's wait.
@@ -85,76 +87,29 @@ async fn proxy(worker: &Worker, bound: Option<usize>, req: Request) -> Response 
     if content_length(req.headers()).is_some_and(|n| n > config.max_body_bytes) {
         return fail(GatewayError::PayloadTooLarge { limit: config.max_body_bytes });
     }
-    let mut counter = &metrics.forwarded;
-    if let Some(policy) = policy {
-        let who = match identity_from_headers(req.headers()) {
-            Ok(who) => who,
-            Err(e) => {
-                metrics.unauthorized.inc();
-                tracing::debug!(policy = %policy.name, error = %e, "unauthorized");
-                return fail(e.into());
-            }
-        };
-        let max_wait = caller_max_wait(req.headers()).map_or(policy.max_wait, |w| w.min(policy.max_wait));
-        let key = QuotaKey::new(policy.key, policy.id, &who);
-        match gw.limiter.acquire(key, policy, max_wait, &metrics.depth).await {
-            Ok(waited) => {
-                if !waited.is_zero() {
-                    counter = &metrics.queued;
-                    metrics.wait.observe(waited.as_secs_f64());
-                }
-            }
-            Err(rejection) => {
-                metrics.rejected.inc();
-                metrics.rejection(rejection.reason).inc();
-                tracing::debug!(policy = %policy.name, tenant = %who.tenant, reason = ?rejection.reason,
-                    retry_after_ms = rejection.retry_after.as_millis() as u64, "rejected locally");
-                return fail(GatewayError::Throttled {
-                    policy: policy.name.clone(),
-                    tenant: who.tenant,
-                    rejection,
-                });
-            }
-        }
-    }
-
-    let timeouts = policy.map_or(config.unmetered_timeouts, |p| p.timeouts);
-    let client = worker.clients.get(timeouts.connect);
-    let started = tokio::time::Instant::now();
-    match forward::send(client, upstream, req, &timeouts, config.max_body_bytes).await {
-        Ok(mut response) => {
-            counter.inc();
-            let status = response.status();
-            metrics.response(status.as_u16()).inc();
-            metrics.duration.observe(started.elapsed().as_secs_f64());
-            if status == StatusCode::TOO_MANY_REQUESTS {
-                metrics.throttles.inc();
-                response.headers_mut().insert(THROTTLED_BY, HeaderValue::from_static("upstream"));
-            }
-            response
-        }
+    let Some(policy) = policy else {
+        let timeouts = config.unmetered_timeouts;
+        return exchange::once(worker, upstream, metrics, req, &timeouts, &metrics.forwarded).await;
+    };
+    let who = match identity_from_headers(req.headers()) {
+        Ok(who) => who,
         Err(e) => {
-            metrics.failed.inc();
-            let name = upstream.name.clone();
-            let (kind, error) = match e {
-                UpstreamError::BodyTooLarge => {
-                    (Failure::BodyTooLarge, GatewayError::PayloadTooLarge { limit: config.max_body_bytes })
-                }
-                UpstreamError::Connect(detail) => {
-                    (Failure::Connect, GatewayError::UpstreamUnreachable { upstream: name, detail })
-                }
-                UpstreamError::Timeout(after) => {
-                    (Failure::Timeout, GatewayError::UpstreamTimeout { upstream: name, after })
-                }
-                UpstreamError::Protocol(detail) => {
-                    (Failure::Protocol, GatewayError::UpstreamFailed { upstream: name, detail })
-                }
-            };
-            metrics.failure(kind).inc();
-            tracing::warn!(upstream = %upstream.name, error = %error, "upstream exchange failed");
-            fail(error)
+            metrics.unauthorized.inc();
+            tracing::debug!(policy = %policy.name, error = %e, "unauthorized");
+            return fail(e.into());
         }
-    }
+    };
+    let max_wait = caller_max_wait(req.headers()).map_or(policy.max_wait, |w| w.min(policy.max_wait));
+    let call = exchange::Metered {
+        worker,
+        upstream,
+        policy,
+        metrics,
+        key: QuotaKey::new(policy.key, policy.id, &who),
+        tenant: who.tenant,
+        max_wait,
+    };
+    call.run(req).await
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {

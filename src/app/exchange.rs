@@ -1,0 +1,266 @@
+//! One call's exchange with the upstream: admission, forwarding, and what
+//! happens when the upstream throttles anyway or fails.
+//!
+//! * An upstream throttle (a 429, or a Graph 503/504 with `Retry-After`) is
+//!   parsed ([`throttle::parse`]). A call-rate or running-time throttle holds
+//!   the call's key until the server's time, so queued and new requests for
+//!   that key wait or are told the exact remaining time; other keys are
+//!   untouched. A concurrency throttle affects only this request. A lower
+//!   limit revealed by the message tightens the key's windows.
+//! * The call is retried after the server's time when that fits in its wait
+//!   budget (the policy's `max_wait`, or the caller's shorter header), its
+//!   body was small enough to keep (`retry_body_bytes`), and it has attempts
+//!   left (`max_attempts`). Each retry is admitted like a new call and counts
+//!   against the quota.
+//! * Otherwise the client gets a 429 in its own error shape whose
+//!   `Retry-After` is never shorter than the server's remaining time.
+//! * A connection refused before anything was sent refunds the admission
+//!   and answers 502; a timeout after sending keeps it spent and answers 504;
+//!   garbage answers 502. Each outcome is logged once and counted.
+
+use std::time::{Duration, SystemTime};
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::response::Response;
+use http::request::Parts;
+use http::{HeaderValue, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use tokio::time::Instant;
+
+use super::Worker;
+use crate::admission::Admitted;
+use crate::error::{GatewayError, THROTTLED_BY};
+use crate::metrics::{Failure, PolicyMetrics};
+use crate::policy::{Policy, Timeouts};
+use crate::quota::{QuotaKey, Window};
+use crate::upstream::throttle::{self, Kind, Throttle};
+use crate::upstream::{forward, Upstream, UpstreamError};
+
+/// Most bytes of a throttle response read to parse it.
+const THROTTLE_BODY_LIMIT: usize = 64 * 1024;
+
+/// Forward a request no policy meters, once.
+pub(super) async fn once(
+    worker: &Worker,
+    upstream: &Upstream,
+    metrics: &PolicyMetrics,
+    req: Request,
+    timeouts: &Timeouts,
+    counter: &prometheus::IntCounter,
+) -> Response {
+    let config = &worker.gateway.config;
+    let client = worker.clients.get(timeouts.connect);
+    let started = Instant::now();
+    match forward::send(client, upstream, req, timeouts, config.max_body_bytes).await {
+        Ok(mut response) => {
+            counter.inc();
+            observe(metrics, started, response.status());
+            if response.status() == StatusCode::TOO_MANY_REQUESTS {
+                response.headers_mut().insert(THROTTLED_BY, HeaderValue::from_static("upstream"));
+            }
+            response
+        }
+        Err(e) => failed(worker, upstream, metrics, e),
+    }
+}
+
+/// A metered call, identified and keyed.
+pub(super) struct Metered<'a> {
+    pub worker: &'a Worker,
+    pub upstream: &'a Upstream,
+    pub policy: &'a Policy,
+    pub metrics: &'a PolicyMetrics,
+    pub key: QuotaKey,
+    pub tenant: String,
+    /// The wait budget: the policy's maximum wait or the caller's shorter one.
+    pub max_wait: Duration,
+}
+
+impl Metered<'_> {
+    pub(super) async fn run(self, req: Request) -> Response {
+        let gw = &*self.worker.gateway;
+        let config = &*gw.config;
+        let started = Instant::now();
+        let (parts, body) = req.into_parts();
+        // Keep the body for a replay when it is small; stream it once otherwise.
+        let (replay, mut stream) = if keep_for_replay(&parts, &body, config.retry_body_bytes) {
+            match Limited::new(body, limit(config.retry_body_bytes)).collect().await {
+                Ok(collected) => (Some(collected.to_bytes()), None),
+                Err(e) => return self.fail(GatewayError::BadBody { detail: e.to_string() }),
+            }
+        } else {
+            (None, Some(body))
+        };
+        let client = self.worker.clients.get(self.policy.timeouts.connect);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let budget = self.max_wait.saturating_sub(started.elapsed());
+            let admitted = match gw.limiter.acquire(&self.key, self.policy, budget, &self.metrics.depth).await
+            {
+                Ok(admitted) => admitted,
+                Err(rejection) => {
+                    self.metrics.rejected.inc();
+                    self.metrics.rejection(rejection.reason).inc();
+                    tracing::debug!(policy = %self.policy.name, tenant = %self.tenant, reason = ?rejection.reason,
+                        retry_after_ms = rejection.retry_after.as_millis() as u64, attempt, "rejected locally");
+                    return self.fail(GatewayError::Throttled {
+                        policy: self.policy.name.clone(),
+                        tenant: self.tenant.clone(),
+                        rejection,
+                    });
+                }
+            };
+            if !admitted.waited.is_zero() {
+                self.metrics.wait.observe(admitted.waited.as_secs_f64());
+            }
+            // A streamed body is sent once: only a kept one is ever retried.
+            let body = replay.clone().map_or_else(|| stream.take().unwrap_or_default(), Body::from);
+            let sent = Instant::now();
+            let response = match forward::send(
+                client,
+                self.upstream,
+                rebuild(&parts, body),
+                &self.policy.timeouts,
+                config.max_body_bytes,
+            )
+            .await
+            {
+                Ok(response) => response,
+                Err(e) => return self.upstream_failed(e, &admitted),
+            };
+            observe(self.metrics, sent, response.status());
+            if !might_be_throttle(response.status()) {
+                let waited = attempt > 1 || !admitted.waited.is_zero();
+                if waited { &self.metrics.queued } else { &self.metrics.forwarded }.inc();
+                return response;
+            }
+            let (head, body) = response.into_parts();
+            let bytes = Limited::new(body, THROTTLE_BODY_LIMIT)
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
+            let Some(throttle) = throttle::parse(head.status, &head.headers, &bytes, SystemTime::now())
+            else {
+                // A 503 or 504 without a time: the upstream's own answer.
+                self.metrics.forwarded.inc();
+                return Response::from_parts(head, Body::from(bytes));
+            };
+            let wait = self.obey(&throttle, attempt);
+            let fits = started.elapsed() + wait <= self.max_wait;
+            if replay.is_some() && attempt < self.policy.max_attempts && fits {
+                self.metrics.retries.inc();
+                tracing::debug!(policy = %self.policy.name, tenant = %self.tenant, attempt,
+                    wait_ms = wait.as_millis() as u64, "retrying after an upstream throttle");
+                if throttle.kind == Kind::Concurrency {
+                    tokio::time::sleep(wait).await;
+                }
+                continue;
+            }
+            self.metrics.rejected.inc();
+            let retry_after = gw.limiter.held_for(&self.key).unwrap_or(Duration::ZERO).max(wait);
+            tracing::debug!(policy = %self.policy.name, tenant = %self.tenant, attempt, status = head.status.as_u16(),
+                retry_after_ms = retry_after.as_millis() as u64, "upstream throttle passed on");
+            return self.fail(GatewayError::UpstreamThrottled {
+                tenant: self.tenant.clone(),
+                retry_after,
+                message: throttle.message.unwrap_or_default(),
+            });
+        }
+    }
+
+    /// Act on an upstream throttle; returns how long to wait before the next try.
+    fn obey(&self, throttle: &Throttle, attempt: u32) -> Duration {
+        let gw = &*self.worker.gateway;
+        let config = &*gw.config;
+        self.metrics.throttle(throttle.kind).inc();
+        let wait = throttle.retry_after.unwrap_or_else(|| {
+            let jitter =
+                std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), attempt);
+            throttle::backoff(attempt - 1, config.backoff_base, config.backoff_cap, jitter)
+        });
+        if throttle.kind != Kind::Concurrency {
+            gw.limiter.hold(&self.key, wait);
+            self.metrics.holds.inc();
+        }
+        if let Some((limit, per)) = throttle.revealed {
+            let window = Window::new(std::num::NonZeroU32::new(limit).expect("parser returns non-zero"), per);
+            if gw.limiter.reveal(&self.key, self.policy, window) {
+                self.metrics.revealed_limit.set(i64::from(limit));
+                tracing::warn!(policy = %self.policy.name, tenant = %self.tenant, limit,
+                    window_s = per.as_secs_f64(), "the upstream revealed a lower limit than configured; using it");
+            }
+        }
+        tracing::info!(policy = %self.policy.name, tenant = %self.tenant, kind = ?throttle.kind,
+            wait_ms = wait.as_millis() as u64, "upstream throttled");
+        wait
+    }
+
+    fn upstream_failed(&self, e: UpstreamError, admitted: &Admitted) -> Response {
+        if matches!(e, UpstreamError::Connect(_)) {
+            // Nothing reached the upstream: the slot is not spent.
+            self.worker.gateway.limiter.refund(&self.key, admitted);
+        }
+        failed(self.worker, self.upstream, self.metrics, e)
+    }
+
+    fn fail(&self, e: GatewayError) -> Response {
+        e.into_response_for(self.upstream.kind)
+    }
+}
+
+/// Whether a response may be a throttle and needs its body read.
+fn might_be_throttle(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 429 | 503 | 504)
+}
+
+/// A body is kept for replay when it is empty or announced and small.
+fn keep_for_replay(parts: &Parts, body: &Body, limit: u64) -> bool {
+    use http_body::Body as _;
+    let announced =
+        parts.headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    body.is_end_stream() || announced.is_some_and(|n| n <= limit)
+}
+
+fn limit(bytes: u64) -> usize {
+    usize::try_from(bytes).unwrap_or(usize::MAX)
+}
+
+/// The request again, from its head and a body.
+fn rebuild(parts: &Parts, body: Body) -> Request {
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    req
+}
+
+fn observe(metrics: &PolicyMetrics, sent: Instant, status: StatusCode) {
+    metrics.response(status.as_u16()).inc();
+    metrics.duration.observe(sent.elapsed().as_secs_f64());
+}
+
+/// Count, log once and answer an exchange that produced no response.
+fn failed(worker: &Worker, upstream: &Upstream, metrics: &PolicyMetrics, e: UpstreamError) -> Response {
+    metrics.failed.inc();
+    let name = upstream.name.clone();
+    let limit = worker.gateway.config.max_body_bytes;
+    let (kind, error) = match e {
+        UpstreamError::BodyTooLarge => (Failure::BodyTooLarge, GatewayError::PayloadTooLarge { limit }),
+        UpstreamError::Connect(detail) => {
+            (Failure::Connect, GatewayError::UpstreamUnreachable { upstream: name, detail })
+        }
+        UpstreamError::Timeout(after) => {
+            (Failure::Timeout, GatewayError::UpstreamTimeout { upstream: name, after })
+        }
+        UpstreamError::Protocol(detail) => {
+            (Failure::Protocol, GatewayError::UpstreamFailed { upstream: name, detail })
+        }
+    };
+    metrics.failure(kind).inc();
+    tracing::warn!(upstream = %upstream.name, error = %error, "upstream exchange failed");
+    error.into_response_for(upstream.kind)
+}
