@@ -16,9 +16,13 @@ pub struct TestGateway {
 
 /// Config text with every upstream at `upstream`, listeners on port 0, a
 /// 5 ms guard, followed by `rest` (policies, policy_defaults, listeners).
+/// Top-level keys at the start of `rest`, before its first table, go to the top.
 pub fn config_text(upstream: &str, rest: &str) -> String {
+    let split = rest.find("\n[").map_or(rest.len(), |i| i + 1);
+    let (top, rest) = rest.split_at(split);
     format!(
         r#"
+{top}
 listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
 guard = "5ms"

@@ -1,0 +1,312 @@
+//! Upstream throttles and failures end to end: the gateway obeys the
+//! server's time, holds the key, retries within the caller's wait, and never
+//! answers a failure with a silent or truncated success.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::emulator::{Emulator, EmulatorConfig, Fault, QuotaRule, ThrottleStyle};
+use support::gateway::TestGateway;
+use support::{bearer, client};
+
+const POLICY: &str = r#"
+backoff_base = "300ms"
+backoff_cap = "2s"
+
+[[policy]]
+name = "incidents"
+paths = ["/api/incidents", "/api/incidents/**"]
+windows = [{ limit = 5, per = "2s" }]
+max_wait = "6s"
+header_timeout = "500ms"
+total_timeout = "2s"
+
+[[policy]]
+name = "hunting"
+methods = ["POST"]
+paths = ["/api/advancedhunting/run", "/v1.0/security/runHuntingQuery"]
+windows = [{ limit = 5, per = "2s" }]
+max_wait = "6s"
+"#;
+
+fn upstream(rule: QuotaRule) -> EmulatorConfig {
+    EmulatorConfig::new().quota(rule)
+}
+
+fn incidents(style: ThrottleStyle) -> QuotaRule {
+    QuotaRule::new("incidents", &["/api/incidents"], &[(5, Duration::from_secs(2))]).style(style)
+}
+
+/// After the upstream's 429, the next request the upstream sees for that key
+/// comes no sooner than the time the server gave.
+fn assert_obeyed(emu: &Emulator, server_time: Duration) {
+    let seen = emu.requests();
+    let first = seen.iter().position(|r| r.status == 429).expect("one upstream throttle");
+    let after: Vec<_> = seen[first + 1..].iter().collect();
+    assert!(!after.is_empty(), "the call was retried");
+    for r in after {
+        let gap = r.at - seen[first].at;
+        assert!(
+            gap + Duration::from_millis(5) >= server_time,
+            "request {gap:?} after the throttle, before {server_time:?}"
+        );
+    }
+}
+
+/// Another tool spent the quota: every throttle style is obeyed and the
+/// client, with enough patience, just gets its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttle_in_any_style_is_waited_out_and_retried() {
+    for (style, server_time) in [
+        (ThrottleStyle::HeaderAndBody, Duration::from_secs(1)),
+        (ThrottleStyle::HeaderOnly, Duration::from_secs(1)),
+        (ThrottleStyle::BodyOnly, Duration::from_secs(1)),
+    ] {
+        let emu = Emulator::start(upstream(incidents(style))).await;
+        let gw = TestGateway::start(&emu.url(), POLICY).await;
+        emu.spend("incidents", "t", "a", 5);
+        let started = Instant::now();
+        let r = client()
+            .get(gw.url("/api/incidents"))
+            .header("authorization", bearer("t", "a"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{style:?}");
+        assert!(started.elapsed() >= server_time, "{style:?}");
+        assert_eq!(emu.throttled(), 1, "{style:?}: no 429 storm");
+        assert_obeyed(&emu, server_time);
+        assert_eq!(gw.metric("quotagate_upstream_retries_total{policy=\"incidents\"}").await, 1.0);
+        assert_eq!(
+            gw.metric("quotagate_upstream_throttles_total{kind=\"call_rate\",policy=\"incidents\"}").await,
+            1.0
+        );
+    }
+}
+
+/// A throttle with no usable time: capped exponential back-off with jitter,
+/// a bounded number of attempts, then an honest 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttle_without_a_time_backs_off_exponentially() {
+    let emu = Emulator::start(upstream(incidents(ThrottleStyle::Neither))).await;
+    let gw = TestGateway::start(&emu.url(), POLICY).await;
+    emu.spend("incidents", "t", "a", 5);
+    let r = client()
+        .get(gw.url("/api/incidents"))
+        .header("authorization", bearer("t", "a"))
+        .send()
+        .await
+        .unwrap();
+    // Back-off of 0.15–0.3 s, then 0.3–0.6 s: all three attempts fall inside the spent 2 s window.
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["x-quotagate-throttled-by"], "upstream");
+    let seen = emu.requests();
+    assert_eq!(seen.len(), 3, "max_attempts bounds the attempts");
+    let (g1, g2) = (seen[1].at - seen[0].at, seen[2].at - seen[1].at);
+    assert!(g1 >= Duration::from_millis(150) && g1 < Duration::from_millis(450), "{g1:?}");
+    assert!(g2 >= Duration::from_millis(300) && g2 < Duration::from_millis(750), "{g2:?}");
+}
+
+/// Graph's fractional Retry-After is obeyed to the millisecond.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graphs_fractional_retry_after_is_obeyed() {
+    let rule = QuotaRule::new("graph", &["/v1.0/security/runHuntingQuery"], &[(5, Duration::from_secs(2))]);
+    let emu = Emulator::start(upstream(rule)).await;
+    let gw = TestGateway::start(&emu.url(), POLICY).await;
+    emu.spend("graph", "t", "a", 5);
+    let r = client()
+        .post(gw.url("/v1.0/security/runHuntingQuery"))
+        .header("authorization", bearer("t", "a"))
+        .json(&serde_json::json!({"Query": "DeviceEvents | take 1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = emu.requests();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[1].body, seen[0].body, "the replay carries the same body");
+    assert!(seen[1].at - seen[0].at >= Duration::from_millis(1900), "{:?}", seen[1].at - seen[0].at);
+}
+
+/// While a key is held, its other requests wait for the server's time and
+/// other keys are unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_keeps_the_whole_key_away_from_the_upstream_and_no_other_key() {
+    let emu = Emulator::start(upstream(incidents(ThrottleStyle::HeaderAndBody))).await;
+    let gw = TestGateway::start(&emu.url(), POLICY).await;
+    emu.spend("incidents", "t", "a", 5);
+    let http = client();
+    let mut same_key = Vec::new();
+    for _ in 0..3 {
+        let req = http.get(gw.url("/api/incidents")).header("authorization", bearer("t", "a"));
+        same_key.push(tokio::spawn(async move { req.send().await.map(|r| r.status().as_u16()) }));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let other = Instant::now();
+    let r = http
+        .get(gw.url("/api/incidents"))
+        .header("authorization", bearer("other", "a"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(other.elapsed() < Duration::from_millis(300), "another tenant is not held");
+    for t in same_key {
+        assert_eq!(t.await.unwrap().unwrap(), 200);
+    }
+    assert_eq!(
+        emu.throttled(),
+        1,
+        "after the first throttle, nothing reached the upstream before the server's time"
+    );
+    let held: Vec<_> = emu.requests().into_iter().filter(|r| r.tenant.as_deref() == Some("t")).collect();
+    let throttled_at = held[0].at;
+    assert!(held[1..].iter().all(|r| r.at - throttled_at >= Duration::from_millis(995)));
+}
+
+/// When the server's time does not fit the caller's wait, the client gets a
+/// 429 in its own shape, never shorter than the server's remaining time, and
+/// the next call is held locally without reaching the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_that_does_not_fit_is_an_honest_429() {
+    let emu = Emulator::start(upstream(incidents(ThrottleStyle::HeaderOnly))).await;
+    let gw = TestGateway::start(&emu.url(), POLICY).await;
+    emu.spend("incidents", "t", "a", 5);
+    let http = client();
+    let get = || http.get(gw.url("/api/incidents")).header("authorization", bearer("t", "a"));
+    let r = get().header("x-quotagate-max-wait", "0.2").send().await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["x-quotagate-throttled-by"], "upstream");
+    let n: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert_eq!(n, 2, "the emulator's Retry-After was 2 s (rounded up from the window)");
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "TooManyRequests");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.starts_with("API calls quota exceeded!"), "{message}");
+    assert!(message.ends_with(&format!("You can send requests again in {n} seconds.")), "{message}");
+
+    let r = get().header("x-quotagate-max-wait", "0").send().await.unwrap();
+    assert_eq!(r.status(), 429, "held locally");
+    assert_eq!(r.headers()["x-quotagate-throttled-by"], "gateway");
+    let m: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=2).contains(&m), "the remaining hold, {m}");
+    assert_eq!(emu.count(), 1, "the held call never reached the upstream");
+}
+
+/// A running-time throttle is recognised and held like the service asks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_time_throttle_is_recognised() {
+    let rule = QuotaRule::new("hunting", &["/api/advancedhunting/run"], &[(5, Duration::from_secs(2))])
+        .running_time();
+    let emu = Emulator::start(upstream(rule)).await;
+    let gw = TestGateway::start(&emu.url(), POLICY).await;
+    emu.spend("hunting", "t", "a", 5);
+    let r = client()
+        .post(gw.url("/api/advancedhunting/run"))
+        .header("authorization", bearer("t", "a"))
+        .json(&serde_json::json!({"Query": "DeviceEvents | take 1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(emu.throttled(), 1);
+    assert_obeyed(&emu, Duration::from_secs(1));
+    assert_eq!(
+        gw.metric("quotagate_upstream_throttles_total{kind=\"running_time\",policy=\"hunting\"}").await,
+        1.0
+    );
+}
+
+/// The upstream's limit is lower than configured: its message reveals it,
+/// and the gateway keeps to the lower limit from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lower_hidden_limit_is_learnt_from_the_message() {
+    let rule = QuotaRule::new("incidents", &["/api/incidents"], &[(3, Duration::from_secs(1))]);
+    let emu = Emulator::start(upstream(rule)).await;
+    let gw = TestGateway::start(
+        &emu.url(),
+        r#"
+[[policy]]
+name = "incidents"
+paths = ["/api/incidents"]
+windows = [{ limit = 10, per = "1s" }]
+max_wait = "10s"
+max_queue = 100
+"#,
+    )
+    .await;
+    let http = client();
+    let mut tasks = Vec::new();
+    for _ in 0..15 {
+        let req = http.get(gw.url("/api/incidents")).header("authorization", bearer("t", "a"));
+        tasks.push(tokio::spawn(async move { req.send().await.map(|r| r.status().as_u16()) }));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap(), 200);
+    }
+    assert!(emu.throttled() <= 2, "learnt after the first throttle, got {}", emu.throttled());
+    assert_eq!(gw.metric("quotagate_upstream_revealed_limit{policy=\"incidents\"}").await, 3.0);
+}
+
+/// Failures are never silent: refused (refunded) is a 502, a stall after
+/// sending is a 504 (spent), a reset mid-body is an aborted body, and
+/// garbage is a 502 that says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_failures_are_answered_and_accounted() {
+    let one_per_10s = r#"
+[[policy]]
+name = "incidents"
+paths = ["/api/incidents"]
+windows = [{ limit = 1, per = "10s" }]
+mode = "reject"
+header_timeout = "500ms"
+total_timeout = "2s"
+"#;
+    let http = client();
+    // Refused: the admission is refunded, so the next call is not throttled locally.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let gw = TestGateway::start(&format!("http://{closed}"), one_per_10s).await;
+    for _ in 0..2 {
+        let r = http
+            .get(gw.url("/api/incidents"))
+            .header("authorization", bearer("t", "a"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 502, "refunded, so not a local 429");
+    }
+
+    let emu = Emulator::start(EmulatorConfig::new()).await;
+    let gw = TestGateway::start(&emu.url(), one_per_10s).await;
+    let get =
+        |tenant: &str| http.get(gw.url("/api/incidents")).header("authorization", bearer(tenant, "a")).send();
+    // Stall after the request was sent: a 504, and the slot stays spent.
+    emu.set_fault(Fault::Stall);
+    let r = get("stall").await.unwrap();
+    assert_eq!(r.status(), 504);
+    emu.set_fault(Fault::None);
+    assert_eq!(get("stall").await.unwrap().status(), 429, "the stalled call's admission stays spent");
+
+    // Garbage: a 502 that says what happened.
+    emu.set_fault(Fault::Garbage);
+    let r = get("garbage").await.unwrap();
+    assert_eq!(r.status(), 502);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(body["error"]["message"].as_str().unwrap().contains("upstream `defender` failed"), "{body}");
+
+    // A reset mid-body: the client's read fails; it never sees a short "success".
+    emu.set_fault(Fault::ResetMidBody);
+    let r = get("reset").await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.bytes().await.is_err(), "an aborted body, not a truncated one");
+    assert_eq!(
+        gw.metric("quotagate_upstream_failures_total{kind=\"timeout\",policy=\"incidents\"}").await,
+        1.0
+    );
+    assert_eq!(
+        gw.metric("quotagate_upstream_failures_total{kind=\"protocol\",policy=\"incidents\"}").await,
+        1.0
+    );
+}
