@@ -310,3 +310,25 @@ total_timeout = "2s"
         1.0
     );
 }
+
+/// A body too large to keep for a replay is sent once and never retried:
+/// the client gets the honest 429 instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_too_large_to_keep_is_not_retried() {
+    let rule = QuotaRule::new("hunting", &["/api/advancedhunting/run"], &[(5, Duration::from_secs(2))]);
+    let emu = Emulator::start(upstream(rule)).await;
+    let gw = TestGateway::start(&emu.url(), &format!("retry_body_bytes = 100\n{POLICY}")).await;
+    emu.spend("hunting", "t", "a", 5);
+    let query = format!("DeviceEvents | where DeviceName has '{}'", "x".repeat(200));
+    let r = client()
+        .post(gw.url("/api/advancedhunting/run"))
+        .header("authorization", bearer("t", "a"))
+        .json(&serde_json::json!({ "Query": query }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["x-quotagate-throttled-by"], "upstream");
+    assert_eq!(emu.count(), 1, "not retried");
+    assert!(emu.requests()[0].body.len() > 200, "the body was streamed through whole");
+}
