@@ -332,3 +332,25 @@ async fn a_body_too_large_to_keep_is_not_retried() {
     assert_eq!(emu.count(), 1, "not retried");
     assert!(emu.requests()[0].body.len() > 200, "the body was streamed through whole");
 }
+
+/// A policy in reject mode never waits, so an upstream throttle comes back at
+/// once as an honest 429, and the key is held for the next caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reject_mode_passes_an_upstream_throttle_on_at_once() {
+    let emu = Emulator::start(upstream(incidents(ThrottleStyle::HeaderAndBody))).await;
+    let gw = TestGateway::start(&emu.url(), &POLICY.replace("max_wait = \"6s\"", "mode = \"reject\"")).await;
+    emu.spend("incidents", "t", "a", 5);
+    let get = || client().get(gw.url("/api/incidents")).header("authorization", bearer("t", "a")).send();
+    let started = Instant::now();
+    let r = get().await.unwrap();
+    assert!(started.elapsed() < Duration::from_millis(500));
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["x-quotagate-throttled-by"], "upstream");
+    assert_eq!(r.headers()["retry-after"], "2");
+    let held = get().await.unwrap();
+    assert_eq!(
+        (held.status().as_u16(), &held.headers()["x-quotagate-throttled-by"]),
+        (429, &"gateway".parse().unwrap())
+    );
+    assert_eq!(emu.count(), 1);
+}

@@ -7,7 +7,7 @@
 //!   that key wait or are told the exact remaining time; other keys are
 //!   untouched. A concurrency throttle affects only this request. A lower
 //!   limit revealed by the message tightens the key's windows.
-//! * The call is retried after the server's time when that fits in its wait
+//! * In queue mode, the call is retried after the server's time when that fits in its wait
 //!   budget (the policy's `max_wait`, or the caller's shorter header), its
 //!   body was small enough to keep (`retry_body_bytes`), and it has attempts
 //!   left (`max_attempts`). Each retry is admitted like a new call and counts
@@ -32,7 +32,7 @@ use super::Worker;
 use crate::admission::Admitted;
 use crate::error::{GatewayError, THROTTLED_BY};
 use crate::metrics::{Failure, PolicyMetrics};
-use crate::policy::{Policy, Timeouts};
+use crate::policy::{Mode, Policy, Timeouts};
 use crate::quota::{QuotaKey, Window};
 use crate::upstream::throttle::{self, Kind, Throttle};
 use crate::upstream::{forward, Upstream, UpstreamError};
@@ -149,7 +149,8 @@ impl Metered<'_> {
                 return Response::from_parts(head, Body::from(bytes));
             };
             let wait = self.obey(&throttle, attempt);
-            let fits = started.elapsed() + wait <= self.max_wait;
+            // A policy that rejects rather than queues never waits, so never retries.
+            let fits = self.policy.mode == Mode::Queue && started.elapsed() + wait <= self.max_wait;
             if replay.is_some() && attempt < self.policy.max_attempts && fits {
                 self.metrics.retries.inc();
                 tracing::debug!(policy = %self.policy.name, tenant = %self.tenant, attempt,
