@@ -182,6 +182,7 @@ mod tests {
             reason: Reason::NoSlot,
             retry_after: Duration::from_millis(7200),
             window: Some(Window::new(NonZeroU32::new(45).unwrap(), Duration::from_secs(60))),
+            usage: vec![],
         };
         let m = throttle_message("hunting", &r);
         assert!(m.contains("Maximum allowed 45 per 00:01:00"), "{m}");

@@ -89,9 +89,13 @@ mode = "reject"
     .await;
     let http = client();
     let get = || http.get(gw.url("/api/incidents")).header("authorization", bearer("t", "a")).send();
-    assert_eq!(get().await.unwrap().status(), 200);
+    let first = get().await.unwrap();
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.headers()["ratelimit-policy"], "\"calls-per-3s\";q=2;w=3");
+    assert_eq!(first.headers()["ratelimit"], "\"calls-per-3s\";r=1;t=4", "3 s and the guard, rounded up");
     assert_eq!(get().await.unwrap().status(), 200);
     let rejected = get().await.unwrap();
+    assert!(rejected.headers()["ratelimit"].to_str().unwrap().starts_with("\"calls-per-3s\";r=0;t="));
     let rejected_at = Instant::now();
     assert_eq!(rejected.status(), 429);
     assert_eq!(rejected.headers()["x-quotagate-throttled-by"], "gateway");

@@ -28,7 +28,7 @@ use tokio::sync::Notify;
 pub use rejection::{Reason, Rejection};
 
 use crate::policy::{Mode, Policy};
-use crate::quota::{tightened, AdmissionLog, Clock, QuotaKey, Retention, Window};
+use crate::quota::{tightened, AdmissionLog, Clock, QuotaKey, Retention, Window, WindowUse};
 use place::Place;
 
 /// How far past its maximum wait a waiter whose slot was promised in time
@@ -62,11 +62,12 @@ impl KeyState {
     }
 }
 
-/// An admitted call: how long it waited, and its place in the key's log
-/// (for a refund).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// An admitted call: how long it waited, each window's use after it, and
+/// its place in the key's log (for a refund).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Admitted {
     pub waited: Duration,
+    pub usage: Vec<WindowUse>,
     at: u64,
 }
 
@@ -118,7 +119,8 @@ impl Limiter {
             let from = start.max(st.hold_until);
             if st.queue.is_empty() && st.log.next_free(&windows, self.guard, from).at <= start {
                 st.log.record(start, retention);
-                return Ok(Admitted { waited: Duration::ZERO, at: start });
+                let usage = st.log.usage(&windows, self.guard, start);
+                return Ok(Admitted { waited: Duration::ZERO, at: start, usage });
             }
             let grant = st.log.projected(st.queue.len(), &windows, self.guard, from);
             let wait = Duration::from_nanos(grant.at - start);
@@ -132,7 +134,8 @@ impl Limiter {
                 None
             };
             if let Some(reason) = reason {
-                return Err(Rejection { reason, retry_after: wait, window: grant.window });
+                let usage = st.log.usage(&windows, self.guard, start);
+                return Err(Rejection { reason, retry_after: wait, window: grant.window, usage });
             }
             st.next_id += 1;
             let id = st.next_id;
@@ -159,13 +162,15 @@ impl Limiter {
                         next.wake.notify_one();
                     }
                     place.queued = false;
-                    return Ok(Admitted { waited: Duration::from_nanos(now - start), at: now });
+                    let usage = st.log.usage(&windows, self.guard, now);
+                    return Ok(Admitted { waited: Duration::from_nanos(now - start), at: now, usage });
                 }
                 if now >= deadline {
                     return Err(Rejection {
                         reason: Reason::Expired,
                         retry_after: Duration::from_nanos(grant.at - now),
                         window: grant.window,
+                        usage: st.log.usage(&windows, self.guard, now),
                     });
                 }
                 (position == 0).then_some(grant.at)

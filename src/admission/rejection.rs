@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::quota::Window;
+use crate::quota::{Window, WindowUse};
 
 /// The reason a request was turned away locally.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,13 +18,15 @@ pub enum Reason {
 }
 
 /// A local rejection with the exact time until a slot would be free for it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection {
     pub reason: Reason,
     /// Exact time until this request could be admitted.
     pub retry_after: Duration,
     /// The window that is full, when one is.
     pub window: Option<Window>,
+    /// Each window's use when the request was turned away.
+    pub usage: Vec<WindowUse>,
 }
 
 impl Rejection {
@@ -46,8 +48,12 @@ mod tests {
 
     #[test]
     fn retry_after_rounds_up_to_whole_seconds() {
-        let r =
-            |ms| Rejection { reason: Reason::NoSlot, retry_after: Duration::from_millis(ms), window: None };
+        let r = |ms| Rejection {
+            reason: Reason::NoSlot,
+            retry_after: Duration::from_millis(ms),
+            window: None,
+            usage: vec![],
+        };
         assert_eq!(r(1).retry_after_secs(), 1);
         assert_eq!(r(1000).retry_after_secs(), 1);
         assert_eq!(r(1001).retry_after_secs(), 2);

@@ -28,7 +28,7 @@ use http::{HeaderValue, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use tokio::time::Instant;
 
-use super::Worker;
+use super::{ratelimit, Worker};
 use crate::admission::Admitted;
 use crate::error::{GatewayError, THROTTLED_BY};
 use crate::metrics::{Failure, PolicyMetrics};
@@ -101,15 +101,18 @@ impl Metered<'_> {
             {
                 Ok(admitted) => admitted,
                 Err(rejection) => {
+                    let usage = rejection.usage.clone();
                     self.metrics.rejected.inc();
                     self.metrics.rejection(rejection.reason).inc();
                     tracing::debug!(policy = %self.policy.name, tenant = %self.tenant, reason = ?rejection.reason,
                         retry_after_ms = rejection.retry_after.as_millis() as u64, attempt, "rejected locally");
-                    return self.fail(GatewayError::Throttled {
+                    let mut response = self.fail(GatewayError::Throttled {
                         policy: self.policy.name.clone(),
                         tenant: self.tenant.clone(),
                         rejection,
                     });
+                    ratelimit::insert(response.headers_mut(), &usage);
+                    return response;
                 }
             };
             if !admitted.waited.is_zero() {
@@ -118,7 +121,7 @@ impl Metered<'_> {
             // A streamed body is sent once: only a kept one is ever retried.
             let body = replay.clone().map_or_else(|| stream.take().unwrap_or_default(), Body::from);
             let sent = Instant::now();
-            let response = match forward::send(
+            let mut response = match forward::send(
                 client,
                 self.upstream,
                 rebuild(&parts, body),
@@ -131,6 +134,7 @@ impl Metered<'_> {
                 Err(e) => return self.upstream_failed(e, &admitted),
             };
             observe(self.metrics, sent, response.status());
+            ratelimit::insert(response.headers_mut(), &admitted.usage);
             if !might_be_throttle(response.status()) {
                 let waited = attempt > 1 || !admitted.waited.is_zero();
                 if waited { &self.metrics.queued } else { &self.metrics.forwarded }.inc();
@@ -164,11 +168,13 @@ impl Metered<'_> {
             let retry_after = gw.limiter.held_for(&self.key).unwrap_or(Duration::ZERO).max(wait);
             tracing::debug!(policy = %self.policy.name, tenant = %self.tenant, attempt, status = head.status.as_u16(),
                 retry_after_ms = retry_after.as_millis() as u64, "upstream throttle passed on");
-            return self.fail(GatewayError::UpstreamThrottled {
+            let mut response = self.fail(GatewayError::UpstreamThrottled {
                 tenant: self.tenant.clone(),
                 retry_after,
                 message: throttle.message.unwrap_or_default(),
             });
+            ratelimit::insert(response.headers_mut(), &admitted.usage);
+            return response;
         }
     }
 

@@ -2,6 +2,7 @@
 //! then admit and forward ([`exchange`]).
 
 mod exchange;
+pub mod ratelimit;
 
 use std::sync::Arc;
 use std::time::Duration;

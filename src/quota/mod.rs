@@ -9,4 +9,4 @@ pub mod window;
 
 pub use clock::Clock;
 pub use key::{KeyScope, QuotaKey};
-pub use window::{tightened, AdmissionLog, Binding, Retention, Window};
+pub use window::{tightened, AdmissionLog, Binding, Retention, Window, WindowUse};

@@ -80,6 +80,22 @@ pub struct Binding {
     pub window: Option<Window>,
 }
 
+/// One window's use at a moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowUse {
+    pub window: Window,
+    /// Admissions inside the window.
+    pub used: u32,
+    /// Until the oldest of them stops counting; zero when none counts.
+    pub reset: Duration,
+}
+
+impl WindowUse {
+    pub fn remaining(&self) -> u32 {
+        self.window.limit.get().saturating_sub(self.used)
+    }
+}
+
 /// Admission times of one key, oldest first.
 #[derive(Debug, Default, Clone)]
 pub struct AdmissionLog {
@@ -103,6 +119,28 @@ impl AdmissionLog {
     pub fn used(&self, per: Duration, now: u64) -> usize {
         let per = u64::try_from(per.as_nanos()).unwrap_or(u64::MAX);
         self.times.iter().rev().take_while(|&&t| t.saturating_add(per) > now).count()
+    }
+
+    /// How much of each window is used at `now`, for rate-limit headers and
+    /// status: admissions in `(now - per, now]`, and the time until the
+    /// oldest of them stops counting (its slot frees, guard included).
+    pub fn usage(&self, windows: &[Window], guard: Duration, now: u64) -> Vec<WindowUse> {
+        let guard = u64::try_from(guard.as_nanos()).unwrap_or(u64::MAX);
+        windows
+            .iter()
+            .map(|w| {
+                let per = w.per_nanos();
+                let first = self.times.partition_point(|&t| t.saturating_add(per) <= now);
+                let used = self.times.len() - first;
+                let reset =
+                    self.times.get(first).map_or(0, |&t| t.saturating_add(per).saturating_add(guard) - now);
+                WindowUse {
+                    window: *w,
+                    used: u32::try_from(used).unwrap_or(u32::MAX),
+                    reset: Duration::from_nanos(reset),
+                }
+            })
+            .collect()
     }
 
     /// The earliest time at or after `now` when one more admission keeps every
@@ -342,6 +380,20 @@ mod tests {
         assert_eq!(tightened(&configured, w(30, 60_000)), vec![w(30, 60_000), w(1500, 3_600_000)]);
         assert_eq!(tightened(&configured, w(50, 60_000)), configured.to_vec());
         assert_eq!(tightened(&configured, w(5, 1000)), vec![w(45, 60_000), w(1500, 3_600_000), w(5, 1000)]);
+    }
+
+    #[test]
+    fn usage_reports_each_window() {
+        let windows = [w(3, 1000), w(10, 10_000)];
+        let mut log = AdmissionLog::new();
+        for t in [0, 500 * MS, 900 * MS] {
+            log.record(t, ALL);
+        }
+        let u = log.usage(&windows, Duration::from_millis(5), 1200 * MS);
+        assert_eq!((u[0].used, u[0].remaining(), u[0].reset), (2, 1, Duration::from_millis(305)));
+        assert_eq!((u[1].used, u[1].remaining(), u[1].reset), (3, 7, Duration::from_millis(8805)));
+        let empty = AdmissionLog::new().usage(&windows, Duration::ZERO, 0);
+        assert_eq!((empty[0].used, empty[0].reset), (0, Duration::ZERO));
     }
 
     #[test]
