@@ -15,7 +15,7 @@ use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
-use crate::admission::Reason;
+use crate::admission::{KeyStatus, Reason};
 
 /// The shared registry and every worker's families.
 pub struct Metrics {
@@ -226,13 +226,55 @@ impl Metrics {
         }
     }
 
-    /// The text exposition format, with the workers' families summed.
-    pub fn render(&self) -> String {
+    /// The text exposition format, with the workers' families summed and
+    /// the quota state of `keys` per tenant (at most `max_tenants` named).
+    pub fn render(&self, keys: &[KeyStatus], max_tenants: usize) -> String {
         let mut families = self.shared.gather();
         families.extend(merge(self.workers.iter().flat_map(|w| w.registry.gather())));
+        families.extend(quota_families(keys, max_tenants));
         families.sort_by(|a, b| a.name().cmp(b.name()));
         prometheus::TextEncoder::new().encode_to_string(&families).unwrap_or_default()
     }
+}
+
+/// Per tenant, policy and window: limit, used, remaining and seconds to the
+/// next free slot. Tenants past the first `max_tenants` (in sorted order)
+/// are summed under `other`; the time to the next slot takes their soonest.
+fn quota_families(keys: &[KeyStatus], max_tenants: usize) -> Vec<MetricFamily> {
+    let registry = Registry::new();
+    let gauge = |name: &str, help: &str| {
+        let g = prometheus::GaugeVec::new(Opts::new(name, help), &["tenant", "policy", "window"])
+            .expect("valid metric");
+        registry.register(Box::new(g.clone())).expect("unique metric");
+        g
+    };
+    let limit = gauge("quotagate_quota_limit", "Calls allowed per window.");
+    let used = gauge("quotagate_quota_used", "Calls counted in the window now.");
+    let remaining = gauge("quotagate_quota_remaining", "Calls the window still allows now.");
+    let reset =
+        gauge("quotagate_quota_next_slot_seconds", "Seconds until the oldest counted call stops counting.");
+    let mut named = std::collections::BTreeSet::new();
+    let mut soonest: BTreeMap<[String; 3], f64> = BTreeMap::new();
+    for k in keys {
+        let tenant = if named.contains(&*k.key.tenant) || named.len() < max_tenants {
+            named.insert(&*k.key.tenant);
+            &*k.key.tenant
+        } else {
+            "other"
+        };
+        for w in &k.windows {
+            let window = format!("{}s", w.window.per.as_secs_f64());
+            let labels = [tenant, k.policy.as_str(), window.as_str()];
+            limit.with_label_values(&labels).add(f64::from(w.window.limit.get()));
+            used.with_label_values(&labels).add(f64::from(w.used));
+            remaining.with_label_values(&labels).add(f64::from(w.remaining()));
+            let secs = w.reset.as_secs_f64();
+            let next = soonest.entry(labels.map(str::to_string)).or_insert(secs);
+            *next = next.min(secs);
+            reset.with_label_values(&labels).set(*next);
+        }
+    }
+    registry.gather()
 }
 
 /// Sum families of the same name, metric by metric (same label values).
@@ -307,7 +349,7 @@ mod tests {
         for w in &m.workers {
             assert!(w.registry.gather().iter().all(summable));
         }
-        let text = m.render();
+        let text = m.render(&[], 10);
         assert!(
             text.contains("quotagate_requests_total{decision=\"forwarded\",policy=\"incidents\"} 3"),
             "{text}"

@@ -1,5 +1,7 @@
-//! The admin listener: liveness, readiness and Prometheus metrics, served
-//! apart from proxy traffic.
+//! The admin listener: liveness, readiness, quota status and Prometheus
+//! metrics, served apart from proxy traffic.
+
+mod quota;
 
 use std::sync::Arc;
 
@@ -16,6 +18,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
+        .route("/quota", get(quota_status))
         .with_state(gateway)
 }
 
@@ -29,5 +32,10 @@ async fn ready(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
 }
 
 async fn metrics(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
-    ([(CONTENT_TYPE, "text/plain; version=0.0.4")], gw.metrics.render())
+    let keys = gw.limiter.snapshot(&gw.config.policies);
+    ([(CONTENT_TYPE, "text/plain; version=0.0.4")], gw.metrics.render(&keys, gw.config.metrics_max_tenants))
+}
+
+async fn quota_status(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
+    axum::Json(quota::report(&gw.limiter.snapshot(&gw.config.policies)))
 }

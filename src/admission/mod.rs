@@ -27,7 +27,7 @@ use tokio::sync::Notify;
 
 pub use rejection::{Reason, Rejection};
 
-use crate::policy::{Mode, Policy};
+use crate::policy::{Mode, Policies, Policy};
 use crate::quota::{tightened, AdmissionLog, Clock, QuotaKey, Retention, Window, WindowUse};
 use place::Place;
 
@@ -50,6 +50,8 @@ pub(crate) struct KeyState {
     hold_until: u64,
     /// A lower limit the upstream revealed for this key.
     revealed: Option<Window>,
+    /// The policy of the latest call on this key (for status reports).
+    policy: u16,
 }
 
 impl KeyState {
@@ -60,6 +62,18 @@ impl KeyState {
             None => Cow::Borrowed(&policy.windows),
         }
     }
+}
+
+/// One key's state at a moment.
+#[derive(Debug, Clone)]
+pub struct KeyStatus {
+    pub key: QuotaKey,
+    /// The policy of the latest call on the key.
+    pub policy: String,
+    pub windows: Vec<WindowUse>,
+    pub queued: usize,
+    /// Time left on an upstream hold.
+    pub held_for: Option<Duration>,
 }
 
 /// An admitted call: how long it waited, each window's use after it, and
@@ -112,6 +126,7 @@ impl Limiter {
         let start = self.clock.now();
         let (id, wake) = {
             let mut st = cell.lock();
+            st.policy = policy.id;
             let windows = st.windows(policy);
             st.retention = st.retention.union(Retention::for_windows(&windows, self.guard));
             let retention = st.retention;
@@ -233,6 +248,30 @@ impl Limiter {
         let until = cell.lock().hold_until;
         let now = self.clock.now();
         (until > now).then(|| Duration::from_nanos(until - now))
+    }
+
+    /// Every key's state now, for status and metrics; keys in sorted order.
+    pub fn snapshot(&self, policies: &Policies) -> Vec<KeyStatus> {
+        let now = self.clock.now();
+        let mut out: Vec<KeyStatus> = self
+            .keys
+            .iter()
+            .filter_map(|entry| {
+                let st = entry.value().lock();
+                let policy = policies.0.get(usize::from(st.policy))?;
+                Some(KeyStatus {
+                    key: entry.key().clone(),
+                    policy: policy.name.clone(),
+                    windows: st.log.usage(&st.windows(policy), self.guard, now),
+                    queued: st.queue.len(),
+                    held_for: (st.hold_until > now).then(|| Duration::from_nanos(st.hold_until - now)),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            (&a.key.tenant, &a.policy, &a.key.app).cmp(&(&b.key.tenant, &b.policy, &b.key.app))
+        });
+        out
     }
 
     /// Drop keys whose windows have emptied and that nobody waits on.

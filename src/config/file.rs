@@ -33,6 +33,9 @@ pub struct File {
     /// Longest such wait.
     #[serde(default = "default_backoff_cap")]
     pub backoff_cap: String,
+    /// Per-tenant metrics name at most this many tenants; the rest are summed as `other`.
+    #[serde(default = "default_metrics_max_tenants")]
+    pub metrics_max_tenants: usize,
     /// Proxy listeners bound to a single upstream.
     #[serde(default, rename = "listener")]
     pub listeners: Vec<ListenerFile>,
@@ -64,6 +67,9 @@ fn default_backoff_base() -> String {
 }
 fn default_backoff_cap() -> String {
     "60s".into()
+}
+fn default_metrics_max_tenants() -> usize {
+    50
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]

@@ -209,6 +209,7 @@ pub fn validate(file: &File) -> Result<Config, Vec<String>> {
             retry_body_bytes: file.retry_body_bytes,
             backoff_base,
             backoff_cap,
+            metrics_max_tenants: file.metrics_max_tenants,
         })
     } else {
         Err(p.0)

@@ -1,0 +1,68 @@
+//! What operators see: `/quota` and the per-tenant quota metrics, bounded.
+
+mod support;
+
+use support::emulator::{Emulator, EmulatorConfig};
+use support::gateway::TestGateway;
+use support::{bearer, client};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quota_status_and_per_tenant_metrics_match_the_traffic() {
+    let emu = Emulator::start(EmulatorConfig::new()).await;
+    let gw = TestGateway::start(
+        &emu.url(),
+        r#"
+metrics_max_tenants = 2
+
+[[policy]]
+name = "incidents"
+paths = ["/api/incidents"]
+windows = [{ limit = 5, per = "20s" }, { limit = 100, per = "60s" }]
+"#,
+    )
+    .await;
+    let http = client();
+    for tenant in ["a", "a", "b", "c", "d"] {
+        let r = http
+            .get(gw.url("/api/incidents"))
+            .header("authorization", bearer(tenant, "app"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let quota: serde_json::Value =
+        http.get(gw.admin_url("/quota")).send().await.unwrap().json().await.unwrap();
+    let tenants = quota["tenants"].as_array().unwrap();
+    assert_eq!(tenants.len(), 4);
+    assert_eq!(tenants[0]["tenant"], "a");
+    let key = &tenants[0]["keys"][0];
+    assert_eq!((key["policy"].as_str(), key["app"].as_str()), (Some("incidents"), Some("app")));
+    let w = &key["windows"][0];
+    assert_eq!(
+        (w["limit"].as_u64(), w["used"].as_u64(), w["remaining"].as_u64()),
+        (Some(5), Some(2), Some(3))
+    );
+    assert_eq!(w["window_seconds"].as_f64(), Some(20.0));
+    let reset = w["reset_seconds"].as_f64().unwrap();
+    assert!(reset > 19.0 && reset <= 20.1, "{reset}");
+    assert_eq!(key["queued"], 0);
+    assert!(key["held_for_seconds"].is_null());
+
+    let used = |tenant: &str| {
+        format!("quotagate_quota_used{{policy=\"incidents\",tenant=\"{tenant}\",window=\"20s\"}}")
+    };
+    assert_eq!(gw.metric(&used("a")).await, 2.0);
+    assert_eq!(gw.metric(&used("b")).await, 1.0);
+    assert_eq!(gw.metric(&used("other")).await, 2.0, "c and d are folded into other");
+    let text = http.get(gw.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(!text.contains("tenant=\"c\"") && !text.contains("tenant=\"d\""), "tenant labels are bounded");
+    assert_eq!(
+        gw.metric("quotagate_quota_remaining{policy=\"incidents\",tenant=\"a\",window=\"60s\"}").await,
+        98.0
+    );
+    assert_eq!(
+        gw.metric("quotagate_quota_limit{policy=\"incidents\",tenant=\"other\",window=\"20s\"}").await,
+        10.0
+    );
+}
