@@ -119,13 +119,20 @@ async fn run(config: Config, workers: &quotagate::server::Workers) -> std::io::R
     for (addr, spec) in running.proxy_addrs.iter().zip(&running.gateway.config.listeners) {
         let upstream = spec.upstream.map(|u| running.gateway.config.upstreams[u].name.as_str());
         tracing::info!(%addr, upstream = upstream.unwrap_or("routed by host and path"), "proxy listening");
-        println!("quotagate: proxy listening on http://{addr}");
+        announce(format_args!("quotagate: proxy listening on http://{addr}"));
     }
     tracing::info!(addr = %running.admin_addr, "admin listening");
-    println!("quotagate: admin listening on http://{}", running.admin_addr);
+    announce(format_args!("quotagate: admin listening on http://{}", running.admin_addr));
     running.serve_until(shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// A line on stdout for whoever started the gateway; a closed stdout is not an error.
+fn announce(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}").and_then(|()| out.flush());
 }
 
 async fn shutdown_signal() {

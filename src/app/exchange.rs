@@ -65,6 +65,15 @@ pub(super) async fn once(
     }
 }
 
+/// What happened to a request, for its access-log line.
+#[derive(Debug, Default)]
+pub(super) struct Outcome {
+    pub decision: &'static str,
+    pub waited: Duration,
+    pub upstream_status: Option<u16>,
+    pub attempts: u32,
+}
+
 /// A metered call, identified and keyed.
 pub(super) struct Metered<'a> {
     pub worker: &'a Worker,
@@ -78,7 +87,7 @@ pub(super) struct Metered<'a> {
 }
 
 impl Metered<'_> {
-    pub(super) async fn run(self, req: Request) -> Response {
+    pub(super) async fn run(self, req: Request, outcome: &mut Outcome) -> Response {
         let gw = &*self.worker.gateway;
         let config = &*gw.config;
         let started = Instant::now();
@@ -87,7 +96,10 @@ impl Metered<'_> {
         let (replay, mut stream) = if keep_for_replay(&parts, &body, config.retry_body_bytes) {
             match Limited::new(body, limit(config.retry_body_bytes)).collect().await {
                 Ok(collected) => (Some(collected.to_bytes()), None),
-                Err(e) => return self.fail(GatewayError::BadBody { detail: e.to_string() }),
+                Err(e) => {
+                    outcome.decision = "bad_request";
+                    return self.fail(GatewayError::BadBody { detail: e.to_string() });
+                }
             }
         } else {
             (None, Some(body))
@@ -96,12 +108,14 @@ impl Metered<'_> {
         let mut attempt = 0;
         loop {
             attempt += 1;
+            outcome.attempts = attempt;
             let budget = self.max_wait.saturating_sub(started.elapsed());
             let admitted = match gw.limiter.acquire(&self.key, self.policy, budget, &self.metrics.depth).await
             {
                 Ok(admitted) => admitted,
                 Err(rejection) => {
                     let usage = rejection.usage.clone();
+                    outcome.decision = "rejected";
                     self.metrics.rejected.inc();
                     self.metrics.rejection(rejection.reason).inc();
                     tracing::debug!(policy = %self.policy.name, tenant = %self.tenant, reason = ?rejection.reason,
@@ -118,6 +132,7 @@ impl Metered<'_> {
             if !admitted.waited.is_zero() {
                 self.metrics.wait.observe(admitted.waited.as_secs_f64());
             }
+            outcome.waited += admitted.waited;
             // A streamed body is sent once: only a kept one is ever retried.
             let body = replay.clone().map_or_else(|| stream.take().unwrap_or_default(), Body::from);
             let sent = Instant::now();
@@ -131,12 +146,17 @@ impl Metered<'_> {
             .await
             {
                 Ok(response) => response,
-                Err(e) => return self.upstream_failed(e, &admitted),
+                Err(e) => {
+                    outcome.decision = "failed";
+                    return self.upstream_failed(e, &admitted);
+                }
             };
             observe(self.metrics, sent, response.status());
+            outcome.upstream_status = Some(response.status().as_u16());
             ratelimit::insert(response.headers_mut(), &admitted.usage);
             if !might_be_throttle(response.status()) {
                 let waited = attempt > 1 || !admitted.waited.is_zero();
+                outcome.decision = if waited { "queued" } else { "forwarded" };
                 if waited { &self.metrics.queued } else { &self.metrics.forwarded }.inc();
                 return response;
             }
@@ -150,6 +170,7 @@ impl Metered<'_> {
             else {
                 // A 503 or 504 without a time: the upstream's own answer.
                 self.metrics.forwarded.inc();
+                outcome.decision = "forwarded";
                 return Response::from_parts(head, Body::from(bytes));
             };
             let wait = self.obey(&throttle, attempt);
@@ -165,6 +186,7 @@ impl Metered<'_> {
                 continue;
             }
             self.metrics.rejected.inc();
+            outcome.decision = "upstream_throttled";
             let retry_after = gw.limiter.held_for(&self.key).unwrap_or(Duration::ZERO).max(wait);
             tracing::debug!(policy = %self.policy.name, tenant = %self.tenant, attempt, status = head.status.as_u16(),
                 retry_after_ms = retry_after.as_millis() as u64, "upstream throttle passed on");

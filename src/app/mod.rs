@@ -92,6 +92,7 @@ async fn proxy(worker: &Worker, bound: Option<usize>, req: Request) -> Response 
         let timeouts = config.unmetered_timeouts;
         return exchange::once(worker, upstream, metrics, req, &timeouts, &metrics.forwarded).await;
     };
+    let started = tokio::time::Instant::now();
     let who = match identity_from_headers(req.headers()) {
         Ok(who) => who,
         Err(e) => {
@@ -107,10 +108,28 @@ async fn proxy(worker: &Worker, bound: Option<usize>, req: Request) -> Response 
         policy,
         metrics,
         key: QuotaKey::new(policy.key, policy.id, &who),
-        tenant: who.tenant,
+        tenant: who.tenant.clone(),
         max_wait,
     };
-    call.run(req).await
+    let mut outcome = exchange::Outcome::default();
+    let response = call.run(req, &mut outcome).await;
+    if config.access_log {
+        // One line per metered request; never the token, the query string or the body.
+        tracing::info!(
+            tenant = %who.tenant,
+            app = %who.app,
+            client = "anonymous",
+            policy = %policy.name,
+            decision = outcome.decision,
+            queue_wait_ms = outcome.waited.as_millis() as u64,
+            upstream_status = outcome.upstream_status,
+            attempts = outcome.attempts,
+            status = response.status().as_u16(),
+            duration_ms = started.elapsed().as_millis() as u64,
+            "request"
+        );
+    }
+    response
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {

@@ -33,6 +33,9 @@ pub struct File {
     /// Longest such wait.
     #[serde(default = "default_backoff_cap")]
     pub backoff_cap: String,
+    /// One info line per metered request (tenant, app, policy, decision, wait, status).
+    #[serde(default = "default_true")]
+    pub access_log: bool,
     /// Per-tenant metrics name at most this many tenants; the rest are summed as `other`.
     #[serde(default = "default_metrics_max_tenants")]
     pub metrics_max_tenants: usize,
@@ -67,6 +70,9 @@ fn default_backoff_base() -> String {
 }
 fn default_backoff_cap() -> String {
     "60s".into()
+}
+fn default_true() -> bool {
+    true
 }
 fn default_metrics_max_tenants() -> usize {
     50

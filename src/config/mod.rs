@@ -44,6 +44,8 @@ pub struct Config {
     pub retry_body_bytes: u64,
     pub backoff_base: Duration,
     pub backoff_cap: Duration,
+    /// One info line per metered request.
+    pub access_log: bool,
     /// Per-tenant metrics name at most this many tenants.
     pub metrics_max_tenants: usize,
 }

@@ -210,6 +210,7 @@ pub fn validate(file: &File) -> Result<Config, Vec<String>> {
             backoff_base,
             backoff_cap,
             metrics_max_tenants: file.metrics_max_tenants,
+            access_log: file.access_log,
         })
     } else {
         Err(p.0)

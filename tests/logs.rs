@@ -1,0 +1,98 @@
+//! The real binary's logs at trace level: one access line per metered
+//! request, and never a token, an API key or a query's text.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Command, Stdio};
+
+use support::emulator::{Emulator, EmulatorConfig, QuotaRule};
+use support::gateway::config_text;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_at_trace_level_hold_no_token_and_no_query() {
+    let rule =
+        QuotaRule::new("hunting", &["/api/advancedhunting/run"], &[(1, std::time::Duration::from_secs(1))]);
+    let emu = Emulator::start(EmulatorConfig::new().quota(rule)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        config_text(
+            &emu.url(),
+            r#"
+[[policy]]
+name = "hunting"
+methods = ["POST"]
+paths = ["/api/advancedhunting/run"]
+windows = [{ limit = 5, per = "1s" }]
+max_wait = "3s"
+"#,
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_quotagate"))
+        .args(["--config", config.to_str().unwrap(), "--log-format", "json"])
+        .env("RUST_LOG", "trace")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Only the first line is read, then stdout is closed: the gateway must go
+    // on (it once panicked printing its admin address to a closed stdout).
+    let line = BufReader::new(child.stdout.take().unwrap()).lines().next().unwrap().unwrap();
+    let proxy = line.rsplit("http://").next().unwrap().to_string();
+    // Drain the logs as they come, so a full pipe never blocks the gateway.
+    let mut stderr = child.stderr.take().unwrap();
+    let drain = std::thread::spawn(move || {
+        let mut logs = String::new();
+        stderr.read_to_string(&mut logs).unwrap();
+        logs
+    });
+
+    let token = support::token("tenant-logs", "app-logs").replace(".sig", ".SIGNATURE-THAT-MUST-NOT-LEAK");
+    let query = "DeviceProcessEvents | where ProcessCommandLine has 'QUERY-TEXT-THAT-MUST-NOT-LEAK'";
+    let http = support::client();
+    for _ in 0..3 {
+        // The second call in the same second is throttled by the emulator and retried.
+        let r = http
+            .post(format!("http://{proxy}/api/advancedhunting/run"))
+            .header("authorization", format!("Bearer {token}"))
+            .json(&serde_json::json!({ "Query": query }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let bad = http
+        .post(format!("http://{proxy}/api/advancedhunting/run"))
+        .header("authorization", "Bearer BROKEN-TOKEN-THAT-MUST-NOT-LEAK")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 401);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let logs = drain.join().unwrap();
+
+    assert!(logs.lines().count() > 20, "trace logging is on:\n{logs}");
+    let payload = token.split('.').nth(1).unwrap();
+    for secret in [
+        payload,
+        "SIGNATURE-THAT-MUST-NOT-LEAK",
+        "QUERY-TEXT-THAT-MUST-NOT-LEAK",
+        "BROKEN-TOKEN-THAT-MUST-NOT-LEAK",
+    ] {
+        assert!(!logs.contains(secret), "{secret} leaked into the logs");
+    }
+    let access: Vec<serde_json::Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == "request")
+        .collect();
+    assert_eq!(access.len(), 3, "one access line per admitted metered request");
+    assert_eq!(access[0]["fields"]["tenant"], "tenant-logs");
+    assert_eq!(access[0]["fields"]["policy"], "hunting");
+    assert_eq!(access[0]["fields"]["status"], 200);
+    assert!(access.iter().any(|a| a["fields"]["attempts"] == 2), "a retried call says so: {access:?}");
+}
