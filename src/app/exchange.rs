@@ -161,11 +161,15 @@ impl Metered<'_> {
                 return response;
             }
             let (head, body) = response.into_parts();
-            let bytes = Limited::new(body, THROTTLE_BODY_LIMIT)
-                .collect()
-                .await
-                .map(|c| c.to_bytes())
-                .unwrap_or_default();
+            let bytes = match Limited::new(body, THROTTLE_BODY_LIMIT).collect().await {
+                Ok(collected) => collected.to_bytes(),
+                Err(e) => {
+                    // Never pass on a cut error body as if it were whole.
+                    outcome.decision = "failed";
+                    let detail = format!("its {} answer could not be read: {e}", head.status.as_u16());
+                    return failed(self.worker, self.upstream, self.metrics, UpstreamError::Protocol(detail));
+                }
+            };
             let Some(throttle) = throttle::parse(head.status, &head.headers, &bytes, SystemTime::now())
             else {
                 // A 503 or 504 without a time: the upstream's own answer.
