@@ -1,12 +1,16 @@
-//! The admin listener: liveness, readiness, quota status and Prometheus
-//! metrics, served apart from proxy traffic.
+//! The admin listener: the status page, liveness, readiness, quota status
+//! and Prometheus metrics, served apart from proxy traffic.
 
 mod quota;
+
+/// The status page: bars of every tenant's windows from `/quota`,
+/// refreshing by itself, with no external assets.
+const PAGE: &str = include_str!("page.html");
 
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::response::IntoResponse;
+use axum::response::{Html, IntoResponse};
 use axum::routing::get;
 use axum::Router;
 use http::header::CONTENT_TYPE;
@@ -15,6 +19,7 @@ use crate::app::Gateway;
 
 pub fn router(gateway: Arc<Gateway>) -> Router {
     Router::new()
+        .route("/", get(|| async { Html(PAGE) }))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
