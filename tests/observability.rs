@@ -66,3 +66,27 @@ windows = [{ limit = 5, per = "20s" }, { limit = 100, per = "60s" }]
         10.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_reports_each_upstream_and_fails_when_one_cannot_resolve() {
+    let emu = Emulator::start(EmulatorConfig::new()).await;
+    let gw = TestGateway::start(&emu.url(), "").await;
+    let r = client().get(gw.admin_url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["ready"], true);
+    assert_eq!(body["upstreams"].as_array().unwrap().len(), 3);
+
+    let text = support::gateway::config_text(&emu.url(), "").replace(
+        &format!("name = \"mde\"\nurl = \"{}\"", emu.url()),
+        "name = \"mde\"\nurl = \"http://no-such-host.invalid\"",
+    );
+    assert!(text.contains("no-such-host.invalid"));
+    let gw = TestGateway::start_with(&text).await;
+    let r = client().get(gw.admin_url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["ready"], false);
+    let mde = body["upstreams"].as_array().unwrap().iter().find(|u| u["name"] == "mde").unwrap();
+    assert_eq!(mde["resolvable"], false);
+}

@@ -27,13 +27,32 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .with_state(gateway)
 }
 
+/// Ready when the config is loaded (it is, or the process would not be
+/// serving), the quota store answers (in memory: always) and every upstream
+/// host resolves. 503 with the same body otherwise.
 async fn ready(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
-    axum::Json(serde_json::json!({
-        "ready": true,
-        "policies": gw.config.policies.0.len(),
-        "upstreams": gw.config.upstreams.iter().map(|u| &u.name).collect::<Vec<_>>(),
+    let mut upstreams = Vec::new();
+    for u in &gw.config.upstreams {
+        let port =
+            u.authority.port_u16().unwrap_or(if u.scheme == http::uri::Scheme::HTTPS { 443 } else { 80 });
+        let lookup = tokio::net::lookup_host((u.authority.host(), port));
+        let resolvable = match tokio::time::timeout(std::time::Duration::from_secs(2), lookup).await {
+            Ok(Ok(mut addrs)) => addrs.next().is_some(),
+            _ => false,
+        };
+        upstreams
+            .push(serde_json::json!({"name": u.name, "host": u.authority.host(), "resolvable": resolvable}));
+    }
+    let ready = upstreams.iter().all(|u| u["resolvable"] == true);
+    let status = if ready { http::StatusCode::OK } else { http::StatusCode::SERVICE_UNAVAILABLE };
+    let body = serde_json::json!({
+        "ready": ready,
+        "config": {"loaded": true, "policies": gw.config.policies.0.len()},
+        "store": {"kind": "memory", "reachable": true},
+        "upstreams": upstreams,
         "keys": gw.limiter.keys(),
-    }))
+    });
+    (status, axum::Json(body))
 }
 
 async fn metrics(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
