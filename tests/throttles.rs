@@ -354,3 +354,75 @@ async fn reject_mode_passes_an_upstream_throttle_on_at_once() {
     );
     assert_eq!(emu.count(), 1);
 }
+
+const FLAKY: &str = r#"
+[[policy]]
+name = "flaky"
+paths = ["/api/test/flaky/**", "/api/test/status/**", "/v1.0/test/flaky/**"]
+windows = [{ limit = 100, per = "1s" }]
+max_wait = "6s"
+"#;
+
+/// Graph 503 and 504 with `Retry-After` are waited out and retried, as the
+/// Graph SDKs do; without `Retry-After` they are the upstream's own answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graph_503_and_504_with_retry_after_are_retried() {
+    let emu = Emulator::start(EmulatorConfig::new()).await;
+    let gw = TestGateway::start(&emu.url(), FLAKY).await;
+    let http = client();
+    for (path, server_time) in [
+        ("/v1.0/test/flaky/503/1?retry_after=1", Duration::from_secs(1)),
+        ("/v1.0/test/flaky/504/2?retry_after=0.4", Duration::from_millis(400)),
+    ] {
+        let started = Instant::now();
+        let r = http.get(gw.url(path)).header("authorization", bearer("t", "a")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        assert!(started.elapsed() >= server_time, "{path}");
+    }
+    let seen = emu.requests();
+    assert_eq!(seen.len(), 2 + 3);
+    assert!(seen[1].at - seen[0].at >= Duration::from_millis(995));
+    assert!(
+        seen[3].at - seen[2].at >= Duration::from_millis(395)
+            && seen[4].at - seen[3].at >= Duration::from_millis(395)
+    );
+
+    let r = http
+        .get(gw.url("/v1.0/test/flaky/503/5"))
+        .header("authorization", bearer("t", "a"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503, "a 503 without a time is passed on");
+    assert_eq!(emu.count(), 6, "and not retried");
+}
+
+/// A concurrency throttle (live response sessions) waits and retries only
+/// the request that got it; the key is not held for anyone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrency_throttle_affects_only_its_request() {
+    let emu = Emulator::start(EmulatorConfig::new()).await;
+    let gw = TestGateway::start(&emu.url(), FLAKY).await;
+    let http = client();
+    let busy = http
+        .post(gw.url("/api/test/flaky/429/1?retry_after=1&message=Maximum%20concurrent%20live%20response%20sessions%20reached"))
+        .header("authorization", bearer("t", "a"));
+    let started = Instant::now();
+    let busy = tokio::spawn(async move { busy.send().await.map(|r| r.status().as_u16()) });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let other = http
+        .get(gw.url("/api/test/status/200"))
+        .header("authorization", bearer("t", "a"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 200);
+    assert!(started.elapsed() < Duration::from_millis(700), "the same key is not held");
+    assert_eq!(busy.await.unwrap().unwrap(), 200, "the throttled request itself is retried");
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    assert_eq!(
+        gw.metric("quotagate_upstream_throttles_total{kind=\"concurrency\",policy=\"flaky\"}").await,
+        1.0
+    );
+    assert_eq!(gw.metric("quotagate_upstream_holds_total{policy=\"flaky\"}").await, 0.0);
+}

@@ -13,7 +13,7 @@
 //!   the Graph envelope, which never names the wait;
 //! - lets a test play another consumer of the same budget ([`Emulator::spend`]);
 //! - answers canned success bodies (hunting, incidents, `{"value":[]}`) and offers test
-//!   endpoints under `/api/test/` (and `/v1.0/test/`): `status/{code}`, `bytes/{n}`, `gzip`,
+//!   endpoints under `/api/test/` (and `/v1.0/test/`): `status/{code}`, `flaky/{code}/{n}`, `bytes/{n}`, `gzip`,
 //!   `echo`, `slow/{ms}`; any request carrying [`DELAY_HEADER`] (`x-emulator-delay-ms: N`) is
 //!   answered N ms late (the metering decision still falls on arrival);
 //! - plays transport [`Fault`]s switched at run time with [`Emulator::set_fault`];
@@ -198,6 +198,8 @@ struct Inner {
     seen: Vec<SeenRequest>,
     /// Accepted arrival times per quota key, oldest first.
     arrivals: HashMap<String, VecDeque<Instant>>,
+    /// Requests seen per flaky path and query.
+    flaky: HashMap<String, usize>,
 }
 
 struct Shared {
@@ -341,6 +343,9 @@ enum Route {
     Gzip,
     Echo,
     Slow(u64),
+    /// `flaky/{status}/{n}`: the first n requests to the exact path and query answer `status`
+    /// (with `?retry_after=S` as `Retry-After` and `&message=M` in the error body), then 200.
+    Flaky(u16, usize),
     BadTest,
     /// A fixed JSON body with status 200.
     Canned(&'static str),
@@ -358,6 +363,10 @@ impl Route {
                 },
                 "bytes" => arg.parse().map_or(Route::BadTest, Route::Bytes),
                 "slow" => arg.parse().map_or(Route::BadTest, Route::Slow),
+                "flaky" => match arg.split_once('/').map(|(s, n)| (s.parse::<u16>(), n.parse::<usize>())) {
+                    Some((Ok(s), Ok(n))) if (400..600).contains(&s) => Route::Flaky(s, n),
+                    _ => Route::BadTest,
+                },
                 "gzip" => Route::Gzip,
                 "echo" => Route::Echo,
                 _ => Route::BadTest,
@@ -376,7 +385,7 @@ impl Route {
 
     fn status(&self) -> u16 {
         match self {
-            Route::Status(c) => *c,
+            Route::Status(c) | Route::Flaky(c, _) => *c,
             Route::BadTest => 400,
             _ => 200,
         }
@@ -466,7 +475,22 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
             (Some(_), None) => Verdict::Unauthorized,
             (Some(r), Some((tid, app))) => meter(&mut inner, r, r.key_for(tid, app.as_deref()), now),
         };
+        let flaky_fails = match route {
+            Route::Flaky(_, first) if matches!(verdict, Verdict::Pass) => {
+                let seen = inner.flaky.entry(path_and_query.clone()).or_insert(0);
+                *seen += 1;
+                *seen <= first
+            }
+            _ => false,
+        };
         let status = match verdict {
+            Verdict::Pass if matches!(route, Route::Flaky(..)) => {
+                if flaky_fails {
+                    route.status()
+                } else {
+                    200
+                }
+            }
             Verdict::Pass => route.status(),
             Verdict::Unauthorized => 401,
             Verdict::Throttled { .. } => 429,
@@ -484,8 +508,9 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
             status,
             admitted: rule.is_some() && matches!(verdict, Verdict::Pass),
         });
-        (inner.seen.len() - 1, verdict)
+        (inner.seen.len() - 1, (verdict, flaky_fails))
     };
+    let (verdict, flaky_fails) = verdict;
 
     let body = axum::body::to_bytes(body, usize::MAX).await.unwrap_or_default();
     shared.lock().seen[idx].body = body.clone();
@@ -515,7 +540,35 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
             }
             std::future::pending().await
         }
+        Verdict::Pass if matches!(route, Route::Flaky(..)) => flaky(&route, flaky_fails, graph, &parts.uri),
         Verdict::Pass => respond(route, &parts.method, &path_and_query, &parts.headers, body).await,
+    }
+}
+
+/// The answer of a `flaky/{status}/{n}` request: its error while it fails, then 200.
+fn flaky(route: &Route, fails: bool, graph: bool, uri: &http::Uri) -> Response {
+    let Route::Flaky(status, _) = *route else { unreachable!("only flaky routes") };
+    if !fails {
+        return json_response(200, json!({"value": []}));
+    }
+    let param = |name: &str| {
+        uri.query()?
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+            .map(|v| v.replace('+', " ").replace("%20", " ").replace("%27", "'"))
+    };
+    let message = param("message").unwrap_or_else(|| format!("status {status}"));
+    let code = if status == 429 { "TooManyRequests" } else { "ServiceUnavailable" };
+    let body = if graph {
+        json!({"error": {"code": code, "innerError": {"code": status.to_string(), "date": utc_now(),
+            "message": message, "request-id": request_id(), "status": status.to_string()}, "message": message}})
+    } else {
+        json!({"error": {"code": status.to_string(), "message": message, "target": "flaky"}})
+    };
+    let response = json_response(status, body);
+    match param("retry_after") {
+        Some(s) => with_header(response, "retry-after", &s),
+        None => response,
     }
 }
 
@@ -570,6 +623,7 @@ fn throttled(
 
 async fn respond(route: Route, method: &Method, pq: &str, headers: &HeaderMap, body: Bytes) -> Response {
     match route {
+        Route::Flaky(..) => unreachable!("flaky routes are answered by flaky()"),
         Route::Status(code) => {
             let err =
                 json!({"error": {"code": format!("Status{code}"), "message": format!("status {code}")}});
