@@ -24,7 +24,9 @@ fn incidents_upstream(limit: u32, per: Duration) -> EmulatorConfig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_times_the_quota_for_five_windows_gets_no_upstream_429_and_uses_the_quota() {
     let emu = Emulator::start(incidents_upstream(50, SEC)).await;
-    let gw = TestGateway::start(
+    // A 50 ms guard: the other tests of this file run at the same time on two
+    // cores, and the guard must cover the jitter between admission and arrival.
+    let text = support::gateway::config_text(
         &emu.url(),
         r#"
 [[policy]]
@@ -35,7 +37,8 @@ max_wait = "1500ms"
 max_queue = 1000
 "#,
     )
-    .await;
+    .replace("guard = \"5ms\"", "guard = \"50ms\"");
+    let gw = TestGateway::start_with(&text).await;
     let http = client();
     let auth = bearer("tenant-1", "app-1");
     let rate = 150.0; // 3 × 50 per second

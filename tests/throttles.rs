@@ -28,6 +28,7 @@ methods = ["POST"]
 paths = ["/api/advancedhunting/run", "/v1.0/security/runHuntingQuery"]
 windows = [{ limit = 5, per = "2s" }]
 max_wait = "6s"
+hunting = true
 "#;
 
 fn upstream(rule: QuotaRule) -> EmulatorConfig {
@@ -194,24 +195,36 @@ async fn a_retry_that_does_not_fit_is_an_honest_429() {
     assert_eq!(emu.count(), 1, "the held call never reached the upstream");
 }
 
-/// A running-time throttle is recognised and held like the service asks.
+/// A running-time throttle holds the tenant's running time: every app of
+/// the tenant waits for hunting, while its other APIs go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_running_time_throttle_is_recognised() {
+async fn a_running_time_throttle_holds_the_tenants_hunting() {
     let rule = QuotaRule::new("hunting", &["/api/advancedhunting/run"], &[(5, Duration::from_secs(2))])
         .running_time();
     let emu = Emulator::start(upstream(rule)).await;
     let gw = TestGateway::start(&emu.url(), POLICY).await;
     emu.spend("hunting", "t", "a", 5);
-    let r = client()
-        .post(gw.url("/api/advancedhunting/run"))
-        .header("authorization", bearer("t", "a"))
-        .json(&serde_json::json!({"Query": "DeviceEvents | take 1"}))
-        .send()
-        .await
-        .unwrap();
+    let http = client();
+    let hunt = |app: &str| {
+        http.post(gw.url("/api/advancedhunting/run"))
+            .header("authorization", bearer("t", app))
+            .json(&serde_json::json!({"Query": "DeviceEvents | take 1"}))
+            .send()
+    };
+    let first = tokio::spawn(hunt("a"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let incidents_started = Instant::now();
+    let r =
+        http.get(gw.url("/api/incidents")).header("authorization", bearer("t", "a")).send().await.unwrap();
     assert_eq!(r.status(), 200);
+    assert!(incidents_started.elapsed() < Duration::from_millis(300), "other APIs are not held");
+    assert_eq!(hunt("b").await.unwrap().status(), 200, "another app of the tenant waits, then goes");
+    assert_eq!(first.await.unwrap().unwrap().status(), 200);
     assert_eq!(emu.throttled(), 1);
-    assert_obeyed(&emu, Duration::from_secs(1));
+    let seen = emu.requests();
+    let throttled_at = seen.iter().find(|r| r.status == 429).unwrap().at;
+    let app_b = seen.iter().find(|r| r.app.as_deref() == Some("b")).unwrap();
+    assert!(app_b.at - throttled_at >= Duration::from_millis(995), "app b waited out the tenant's hold");
     assert_eq!(
         gw.metric("quotagate_upstream_throttles_total{kind=\"running_time\",policy=\"hunting\"}").await,
         1.0

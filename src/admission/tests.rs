@@ -25,6 +25,7 @@ fn policy(mode: Mode, limit: u32, per: Duration, max_queue: usize, max_wait: Dur
         max_wait,
         max_queue,
         max_attempts: 1,
+        hunting: false,
         timeouts: Timeouts {
             connect: Duration::from_secs(1),
             header: Duration::from_secs(1),

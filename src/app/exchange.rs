@@ -2,10 +2,11 @@
 //! happens when the upstream throttles anyway or fails.
 //!
 //! * An upstream throttle (a 429, or a Graph 503/504 with `Retry-After`) is
-//!   parsed ([`throttle::parse`]). A call-rate or running-time throttle holds
-//!   the call's key until the server's time, so queued and new requests for
-//!   that key wait or are told the exact remaining time; other keys are
-//!   untouched. A concurrency throttle affects only this request. A lower
+//!   parsed ([`throttle::parse`]). A call-rate throttle holds the call's key
+//!   until the server's time, so queued and new requests for that key wait or
+//!   are told the exact remaining time; other keys are untouched. A
+//!   running-time throttle on a hunting policy holds the tenant's running
+//!   time instead: every app of the tenant waits for hunting. A concurrency throttle affects only this request. A lower
 //!   limit revealed by the message tightens the key's windows.
 //! * In queue mode, the call is retried after the server's time when that fits in its wait
 //!   budget (the policy's `max_wait`, or the caller's shorter header), its
@@ -29,7 +30,7 @@ use http_body_util::{BodyExt, Limited};
 use tokio::time::Instant;
 
 use super::{ratelimit, Worker};
-use crate::admission::Admitted;
+use crate::admission::{Admitted, Reason, Rejection};
 use crate::error::{GatewayError, THROTTLED_BY};
 use crate::metrics::{Failure, PolicyMetrics};
 use crate::policy::{Mode, Policy, Timeouts};
@@ -109,6 +110,16 @@ impl Metered<'_> {
         loop {
             attempt += 1;
             outcome.attempts = attempt;
+            if let Err(rejection) = self.wait_out_running_time(started, outcome).await {
+                outcome.decision = "rejected";
+                self.metrics.rejected.inc();
+                self.metrics.rejection(rejection.reason).inc();
+                return self.fail(GatewayError::Throttled {
+                    policy: self.policy.name.clone(),
+                    tenant: self.tenant.clone(),
+                    rejection,
+                });
+            }
             let budget = self.max_wait.saturating_sub(started.elapsed());
             let admitted = match gw.limiter.acquire(&self.key, self.policy, budget, &self.metrics.depth).await
             {
@@ -214,8 +225,15 @@ impl Metered<'_> {
                 std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), attempt);
             throttle::backoff(attempt - 1, config.backoff_base, config.backoff_cap, jitter)
         });
+        match throttle.kind {
+            // Running time is the tenant's, whichever app spent it.
+            Kind::RunningTime if self.policy.hunting => {
+                gw.limiter.hold(&QuotaKey::running_time(&self.tenant), wait)
+            }
+            Kind::RunningTime | Kind::CallRate => gw.limiter.hold(&self.key, wait),
+            Kind::Concurrency => {}
+        }
         if throttle.kind != Kind::Concurrency {
-            gw.limiter.hold(&self.key, wait);
             self.metrics.holds.inc();
         }
         if let Some((limit, per)) = throttle.revealed {
@@ -229,6 +247,31 @@ impl Metered<'_> {
         tracing::info!(policy = %self.policy.name, tenant = %self.tenant, kind = ?throttle.kind,
             wait_ms = wait.as_millis() as u64, "upstream throttled");
         wait
+    }
+
+    /// A hunting call waits while its tenant's running time is held by the
+    /// upstream, or is turned away with the exact remaining time when the
+    /// hold outlasts its wait budget.
+    async fn wait_out_running_time(&self, started: Instant, outcome: &mut Outcome) -> Result<(), Rejection> {
+        if !self.policy.hunting {
+            return Ok(());
+        }
+        let Some(held) = self.worker.gateway.limiter.held_for(&QuotaKey::running_time(&self.tenant)) else {
+            return Ok(());
+        };
+        let reason = if self.policy.mode == Mode::Reject {
+            Some(Reason::NoSlot)
+        } else if started.elapsed() + held > self.max_wait {
+            Some(Reason::WaitTooLong)
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            return Err(Rejection { reason, retry_after: held, window: None, usage: Vec::new() });
+        }
+        tokio::time::sleep(held).await;
+        outcome.waited += held;
+        Ok(())
     }
 
     fn upstream_failed(&self, e: UpstreamError, admitted: &Admitted) -> Response {

@@ -130,6 +130,10 @@ pub struct PolicyFile {
     pub key: Option<String>,
     /// Attempts at the upstream, the first included, when it throttles.
     pub max_attempts: Option<u32>,
+    /// Advanced hunting: its calls spend the tenant's running time, so a
+    /// running-time throttle holds every app of the tenant.
+    #[serde(default)]
+    pub hunting: bool,
     pub mode: Option<String>,
     pub max_wait: Option<String>,
     pub max_queue: Option<usize>,

@@ -95,6 +95,7 @@ pub fn validate(file: &File) -> Result<Config, Vec<String>> {
         windows: vec![],
         key: Some(d.key.clone().unwrap_or_else(|| "tenant+app+policy".into())),
         max_attempts: Some(d.max_attempts.unwrap_or(3)),
+        hunting: false,
         mode: Some(d.mode.clone().unwrap_or_else(|| "queue".into())),
         max_wait: Some(d.max_wait.clone().unwrap_or_else(|| "60s".into())),
         max_queue: Some(d.max_queue.unwrap_or(500)),
@@ -189,10 +190,11 @@ pub fn validate(file: &File) -> Result<Config, Vec<String>> {
             max_wait,
             max_queue,
             max_attempts: max_attempts.max(1),
+            hunting: pf.hunting,
             timeouts,
         });
     }
-    if file.policies.len() > usize::from(u16::MAX) {
+    if file.policies.len() >= usize::from(u16::MAX) {
         p.push("policy", "too many policies");
     }
 

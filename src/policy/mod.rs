@@ -50,6 +50,8 @@ pub struct Policy {
     pub max_queue: usize,
     /// Attempts at the upstream when it throttles, the first included (≥ 1).
     pub max_attempts: u32,
+    /// Advanced hunting: subject to the tenant's running-time holds.
+    pub hunting: bool,
     pub timeouts: Timeouts,
 }
 
