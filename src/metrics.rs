@@ -238,7 +238,7 @@ impl Metrics {
 }
 
 /// Per tenant, policy and window: limit, used, remaining and seconds to the
-/// next free slot. Tenants past the first `max_tenants` (in sorted order)
+/// next free slot; per policy, the keys under an upstream hold. Tenants past the first `max_tenants` (in sorted order)
 /// are summed under `other`; the time to the next slot takes their soonest.
 fn quota_families(keys: &[KeyStatus], max_tenants: usize) -> Vec<MetricFamily> {
     let registry = Registry::new();
@@ -253,9 +253,16 @@ fn quota_families(keys: &[KeyStatus], max_tenants: usize) -> Vec<MetricFamily> {
     let remaining = gauge("quotagate_quota_remaining", "Calls the window still allows now.");
     let reset =
         gauge("quotagate_quota_next_slot_seconds", "Seconds until the oldest counted call stops counting.");
+    let holds = prometheus::IntGaugeVec::new(
+        Opts::new("quotagate_upstream_holds_active", "Keys the upstream has asked to pause, now."),
+        &["policy"],
+    )
+    .expect("valid metric");
+    registry.register(Box::new(holds.clone())).expect("unique metric");
     let mut named = std::collections::BTreeSet::new();
     let mut soonest: BTreeMap<[String; 3], f64> = BTreeMap::new();
     for k in keys {
+        holds.with_label_values(&[k.policy.as_str()]).add(i64::from(k.held_for.is_some()));
         let tenant = if named.contains(&*k.key.tenant) || named.len() < max_tenants {
             named.insert(&*k.key.tenant);
             &*k.key.tenant

@@ -439,3 +439,24 @@ async fn a_concurrency_throttle_affects_only_its_request() {
     );
     assert_eq!(gw.metric("quotagate_upstream_holds_total{policy=\"flaky\"}").await, 0.0);
 }
+
+/// A hold in force shows in `/quota` and in the metrics while it lasts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_in_force_is_visible_to_operators() {
+    let emu = Emulator::start(upstream(incidents(ThrottleStyle::HeaderAndBody))).await;
+    let gw = TestGateway::start(&emu.url(), POLICY).await;
+    emu.spend("incidents", "t", "a", 5);
+    let r = client()
+        .get(gw.url("/api/incidents"))
+        .header("authorization", bearer("t", "a"))
+        .header("x-quotagate-max-wait", "0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(gw.metric("quotagate_upstream_holds_active{policy=\"incidents\"}").await, 1.0);
+    let quota: serde_json::Value =
+        client().get(gw.admin_url("/quota")).send().await.unwrap().json().await.unwrap();
+    let held = quota["tenants"][0]["keys"][0]["held_for_seconds"].as_f64().unwrap();
+    assert!(held > 1.0 && held <= 2.0, "{held}");
+}
