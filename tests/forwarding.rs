@@ -95,6 +95,7 @@ async fn requests_reach_the_upstream_unchanged_but_for_hop_by_hop_headers() {
     let r = http
         .request(reqwest::Method::PATCH, gw.url("/api/test/echo?$filter=status%20eq%20%27Active%27&x=1"))
         .header("x-custom", "kept")
+        .header("x-quotagate-max-wait", "5")
         .header("connection", "keep-alive, x-private")
         .header("x-private", "dropped")
         .header("host", "evil.example.com")
@@ -108,6 +109,7 @@ async fn requests_reach_the_upstream_unchanged_but_for_hop_by_hop_headers() {
     assert_eq!(seen.path_and_query, "/api/test/echo?$filter=status%20eq%20%27Active%27&x=1");
     assert_eq!(seen.headers["x-custom"], "kept");
     assert!(seen.headers.get("x-private").is_none());
+    assert!(seen.headers.get("x-quotagate-max-wait").is_none(), "the gateway's own header stays here");
     assert_eq!(seen.headers["host"], emu.addr().to_string(), "Host is the upstream's, never the client's");
     assert_eq!(seen.body, body, "a streamed upload arrives byte for byte");
 }

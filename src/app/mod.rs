@@ -24,7 +24,7 @@ use crate::upstream::{route, ApiKind, Clients};
 
 /// Request header with which a caller shortens its own maximum queue wait,
 /// in seconds (fractions allowed). It can only shorten the policy's wait.
-pub const MAX_WAIT_HEADER: &str = "x-quotagate-max-wait";
+pub const MAX_WAIT_HEADER: http::HeaderName = crate::upstream::forward::GATEWAY_ONLY;
 
 /// Everything a request needs that all workers share.
 pub struct Gateway {

@@ -31,6 +31,9 @@ pub enum UpstreamError {
     Protocol(String),
 }
 
+/// The request header with which a caller shortens its own wait.
+pub const GATEWAY_ONLY: HeaderName = HeaderName::from_static("x-quotagate-max-wait");
+
 const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
@@ -83,6 +86,8 @@ pub async fn send(
     parts.version = http::Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(header::HOST);
+    // Said to the gateway, not to the upstream.
+    parts.headers.remove(GATEWAY_ONLY);
     let announced = parts.headers.contains_key(header::CONTENT_LENGTH);
     let body = if announced || http_body::Body::is_end_stream(&body) {
         body
