@@ -93,18 +93,12 @@ impl Metered<'_> {
         let config = &*gw.config;
         let started = Instant::now();
         let (parts, body) = req.into_parts();
-        // Keep the body for a replay when it is small; stream it once otherwise.
-        let (replay, mut stream) = if keep_for_replay(&parts, &body, config.retry_body_bytes) {
-            match Limited::new(body, limit(config.retry_body_bytes)).collect().await {
-                Ok(collected) => (Some(collected.to_bytes()), None),
-                Err(e) => {
-                    outcome.decision = "bad_request";
-                    return self.fail(GatewayError::BadBody { detail: e.to_string() });
-                }
-            }
-        } else {
-            (None, Some(body))
-        };
+        // A small body is kept for a replay, a larger one streamed once. It is
+        // read only once the call is admitted: a queued request's body waits
+        // in its connection, not in the gateway's memory.
+        let keep = keep_for_replay(&parts, &body, config.retry_body_bytes);
+        let mut stream = Some(body);
+        let mut replay: Option<bytes::Bytes> = None;
         let client = self.worker.clients.get(self.policy.timeouts.connect);
         let mut attempt = 0;
         loop {
@@ -144,6 +138,18 @@ impl Metered<'_> {
                 self.metrics.wait.observe(admitted.waited.as_secs_f64());
             }
             outcome.waited += admitted.waited;
+            if keep && replay.is_none() {
+                let body = stream.take().unwrap_or_default();
+                match Limited::new(body, limit(config.retry_body_bytes)).collect().await {
+                    Ok(collected) => replay = Some(collected.to_bytes()),
+                    Err(e) => {
+                        // Nothing was sent: the slot is not spent.
+                        gw.limiter.refund(&self.key, &admitted);
+                        outcome.decision = "bad_request";
+                        return self.fail(GatewayError::BadBody { detail: e.to_string() });
+                    }
+                }
+            }
             // A streamed body is sent once: only a kept one is ever retried.
             let body = replay.clone().map_or_else(|| stream.take().unwrap_or_default(), Body::from);
             let sent = Instant::now();
