@@ -20,6 +20,7 @@ pub mod admission;
 pub mod app;
 pub mod config;
 pub mod error;
+pub mod hunting;
 pub mod identity;
 pub mod metrics;
 pub mod policy;
