@@ -279,7 +279,7 @@ impl Emulator {
         let key = r.unwrap_or_else(|| panic!("no quota rule named {rule:?}")).key_for(tenant, Some(app));
         let mut inner = self.shared.lock();
         let now = Instant::now();
-        inner.arrivals.entry(key).or_default().extend(std::iter::repeat(now).take(n));
+        inner.arrivals.entry(key).or_default().extend(std::iter::repeat_n(now, n));
     }
 
     /// Switches the fault that requests arriving from now on meet, on new and kept-alive
