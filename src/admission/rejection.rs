@@ -29,15 +29,8 @@ pub struct Rejection {
     pub usage: Vec<WindowUse>,
 }
 
-impl Rejection {
-    /// `Retry-After` in whole seconds, rounded up, at least 1: a client that
-    /// waits this long finds its slot free.
-    pub fn retry_after_secs(&self) -> u64 {
-        whole_seconds(self.retry_after)
-    }
-}
-
-/// A wait as `Retry-After` states it: whole seconds, rounded up, at least 1.
+/// A wait as `Retry-After` states it: whole seconds, rounded up, at least 1,
+/// so a client that waits this long finds its slot free.
 pub fn whole_seconds(d: Duration) -> u64 {
     (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
 }
@@ -48,15 +41,10 @@ mod tests {
 
     #[test]
     fn retry_after_rounds_up_to_whole_seconds() {
-        let r = |ms| Rejection {
-            reason: Reason::NoSlot,
-            retry_after: Duration::from_millis(ms),
-            window: None,
-            usage: vec![],
-        };
-        assert_eq!(r(1).retry_after_secs(), 1);
-        assert_eq!(r(1000).retry_after_secs(), 1);
-        assert_eq!(r(1001).retry_after_secs(), 2);
-        assert_eq!(r(0).retry_after_secs(), 1);
+        let r = |ms| whole_seconds(Duration::from_millis(ms));
+        assert_eq!(r(1), 1);
+        assert_eq!(r(1000), 1);
+        assert_eq!(r(1001), 2);
+        assert_eq!(r(0), 1);
     }
 }

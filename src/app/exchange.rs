@@ -118,8 +118,8 @@ impl Metered<'_> {
             let admitted = match gw.limiter.acquire(&self.key, self.policy, budget, &self.metrics.depth).await
             {
                 Ok(admitted) => admitted,
-                Err(rejection) => {
-                    let usage = rejection.usage.clone();
+                Err(mut rejection) => {
+                    let usage = std::mem::take(&mut rejection.usage);
                     outcome.decision = "rejected";
                     self.metrics.rejected.inc();
                     self.metrics.rejection(rejection.reason).inc();
@@ -301,9 +301,7 @@ fn might_be_throttle(status: StatusCode) -> bool {
 /// A body is kept for replay when it is empty or announced and small.
 fn keep_for_replay(parts: &Parts, body: &Body, limit: u64) -> bool {
     use http_body::Body as _;
-    let announced =
-        parts.headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    body.is_end_stream() || announced.is_some_and(|n| n <= limit)
+    body.is_end_stream() || super::content_length(&parts.headers).is_some_and(|n| n <= limit)
 }
 
 fn limit(bytes: u64) -> usize {

@@ -132,6 +132,7 @@ async fn proxy(worker: &Worker, bound: Option<usize>, req: Request) -> Response 
     response
 }
 
+/// The announced body length, when there is a valid one.
 fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }

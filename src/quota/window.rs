@@ -115,12 +115,6 @@ impl AdmissionLog {
         self.times.is_empty()
     }
 
-    /// Admissions in the half-open interval `(now - per, now]`.
-    pub fn used(&self, per: Duration, now: u64) -> usize {
-        let per = u64::try_from(per.as_nanos()).unwrap_or(u64::MAX);
-        self.times.iter().rev().take_while(|&&t| t.saturating_add(per) > now).count()
-    }
-
     /// How much of each window is used at `now`, for rate-limit headers and
     /// status: admissions in `(now - per, now]`, and the time until the
     /// oldest of them stops counting (its slot frees, guard included).
@@ -402,8 +396,9 @@ mod tests {
         for t in [0, 500 * MS, 999 * MS, 1000 * MS] {
             log.record(t, ALL);
         }
-        assert_eq!(log.used(Duration::from_secs(1), 1000 * MS), 3);
-        assert_eq!(log.used(Duration::from_secs(1), 1500 * MS), 2);
+        let used = |now| log.usage(&[w(10, 1000)], Duration::ZERO, now)[0].used;
+        assert_eq!(used(1000 * MS), 3);
+        assert_eq!(used(1500 * MS), 2);
     }
 
     proptest! {
