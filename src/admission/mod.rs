@@ -15,6 +15,7 @@
 
 mod place;
 pub mod rejection;
+pub mod runtime;
 
 use std::borrow::Cow;
 use std::collections::VecDeque;

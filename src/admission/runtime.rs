@@ -1,0 +1,630 @@
+//! Admit a hunting query against its tenant's running-time budgets, wait for
+//! the exact moment the [`Ledger`] has room, or reject it with that time.
+//!
+//! Each running-time key (the tenant, or tenant and app) has a ledger, a
+//! FIFO queue and the costs of its recent queries under one mutex. A query
+//! reserves an **estimate** of its cost while it runs: the configured
+//! default until the key has history, then a high percentile of the key's
+//! recent metered costs. The [`Reservation`] is an RAII guard that ends in
+//! exactly one of three ways:
+//!
+//! * [`Reservation::settle`]: the metered cost (`Stats.ExecutionTime`, or the
+//!   wall time for Graph) replaces the estimate;
+//! * [`Reservation::release`]: nothing ran (the connection was refused, or the
+//!   upstream throttled the call), so nothing is charged;
+//! * dropped unsettled (the client went away, the upstream failed, the body
+//!   ended without `Stats`): the cost is unknown, and the **conservative
+//!   rule** charges the larger of the estimate and the time since the query
+//!   was sent (until its response headers, when they came). The service may
+//!   finish a query whose caller left, so this never undercharges a
+//!   cancelled query that was sent; a query never sent is released.
+//!
+//! When the ledger says when room frees ([`Fit::At`]), the head of the queue
+//! sleeps until that moment and a rejection carries that exact time. When
+//! only queries in flight hold the room ([`Fit::Unknown`]), nobody can know
+//! when it frees: the head waits for a completion (every settle or release
+//! wakes it) up to its maximum wait, and a rejection's `Retry-After` falls
+//! back to the policy's maximum wait. An optional cap on queries in flight
+//! per key is waited for the same way.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use prometheus::IntGauge;
+use tokio::sync::Notify;
+
+use super::Reason;
+use crate::policy::Mode;
+use crate::quota::ledger::nanos;
+use crate::quota::{Budget, BudgetUse, Clock, Fit, Ledger, QuotaKey};
+
+/// How a key's queries are admitted: the budgets of the policy, and the
+/// gateway's estimate settings.
+#[derive(Debug, Clone)]
+pub struct Demand<'a> {
+    pub budgets: &'a [Budget],
+    pub mode: Mode,
+    pub max_wait: Duration,
+    pub max_queue: usize,
+    /// Most queries in flight at once per key; `None` for no cap.
+    pub max_concurrent: Option<usize>,
+    pub estimate: &'a Estimator,
+}
+
+/// How a key's reservation is estimated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Estimator {
+    /// Before the key has any history.
+    pub default: Duration,
+    /// Nearest-rank percentile of recent costs, 1 to 100.
+    pub percentile: u8,
+    /// How many recent costs are kept.
+    pub samples: usize,
+}
+
+impl Estimator {
+    fn estimate(&self, recent: &VecDeque<u64>) -> Duration {
+        if recent.is_empty() {
+            return self.default;
+        }
+        let mut sorted: Vec<u64> = recent.iter().copied().collect();
+        sorted.sort_unstable();
+        let rank = (usize::from(self.percentile) * sorted.len()).div_ceil(100).clamp(1, sorted.len());
+        Duration::from_nanos(sorted[rank - 1])
+    }
+}
+
+/// Why a query was not admitted, and when it could be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimeRejection {
+    pub reason: Reason,
+    pub retry_after: Duration,
+    /// The budget that is exhausted; `None` when the upstream holds the key
+    /// or the cap on queries in flight is reached.
+    pub budget: Option<Budget>,
+    /// The upstream asked to pause the key's queries.
+    pub held: bool,
+}
+
+struct Waiter {
+    id: u64,
+    wake: Arc<Notify>,
+}
+
+#[derive(Default)]
+struct State {
+    ledger: Ledger,
+    queue: VecDeque<Waiter>,
+    next_waiter: u64,
+    /// No query before this time: the upstream said the running time is spent.
+    hold_until: u64,
+    /// Recent metered costs, oldest first.
+    recent: VecDeque<u64>,
+    /// The budgets last applied, for pruning and status.
+    budgets: Vec<Budget>,
+}
+
+impl State {
+    fn wake_head(&self) {
+        if let Some(head) = self.queue.front() {
+            head.wake.notify_one();
+        }
+    }
+}
+
+#[derive(Default)]
+struct Cell(Mutex<State>);
+
+impl Cell {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One key's running time at a moment.
+#[derive(Debug, Clone)]
+pub struct RuntimeStatus {
+    pub key: QuotaKey,
+    pub budgets: Vec<BudgetUse>,
+    pub in_flight: usize,
+    pub queued: usize,
+    /// The estimate the next query would reserve.
+    pub estimate: Duration,
+    pub held_for: Option<Duration>,
+}
+
+/// Every running-time key's ledger and waiters.
+pub struct RuntimeLimiter {
+    keys: DashMap<QuotaKey, Arc<Cell>>,
+    clock: Clock,
+    guard: Duration,
+    estimator: Estimator,
+}
+
+impl RuntimeLimiter {
+    pub fn new(guard: Duration, estimator: Estimator) -> Self {
+        RuntimeLimiter { keys: DashMap::new(), clock: Clock::default(), guard, estimator }
+    }
+
+    /// The gateway's estimate settings.
+    pub fn estimator(&self) -> &Estimator {
+        &self.estimator
+    }
+
+    fn cell(&self, key: &QuotaKey) -> Arc<Cell> {
+        if let Some(cell) = self.keys.get(key) {
+            return cell.clone();
+        }
+        self.keys.entry(key.clone()).or_default().clone()
+    }
+
+    /// Reserve running time for one query of `key`, waiting at most
+    /// `demand.max_wait` (queue mode). `depth` counts waiters.
+    pub async fn reserve(
+        &self,
+        key: &QuotaKey,
+        demand: &Demand<'_>,
+        depth: &IntGauge,
+    ) -> Result<Reservation, RuntimeRejection> {
+        let cell = self.cell(key);
+        let start = self.clock.now();
+        let deadline = start.saturating_add(nanos(demand.max_wait));
+        let (id, wake) = {
+            let mut st = cell.lock();
+            st.budgets = demand.budgets.to_vec();
+            st.ledger.prune(demand.budgets, self.guard, start);
+            let verdict = self.verdict(&st, demand, start);
+            if st.queue.is_empty() {
+                if let Verdict::Go(estimate) = verdict {
+                    return Ok(self.admit(&cell, &mut st, estimate, start, start));
+                }
+            }
+            let wait = verdict.wait(start, demand.max_wait);
+            let reason = if demand.mode == Mode::Reject {
+                Some(Reason::NoSlot)
+            } else if st.queue.len() >= demand.max_queue {
+                Some(Reason::QueueFull)
+            } else if st.queue.is_empty() && wait > demand.max_wait {
+                Some(Reason::WaitTooLong)
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                return Err(verdict.rejection(reason, start, demand.max_wait));
+            }
+            st.next_waiter += 1;
+            let id = st.next_waiter;
+            let wake = Arc::new(Notify::new());
+            st.queue.push_back(Waiter { id, wake: wake.clone() });
+            (id, wake)
+        };
+        depth.inc();
+        let _place = Place { cell: cell.clone(), id, depth: depth.clone() };
+        loop {
+            let now = self.clock.now();
+            let sleep_to = {
+                let mut st = cell.lock();
+                let head = st.queue.front().is_some_and(|w| w.id == id);
+                st.ledger.prune(demand.budgets, self.guard, now);
+                let verdict = self.verdict(&st, demand, now);
+                if head {
+                    if let Verdict::Go(estimate) = verdict {
+                        st.queue.pop_front();
+                        st.wake_head();
+                        return Ok(self.admit(&cell, &mut st, estimate, start, now));
+                    }
+                }
+                if now >= deadline {
+                    let verdict = if head { verdict } else { Verdict::Unknown(None) };
+                    return Err(verdict.rejection(Reason::Expired, now, demand.max_wait));
+                }
+                match verdict {
+                    Verdict::At(at, _) | Verdict::Held(at) if head => at.min(deadline),
+                    _ => deadline,
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep_until(self.clock.instant(sleep_to)) => {}
+                _ = wake.notified() => {}
+            }
+        }
+    }
+
+    fn verdict(&self, st: &State, demand: &Demand<'_>, now: u64) -> Verdict {
+        if st.hold_until > now {
+            return Verdict::Held(st.hold_until);
+        }
+        if demand.max_concurrent.is_some_and(|cap| st.ledger.in_flight() >= cap) {
+            return Verdict::Unknown(None);
+        }
+        // An estimate above the smallest budget could never fit.
+        let smallest = demand.budgets.iter().map(|b| b.limit).min().unwrap_or(Duration::MAX);
+        let estimate = demand.estimate.estimate(&st.recent).min(smallest);
+        match st.ledger.fit(demand.budgets, self.guard, estimate, now) {
+            Fit::Now => Verdict::Go(estimate),
+            Fit::At(at, b) => Verdict::At(at, b),
+            Fit::Unknown(b) => Verdict::Unknown(Some(b)),
+        }
+    }
+
+    fn admit(
+        &self,
+        cell: &Arc<Cell>,
+        st: &mut State,
+        estimate: Duration,
+        start: u64,
+        now: u64,
+    ) -> Reservation {
+        let id = st.ledger.reserve(estimate);
+        Reservation {
+            cell: cell.clone(),
+            clock: self.clock,
+            id,
+            estimate,
+            samples: self.estimator.samples,
+            waited: Duration::from_nanos(now - start),
+            sent: None,
+            answered: None,
+            done: false,
+        }
+    }
+
+    /// Admit no query of `key` until `wait` from now, because the upstream
+    /// said its running time is spent. A shorter hold never shortens a longer one.
+    pub fn hold(&self, key: &QuotaKey, wait: Duration) {
+        let until = self.clock.now().saturating_add(nanos(wait));
+        let cell = self.cell(key);
+        let mut st = cell.lock();
+        st.hold_until = st.hold_until.max(until);
+        st.wake_head();
+    }
+
+    /// Time left on `key`'s upstream hold, if any.
+    pub fn held_for(&self, key: &QuotaKey) -> Option<Duration> {
+        let cell = self.keys.get(key)?.clone();
+        let until = cell.lock().hold_until;
+        let now = self.clock.now();
+        (until > now).then(|| Duration::from_nanos(until - now))
+    }
+
+    /// Every key's state now, keys in sorted order.
+    pub fn snapshot(&self) -> Vec<RuntimeStatus> {
+        let now = self.clock.now();
+        let mut out: Vec<RuntimeStatus> = self
+            .keys
+            .iter()
+            .map(|entry| {
+                let st = entry.value().lock();
+                RuntimeStatus {
+                    key: entry.key().clone(),
+                    budgets: st.ledger.usage(&st.budgets, self.guard, now),
+                    in_flight: st.ledger.in_flight(),
+                    queued: st.queue.len(),
+                    estimate: self.estimator.estimate(&st.recent),
+                    held_for: (st.hold_until > now).then(|| Duration::from_nanos(st.hold_until - now)),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.key.tenant, &a.key.app).cmp(&(&b.key.tenant, &b.key.app)));
+        out
+    }
+
+    /// Drop keys with nothing charged, reserved, queued or held.
+    pub fn sweep(&self) -> usize {
+        let now = self.clock.now();
+        self.keys.retain(|_, cell| {
+            if Arc::strong_count(cell) > 1 {
+                return true;
+            }
+            let Ok(mut st) = cell.0.try_lock() else { return true };
+            let budgets = std::mem::take(&mut st.budgets);
+            st.ledger.prune(&budgets, self.guard, now);
+            st.budgets = budgets;
+            !(st.ledger.is_empty() && st.queue.is_empty() && st.hold_until <= now)
+        });
+        self.keys.len()
+    }
+}
+
+/// What the ledger says for the next query of a key.
+enum Verdict {
+    /// It fits now, reserving this estimate.
+    Go(Duration),
+    /// It fits at this time.
+    At(u64, Budget),
+    /// Only a completion can make room (the budget, or the in-flight cap).
+    Unknown(Option<Budget>),
+    /// The upstream holds the key until this time.
+    Held(u64),
+}
+
+impl Verdict {
+    /// The wait this verdict implies; the fallback when unknown.
+    fn wait(&self, now: u64, fallback: Duration) -> Duration {
+        match *self {
+            Verdict::Go(_) => Duration::ZERO,
+            Verdict::At(at, _) | Verdict::Held(at) => Duration::from_nanos(at.saturating_sub(now)),
+            Verdict::Unknown(_) => fallback,
+        }
+    }
+
+    fn rejection(&self, reason: Reason, now: u64, fallback: Duration) -> RuntimeRejection {
+        let (budget, held) = match *self {
+            Verdict::At(_, b) | Verdict::Unknown(Some(b)) => (Some(b), false),
+            Verdict::Held(_) => (None, true),
+            Verdict::Go(_) | Verdict::Unknown(None) => (None, false),
+        };
+        RuntimeRejection { reason, retry_after: self.wait(now, fallback), budget, held }
+    }
+}
+
+/// A query's place in its key's queue, left on drop (a client that goes away).
+struct Place {
+    cell: Arc<Cell>,
+    id: u64,
+    depth: IntGauge,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.depth.dec();
+        let mut st = self.cell.lock();
+        if let Some(pos) = st.queue.iter().position(|w| w.id == self.id) {
+            st.queue.remove(pos);
+            if pos == 0 {
+                st.wake_head();
+            }
+        }
+    }
+}
+
+/// Running time reserved for one query in flight. See the module doc for
+/// how it ends; it always ends.
+pub struct Reservation {
+    cell: Arc<Cell>,
+    clock: Clock,
+    id: u64,
+    estimate: Duration,
+    samples: usize,
+    /// Time spent queued for running time.
+    pub waited: Duration,
+    sent: Option<u64>,
+    answered: Option<u64>,
+    done: bool,
+}
+
+impl std::fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reservation").field("id", &self.id).field("estimate", &self.estimate).finish()
+    }
+}
+
+impl Reservation {
+    pub fn estimate(&self) -> Duration {
+        self.estimate
+    }
+
+    /// The query is being sent upstream now (from here on a drop charges).
+    pub fn sent(&mut self) {
+        self.sent = Some(self.clock.now());
+    }
+
+    /// The query's response headers arrived now.
+    pub fn answered(&mut self) {
+        self.answered = Some(self.clock.now());
+    }
+
+    /// Wall time from sending until the response headers (or until now).
+    pub fn wall_time(&self) -> Duration {
+        let end = self.answered.unwrap_or_else(|| self.clock.now());
+        Duration::from_nanos(end.saturating_sub(self.sent.unwrap_or(end)))
+    }
+
+    /// Replace the estimate by the metered cost, and learn from it.
+    pub fn settle(mut self, cost: Duration) {
+        self.finish(Some(cost), true);
+    }
+
+    /// Charge a cost that was not metered (no `Stats`, an error answer):
+    /// it is not learnt from.
+    pub fn charge(mut self, cost: Duration) {
+        self.finish(Some(cost), false);
+    }
+
+    /// Nothing ran: release the reservation without a charge.
+    pub fn release(mut self) {
+        self.finish(None, false);
+    }
+
+    /// The conservative charge of a query whose cost is unknown.
+    fn unknown_cost(&self) -> Option<Duration> {
+        self.sent.map(|_| self.estimate.max(self.wall_time()))
+    }
+
+    fn finish(&mut self, cost: Option<Duration>, learn: bool) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        let now = self.clock.now();
+        let mut st = self.cell.lock();
+        match cost {
+            Some(cost) => {
+                st.ledger.settle(self.id, cost, now);
+                if learn {
+                    st.recent.push_back(nanos(cost));
+                    while st.recent.len() > self.samples.max(1) {
+                        st.recent.pop_front();
+                    }
+                }
+            }
+            None => {
+                st.ledger.release(self.id);
+            }
+        }
+        st.wake_head();
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let cost = self.unknown_cost();
+        self.finish(cost, false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn estimator(default_ms: u64) -> Estimator {
+        Estimator { default: Duration::from_millis(default_ms), percentile: 90, samples: 10 }
+    }
+
+    fn budgets() -> Vec<Budget> {
+        vec![Budget { limit: Duration::from_secs(10), per: Duration::from_secs(60) }]
+    }
+
+    fn demand<'a>(b: &'a [Budget], e: &'a Estimator, mode: Mode, max_wait: u64) -> Demand<'a> {
+        Demand {
+            budgets: b,
+            mode,
+            max_wait: Duration::from_secs(max_wait),
+            max_queue: 10,
+            max_concurrent: None,
+            estimate: e,
+        }
+    }
+
+    fn key(t: &str) -> QuotaKey {
+        QuotaKey { policy: None, tenant: t.into(), app: None }
+    }
+
+    fn gauge() -> IntGauge {
+        IntGauge::new("depth", "queue depth").unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reject_mode_gives_the_exact_time_until_running_time_frees() {
+        let e = estimator(2000);
+        let l = RuntimeLimiter::new(Duration::ZERO, e.clone());
+        let b = budgets();
+        let d = demand(&b, &e, Mode::Reject, 0);
+        let mut r = l.reserve(&key("t"), &d, &gauge()).await.unwrap();
+        r.sent();
+        tokio::time::advance(Duration::from_secs(9)).await;
+        r.answered();
+        r.settle(Duration::from_secs(9));
+        // 9 s charged; the learnt estimate is now 9 s: it fits when the charge leaves the window.
+        let no = l.reserve(&key("t"), &d, &gauge()).await.unwrap_err();
+        assert_eq!(no.reason, Reason::NoSlot);
+        assert_eq!(no.retry_after, Duration::from_secs(60));
+        assert_eq!(no.budget, Some(b[0]));
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let r = l.reserve(&key("t"), &d, &gauge()).await.unwrap();
+        assert_eq!(r.estimate(), Duration::from_secs(9));
+        // Another tenant is untouched.
+        assert!(l.reserve(&key("u"), &d, &gauge()).await.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_queued_query_starts_when_a_completion_frees_room() {
+        let e = estimator(6000);
+        let l = Arc::new(RuntimeLimiter::new(Duration::ZERO, e.clone()));
+        let b = budgets();
+        let mut first = l.reserve(&key("t"), &demand(&b, &e, Mode::Queue, 30), &gauge()).await.unwrap();
+        first.sent();
+        let waiter = {
+            let (l, b, e) = (l.clone(), b.clone(), e.clone());
+            tokio::spawn(async move {
+                let d = demand(&b, &e, Mode::Queue, 30);
+                l.reserve(&key("t"), &d, &gauge()).await.map(|r| r.waited)
+            })
+        };
+        tokio::task::yield_now().await;
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert!(!waiter.is_finished(), "6 s + 6 s reserved exceeds 10 s: it must wait");
+        first.settle(Duration::from_secs(1));
+        assert_eq!(waiter.await.unwrap(), Ok(Duration::from_secs(3)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unknown_waits_fall_back_to_the_maximum_wait() {
+        let e = estimator(8000);
+        let l = RuntimeLimiter::new(Duration::ZERO, e.clone());
+        let b = budgets();
+        let _running = l.reserve(&key("t"), &demand(&b, &e, Mode::Queue, 5), &gauge()).await.unwrap();
+        let r = l.reserve(&key("t"), &demand(&b, &e, Mode::Reject, 5), &gauge()).await.unwrap_err();
+        assert_eq!((r.reason, r.retry_after), (Reason::NoSlot, Duration::from_secs(5)));
+        let before = tokio::time::Instant::now();
+        let r = l.reserve(&key("t"), &demand(&b, &e, Mode::Queue, 5), &gauge()).await.unwrap_err();
+        assert_eq!(r.reason, Reason::Expired);
+        assert_eq!(before.elapsed(), Duration::from_secs(5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_reservation_is_charged_conservatively() {
+        let e = estimator(2000);
+        let l = RuntimeLimiter::new(Duration::ZERO, e.clone());
+        let b = budgets();
+        let d = demand(&b, &e, Mode::Queue, 5);
+        // Never sent: released.
+        drop(l.reserve(&key("t"), &d, &gauge()).await.unwrap());
+        assert_eq!(l.snapshot()[0].budgets[0].charged, Duration::ZERO);
+        // Sent, then the client went away after 5 s: max(estimate, wall time).
+        let mut r = l.reserve(&key("t"), &d, &gauge()).await.unwrap();
+        r.sent();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        drop(r);
+        let s = &l.snapshot()[0];
+        assert_eq!(
+            (s.budgets[0].charged, s.budgets[0].reserved, s.in_flight),
+            (Duration::from_secs(5), Duration::ZERO, 0)
+        );
+        // Sent and dropped at once: the estimate.
+        let mut r = l.reserve(&key("t"), &d, &gauge()).await.unwrap();
+        r.sent();
+        drop(r);
+        assert_eq!(l.snapshot()[0].budgets[0].charged, Duration::from_secs(7));
+        // An unmetered charge teaches nothing: the estimate stays the default.
+        assert_eq!(l.snapshot()[0].estimate, Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_cap_on_queries_in_flight_holds() {
+        let e = estimator(100);
+        let l = RuntimeLimiter::new(Duration::ZERO, e.clone());
+        let b = budgets();
+        let mut d = demand(&b, &e, Mode::Reject, 3);
+        d.max_concurrent = Some(1);
+        let first = l.reserve(&key("t"), &d, &gauge()).await.unwrap();
+        let no = l.reserve(&key("t"), &d, &gauge()).await.unwrap_err();
+        assert_eq!((no.budget, no.retry_after), (None, Duration::from_secs(3)));
+        first.release();
+        assert!(l.reserve(&key("t"), &d, &gauge()).await.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_upstream_hold_delays_every_query_of_the_key() {
+        let e = estimator(100);
+        let l = RuntimeLimiter::new(Duration::ZERO, e.clone());
+        let b = budgets();
+        l.hold(&key("t"), Duration::from_secs(4));
+        let no = l.reserve(&key("t"), &demand(&b, &e, Mode::Reject, 0), &gauge()).await.unwrap_err();
+        assert!(no.held);
+        assert_eq!(no.retry_after, Duration::from_secs(4));
+        let r = l.reserve(&key("t"), &demand(&b, &e, Mode::Queue, 10), &gauge()).await.unwrap();
+        assert_eq!(r.waited, Duration::from_secs(4));
+    }
+
+    #[test]
+    fn estimates_are_a_high_percentile_of_recent_costs() {
+        let e = Estimator { default: Duration::from_secs(7), percentile: 90, samples: 10 };
+        assert_eq!(e.estimate(&VecDeque::new()), Duration::from_secs(7));
+        let recent: VecDeque<u64> = (1..=10).map(|s| s * 1_000_000_000).collect();
+        assert_eq!(e.estimate(&recent), Duration::from_secs(9));
+        let one: VecDeque<u64> = [3_000_000_000].into();
+        assert_eq!(e.estimate(&one), Duration::from_secs(3));
+    }
+}
