@@ -15,6 +15,7 @@ use http::{HeaderValue, StatusCode};
 use serde_json::json;
 
 use crate::admission::rejection::whole_seconds as secs;
+use crate::admission::runtime::RuntimeRejection;
 use crate::admission::{Reason, Rejection};
 use crate::identity::TokenError;
 use crate::upstream::route::ApiKind;
@@ -31,8 +32,14 @@ pub enum GatewayError {
     Throttled { policy: String, tenant: String, rejection: Rejection },
     #[error("{}", upstream_throttle_message(.message, *.retry_after))]
     UpstreamThrottled { tenant: String, retry_after: Duration, message: String },
+    #[error("{}", running_time_message(.rejection))]
+    RunningTime { tenant: String, rejection: RuntimeRejection },
     #[error("the request body could not be read: {detail}")]
     BadBody { detail: String },
+    #[error("invalid hunting request: {detail}")]
+    BadHuntingQuery { detail: String },
+    #[error("the query reaches back {} days ({found}), but advanced hunting holds only the past {} days of data, so the service would silently return less; shorten the lookback (this gateway refuses such queries: hunting.lookback = \"reject\")", days(*.reach), days(*.limit))]
+    LookbackTooLong { found: String, reach: Duration, limit: Duration },
     #[error("the request body is larger than the gateway's limit of {limit} bytes")]
     PayloadTooLarge { limit: u64 },
     #[error("no configured upstream serves `{path}`; Defender paths start with /api/, Graph paths with /v1.0/ or /beta/")]
@@ -51,6 +58,25 @@ fn upstream_throttle_message(message: &str, retry_after: Duration) -> String {
     let message = message.trim().trim_end_matches('.');
     let message = if message.is_empty() { "The upstream throttled this call" } else { message };
     format!("{message}. You can send requests again in {} seconds.", secs(retry_after))
+}
+
+fn days(d: Duration) -> u64 {
+    d.as_secs().div_ceil(86_400)
+}
+
+fn running_time_message(r: &RuntimeRejection) -> String {
+    let n = secs(r.retry_after);
+    let why = match (r.reason, r.budget, r.held) {
+        (Reason::QueueFull, _, _) => "The gateway's queue for this tenant's hunting running time is full.".to_string(),
+        (_, _, true) => "You have exceeded processing resources allocated to this tenant (the upstream said so).".into(),
+        (_, Some(b), _) => format!(
+            "You have exceeded processing resources allocated to this tenant: at most {} seconds of query running time per {} (enforced by quotagate).",
+            b.limit.as_secs_f64(),
+            timespan(b.per)
+        ),
+        (_, None, _) => "Too many hunting queries of this tenant are running at once (enforced by quotagate).".into(),
+    };
+    format!("{why} You can send requests again in {n} seconds.")
 }
 
 fn throttle_message(policy: &str, r: &Rejection) -> String {
@@ -82,10 +108,12 @@ impl GatewayError {
     fn status(&self) -> StatusCode {
         match self {
             GatewayError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            GatewayError::Throttled { .. } | GatewayError::UpstreamThrottled { .. } => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
-            GatewayError::BadBody { .. } => StatusCode::BAD_REQUEST,
+            GatewayError::Throttled { .. }
+            | GatewayError::UpstreamThrottled { .. }
+            | GatewayError::RunningTime { .. } => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::BadBody { .. }
+            | GatewayError::BadHuntingQuery { .. }
+            | GatewayError::LookbackTooLong { .. } => StatusCode::BAD_REQUEST,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::NoRoute { .. } => StatusCode::NOT_FOUND,
             GatewayError::UpstreamUnreachable { .. } | GatewayError::UpstreamFailed { .. } => {
@@ -98,8 +126,12 @@ impl GatewayError {
     fn code(&self) -> &'static str {
         match self {
             GatewayError::Unauthorized(_) => "Unauthorized",
-            GatewayError::Throttled { .. } | GatewayError::UpstreamThrottled { .. } => "TooManyRequests",
-            GatewayError::BadBody { .. } => "BadRequest",
+            GatewayError::Throttled { .. }
+            | GatewayError::UpstreamThrottled { .. }
+            | GatewayError::RunningTime { .. } => "TooManyRequests",
+            GatewayError::BadBody { .. }
+            | GatewayError::BadHuntingQuery { .. }
+            | GatewayError::LookbackTooLong { .. } => "BadRequest",
             GatewayError::PayloadTooLarge { .. } => "RequestEntityTooLarge",
             GatewayError::NoRoute { .. } => "NotFound",
             GatewayError::UpstreamUnreachable { .. } | GatewayError::UpstreamFailed { .. } => "BadGateway",
@@ -116,7 +148,8 @@ impl GatewayError {
             ApiKind::Defender => {
                 let target = match &self {
                     GatewayError::Throttled { tenant, .. }
-                    | GatewayError::UpstreamThrottled { tenant, .. } => tenant.clone(),
+                    | GatewayError::UpstreamThrottled { tenant, .. }
+                    | GatewayError::RunningTime { tenant, .. } => tenant.clone(),
                     _ => id,
                 };
                 json!({"error": {"code": self.code(), "message": message, "target": target}})
@@ -132,6 +165,7 @@ impl GatewayError {
         let throttle = match &self {
             GatewayError::Throttled { rejection, .. } => Some((rejection.retry_after, "gateway")),
             GatewayError::UpstreamThrottled { retry_after, .. } => Some((*retry_after, "upstream")),
+            GatewayError::RunningTime { rejection, .. } => Some((rejection.retry_after, "gateway")),
             _ => None,
         };
         if let Some((retry_after, by)) = throttle {

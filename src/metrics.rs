@@ -12,9 +12,11 @@ use std::collections::BTreeMap;
 
 use prometheus::proto::{self, MetricFamily};
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Counter, CounterVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
 };
 
+use crate::admission::runtime::RuntimeStatus;
 use crate::admission::{KeyStatus, Reason};
 
 /// The shared registry and every worker's families.
@@ -37,6 +39,10 @@ struct WorkerMetrics {
     upstream_retries: IntCounterVec,
     upstream_failures: IntCounterVec,
     upstream_duration: HistogramVec,
+    hunting_charged: CounterVec,
+    hunting_truncated: IntCounterVec,
+    hunting_unmetered: IntCounterVec,
+    hunting_lookback: IntCounterVec,
 }
 
 /// One policy's handles on one worker, resolved once so the request path
@@ -46,6 +52,8 @@ pub struct PolicyMetrics {
     pub queued: IntCounter,
     pub rejected: IntCounter,
     pub unauthorized: IntCounter,
+    /// Requests answered 400 locally (an invalid hunting body, a lookback refused).
+    pub invalid: IntCounter,
     pub failed: IntCounter,
     rejections: [IntCounter; 4],
     pub depth: IntGauge,
@@ -59,6 +67,16 @@ pub struct PolicyMetrics {
     pub revealed_limit: IntGauge,
     failures: [IntCounter; 4],
     pub duration: Histogram,
+    /// Hunting: seconds of running time charged from `Stats` or wall time.
+    pub charged: Counter,
+    /// Hunting: results at the row cap.
+    pub truncated: IntCounter,
+    /// Hunting: responses whose cost could not be read, charged by rule.
+    pub unmetered: IntCounter,
+    /// Hunting: queries reaching past the lookback limit, forwarded with a warning.
+    pub lookback_warned: IntCounter,
+    /// Hunting: such queries refused locally.
+    pub lookback_rejected: IntCounter,
 }
 
 /// Kinds of upstream failure, as counted.
@@ -152,6 +170,33 @@ impl WorkerMetrics {
                 "Time until the upstream's response headers arrived.",
                 prometheus::exponential_buckets(0.001, 2.5, 14).expect("valid buckets"),
             ),
+            hunting_charged: {
+                let c = CounterVec::new(
+                    Opts::new(
+                        "quotagate_hunting_charged_seconds_total",
+                        "Running time charged to hunting budgets: Stats.ExecutionTime, or wall time for Graph.",
+                    ),
+                    &["policy"],
+                )
+                .expect("valid metric");
+                registry.register(Box::new(c.clone())).expect("unique metric");
+                c
+            },
+            hunting_truncated: counter(
+                "quotagate_hunting_truncated_total",
+                "Hunting results that reached the row cap (probably truncated by the service).",
+                &["policy"],
+            ),
+            hunting_unmetered: counter(
+                "quotagate_hunting_unmetered_total",
+                "Hunting responses without a readable cost, charged max(estimate, wall time).",
+                &["policy"],
+            ),
+            hunting_lookback: counter(
+                "quotagate_hunting_lookback_total",
+                "Hunting queries reaching further back than the service keeps data, by action (warned, rejected).",
+                &["policy", "action"],
+            ),
             registry,
         }
     }
@@ -211,6 +256,7 @@ impl Metrics {
             queued: req("queued"),
             rejected: req("rejected"),
             unauthorized: req("unauthorized"),
+            invalid: req("invalid"),
             failed: req("failed"),
             rejections: [rej("no_slot"), rej("queue_full"), rej("wait_too_long"), rej("expired")],
             depth: self.queue_depth.with_label_values(&[policy]),
@@ -223,15 +269,21 @@ impl Metrics {
             revealed_limit: self.revealed.with_label_values(&[policy]),
             failures: [fail("connect"), fail("timeout"), fail("protocol"), fail("body_too_large")],
             duration: w.upstream_duration.with_label_values(&[policy]),
+            charged: w.hunting_charged.with_label_values(&[policy]),
+            truncated: w.hunting_truncated.with_label_values(&[policy]),
+            unmetered: w.hunting_unmetered.with_label_values(&[policy]),
+            lookback_warned: w.hunting_lookback.with_label_values(&[policy, "warned"]),
+            lookback_rejected: w.hunting_lookback.with_label_values(&[policy, "rejected"]),
         }
     }
 
     /// The text exposition format, with the workers' families summed and
     /// the quota state of `keys` per tenant (at most `max_tenants` named).
-    pub fn render(&self, keys: &[KeyStatus], max_tenants: usize) -> String {
+    pub fn render(&self, keys: &[KeyStatus], runtime: &[RuntimeStatus], max_tenants: usize) -> String {
         let mut families = self.shared.gather();
         families.extend(merge(self.workers.iter().flat_map(|w| w.registry.gather())));
         families.extend(quota_families(keys, max_tenants));
+        families.extend(runtime_families(runtime, max_tenants));
         families.sort_by(|a, b| a.name().cmp(b.name()));
         prometheus::TextEncoder::new().encode_to_string(&families).unwrap_or_default()
     }
@@ -280,6 +332,60 @@ fn quota_families(keys: &[KeyStatus], max_tenants: usize) -> Vec<MetricFamily> {
             *next = next.min(secs);
             reset.with_label_values(&labels).set(*next);
         }
+    }
+    registry.gather()
+}
+
+/// Per tenant and budget window: the running-time budget, what is charged
+/// and reserved in it now, and what remains; per tenant, queries in flight
+/// and the estimate the next one reserves. Bounded like [`quota_families`].
+fn runtime_families(keys: &[RuntimeStatus], max_tenants: usize) -> Vec<MetricFamily> {
+    let registry = Registry::new();
+    let gauge = |name: &str, help: &str, labels: &[&str]| {
+        let g = prometheus::GaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+        registry.register(Box::new(g.clone())).expect("unique metric");
+        g
+    };
+    let w = &["tenant", "window"];
+    let limit = gauge("quotagate_runtime_limit_seconds", "Hunting running time allowed per window.", w);
+    let charged =
+        gauge("quotagate_runtime_charged_seconds", "Metered running time counted in the window now.", w);
+    let reserved =
+        gauge("quotagate_runtime_reserved_seconds", "Running time reserved by queries in flight.", w);
+    let remaining =
+        gauge("quotagate_runtime_remaining_seconds", "Running time the window still allows now.", w);
+    let in_flight = gauge("quotagate_runtime_in_flight", "Hunting queries running now.", &["tenant"]);
+    let estimate = gauge(
+        "quotagate_runtime_estimate_seconds",
+        "Running time the next query reserves (learnt from recent costs).",
+        &["tenant"],
+    );
+    let held = gauge(
+        "quotagate_runtime_held_seconds",
+        "Time left on an upstream running-time throttle.",
+        &["tenant"],
+    );
+    let mut named = std::collections::BTreeSet::new();
+    for k in keys {
+        let tenant = if named.contains(&*k.key.tenant) || named.len() < max_tenants {
+            named.insert(&*k.key.tenant);
+            &*k.key.tenant
+        } else {
+            "other"
+        };
+        for b in &k.budgets {
+            let window = format!("{}s", b.budget.per.as_secs_f64());
+            let labels = [tenant, window.as_str()];
+            limit.with_label_values(&labels).add(b.budget.limit.as_secs_f64());
+            charged.with_label_values(&labels).add(b.charged.as_secs_f64());
+            reserved.with_label_values(&labels).add(b.reserved.as_secs_f64());
+            remaining.with_label_values(&labels).add(b.remaining().as_secs_f64());
+        }
+        in_flight.with_label_values(&[tenant]).add(k.in_flight as f64);
+        let e = estimate.with_label_values(&[tenant]);
+        e.set(e.get().max(k.estimate.as_secs_f64()));
+        let h = held.with_label_values(&[tenant]);
+        h.set(h.get().max(k.held_for.map_or(0.0, |d| d.as_secs_f64())));
     }
     registry.gather()
 }
@@ -356,7 +462,7 @@ mod tests {
         for w in &m.workers {
             assert!(w.registry.gather().iter().all(summable));
         }
-        let text = m.render(&[], 10);
+        let text = m.render(&[], &[], 10);
         assert!(
             text.contains("quotagate_requests_total{decision=\"forwarded\",policy=\"incidents\"} 3"),
             "{text}"

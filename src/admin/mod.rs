@@ -57,9 +57,11 @@ async fn ready(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
 
 async fn metrics(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
     let keys = gw.limiter.snapshot(&gw.config.policies);
-    ([(CONTENT_TYPE, "text/plain; version=0.0.4")], gw.metrics.render(&keys, gw.config.metrics_max_tenants))
+    let runtime = gw.runtime.snapshot();
+    let text = gw.metrics.render(&keys, &runtime, gw.config.metrics_max_tenants);
+    ([(CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 
 async fn quota_status(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
-    axum::Json(quota::report(&gw.limiter.snapshot(&gw.config.policies)))
+    axum::Json(quota::report(&gw.limiter.snapshot(&gw.config.policies), &gw.runtime.snapshot()))
 }

@@ -258,7 +258,9 @@ impl RuntimeLimiter {
         now: u64,
     ) -> Reservation {
         let id = st.ledger.reserve(estimate);
+        let usage = st.ledger.usage(&st.budgets, self.guard, now);
         Reservation {
+            usage,
             cell: cell.clone(),
             clock: self.clock,
             id,
@@ -390,6 +392,8 @@ pub struct Reservation {
     samples: usize,
     /// Time spent queued for running time.
     pub waited: Duration,
+    /// Each budget's use once this query was reserved.
+    pub usage: Vec<BudgetUse>,
     sent: Option<u64>,
     answered: Option<u64>,
     done: bool,

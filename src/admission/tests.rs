@@ -26,6 +26,7 @@ fn policy(mode: Mode, limit: u32, per: Duration, max_queue: usize, max_wait: Dur
         max_queue,
         max_attempts: 1,
         hunting: false,
+        budgets: vec![],
         timeouts: Timeouts {
             connect: Duration::from_secs(1),
             header: Duration::from_secs(1),

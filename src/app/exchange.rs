@@ -30,13 +30,15 @@ use http_body_util::{BodyExt, Limited};
 use tokio::time::Instant;
 
 use super::{ratelimit, Worker};
-use crate::admission::{Admitted, Reason, Rejection};
+use crate::admission::runtime::{Demand, Reservation, RuntimeRejection};
+use crate::admission::Admitted;
 use crate::error::{GatewayError, THROTTLED_BY};
+use crate::hunting::meter;
 use crate::metrics::{Failure, PolicyMetrics};
 use crate::policy::{Mode, Policy, Timeouts};
 use crate::quota::{QuotaKey, Window};
 use crate::upstream::throttle::{self, Kind, Throttle};
-use crate::upstream::{forward, Upstream, UpstreamError};
+use crate::upstream::{forward, ApiKind, Upstream, UpstreamError};
 
 /// Most bytes of a throttle response read to parse it.
 const THROTTLE_BODY_LIMIT: usize = 64 * 1024;
@@ -82,6 +84,8 @@ pub(super) struct Metered<'a> {
     pub policy: &'a Policy,
     pub metrics: &'a PolicyMetrics,
     pub key: QuotaKey,
+    /// The running-time key of a hunting call.
+    pub runtime: Option<QuotaKey>,
     pub tenant: String,
     /// The wait budget: the policy's maximum wait or the caller's shorter one.
     pub max_wait: Duration,
@@ -104,15 +108,19 @@ impl Metered<'_> {
         loop {
             attempt += 1;
             outcome.attempts = attempt;
-            if let Err(rejection) = self.wait_out_running_time(started, outcome).await {
-                outcome.decision = "rejected";
-                self.metrics.rejected.inc();
-                self.metrics.rejection(rejection.reason).inc();
-                return self.fail(GatewayError::Throttled {
-                    policy: self.policy.name.clone(),
-                    tenant: self.tenant.clone(),
-                    rejection,
-                });
+            // Running time first, then the call slot: a call is sent the
+            // moment its slot is granted, as the call windows' guard assumes.
+            let mut reservation = match self.reserve_running_time(started).await {
+                Ok(r) => r,
+                Err(rejection) => {
+                    outcome.decision = "rejected";
+                    self.metrics.rejected.inc();
+                    self.metrics.rejection(rejection.reason).inc();
+                    return self.fail(GatewayError::RunningTime { tenant: self.tenant.clone(), rejection });
+                }
+            };
+            if let Some(r) = &reservation {
+                outcome.waited += r.waited;
             }
             let budget = self.max_wait.saturating_sub(started.elapsed());
             let admitted = match gw.limiter.acquire(&self.key, self.policy, budget, &self.metrics.depth).await
@@ -153,6 +161,9 @@ impl Metered<'_> {
             // A streamed body is sent once: only a kept one is ever retried.
             let body = replay.clone().map_or_else(|| stream.take().unwrap_or_default(), Body::from);
             let sent = Instant::now();
+            if let Some(r) = reservation.as_mut() {
+                r.sent();
+            }
             let mut response = match forward::send(
                 client,
                 self.upstream,
@@ -165,17 +176,28 @@ impl Metered<'_> {
                 Ok(response) => response,
                 Err(e) => {
                     outcome.decision = "failed";
+                    if let (UpstreamError::Connect(_), Some(r)) = (&e, reservation.take()) {
+                        // Nothing reached the upstream: no running time was spent.
+                        r.release();
+                    }
                     return self.upstream_failed(e, &admitted);
                 }
             };
             observe(self.metrics, sent, response.status());
             outcome.upstream_status = Some(response.status().as_u16());
-            ratelimit::insert(response.headers_mut(), &admitted.usage);
+            if let Some(r) = reservation.as_mut() {
+                r.answered();
+            }
+            let runtime_usage = reservation.as_ref().map_or(&[][..], |r| &r.usage[..]);
+            ratelimit::insert_all(response.headers_mut(), &admitted.usage, runtime_usage);
             if !might_be_throttle(response.status()) {
-                let waited = attempt > 1 || !admitted.waited.is_zero();
+                let waited = attempt > 1 || !admitted.waited.is_zero() || outcome.waited > Duration::ZERO;
                 outcome.decision = if waited { "queued" } else { "forwarded" };
                 if waited { &self.metrics.queued } else { &self.metrics.forwarded }.inc();
-                return response;
+                return match reservation {
+                    Some(r) => self.meter(response, r).await,
+                    None => response,
+                };
             }
             let (head, body) = response.into_parts();
             let bytes = match Limited::new(body, THROTTLE_BODY_LIMIT).collect().await {
@@ -187,8 +209,18 @@ impl Metered<'_> {
                     return failed(self.worker, self.upstream, self.metrics, UpstreamError::Protocol(detail));
                 }
             };
-            let Some(throttle) = throttle::parse(head.status, &head.headers, &bytes, SystemTime::now())
-            else {
+            let parsed = throttle::parse(head.status, &head.headers, &bytes, SystemTime::now());
+            if let Some(r) = reservation.take() {
+                if head.status == StatusCode::TOO_MANY_REQUESTS {
+                    // The service refused the query: it did not run.
+                    r.release();
+                } else {
+                    // A 503/504 may come after the query ran for a while.
+                    let cost = r.wall_time();
+                    r.charge(cost);
+                }
+            }
+            let Some(throttle) = parsed else {
                 // A 503 or 504 without a time: the upstream's own answer.
                 self.metrics.forwarded.inc();
                 outcome.decision = "forwarded";
@@ -233,8 +265,8 @@ impl Metered<'_> {
         });
         match throttle.kind {
             // Running time is the tenant's, whichever app spent it.
-            Kind::RunningTime if self.policy.hunting => {
-                gw.limiter.hold(&QuotaKey::running_time(&self.tenant), wait)
+            Kind::RunningTime if self.runtime.is_some() => {
+                gw.runtime.hold(self.runtime.as_ref().expect("hunting"), wait)
             }
             Kind::RunningTime | Kind::CallRate => gw.limiter.hold(&self.key, wait),
             Kind::Concurrency => {}
@@ -255,29 +287,53 @@ impl Metered<'_> {
         wait
     }
 
-    /// A hunting call waits while its tenant's running time is held by the
-    /// upstream, or is turned away with the exact remaining time when the
-    /// hold outlasts its wait budget.
-    async fn wait_out_running_time(&self, started: Instant, outcome: &mut Outcome) -> Result<(), Rejection> {
-        if !self.policy.hunting {
-            return Ok(());
-        }
-        let Some(held) = self.worker.gateway.limiter.held_for(&QuotaKey::running_time(&self.tenant)) else {
-            return Ok(());
+    /// A hunting call reserves running time from its key's ledger first,
+    /// waiting (queue mode) for the exact moment the budgets have room or the
+    /// upstream's running-time hold ends.
+    async fn reserve_running_time(&self, started: Instant) -> Result<Option<Reservation>, RuntimeRejection> {
+        let Some(key) = &self.runtime else { return Ok(None) };
+        let gw = &*self.worker.gateway;
+        let h = &gw.config.hunting;
+        let demand = Demand {
+            budgets: &self.policy.budgets,
+            mode: self.policy.mode,
+            max_wait: self.max_wait.saturating_sub(started.elapsed()),
+            max_queue: self.policy.max_queue,
+            max_concurrent: h.max_concurrent,
+            estimate: &h.estimator,
         };
-        let reason = if self.policy.mode == Mode::Reject {
-            Some(Reason::NoSlot)
-        } else if started.elapsed() + held > self.max_wait {
-            Some(Reason::WaitTooLong)
-        } else {
-            None
-        };
-        if let Some(reason) = reason {
-            return Err(Rejection { reason, retry_after: held, window: None, usage: Vec::new() });
+        let reserved = gw.runtime.reserve(key, &demand, &self.metrics.depth).await;
+        if let Err(r) = &reserved {
+            tracing::debug!(policy = %self.policy.name, tenant = %self.tenant, reason = ?r.reason,
+                retry_after_ms = r.retry_after.as_millis() as u64, "running time not available");
         }
-        tokio::time::sleep(held).await;
-        outcome.waited += held;
-        Ok(())
+        reserved.map(Some)
+    }
+
+    /// Meter a successful hunting response as it streams; any other status
+    /// is charged its wall time until the headers (a query refused before it
+    /// ran costs milliseconds; one that failed after running costs what it ran).
+    async fn meter(&self, response: Response, reservation: Reservation) -> Response {
+        let config = &self.worker.gateway.config;
+        if !response.status().is_success() {
+            let cost = reservation.wall_time();
+            reservation.charge(cost);
+            return response;
+        }
+        let report = meter::Report {
+            charged: self.metrics.charged.clone(),
+            truncated: self.metrics.truncated.clone(),
+            unmetered: self.metrics.unmetered.clone(),
+            max_rows: config.hunting.max_rows,
+            policy: self.policy.name.clone(),
+            tenant: self.tenant.clone(),
+        };
+        match self.upstream.kind {
+            ApiKind::Defender => {
+                meter::defender(response, reservation, config.hunting.stats_prefix_bytes, report).await
+            }
+            ApiKind::Graph => meter::graph(response, reservation, &report),
+        }
     }
 
     fn upstream_failed(&self, e: UpstreamError, admitted: &Admitted) -> Response {

@@ -2,6 +2,7 @@
 //! then admit and forward ([`exchange`]).
 
 mod exchange;
+pub mod hunting;
 pub mod ratelimit;
 
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use axum::response::Response;
 use http::header::CONTENT_LENGTH;
 use http::HeaderMap;
 
+use crate::admission::runtime::RuntimeLimiter;
 use crate::admission::Limiter;
 use crate::config::Config;
 use crate::error::GatewayError;
@@ -30,12 +32,19 @@ pub const MAX_WAIT_HEADER: http::HeaderName = crate::upstream::forward::GATEWAY_
 pub struct Gateway {
     pub config: Arc<Config>,
     pub limiter: Limiter,
+    /// Hunting running time.
+    pub runtime: RuntimeLimiter,
     pub metrics: Arc<Metrics>,
 }
 
 impl Gateway {
     pub fn new(config: Arc<Config>, metrics: Arc<Metrics>) -> Self {
-        Gateway { limiter: Limiter::new(config.guard), metrics, config }
+        Gateway {
+            limiter: Limiter::new(config.guard),
+            runtime: RuntimeLimiter::new(config.guard, config.hunting.estimator.clone()),
+            metrics,
+            config,
+        }
     }
 }
 
@@ -101,6 +110,26 @@ async fn proxy(worker: &Worker, bound: Option<usize>, req: Request) -> Response 
             return fail(e.into());
         }
     };
+    let (req, lookback) = if policy.hunting {
+        match hunting::inspect(req, config).await {
+            Ok(inspected) => inspected,
+            Err(e) => {
+                metrics.invalid.inc();
+                if matches!(e, GatewayError::LookbackTooLong { .. }) {
+                    metrics.lookback_rejected.inc();
+                }
+                tracing::info!(policy = %policy.name, tenant = %who.tenant, error = %e, "hunting request refused locally");
+                return fail(e);
+            }
+        }
+    } else {
+        (req, None)
+    };
+    if let Some(lb) = &lookback {
+        metrics.lookback_warned.inc();
+        tracing::warn!(policy = %policy.name, tenant = %who.tenant, reach_days = lb.reach.as_secs() / 86_400,
+            "hunting query reaches further back than the service keeps data; forwarded with a warning");
+    }
     let max_wait = caller_max_wait(req.headers()).map_or(policy.max_wait, |w| w.min(policy.max_wait));
     let call = exchange::Metered {
         worker,
@@ -108,11 +137,15 @@ async fn proxy(worker: &Worker, bound: Option<usize>, req: Request) -> Response 
         policy,
         metrics,
         key: QuotaKey::new(policy.key, policy.id, &who),
+        runtime: policy.hunting.then(|| QuotaKey::new(config.hunting.key, policy.id, &who)),
         tenant: who.tenant.clone(),
         max_wait,
     };
     let mut outcome = exchange::Outcome::default();
-    let response = call.run(req, &mut outcome).await;
+    let mut response = call.run(req, &mut outcome).await;
+    if let Some(lb) = &lookback {
+        response.headers_mut().insert(hunting::LOOKBACK_WARNING, hunting::warning(lb, config));
+    }
     if config.access_log {
         // One line per metered request; never the token, the query string or the body.
         tracing::info!(

@@ -13,29 +13,66 @@ use std::fmt::Write;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::admission::rejection::whole_seconds;
-use crate::quota::WindowUse;
+use crate::quota::{BudgetUse, WindowUse};
 
 pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
 /// Add both fields for `usage` to `headers`.
 pub fn insert(headers: &mut HeaderMap, usage: &[WindowUse]) {
-    if usage.is_empty() {
+    insert_all(headers, usage, &[]);
+}
+
+/// One quota policy as the fields state it.
+struct Item {
+    name: String,
+    quota: u64,
+    window: u64,
+    remaining: u64,
+    reset: std::time::Duration,
+    /// Extra parameters (the quota unit).
+    unit: &'static str,
+}
+
+impl Item {
+    fn share(&self) -> f64 {
+        self.remaining as f64 / self.quota.max(1) as f64
+    }
+}
+
+/// Add both fields for call windows and running-time budgets. A budget is
+/// stated in seconds of running time, with the quota unit `qu="seconds"`.
+pub fn insert_all(headers: &mut HeaderMap, usage: &[WindowUse], runtime: &[BudgetUse]) {
+    let mut items: Vec<Item> = usage
+        .iter()
+        .map(|u| Item {
+            name: name("calls", u.window.per),
+            quota: u64::from(u.window.limit.get()),
+            window: u.window.per.as_secs().max(1),
+            remaining: u64::from(u.remaining()),
+            reset: u.reset,
+            unit: "",
+        })
+        .chain(runtime.iter().map(|b| Item {
+            name: name("running-time", b.budget.per),
+            quota: b.budget.limit.as_secs(),
+            window: b.budget.per.as_secs().max(1),
+            remaining: b.remaining().as_secs(),
+            reset: b.reset,
+            unit: ";qu=\"seconds\"",
+        }))
+        .collect();
+    if items.is_empty() {
         return;
     }
-    let mut sorted: Vec<&WindowUse> = usage.iter().collect();
     // Closest to exhaustion first: the smallest share remaining.
-    sorted.sort_by(|a, b| {
-        let share = |u: &WindowUse| f64::from(u.remaining()) / f64::from(u.window.limit.get());
-        share(a).total_cmp(&share(b))
-    });
+    items.sort_by(|a, b| a.share().total_cmp(&b.share()));
     let (mut policy, mut state) = (String::new(), String::new());
-    for (i, u) in sorted.iter().enumerate() {
+    for (i, it) in items.iter().enumerate() {
         let sep = if i == 0 { "" } else { ", " };
-        let name = name(u);
-        let _ = write!(policy, "{sep}\"{name}\";q={};w={}", u.window.limit, u.window.per.as_secs().max(1));
-        let t = if u.reset.is_zero() { 0 } else { whole_seconds(u.reset) };
-        let _ = write!(state, "{sep}\"{name}\";r={};t={t}", u.remaining());
+        let _ = write!(policy, "{sep}\"{}\";q={};w={}{}", it.name, it.quota, it.window, it.unit);
+        let t = if it.reset.is_zero() { 0 } else { whole_seconds(it.reset) };
+        let _ = write!(state, "{sep}\"{}\";r={};t={t}", it.name, it.remaining);
     }
     for (field, value) in [(RATELIMIT_POLICY, policy), (RATELIMIT, state)] {
         if let Ok(value) = HeaderValue::from_str(&value) {
@@ -44,15 +81,15 @@ pub fn insert(headers: &mut HeaderMap, usage: &[WindowUse]) {
     }
 }
 
-/// A window's name: `calls-per-minute`, `calls-per-hour`, `calls-per-90s`.
-fn name(u: &WindowUse) -> String {
-    match u.window.per.as_secs() {
-        1 => "calls-per-second".into(),
-        60 => "calls-per-minute".into(),
-        3600 => "calls-per-hour".into(),
-        86_400 => "calls-per-day".into(),
-        0 => format!("calls-per-{}ms", u.window.per.as_millis()),
-        s => format!("calls-per-{s}s"),
+/// A window's name: `calls-per-minute`, `running-time-per-hour`, `calls-per-90s`.
+fn name(what: &str, per: std::time::Duration) -> String {
+    match per.as_secs() {
+        1 => format!("{what}-per-second"),
+        60 => format!("{what}-per-minute"),
+        3600 => format!("{what}-per-hour"),
+        86_400 => format!("{what}-per-day"),
+        0 => format!("{what}-per-{}ms", per.as_millis()),
+        s => format!("{what}-per-{s}s"),
     }
 }
 
@@ -78,6 +115,24 @@ mod tests {
         insert(&mut h, &[use_of(45, 60, 10, 30_500), use_of(1500, 3600, 1480, 1_000_001)]);
         assert_eq!(h[RATELIMIT_POLICY], "\"calls-per-hour\";q=1500;w=3600, \"calls-per-minute\";q=45;w=60");
         assert_eq!(h[RATELIMIT], "\"calls-per-hour\";r=20;t=1001, \"calls-per-minute\";r=35;t=31");
+    }
+
+    #[test]
+    fn running_time_budgets_are_stated_in_seconds_among_the_windows() {
+        use crate::quota::Budget;
+        let mut h = HeaderMap::new();
+        let budget = BudgetUse {
+            budget: Budget { limit: Duration::from_secs(600), per: Duration::from_secs(3600) },
+            charged: Duration::from_secs(500),
+            reserved: Duration::from_secs(40),
+            reset: Duration::from_millis(1500),
+        };
+        insert_all(&mut h, &[use_of(45, 60, 10, 30_500)], &[budget]);
+        assert_eq!(
+            h[RATELIMIT_POLICY],
+            "\"running-time-per-hour\";q=600;w=3600;qu=\"seconds\", \"calls-per-minute\";q=45;w=60"
+        );
+        assert_eq!(h[RATELIMIT], "\"running-time-per-hour\";r=60;t=2, \"calls-per-minute\";r=35;t=31");
     }
 
     #[test]

@@ -48,6 +48,9 @@ pub struct File {
     /// Settings every policy inherits.
     #[serde(default)]
     pub policy_defaults: PolicyDefaultsFile,
+    /// Advanced hunting: running-time budgets, estimates, lookback and rows.
+    #[serde(default)]
+    pub hunting: HuntingFile,
     /// Policies, first match wins.
     #[serde(default, rename = "policy")]
     pub policies: Vec<PolicyFile>,
@@ -130,10 +133,12 @@ pub struct PolicyFile {
     pub key: Option<String>,
     /// Attempts at the upstream, the first included, when it throttles.
     pub max_attempts: Option<u32>,
-    /// Advanced hunting: its calls spend the tenant's running time, so a
-    /// running-time throttle holds every app of the tenant.
+    /// Advanced hunting: its calls spend the tenant's running time, metered
+    /// against the `[hunting]` budgets (or this policy's `running_time`).
     #[serde(default)]
     pub hunting: bool,
+    /// Running-time budgets of this hunting policy, instead of `[hunting].budgets`.
+    pub running_time: Option<Vec<BudgetFile>>,
     pub mode: Option<String>,
     pub max_wait: Option<String>,
     pub max_queue: Option<usize>,
@@ -147,4 +152,57 @@ pub struct PolicyFile {
 pub struct WindowFile {
     pub limit: u64,
     pub per: String,
+}
+
+/// At most `limit` of query running time in any interval of length `per`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetFile {
+    pub limit: String,
+    pub per: String,
+}
+
+/// The `[hunting]` table; every field has a default.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HuntingFile {
+    /// Running-time budgets every hunting policy applies unless it sets its own.
+    pub budgets: Vec<BudgetFile>,
+    /// Who shares a ledger of running time: `tenant` or `tenant+app`.
+    pub key: String,
+    /// Running time reserved for a query before its key has any history.
+    pub estimate: String,
+    /// The learnt estimate: this percentile of the key's recent costs.
+    pub estimate_percentile: u8,
+    /// How many recent costs the estimate is learnt from.
+    pub estimate_samples: usize,
+    /// Most queries in flight at once per key; 0 for no cap.
+    pub max_concurrent: usize,
+    /// Most bytes of a response held back looking for `Stats`.
+    pub stats_prefix_bytes: usize,
+    /// `warn`, `reject` or `off`: what to do with a query that reaches past `lookback_limit`.
+    pub lookback: String,
+    pub lookback_limit: String,
+    /// A result with this many rows is probably truncated by the service.
+    pub max_rows: u64,
+}
+
+impl Default for HuntingFile {
+    fn default() -> Self {
+        HuntingFile {
+            budgets: vec![
+                BudgetFile { limit: "10m".into(), per: "1h".into() },
+                BudgetFile { limit: "4h".into(), per: "24h".into() },
+            ],
+            key: "tenant".into(),
+            estimate: "10s".into(),
+            estimate_percentile: 95,
+            estimate_samples: 50,
+            max_concurrent: 0,
+            stats_prefix_bytes: 64 * 1024,
+            lookback: "warn".into(),
+            lookback_limit: "30d".into(),
+            max_rows: 100_000,
+        }
+    }
 }

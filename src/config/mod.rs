@@ -13,6 +13,7 @@ use std::time::Duration;
 
 pub use file::File;
 
+use crate::hunting::Hunting;
 use crate::policy::{Policies, Timeouts};
 use crate::upstream::route::Upstream;
 
@@ -48,6 +49,8 @@ pub struct Config {
     pub access_log: bool,
     /// Per-tenant metrics name at most this many tenants.
     pub metrics_max_tenants: usize,
+    /// Advanced hunting's running time, lookback and rows.
+    pub hunting: Hunting,
 }
 
 /// Everything wrong with a configuration, one line each.

@@ -6,10 +6,12 @@ use std::time::Duration;
 
 use http::{Method, Uri};
 
-use super::file::{File, PolicyFile};
+use super::file::{BudgetFile, File, HuntingFile, PolicyFile};
 use super::{Config, ListenerSpec};
+use crate::admission::runtime::Estimator;
+use crate::hunting::{Hunting, LookbackMode};
 use crate::policy::{Mode, PathPattern, Policies, Policy, Timeouts};
-use crate::quota::{KeyScope, Window};
+use crate::quota::{Budget, KeyScope, Window};
 use crate::upstream::route::{ApiKind, Upstream};
 
 /// Collects problems, each prefixed with the field it is about.
@@ -96,6 +98,7 @@ pub fn validate(file: &File) -> Result<Config, Vec<String>> {
         key: Some(d.key.clone().unwrap_or_else(|| "tenant+app+policy".into())),
         max_attempts: Some(d.max_attempts.unwrap_or(3)),
         hunting: false,
+        running_time: None,
         mode: Some(d.mode.clone().unwrap_or_else(|| "queue".into())),
         max_wait: Some(d.max_wait.clone().unwrap_or_else(|| "60s".into())),
         max_queue: Some(d.max_queue.unwrap_or(500)),
@@ -104,6 +107,8 @@ pub fn validate(file: &File) -> Result<Config, Vec<String>> {
         total_timeout: Some(d.total_timeout.clone().unwrap_or_else(|| "300s".into())),
     };
     let unmetered_timeouts = timeouts("policy_defaults", &defaults, &defaults, &mut p);
+    let hunting = hunting(&file.hunting, &mut p);
+    let default_budgets = budgets("hunting.budgets", &file.hunting.budgets, &mut p);
 
     let mut policies = Vec::new();
     for (i, pf) in file.policies.iter().enumerate() {
@@ -178,6 +183,18 @@ pub fn validate(file: &File) -> Result<Config, Vec<String>> {
             p.push(&format!("{field}.max_attempts"), "must be at least 1 (the first attempt)");
         }
         let timeouts = timeouts(&field, pf, &defaults, &mut p);
+        let budgets = match (&pf.running_time, pf.hunting) {
+            (Some(own), true) => budgets(&format!("{field}.running_time"), own, &mut p),
+            (None, true) => default_budgets.clone(),
+            (Some(_), false) => {
+                p.push(
+                    &format!("{field}.running_time"),
+                    "only a policy with `hunting = true` spends running time",
+                );
+                Vec::new()
+            }
+            (None, false) => Vec::new(),
+        };
         policies.push(Policy {
             id: u16::try_from(i).unwrap_or(u16::MAX),
             name: pf.name.clone(),
@@ -191,6 +208,7 @@ pub fn validate(file: &File) -> Result<Config, Vec<String>> {
             max_queue,
             max_attempts: max_attempts.max(1),
             hunting: pf.hunting,
+            budgets,
             timeouts,
         });
     }
@@ -213,10 +231,69 @@ pub fn validate(file: &File) -> Result<Config, Vec<String>> {
             backoff_cap,
             metrics_max_tenants: file.metrics_max_tenants,
             access_log: file.access_log,
+            hunting,
         })
     } else {
         Err(p.0)
     }
+}
+
+fn hunting(h: &HuntingFile, p: &mut Problems) -> Hunting {
+    let key = match h.key.as_str() {
+        "tenant" => KeyScope::Tenant,
+        "tenant+app" => KeyScope::TenantApp,
+        other => {
+            p.push("hunting.key", format!("`{other}` is not tenant or tenant+app"));
+            KeyScope::Tenant
+        }
+    };
+    if !(1..=100).contains(&h.estimate_percentile) {
+        p.push("hunting.estimate_percentile", "must be between 1 and 100");
+    }
+    if h.estimate_samples == 0 {
+        p.push("hunting.estimate_samples", "must be at least 1");
+    }
+    if h.stats_prefix_bytes < 1024 {
+        p.push("hunting.stats_prefix_bytes", "must be at least 1024 bytes");
+    }
+    let lookback = match h.lookback.as_str() {
+        "warn" => LookbackMode::Warn,
+        "reject" => LookbackMode::Reject,
+        "off" => LookbackMode::Off,
+        other => {
+            p.push("hunting.lookback", format!("`{other}` is not warn, reject or off"));
+            LookbackMode::Warn
+        }
+    };
+    if h.max_rows == 0 {
+        p.push("hunting.max_rows", "must be more than zero");
+    }
+    Hunting {
+        key,
+        estimator: Estimator {
+            default: p.duration("hunting.estimate", &h.estimate),
+            percentile: h.estimate_percentile.clamp(1, 100),
+            samples: h.estimate_samples.max(1),
+        },
+        max_concurrent: (h.max_concurrent > 0).then_some(h.max_concurrent),
+        stats_prefix_bytes: h.stats_prefix_bytes,
+        lookback,
+        lookback_limit: p.duration("hunting.lookback_limit", &h.lookback_limit),
+        max_rows: h.max_rows,
+    }
+}
+
+fn budgets(field: &str, list: &[BudgetFile], p: &mut Problems) -> Vec<Budget> {
+    if list.is_empty() {
+        p.push(field, "must list at least one budget");
+    }
+    list.iter()
+        .enumerate()
+        .map(|(j, b)| Budget {
+            limit: p.duration(&format!("{field}[{j}].limit"), &b.limit),
+            per: p.duration(&format!("{field}[{j}].per"), &b.per),
+        })
+        .collect()
 }
 
 fn upstreams(file: &File, p: &mut Problems) -> Vec<Upstream> {

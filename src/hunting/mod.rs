@@ -1,8 +1,37 @@
-//! Advanced hunting specifics: how far back a query reaches, and what a
-//! response says it cost.
-//!
-//! Groundwork for metering hunting running time; the request path does not
-//! use it yet.
+//! Advanced hunting specifics: the running-time settings, what a request
+//! asks ([`request`]), how far back a query reaches ([`lookback`]), and what
+//! a response says it cost ([`stats`], [`meter`]).
 
 pub mod lookback;
+pub mod meter;
+pub mod request;
 pub mod stats;
+
+use std::time::Duration;
+
+use crate::admission::runtime::Estimator;
+use crate::quota::KeyScope;
+
+/// What to do with a query that reaches further back than the service keeps data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LookbackMode {
+    /// Forward it with a warning header, a log line and a metric.
+    Warn,
+    /// Answer 400 locally, spending no quota.
+    Reject,
+    /// Do not check.
+    Off,
+}
+
+/// The gateway-wide hunting settings (`[hunting]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hunting {
+    /// `Tenant` or `TenantApp`.
+    pub key: KeyScope,
+    pub estimator: Estimator,
+    pub max_concurrent: Option<usize>,
+    pub stats_prefix_bytes: usize,
+    pub lookback: LookbackMode,
+    pub lookback_limit: Duration,
+    pub max_rows: u64,
+}

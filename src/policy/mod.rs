@@ -11,7 +11,7 @@ use http::Method;
 
 pub use pattern::PathPattern;
 
-use crate::quota::{KeyScope, Window};
+use crate::quota::{Budget, KeyScope, Window};
 
 /// What a request does when its key has no free slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,8 +50,10 @@ pub struct Policy {
     pub max_queue: usize,
     /// Attempts at the upstream when it throttles, the first included (≥ 1).
     pub max_attempts: u32,
-    /// Advanced hunting: subject to the tenant's running-time holds.
+    /// Advanced hunting: its queries spend running time.
     pub hunting: bool,
+    /// Running-time budgets of a hunting policy (empty otherwise).
+    pub budgets: Vec<Budget>,
     pub timeouts: Timeouts,
 }
 

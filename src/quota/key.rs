@@ -48,16 +48,7 @@ pub struct QuotaKey {
     pub app: Option<Box<str>>,
 }
 
-/// The policy id no configured policy has: it marks a tenant's running-time key.
-const RUNNING_TIME: u16 = u16::MAX;
-
 impl QuotaKey {
-    /// The tenant-wide key of hunting running time, which the upstream
-    /// throttles for every app of the tenant at once.
-    pub fn running_time(tenant: &str) -> Self {
-        QuotaKey { policy: Some(RUNNING_TIME), tenant: tenant.into(), app: None }
-    }
-
     pub fn new(scope: KeyScope, policy: u16, who: &Identity) -> Self {
         let tenant = who.tenant.as_str().into();
         match scope {

@@ -92,7 +92,7 @@ pub async fn start_on(config: Config, workers: &[Handle]) -> io::Result<Running>
             tokio::pin!(stop);
             loop {
                 tokio::select! {
-                    _ = every.tick() => { sweeper.limiter.sweep(); }
+                    _ = every.tick() => { sweeper.limiter.sweep(); sweeper.runtime.sweep(); }
                     _ = &mut stop => return Ok(()),
                 }
             }

@@ -1,0 +1,253 @@
+//! Meter a hunting response's running time while it streams to the client.
+//!
+//! * **Defender** (XDR and MDE) reports `Stats.ExecutionTime`. Up to
+//!   `stats_prefix_bytes` of the body are held back while the [`Scanner`]
+//!   looks for `Stats`. When it is there (the service sends it first), the
+//!   reservation is settled at once and the response gains
+//!   [`EXECUTION_TIME`], [`ROWS`] and [`TRUNCATED`] before the body streams
+//!   on, byte for byte. When it is not, the body streams anyway and the
+//!   scanner, constant in memory, reads every chunk until it finds `Stats`
+//!   or the body ends.
+//! * **Graph** has no `Stats`: the running time is the wall time from sending
+//!   the query to its response headers, when the service has run it.
+//!
+//! A body that ends, fails or is abandoned by its client before `Stats` was
+//! read leaves the cost unknown: the reservation is dropped, and charges by
+//! its conservative rule ([`Reservation`]).
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::response::Response;
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue};
+use http_body::{Frame, SizeHint};
+use http_body_util::BodyExt;
+use prometheus::{Counter, IntCounter};
+
+use super::stats::{Scanner, Stats};
+use crate::admission::runtime::Reservation;
+
+/// Response header: the query's running time in seconds, as metered.
+pub const EXECUTION_TIME: HeaderName = HeaderName::from_static("x-quotagate-execution-time");
+/// Response header: rows in the result (`Stats.dataset_statistics`).
+pub const ROWS: HeaderName = HeaderName::from_static("x-quotagate-rows");
+/// Response header: `true` when the result reached the service's row cap.
+pub const TRUNCATED: HeaderName = HeaderName::from_static("x-quotagate-truncated");
+
+/// Where a query's metered cost is reported.
+#[derive(Clone)]
+pub struct Report {
+    /// Seconds of running time charged from `Stats` or wall time.
+    pub charged: Counter,
+    /// Results at the row cap.
+    pub truncated: IntCounter,
+    /// Responses whose cost could not be read (charged conservatively).
+    pub unmetered: IntCounter,
+    pub max_rows: u64,
+    pub policy: String,
+    pub tenant: String,
+}
+
+impl Report {
+    /// Settle `reservation` from `stats`; false when they name no usable time.
+    fn settle(&self, reservation: Reservation, stats: &Stats) -> Option<Reservation> {
+        let Some(cost) = stats.execution_time.and_then(|s| Duration::try_from_secs_f64(s).ok()) else {
+            return Some(reservation);
+        };
+        self.charged.inc_by(cost.as_secs_f64());
+        reservation.settle(cost);
+        if self.truncated(stats) {
+            self.truncated.inc();
+            tracing::warn!(policy = %self.policy, tenant = %self.tenant, rows = stats.rows,
+                max_rows = self.max_rows, "hunting result reached the row cap: it is probably truncated");
+        }
+        None
+    }
+
+    fn truncated(&self, stats: &Stats) -> bool {
+        stats.rows.is_some_and(|r| r >= self.max_rows)
+    }
+
+    /// The cost is unknown: the reservation charges by its rule as it drops.
+    fn unknown(&self, reservation: Reservation) {
+        self.unmetered.inc();
+        tracing::warn!(policy = %self.policy, tenant = %self.tenant,
+            charged_s = reservation.estimate().max(reservation.wall_time()).as_secs_f64(),
+            "hunting response without Stats.ExecutionTime: charged the larger of the estimate and the wall time");
+        drop(reservation);
+    }
+}
+
+/// Meter a Defender hunting response from its `Stats`.
+pub async fn defender(
+    response: Response,
+    reservation: Reservation,
+    prefix_limit: usize,
+    report: Report,
+) -> Response {
+    let (mut head, mut body) = response.into_parts();
+    let mut scanner = Scanner::new();
+    let mut prefix = VecDeque::new();
+    let mut held = 0;
+    let mut failed = None;
+    let mut ended = false;
+    while !scanner.stats().complete && held < prefix_limit {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    scanner.feed(data);
+                    held += data.len();
+                }
+                if let Ok(data) = frame.into_data() {
+                    prefix.push_back(Ok(data));
+                }
+            }
+            Some(Err(e)) => {
+                failed = Some(e);
+                break;
+            }
+            None => {
+                ended = true;
+                break;
+            }
+        }
+    }
+    let stats = scanner.stats();
+    let mut scanning = None;
+    if stats.complete {
+        let headers = &mut head.headers;
+        if let Some(s) = stats.execution_time {
+            headers.insert(
+                EXECUTION_TIME,
+                HeaderValue::from_str(&format!("{s}")).expect("a float is a valid value"),
+            );
+        }
+        if let Some(rows) = stats.rows {
+            headers.insert(ROWS, HeaderValue::from(rows));
+        }
+        let truncated = if report.truncated(&stats) { "true" } else { "false" };
+        headers.insert(TRUNCATED, HeaderValue::from_static(truncated));
+        if let Some(unsettled) = report.settle(reservation, &stats) {
+            report.unknown(unsettled);
+        }
+    } else if let Some(e) = failed {
+        // The upstream failed before `Stats`: pass on what came, then the error.
+        prefix.push_back(Err(e));
+        report.unknown(reservation);
+    } else if ended {
+        report.unknown(reservation);
+    } else {
+        scanning = Some(Scanning { scanner, reservation, report });
+    }
+    let inner = (!ended && prefix.back().is_none_or(Result::is_ok)).then_some(body);
+    Response::from_parts(head, Body::new(MeterBody { prefix, inner, scanning }))
+}
+
+/// Meter a Graph hunting response: the wall time until its headers.
+pub fn graph(mut response: Response, reservation: Reservation, report: &Report) -> Response {
+    let cost = reservation.wall_time();
+    let value =
+        HeaderValue::from_str(&format!("{:.3}", cost.as_secs_f64())).expect("a float is a valid value");
+    response.headers_mut().insert(EXECUTION_TIME, value);
+    report.charged.inc_by(cost.as_secs_f64());
+    reservation.settle(cost);
+    response
+}
+
+/// Still looking for `Stats` past the prefix.
+struct Scanning {
+    scanner: Scanner,
+    reservation: Reservation,
+    report: Report,
+}
+
+/// The held-back prefix, then the rest of the upstream body, metered.
+struct MeterBody {
+    prefix: VecDeque<Result<Bytes, axum::Error>>,
+    inner: Option<Body>,
+    scanning: Option<Scanning>,
+}
+
+impl MeterBody {
+    /// The body ended: settle from what the scanner read, or charge by rule.
+    fn ended(&mut self) {
+        if let Some(s) = self.scanning.take() {
+            let stats = s.scanner.stats();
+            if let Some(unsettled) = s.report.settle(s.reservation, &stats) {
+                s.report.unknown(unsettled);
+            }
+        }
+    }
+}
+
+impl http_body::Body for MeterBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let this = self.get_mut();
+        if let Some(next) = this.prefix.pop_front() {
+            return Poll::Ready(Some(next.map(Frame::data)));
+        }
+        let Some(inner) = this.inner.as_mut() else {
+            this.ended();
+            return Poll::Ready(None);
+        };
+        match ready!(Pin::new(inner).poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if let (Some(data), Some(s)) = (frame.data_ref(), this.scanning.as_mut()) {
+                    s.scanner.feed(data);
+                    let stats = s.scanner.stats();
+                    if stats.complete {
+                        let s = this.scanning.take().expect("scanning");
+                        if let Some(unsettled) = s.report.settle(s.reservation, &stats) {
+                            s.report.unknown(unsettled);
+                        }
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => {
+                this.inner = None;
+                if let Some(s) = this.scanning.take() {
+                    s.report.unknown(s.reservation);
+                }
+                Poll::Ready(Some(Err(e)))
+            }
+            None => {
+                this.inner = None;
+                this.ended();
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // Never claim the end early: the end is where an unsettled cost is metered.
+        self.prefix.is_empty()
+            && self.scanning.is_none()
+            && self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let held: u64 = self
+            .prefix
+            .iter()
+            .map(|c| c.as_ref().map_or(0, |b| u64::try_from(b.len()).unwrap_or(u64::MAX)))
+            .sum();
+        let rest = self.inner.as_ref().map_or_else(|| SizeHint::with_exact(0), http_body::Body::size_hint);
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower().saturating_add(held));
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper.saturating_add(held));
+        }
+        hint
+    }
+}
