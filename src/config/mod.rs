@@ -126,7 +126,34 @@ impl Config {
                 humantime::format_duration(p.max_wait),
                 p.max_queue
             );
+            if p.hunting {
+                let budgets: Vec<String> = p
+                    .budgets
+                    .iter()
+                    .map(|b| {
+                        format!("{}/{}", humantime::format_duration(b.limit), humantime::format_duration(b.per))
+                    })
+                    .collect();
+                let _ = writeln!(
+                    out,
+                    "  {:<18} running time [{}] per {}",
+                    "",
+                    budgets.join(", "),
+                    if self.hunting.key == crate::quota::KeyScope::Tenant { "tenant" } else { "tenant+app" }
+                );
+            }
         }
+        let h = &self.hunting;
+        let _ = writeln!(
+            out,
+            "hunting: estimate {} then p{} of the last {} costs; lookback {:?} past {}; row cap {}",
+            humantime::format_duration(h.estimator.default),
+            h.estimator.percentile,
+            h.estimator.samples,
+            h.lookback,
+            humantime::format_duration(h.lookback_limit),
+            h.max_rows
+        );
         let _ = writeln!(out, "everything else: forwarded unmetered, counted");
         out
     }
@@ -154,6 +181,15 @@ mod tests {
         assert_eq!(limits("indicator-import"), vec![(30, 60)]);
         assert_eq!(limits("live-response"), vec![(10, 60)]);
         assert!(find("hunting").timeouts.header >= Duration::from_secs(200));
+        let budgets = |name: &str| {
+            find(name).budgets.iter().map(|b| (b.limit.as_secs(), b.per.as_secs())).collect::<Vec<_>>()
+        };
+        assert_eq!(budgets("hunting"), vec![(600, 3600), (4 * 3600, 86_400)]);
+        assert_eq!(budgets("hunting-mde"), vec![(600, 3600), (3 * 3600, 86_400)]);
+        assert!(budgets("incidents").is_empty());
+        assert_eq!(c.hunting.max_rows, 100_000);
+        assert_eq!(c.hunting.lookback_limit, Duration::from_secs(30 * 86_400));
+        assert_eq!(c.hunting.key, crate::quota::KeyScope::Tenant);
         assert!(c.listeners[0].addr.ip().is_loopback() && c.admin_listen.ip().is_loopback());
     }
 
@@ -171,6 +207,8 @@ mod tests {
             c.policies.find(&m.parse().unwrap(), up, path).map(|p| p.name.clone())
         };
         assert_eq!(name("POST", 0, "/api/advancedhunting/run").as_deref(), Some("hunting"));
+        assert_eq!(name("POST", 1, "/api/advancedqueries/run").as_deref(), Some("hunting-mde"));
+        assert_eq!(name("POST", 0, "/api/advancedqueries/run").as_deref(), Some("hunting"));
         assert_eq!(name("POST", 2, "/v1.0/security/runHuntingQuery").as_deref(), Some("hunting"));
         assert_eq!(name("GET", 0, "/api/incidents/42").as_deref(), Some("incidents"));
         assert_eq!(name("POST", 1, "/api/machines/m1/runliveresponse").as_deref(), Some("live-response"));
