@@ -131,7 +131,11 @@ impl Config {
                     .budgets
                     .iter()
                     .map(|b| {
-                        format!("{}/{}", humantime::format_duration(b.limit), humantime::format_duration(b.per))
+                        format!(
+                            "{}/{}",
+                            humantime::format_duration(b.limit),
+                            humantime::format_duration(b.per)
+                        )
                     })
                     .collect();
                 let _ = writeln!(

@@ -30,9 +30,14 @@
 //! next request meets the fault, on a new or a reused connection, and a fault never leaks into a
 //! response already under way. HTTP/2 (h2c) is not served.
 //!
-//! What it does not do: TLS, signature or audience checks, KQL, OData query options, running-time
-//! (CPU) budgets (a running-time rule counts calls), or Graph's habit of counting calls made
-//! while throttled.
+//! - runs hunting queries for the cost their text names ([`super::hunt`]: `cost=S`, `rows=N`,
+//!   `bytes=N`, `stats=last|none`), reports `Stats` like the service (Defender) or nothing
+//!   (Graph), and with [`EmulatorConfig::running_time`] enforces per-tenant running-time
+//!   budgets: a query arriving while a budget's trailing window holds its limit or more gets the
+//!   service's running-time 429; each query is charged at its end ([`Emulator::charges`]).
+//!
+//! What it does not do: TLS, signature or audience checks, KQL, OData query options, or Graph's
+//! habit of counting calls made while throttled.
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
@@ -57,6 +62,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tower::ServiceExt as _;
+
+pub use super::hunt::Charges;
+use super::hunt::HuntSpec;
 
 /// What a quota counts per.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -162,6 +170,8 @@ impl QuotaRule {
 #[derive(Clone, Debug, Default)]
 pub struct EmulatorConfig {
     pub quotas: Vec<QuotaRule>,
+    /// Per-tenant running-time budgets: `(limit, window)`.
+    pub running_time: Vec<(Duration, Duration)>,
 }
 
 impl EmulatorConfig {
@@ -171,6 +181,12 @@ impl EmulatorConfig {
 
     pub fn quota(mut self, r: QuotaRule) -> Self {
         self.quotas.push(r);
+        self
+    }
+
+    /// Enforce at most `limit` of hunting running time per tenant in any `window`.
+    pub fn running_time(mut self, limit: Duration, window: Duration) -> Self {
+        self.running_time.push((limit, window));
         self
     }
 }
@@ -200,6 +216,8 @@ struct Inner {
     arrivals: HashMap<String, VecDeque<Instant>>,
     /// Requests seen per flaky path and query.
     flaky: HashMap<String, usize>,
+    /// Hunting running time charged per tenant.
+    charges: HashMap<String, Charges>,
 }
 
 struct Shared {
@@ -282,6 +300,12 @@ impl Emulator {
         inner.arrivals.entry(key).or_default().extend(std::iter::repeat_n(now, n));
     }
 
+    /// The hunting running time charged to `tenant`, each query at its end (which may lie in
+    /// the future for a query still running).
+    pub fn charges(&self, tenant: &str) -> Charges {
+        self.shared.lock().charges.get(tenant).cloned().unwrap_or_default()
+    }
+
     /// Switches the fault that requests arriving from now on meet, on new and kept-alive
     /// connections alike; [`Fault::None`] restores normal service. See [`Fault`].
     pub fn set_fault(&self, f: Fault) {
@@ -331,8 +355,6 @@ pub fn max_in_any_interval(times: &[Instant], window: Duration) -> usize {
     best
 }
 
-const DEFENDER_HUNT: &str = r#"{"Stats":{"ExecutionTime":0.01,"resource_usage":{"cache":{"memory":{"hits":1,"misses":0,"total":1},"disk":{"hits":0,"misses":0,"total":0}},"cpu":{"user":"00:00:00.0100000","kernel":"00:00:00","total cpu":"00:00:00.0100000"},"memory":{"peak_per_node":1024}},"dataset_statistics":[{"table_row_count":1,"table_size":10}]},"Schema":[{"Name":"x","Type":"String"}],"Results":[{"x":"y"}]}"#;
-const GRAPH_HUNT: &str = r#"{"@odata.context":"https://graph.microsoft.com/v1.0/$metadata#microsoft.graph.security.huntingQueryResults","schema":[{"name":"x","type":"String"}],"results":[{"x":"y"}]}"#;
 const INCIDENTS: &str = r#"{"@odata.context":"https://api.security.microsoft.com/api/$metadata#Incidents","value":[{"incidentId":1,"status":"Active"}]}"#;
 const EMPTY: &str = r#"{"value":[]}"#;
 
@@ -347,6 +369,10 @@ enum Route {
     /// (with `?retry_after=S` as `Retry-After` and `&message=M` in the error body), then 200.
     Flaky(u16, usize),
     BadTest,
+    /// A hunting query: Graph's or Defender's.
+    Hunt {
+        graph: bool,
+    },
     /// A fixed JSON body with status 200.
     Canned(&'static str),
 }
@@ -375,9 +401,11 @@ impl Route {
         let lower = lower.trim_end_matches('/');
         Route::Canned(match lower {
             "/api/advancedhunting/run" | "/api/advancedqueries/run" | "/api/v1.0/advancedqueries/run" => {
-                DEFENDER_HUNT
+                return Route::Hunt { graph: false }
             }
-            "/v1.0/security/runhuntingquery" | "/beta/security/runhuntingquery" => GRAPH_HUNT,
+            "/v1.0/security/runhuntingquery" | "/beta/security/runhuntingquery" => {
+                return Route::Hunt { graph: true }
+            }
             _ if lower == "/api/incidents" || lower.starts_with("/api/incidents/") => INCIDENTS,
             _ => EMPTY,
         })
@@ -541,8 +569,106 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
             std::future::pending().await
         }
         Verdict::Pass if matches!(route, Route::Flaky(..)) => flaky(&route, flaky_fails, graph, &parts.uri),
+        Verdict::Pass if matches!(route, Route::Hunt { .. }) => {
+            hunt(&shared, idx, graph, &body, tid.as_deref().unwrap_or_default()).await
+        }
         Verdict::Pass => respond(route, &parts.method, &path_and_query, &parts.headers, body).await,
     }
+}
+
+/// Run a hunting query: refuse it while its tenant's running time is spent, else charge its
+/// cost at its end, take that long, and answer like the service.
+async fn hunt(shared: &Shared, idx: usize, graph: bool, body: &[u8], tid: &str) -> Response {
+    let value: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let query = value
+        .as_object()
+        .and_then(|o| o.iter().find(|(k, _)| k.eq_ignore_ascii_case("query")))
+        .and_then(|(_, v)| v.as_str())
+        .map(str::to_string);
+    let Some(query) = query else {
+        let msg = "Query is missing or not a string.";
+        return json_response(400, json!({"error": {"code": "BadRequest", "message": msg, "target": tid}}));
+    };
+    let spec = HuntSpec::of(&query);
+    let started = {
+        let mut inner = shared.lock();
+        let now = Instant::now();
+        let charges = inner.charges.entry(tid.to_string()).or_default();
+        let wait = shared
+            .cfg
+            .running_time
+            .iter()
+            .filter_map(|&(limit, window)| charges.wait(now, limit, window))
+            .max();
+        if let Some(wait) = wait {
+            inner.seen[idx].status = 429;
+            return running_time_exhausted(graph, wait, tid);
+        }
+        match spec.cost {
+            Some(cost) => charges.0.push((now + cost, cost)),
+            None => charges.0.push((now, Duration::from_millis(10))),
+        }
+        now
+    };
+    if let Some(cost) = spec.cost {
+        // A caller that goes away cancels the query: it is charged what it ran.
+        let mut running = Running { shared, tid, started, cost, done: false };
+        tokio::time::sleep(cost).await;
+        running.done = true;
+    }
+    let data = super::hunt::response_body(&query, graph);
+    let n = data.len();
+    let chunks: Vec<Result<Bytes, Infallible>> =
+        (0..n).step_by(64 * 1024).map(|i| Ok(data.slice(i..(i + 64 * 1024).min(n)))).collect();
+    let mut r = Response::new(Body::from_stream(futures_util::stream::iter(chunks)));
+    r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+    with_header(r, "content-type", "application/json")
+}
+
+/// A query running in [`hunt`]; dropped early, it rewrites its charge to the time it ran.
+struct Running<'a> {
+    shared: &'a Shared,
+    tid: &'a str,
+    started: Instant,
+    cost: Duration,
+    done: bool,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let ran = self.started.elapsed();
+        let mut inner = self.shared.lock();
+        if let Some(c) = inner.charges.get_mut(self.tid) {
+            if let Some(pos) =
+                c.0.iter().rposition(|&(end, cost)| cost == self.cost && end == self.started + self.cost)
+            {
+                c.0[pos] = (Instant::now(), ran);
+            }
+        }
+    }
+}
+
+/// The service's 429 for spent running time, in Defender's or Graph's shape, with `Retry-After`.
+fn running_time_exhausted(graph: bool, wait: Duration, tid: &str) -> Response {
+    let secs = wait.as_nanos().div_ceil(1_000_000_000).max(1);
+    let r = if graph {
+        json_response(
+            429,
+            json!({"error": {"code": "TooManyRequests", "innerError": {
+            "code": "429", "date": utc_now(), "message": "Please retry after",
+            "request-id": request_id(), "status": "429"}, "message": "Please retry again later."}}),
+        )
+    } else {
+        let message = format!(
+            "{RUNNING_TIME_EXCEEDED} You can run queries again in {}.",
+            timespan(Duration::from_secs(secs as u64))
+        );
+        json_response(429, json!({"error": {"code": "429", "message": message, "target": tid}}))
+    };
+    with_header(r, "retry-after", &secs.to_string())
 }
 
 /// The answer of a `flaky/{status}/{n}` request: its error while it fails, then 200.
@@ -624,6 +750,7 @@ fn throttled(
 async fn respond(route: Route, method: &Method, pq: &str, headers: &HeaderMap, body: Bytes) -> Response {
     match route {
         Route::Flaky(..) => unreachable!("flaky routes are answered by flaky()"),
+        Route::Hunt { .. } => unreachable!("hunting is answered by hunt()"),
         Route::Status(code) => {
             let err =
                 json!({"error": {"code": format!("Status{code}"), "message": format!("status {code}")}});

@@ -4,6 +4,7 @@
 
 pub mod emulator;
 pub mod gateway;
+pub mod hunt;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;

@@ -1,0 +1,430 @@
+//! Hunting running time end to end: the real gateway on port 0 in front of
+//! the emulator, which runs each query for the cost its text names, reports
+//! `Stats` like the service and enforces per-tenant running-time budgets with
+//! the service's 429. Windows are scaled: an "hour" of a few seconds.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::emulator::{Emulator, EmulatorConfig};
+use support::gateway::TestGateway;
+use support::hunt::{self, body, query};
+use support::{bearer, client};
+
+const HUNT: &str = "/api/advancedhunting/run";
+const GRAPH_HUNT: &str = "/v1.0/security/runHuntingQuery";
+
+/// A hunting policy with call windows that never bind, and `[hunting]` settings.
+fn hunting_config(budgets: &str, extra: &str) -> String {
+    format!(
+        r#"
+[hunting]
+budgets = {budgets}
+estimate = "40ms"
+estimate_percentile = 95
+{extra}
+
+[[policy]]
+name = "hunting"
+methods = ["POST"]
+paths = ["{HUNT}", "{GRAPH_HUNT}"]
+windows = [{{ limit = 100000, per = "1s" }}]
+hunting = true
+max_wait = "30s"
+"#
+    )
+}
+
+/// A tiny deterministic generator, so costs are mixed but reproducible.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+async fn quota(gw: &TestGateway) -> Value {
+    reqwest::get(gw.admin_url("/quota")).await.unwrap().json().await.unwrap()
+}
+
+/// The running-time entry of `/quota` for a tenant.
+fn ledger<'a>(q: &'a Value, tenant: &str) -> &'a Value {
+    q["running_time"].as_array().unwrap().iter().find(|k| k["tenant"] == tenant).expect("tenant ledger")
+}
+
+/// Saturate one tenant with `clients` loops of mixed-cost queries until `until`.
+fn saturate(
+    gw: &TestGateway,
+    tenant: &str,
+    clients: u64,
+    until: Instant,
+) -> Vec<tokio::task::JoinHandle<Vec<u16>>> {
+    (0..clients)
+        .map(|c| {
+            let (http, url, auth) = (client(), gw.url(HUNT), bearer(tenant, &format!("tool-{c}")));
+            tokio::spawn(async move {
+                let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ ((c + 1) * 0x1234_5678));
+                let mut statuses = Vec::new();
+                while Instant::now() < until {
+                    // Costs the gateway cannot predict query by query.
+                    let cost = [0.01, 0.02, 0.04][(rng.next() % 3) as usize];
+                    let r = http
+                        .post(&url)
+                        .header("authorization", &auth)
+                        .body(body(&query(cost, "")))
+                        .send()
+                        .await;
+                    let Ok(r) = r else { continue };
+                    statuses.push(r.status().as_u16());
+                    let _ = r.bytes().await;
+                }
+                statuses
+            })
+        })
+        .collect()
+}
+
+/// Issue #3, case 1: over-demand for three scaled hours with queries of
+/// mixed cost: the upstream never throttles, no interval of an hour holds
+/// more than the budget, and each full hour uses at least 95% of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_demand_for_three_hours_uses_the_budget_without_upstream_429s() {
+    let hour = Duration::from_secs(4);
+    let budget = Duration::from_millis(1600);
+    let emu = Emulator::start(
+        EmulatorConfig::new()
+            .running_time(budget, hour)
+            .running_time(Duration::from_secs(16), Duration::from_secs(96)),
+    )
+    .await;
+    let gw = TestGateway::start(
+        &emu.url(),
+        &hunting_config(r#"[{ limit = "1600ms", per = "4s" }, { limit = "16s", per = "96s" }]"#, ""),
+    )
+    .await;
+    let start = Instant::now();
+    let until = start + 3 * hour + Duration::from_millis(300);
+    let mut statuses = Vec::new();
+    for t in saturate(&gw, "tenant-1", 6, until) {
+        statuses.extend(t.await.unwrap());
+    }
+    assert_eq!(emu.throttled(), 0, "the upstream must never throttle running time");
+    assert!(statuses.iter().all(|&s| s == 200), "every query is admitted in time: {statuses:?}");
+    let charges = emu.charges("tenant-1");
+    let most = charges.max_in_any(hour);
+    assert!(most <= budget + Duration::from_millis(1), "{most:?} in one hour, budget {budget:?}");
+    for h in 0..3 {
+        let from = start + h * hour;
+        let used = charges.between(from, from + hour);
+        eprintln!("hour {h}: {used:?} of {budget:?}");
+        assert!(used.as_secs_f64() >= 0.95 * budget.as_secs_f64(), "hour {h}: used {used:?} of {budget:?}");
+    }
+    // The gateway's own view agrees: it metered every query's Stats.
+    let q = quota(&gw).await;
+    let l = ledger(&q, "tenant-1");
+    assert!(l["budgets"][0]["charged_seconds"].as_f64().unwrap() <= budget.as_secs_f64());
+    assert_eq!(l["in_flight"], 0);
+}
+
+/// Issue #3, case 2: several tenants at once, each inside its own budget,
+/// and a light tenant is not slowed by the saturated ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_tenants_each_keep_their_own_budget() {
+    let hour = Duration::from_secs(2);
+    let budget = Duration::from_millis(500);
+    let emu = Emulator::start(EmulatorConfig::new().running_time(budget, hour)).await;
+    let gw =
+        TestGateway::start(&emu.url(), &hunting_config(r#"[{ limit = "500ms", per = "2s" }]"#, "")).await;
+    let start = Instant::now();
+    let until = start + 2 * hour + Duration::from_millis(200);
+    let mut heavy = saturate(&gw, "tenant-a", 3, until);
+    heavy.extend(saturate(&gw, "tenant-b", 3, until));
+    // A light tenant runs one query per half hour, each admitted at once.
+    let http = client();
+    let mut light_waits = Vec::new();
+    while Instant::now() < until {
+        let sent = Instant::now();
+        let r = http
+            .post(gw.url(HUNT))
+            .header("authorization", bearer("tenant-c", "tool"))
+            .body(body(&query(0.02, "")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        light_waits.push(sent.elapsed());
+        tokio::time::sleep(hour / 2).await;
+    }
+    for t in heavy {
+        assert!(t.await.unwrap().iter().all(|&s| s == 200));
+    }
+    assert_eq!(emu.throttled(), 0);
+    for tenant in ["tenant-a", "tenant-b"] {
+        let charges = emu.charges(tenant);
+        assert!(charges.max_in_any(hour) <= budget + Duration::from_millis(1), "{tenant}");
+        for h in 0..2 {
+            let from = start + h * hour;
+            let used = charges.between(from, from + hour).as_secs_f64();
+            assert!(used >= 0.9 * budget.as_secs_f64(), "{tenant} hour {h}: used {used}");
+        }
+    }
+    assert!(
+        light_waits.iter().all(|w| *w < Duration::from_millis(300)),
+        "light tenant waited: {light_waits:?}"
+    );
+}
+
+/// Issue #3, case 3: a client that disconnects mid-query. The upstream
+/// request is cancelled, and the ledger ends as documented: nothing in
+/// flight or reserved, and the larger of the estimate and the time the query
+/// ran is charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_mid_query_is_charged_by_the_documented_rule() {
+    let emu =
+        Emulator::start(EmulatorConfig::new().running_time(Duration::from_secs(60), Duration::from_secs(60)))
+            .await;
+    let gw = TestGateway::start(&emu.url(), &hunting_config(r#"[{ limit = "60s", per = "60s" }]"#, "")).await;
+    let impatient = reqwest::Client::builder().timeout(Duration::from_millis(300)).build().unwrap();
+    let r = impatient
+        .post(gw.url(HUNT))
+        .header("authorization", bearer("t", "a"))
+        .body(body(&query(2.0, "")))
+        .send()
+        .await;
+    assert!(r.is_err(), "the client gave up before the query ended");
+    // The gateway notices the disconnect at once; give the drop a moment to run.
+    let mut charged = 0.0;
+    for _ in 0..50 {
+        let q = quota(&gw).await;
+        let l = ledger(&q, "t");
+        charged = l["budgets"][0]["charged_seconds"].as_f64().unwrap();
+        if charged > 0.0 {
+            assert_eq!(l["in_flight"], 0);
+            assert_eq!(l["budgets"][0]["reserved_seconds"].as_f64().unwrap(), 0.0);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // max(estimate 40 ms, ~300 ms sent until the client left)
+    assert!((0.25..1.0).contains(&charged), "charged {charged}");
+    // The upstream query was cancelled too: it ran about as long.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let ran: Duration = emu.charges("t").0.iter().map(|c| c.1).sum();
+    assert!(ran < Duration::from_secs(1), "the upstream query ran {ran:?}");
+    assert!((ran.as_secs_f64() - charged).abs() < 0.2, "ledger {charged} vs upstream {ran:?}");
+}
+
+/// Issue #3, case 4: a 50 MB result with `Stats` first gets the metering
+/// headers before it streams, and arrives byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_50_mb_result_with_stats_first_streams_byte_identical_with_headers() {
+    let emu = Emulator::start(EmulatorConfig::new()).await;
+    let gw = TestGateway::start(&emu.url(), &hunting_config(r#"[{ limit = "10m", per = "1h" }]"#, "")).await;
+    let q = query(0.25, "rows=4321 bytes=52428800");
+    let r = client()
+        .post(gw.url(HUNT))
+        .header("authorization", bearer("t", "a"))
+        .body(body(&q))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-quotagate-execution-time"], "0.25");
+    assert_eq!(r.headers()["x-quotagate-rows"], "4321");
+    assert_eq!(r.headers()["x-quotagate-truncated"], "false");
+    let policy = r.headers()["ratelimit-policy"].to_str().unwrap().to_string();
+    assert!(policy.contains("\"running-time-per-hour\";q=600;w=3600;qu=\"seconds\""), "{policy}");
+    let got = r.bytes().await.unwrap();
+    let expected = hunt::response_body(&q, false);
+    assert!(expected.len() >= 50 * 1024 * 1024);
+    assert_eq!(got.len(), expected.len());
+    assert!(got == expected, "the body must be byte-identical");
+    let l = quota(&gw).await;
+    assert_eq!(ledger(&l, "t")["budgets"][0]["charged_seconds"].as_f64().unwrap(), 0.25);
+}
+
+/// Issue #3, case 5: `Stats` last, after a result larger than the held-back
+/// prefix: streamed at once, still metered from `Stats` at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_last_is_still_metered() {
+    let emu = Emulator::start(EmulatorConfig::new()).await;
+    let gw = TestGateway::start(&emu.url(), &hunting_config(r#"[{ limit = "10m", per = "1h" }]"#, "")).await;
+    let q = query(0.3, "bytes=400000 stats=last");
+    let r = client()
+        .post(gw.url(HUNT))
+        .header("authorization", bearer("t", "a"))
+        .body(body(&q))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("x-quotagate-execution-time").is_none(), "Stats came after the prefix");
+    assert_eq!(r.bytes().await.unwrap(), hunt::response_body(&q, false));
+    let l = quota(&gw).await;
+    let charged = ledger(&l, "t")["budgets"][0]["charged_seconds"].as_f64().unwrap();
+    assert_eq!(charged, 0.3, "metered from Stats, not estimated");
+    assert_eq!(gw.metric("quotagate_hunting_charged_seconds_total{policy=\"hunting\"}").await, 0.3);
+
+    // Stats last in a small body still fits in the prefix: the headers come too.
+    let q = query(0.1, "stats=last");
+    let r = client()
+        .post(gw.url(HUNT))
+        .header("authorization", bearer("t", "a"))
+        .body(body(&q))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-quotagate-execution-time"], "0.1");
+    // Graph has no Stats: its wall time is charged.
+    let r = client()
+        .post(gw.url(GRAPH_HUNT))
+        .header("authorization", bearer("g", "a"))
+        .body(body(&query(0.2, "")))
+        .send()
+        .await
+        .unwrap();
+    let wall: f64 = r.headers()["x-quotagate-execution-time"].to_str().unwrap().parse().unwrap();
+    assert!((0.2..0.5).contains(&wall), "{wall}");
+    let l = quota(&gw).await;
+    let charged = ledger(&l, "g")["budgets"][0]["charged_seconds"].as_f64().unwrap();
+    assert!((charged - wall).abs() < 0.001, "charged {charged}, header {wall}");
+}
+
+/// Issue #3, case 6: the 30-day lookback, in both modes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookbacks_past_30_days_are_flagged_or_refused() {
+    let emu = Emulator::start(EmulatorConfig::new()).await;
+    let warn =
+        TestGateway::start(&emu.url(), &hunting_config(r#"[{ limit = "10m", per = "1h" }]"#, "")).await;
+    let http = client();
+    let old = serde_json::json!({"Query": "DeviceEvents | where Timestamp > ago(45d)"}).to_string();
+    let r = http
+        .post(warn.url(HUNT))
+        .header("authorization", bearer("t", "a"))
+        .body(old.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "warn mode forwards");
+    let warning = r.headers()["x-quotagate-lookback-warning"].to_str().unwrap().to_string();
+    assert!(warning.contains("45 days") && warning.contains("30 days"), "{warning}");
+    let span = serde_json::json!({"Query": "DeviceEvents | take 1", "Timespan": "P90D"}).to_string();
+    let r = http
+        .post(warn.url(GRAPH_HUNT))
+        .header("authorization", bearer("t", "a"))
+        .body(span)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["x-quotagate-lookback-warning"].to_str().unwrap().contains("90 days"));
+    let recent = body("DeviceEvents | where Timestamp > ago(7d)");
+    let r = http
+        .post(warn.url(HUNT))
+        .header("authorization", bearer("t", "a"))
+        .body(recent)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers().get("x-quotagate-lookback-warning").is_none());
+    assert_eq!(
+        warn.metric("quotagate_hunting_lookback_total{action=\"warned\",policy=\"hunting\"}").await,
+        2.0
+    );
+    assert_eq!(emu.count(), 3);
+
+    let reject = TestGateway::start(
+        &emu.url(),
+        &hunting_config(r#"[{ limit = "10m", per = "1h" }]"#, "lookback = \"reject\""),
+    )
+    .await;
+    let r =
+        http.post(reject.url(HUNT)).header("authorization", bearer("t", "a")).body(old).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "BadRequest");
+    let message = e["error"]["message"].as_str().unwrap();
+    assert!(message.contains("45 days") && message.contains("past 30 days"), "{message}");
+    assert_eq!(emu.count(), 3, "a refused query is never forwarded");
+    let q = quota(&reject).await;
+    assert!(
+        q["running_time"].as_array().unwrap().is_empty() && q["tenants"].as_array().unwrap().is_empty(),
+        "{q}"
+    );
+}
+
+/// Issue #3, case 7: a result at the 100,000-row cap is flagged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_at_the_row_cap_are_flagged_truncated() {
+    let emu = Emulator::start(EmulatorConfig::new()).await;
+    let gw = TestGateway::start(&emu.url(), &hunting_config(r#"[{ limit = "10m", per = "1h" }]"#, "")).await;
+    let http = client();
+    let ask = |rows: u64| {
+        http.post(gw.url(HUNT))
+            .header("authorization", bearer("t", "a"))
+            .body(body(&query(0.01, &format!("rows={rows}"))))
+            .send()
+    };
+    let r = ask(100_000).await.unwrap();
+    assert_eq!(r.headers()["x-quotagate-truncated"], "true");
+    assert_eq!(r.headers()["x-quotagate-rows"], "100000");
+    let r = ask(99_999).await.unwrap();
+    assert_eq!(r.headers()["x-quotagate-truncated"], "false");
+    assert_eq!(gw.metric("quotagate_hunting_truncated_total{policy=\"hunting\"}").await, 1.0);
+}
+
+/// Issue #3, case 8: invalid hunting bodies get a local 400 in the client's
+/// shape, are never forwarded, and spend nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_hunting_bodies_are_answered_locally() {
+    let emu = Emulator::start(EmulatorConfig::new()).await;
+    let gw = TestGateway::start(&emu.url(), &hunting_config(r#"[{ limit = "10m", per = "1h" }]"#, "")).await;
+    let http = client();
+    for (path, sent, says) in [
+        (HUNT, "Query=DeviceEvents", "not valid JSON"),
+        (HUNT, "", "empty"),
+        (HUNT, r#"["DeviceEvents"]"#, "JSON object"),
+        (HUNT, r#"{"Querry": "DeviceEvents"}"#, "no `Query`"),
+        (HUNT, r#"{"Query": "   "}"#, "`Query` is empty"),
+        (GRAPH_HUNT, r#"{"Query": 42}"#, "must be a string"),
+    ] {
+        let r = http
+            .post(gw.url(path))
+            .header("authorization", bearer("t", "a"))
+            .body(sent)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{sent}");
+        let e: Value = r.json().await.unwrap();
+        assert_eq!(e["error"]["code"], "BadRequest");
+        let message = e["error"]["message"].as_str().unwrap();
+        assert!(message.contains(says), "{sent}: {message}");
+        if path == GRAPH_HUNT {
+            assert!(e["error"]["innerError"]["request-id"].is_string(), "Graph shape: {e}");
+        } else {
+            assert!(e["error"]["target"].is_string(), "Defender shape: {e}");
+        }
+    }
+    assert_eq!(emu.count(), 0, "nothing invalid is forwarded");
+    let q = quota(&gw).await;
+    assert!(
+        q["running_time"].as_array().unwrap().is_empty() && q["tenants"].as_array().unwrap().is_empty(),
+        "{q}"
+    );
+    // The key matches case-insensitively, as Graph's beta examples write it.
+    let r = http
+        .post(gw.url(GRAPH_HUNT))
+        .header("authorization", bearer("t", "a"))
+        .body(r#"{"query": "DeviceEvents | take 1"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}

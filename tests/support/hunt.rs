@@ -1,0 +1,146 @@
+//! Hunting queries as the emulator runs them: a query's text says what it
+//! costs and what it returns, so tests can ask for "a 0.3 s query with
+//! 100,000 rows and `Stats` last" in plain KQL comments.
+//!
+//! Recognised tokens anywhere in the query (`// cost=0.25 rows=100000`):
+//! - `cost=S`: the query runs S seconds and reports `Stats.ExecutionTime = S`;
+//!   without it the query takes no time and reports 0.01;
+//! - `rows=N`: `Stats.dataset_statistics[0].table_row_count` (default 1);
+//! - `bytes=N`: the response is padded with result rows to about N bytes;
+//! - `stats=last` puts `Stats` after `Results`, `stats=none` leaves it out.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+/// Where `Stats` stands in a Defender response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatsAt {
+    First,
+    Last,
+    None,
+}
+
+/// What a query asks the emulator to do.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HuntSpec {
+    /// Running time, if the query names one.
+    pub cost: Option<Duration>,
+    pub rows: u64,
+    pub bytes: usize,
+    pub stats: StatsAt,
+}
+
+impl HuntSpec {
+    pub fn of(query: &str) -> HuntSpec {
+        let value = |key: &str| {
+            query.split(|c: char| c.is_whitespace() || c == ',' || c == ';').find_map(|t| t.strip_prefix(key))
+        };
+        HuntSpec {
+            cost: value("cost=")
+                .and_then(|s| s.parse::<f64>().ok())
+                .and_then(|s| Duration::try_from_secs_f64(s).ok()),
+            rows: value("rows=").and_then(|s| s.parse().ok()).unwrap_or(1),
+            bytes: value("bytes=").and_then(|s| s.parse().ok()).unwrap_or(0),
+            stats: match value("stats=") {
+                Some("last") => StatsAt::Last,
+                Some("none") => StatsAt::None,
+                _ => StatsAt::First,
+            },
+        }
+    }
+
+    /// The reported execution time in seconds.
+    pub fn execution_time(&self) -> f64 {
+        self.cost.map_or(0.01, |c| c.as_secs_f64())
+    }
+}
+
+/// A hunting query for the emulator costing `seconds`, plus extra tokens.
+pub fn query(seconds: f64, extra: &str) -> String {
+    format!("DeviceProcessEvents | where Timestamp > ago(1d) | take 10 // cost={seconds} {extra}")
+}
+
+/// The request body of a hunting call.
+pub fn body(query: &str) -> String {
+    serde_json::json!({ "Query": query }).to_string()
+}
+
+/// The response body the emulator sends for `query`: deterministic, so a
+/// test can compare what came through the gateway byte for byte.
+pub fn response_body(query: &str, graph: bool) -> Bytes {
+    let spec = HuntSpec::of(query);
+    let stats = format!(
+        r#""Stats":{{"ExecutionTime":{},"resource_usage":{{"cache":{{"memory":{{"hits":1,"misses":0,"total":1}},"disk":{{"hits":0,"misses":0,"total":0}}}},"cpu":{{"user":"00:00:00.0100000","kernel":"00:00:00","total cpu":"00:00:00.0100000"}},"memory":{{"peak_per_node":1024}}}},"dataset_statistics":[{{"table_row_count":{},"table_size":{}}}]}}"#,
+        spec.execution_time(),
+        spec.rows,
+        spec.bytes
+    );
+    let mut results = String::with_capacity(spec.bytes + 64);
+    results.push_str(if graph { r#""results":["# } else { r#""Results":["# });
+    let pad = "a".repeat(1000);
+    let mut i = 0u64;
+    loop {
+        if i > 0 {
+            results.push(',');
+        }
+        results.push_str(&format!(r#"{{"x":"row-{i:08}-{pad}"}}"#));
+        i += 1;
+        if results.len() >= spec.bytes {
+            break;
+        }
+    }
+    results.push(']');
+    let out = if graph {
+        format!(
+            r#"{{"@odata.context":"https://graph.microsoft.com/v1.0/$metadata#microsoft.graph.security.huntingQueryResults","schema":[{{"name":"x","type":"String"}}],{results}}}"#
+        )
+    } else {
+        let schema = r#""Schema":[{"Name":"x","Type":"String"}]"#;
+        match spec.stats {
+            StatsAt::First => format!("{{{stats},{schema},{results}}}"),
+            StatsAt::Last => format!("{{{schema},{results},{stats}}}"),
+            StatsAt::None => format!("{{{schema},{results}}}"),
+        }
+    };
+    Bytes::from(out)
+}
+
+/// Running time charged to one tenant: `(end, cost)` per query, in end order.
+#[derive(Debug, Default, Clone)]
+pub struct Charges(pub Vec<(std::time::Instant, Duration)>);
+
+impl Charges {
+    /// Sum of costs whose end lies in `(to - window, to]`.
+    pub fn in_window(&self, to: std::time::Instant, window: Duration) -> Duration {
+        self.0.iter().filter(|(end, _)| *end <= to && to.duration_since(*end) < window).map(|(_, c)| *c).sum()
+    }
+
+    /// Sum of costs whose end lies in `[from, to)`.
+    pub fn between(&self, from: std::time::Instant, to: std::time::Instant) -> Duration {
+        self.0.iter().filter(|(end, _)| *end >= from && *end < to).map(|(_, c)| *c).sum()
+    }
+
+    /// The most running time in any interval of `window` (ending at a charge).
+    pub fn max_in_any(&self, window: Duration) -> Duration {
+        self.0.iter().map(|(end, _)| self.in_window(*end, window)).max().unwrap_or_default()
+    }
+
+    /// Time from `now` until the sum in the trailing window drops below `limit`, if it is not.
+    pub fn wait(&self, now: std::time::Instant, limit: Duration, window: Duration) -> Option<Duration> {
+        let mut inside: Vec<&(std::time::Instant, Duration)> =
+            self.0.iter().filter(|(end, _)| *end <= now && now.duration_since(*end) < window).collect();
+        inside.sort_by_key(|(end, _)| *end);
+        let mut sum: Duration = inside.iter().map(|(_, c)| *c).sum();
+        if sum < limit {
+            return None;
+        }
+        for (end, cost) in inside {
+            sum -= *cost;
+            if sum < limit {
+                return Some((*end + window).saturating_duration_since(now));
+            }
+        }
+        Some(window)
+    }
+}
