@@ -32,7 +32,7 @@ impl Field {
 
     /// The `i`th `[[table]]` entry, named `name`.
     fn entry(table: &str, i: usize, name: &str) -> Field {
-        Field { path: format!("{table}[{i}]"), name: Some(name.into()) }
+        Field { path: format!("{table}[{i}]"), name: (!name.is_empty()).then(|| name.into()) }
     }
 
     fn at(&self, sub: &str) -> Field {
