@@ -141,6 +141,7 @@ fn main() {
         }
         let peak = kb("VmHWM:", pid);
         let _ = child.kill();
+        let _ = child.wait();
         let (direct, via) = (median(direct), median(via));
         let ratio = via / direct;
         let growth_mb = peak.saturating_sub(rss_before) as f64 / 1024.0;

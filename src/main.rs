@@ -17,15 +17,17 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Endpoint and Graph security APIs. With no arguments it runs on its
 /// built-in defaults (see --print-default-config).
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version)]
 struct Cli {
     /// Run from this TOML configuration file instead of the built-in defaults.
     #[arg(long, env = "QUOTAGATE_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Override the address of the base-URL proxy listener.
+    /// Override the address of the base-URL proxy listener (`listen` in the
+    /// file); extra [[listener]] entries keep their own addresses.
     #[arg(long, env = "QUOTAGATE_LISTEN", value_name = "ADDR")]
     listen: Option<SocketAddr>,
-    /// Override the address of the admin listener (health and metrics).
+    /// Override the address of the admin listener (`admin_listen`: status
+    /// page, /healthz, /readyz, /quota, /metrics).
     #[arg(long, env = "QUOTAGATE_ADMIN_LISTEN", value_name = "ADDR")]
     admin_listen: Option<SocketAddr>,
     /// Print the built-in defaults as a commented TOML file and exit.
@@ -44,10 +46,21 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Validate a configuration file and print the effective policies.
+    /// Validate a configuration file and print the effective policies; on
+    /// failure list every problem as FILE:LINE: field: message and exit 2.
     CheckConfig {
         /// The TOML file to check.
         file: PathBuf,
+    },
+    /// Probe a running gateway's admin listener: exit 0 when URL answers
+    /// 2xx, 1 otherwise. For container health checks in images without curl.
+    Healthcheck {
+        /// The liveness URL (plain http).
+        #[arg(default_value = "http://127.0.0.1:7481/healthz")]
+        url: String,
+        /// Give up after this long per step (connect, send, read), e.g. "3s".
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
     },
 }
 
@@ -63,17 +76,21 @@ fn main() -> ExitCode {
         print!("{DEFAULT_TOML}");
         return ExitCode::SUCCESS;
     }
-    if let Some(Command::CheckConfig { file }) = &cli.command {
-        return match Config::load(file) {
-            Ok(config) => {
-                print!("{} is valid.\n{}", file.display(), config.describe());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::from(2)
-            }
-        };
+    match &cli.command {
+        Some(Command::CheckConfig { file }) => return check_config(file),
+        Some(Command::Healthcheck { url, timeout }) => {
+            return match quotagate::admin::probe::probe(url, *timeout) {
+                Ok(status) => {
+                    println!("{url}: {status}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("quotagate healthcheck: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        None => {}
     }
     init_logging(cli.log_format);
     let config = match &cli.config {
@@ -110,6 +127,19 @@ fn main() -> ExitCode {
             tracing::error!(error = %e, "quotagate stopped");
             eprintln!("quotagate: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_config(file: &std::path::Path) -> ExitCode {
+    match Config::load(file) {
+        Ok(config) => {
+            print!("{} is valid.\n{}", file.display(), config.describe());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(2)
         }
     }
 }

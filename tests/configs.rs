@@ -18,8 +18,11 @@ fn toml_files(dir: &str) -> Vec<std::path::PathBuf> {
 
 #[test]
 fn every_shipped_config_is_valid() {
-    let files: Vec<_> = toml_files("config").into_iter().chain(toml_files("bench")).collect();
-    assert!(files.len() >= 2, "{files:?}");
+    let files: Vec<_> = [toml_files("config"), toml_files("config/examples"), toml_files("bench")]
+        .into_iter()
+        .flatten()
+        .collect();
+    assert!(files.len() >= 5, "{files:?}");
     for file in files {
         if let Err(e) = Config::load(&file) {
             panic!("{e}");
@@ -34,4 +37,27 @@ fn the_benchmark_config_meters_everything_on_the_benchmark_ports() {
     assert_eq!(c.upstreams[0].authority.as_str(), "127.0.0.1:18001");
     let p = c.policies.find(&http::Method::GET, 0, "/api/incidents").expect("metered");
     assert!(p.windows.iter().all(|w| w.limit.get() > 1_000_000_000), "never rejects");
+}
+
+#[test]
+fn the_regional_example_gives_the_legacy_and_regional_hosts_their_own_listeners() {
+    let c =
+        Config::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("config/examples/regional-and-legacy.toml"))
+            .unwrap();
+    let bound: Vec<(String, String)> = c
+        .listeners
+        .iter()
+        .filter_map(|l| l.upstream.map(|u| (l.addr.to_string(), c.upstreams[u].authority.to_string())))
+        .collect();
+    assert_eq!(
+        bound,
+        [
+            ("127.0.0.1:7482".to_string(), "api.securitycenter.microsoft.com".to_string()),
+            ("127.0.0.1:7483".to_string(), "eu.api.security.microsoft.com".to_string()),
+        ]
+    );
+    // The base-URL listener still routes by path, and the quotas are the built-in ones.
+    assert_eq!(c.listeners[0].upstream, None);
+    let policies = |c: &Config| c.describe().split_once("policies").unwrap().1.to_string();
+    assert_eq!(policies(&c), policies(&Config::builtin()));
 }

@@ -1,6 +1,7 @@
 //! The admin listener: the status page, liveness, readiness, quota status
 //! and Prometheus metrics, served apart from proxy traffic.
 
+pub mod probe;
 mod quota;
 
 /// The status page: bars of every tenant's windows from `/quota`,

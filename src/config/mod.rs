@@ -1,10 +1,11 @@
 //! Configuration: the file's schema, the built-in defaults, and validation.
 //!
 //! `load` parses; [`validate`] reports every problem at once, each naming the
-//! field it is about, and yields a [`Config`] whose values cannot be invalid
+//! field it is about and, through [`problem`], its line in the file; and yields a [`Config`] whose values cannot be invalid
 //! (non-zero limits, compiled path patterns, resolved upstream names).
 
 pub mod file;
+pub mod problem;
 pub mod validate;
 
 use std::net::SocketAddr;
@@ -12,6 +13,7 @@ use std::path::Path;
 use std::time::Duration;
 
 pub use file::File;
+pub use problem::Problem;
 
 use crate::hunting::Hunting;
 use crate::policy::{Policies, Timeouts};
@@ -53,15 +55,36 @@ pub struct Config {
     pub hunting: Hunting,
 }
 
-/// Everything wrong with a configuration, one line each.
+/// Everything wrong with a configuration, one line each, in the form
+/// `FILE:LINE: field: message` that editors and CI logs link to.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
     Read { path: String, source: std::io::Error },
-    #[error("{origin}: {message}")]
-    Parse { origin: String, message: String },
-    #[error("{origin}: {} problem(s):\n{}", .problems.len(), .problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
-    Invalid { origin: String, problems: Vec<String> },
+    /// Not TOML, or not this schema (an unknown field, a wrong type).
+    #[error("{}", located(origin, *line, field.as_deref(), message))]
+    Parse { origin: String, line: Option<usize>, field: Option<String>, message: String },
+    #[error(
+        "{origin}: {} problem(s):\n{}",
+        problems.len(),
+        problems.iter().map(|p| located(origin, p.line, Some(&p.field()), &p.message)).collect::<Vec<_>>().join("\n")
+    )]
+    Invalid { origin: String, problems: Vec<Problem> },
+}
+
+/// `FILE:LINE: field: message`, leaving out what is not known.
+fn located(origin: &str, line: Option<usize>, field: Option<&str>, message: &str) -> String {
+    let mut out = origin.to_string();
+    if let Some(line) = line {
+        out.push_str(&format!(":{line}"));
+    }
+    out.push_str(": ");
+    if let Some(field) = field {
+        out.push_str(field);
+        out.push_str(": ");
+    }
+    out.push_str(message);
+    out
 }
 
 impl Config {
@@ -73,7 +96,10 @@ impl Config {
     /// Parse and validate TOML text; `origin` names it in errors.
     pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let file = parse(text, origin)?;
-        validate::validate(&file).map_err(|problems| ConfigError::Invalid { origin: origin.into(), problems })
+        validate::validate(&file).map_err(|mut problems| {
+            problem::locate(text, &mut problems);
+            ConfigError::Invalid { origin: origin.into(), problems }
+        })
     }
 
     /// Read, parse and validate a file.
@@ -165,7 +191,15 @@ impl Config {
 
 /// Parse TOML into the file schema.
 pub fn parse(text: &str, origin: &str) -> Result<File, ConfigError> {
-    toml::from_str(text).map_err(|e| ConfigError::Parse { origin: origin.into(), message: e.to_string() })
+    toml::from_str(text).map_err(|e| {
+        let at = e.span().map(|span| span.start);
+        ConfigError::Parse {
+            origin: origin.into(),
+            line: at.map(|at| problem::line_at(text, at)),
+            field: at.and_then(|at| problem::path_at(text, at)),
+            message: e.message().trim_end().to_string(),
+        }
+    })
 }
 
 #[cfg(test)]

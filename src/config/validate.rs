@@ -1,4 +1,9 @@
 //! From the file's text values to runtime types, with every problem at once.
+//!
+//! Each [`Problem`] names its field as a path into the file
+//! (`policy[0].windows[1].per`), so [`super::problem::locate`] can add its line. A
+//! policy field left unset takes `[policy_defaults]`, which is checked once:
+//! a bad default is reported there, not again for every policy.
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -7,6 +12,7 @@ use std::time::Duration;
 use http::{Method, Uri};
 
 use super::file::{BudgetFile, File, HuntingFile, PolicyFile};
+use super::problem::Problem;
 use super::{Config, ListenerSpec};
 use crate::admission::runtime::Estimator;
 use crate::hunting::{Hunting, LookbackMode};
@@ -14,16 +20,43 @@ use crate::policy::{Mode, PathPattern, Policies, Policy, Timeouts};
 use crate::quota::{Budget, KeyScope, Window};
 use crate::upstream::route::{ApiKind, Upstream};
 
-/// Collects problems, each prefixed with the field it is about.
-#[derive(Default)]
-struct Problems(Vec<String>);
+/// Where a value sits in the file.
+#[derive(Debug, Clone)]
+struct Field {
+    path: String,
+    name: Option<String>,
+}
 
-impl Problems {
-    fn push(&mut self, field: &str, message: impl std::fmt::Display) {
-        self.0.push(format!("{field}: {message}"));
+impl Field {
+    fn top(path: &str) -> Field {
+        Field { path: path.into(), name: None }
     }
 
-    fn duration(&mut self, field: &str, value: &str) -> Duration {
+    /// The `i`th `[[table]]` entry, named `name`.
+    fn entry(table: &str, i: usize, name: &str) -> Field {
+        Field { path: format!("{table}[{i}]"), name: (!name.is_empty()).then(|| name.into()) }
+    }
+
+    fn at(&self, sub: &str) -> Field {
+        Field { path: format!("{}.{sub}", self.path), name: self.name.clone() }
+    }
+}
+
+/// Collects problems.
+#[derive(Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn push(&mut self, field: &Field, message: impl std::fmt::Display) {
+        self.0.push(Problem {
+            path: field.path.clone(),
+            name: field.name.clone(),
+            message: message.to_string(),
+            line: None,
+        });
+    }
+
+    fn duration(&mut self, field: &Field, value: &str) -> Duration {
         match humantime::parse_duration(value) {
             Ok(d) if d.is_zero() => {
                 self.push(field, "must be longer than zero");
@@ -40,84 +73,102 @@ impl Problems {
         }
     }
 
-    fn addr(&mut self, field: &str, value: &str) -> SocketAddr {
+    fn addr(&mut self, field: &Field, value: &str) -> SocketAddr {
         value.parse().unwrap_or_else(|_| {
             self.push(field, format!("`{value}` is not an address such as \"127.0.0.1:7480\""));
             SocketAddr::from(([127, 0, 0, 1], 0))
         })
     }
+
+    fn key(&mut self, field: &Field, value: &str) -> KeyScope {
+        value.parse().unwrap_or_else(|_| {
+            self.push(field, format!("`{value}` is not one of tenant, tenant+app, tenant+app+policy"));
+            KeyScope::TenantAppPolicy
+        })
+    }
+
+    fn mode(&mut self, field: &Field, value: &str) -> Mode {
+        match value {
+            "queue" => Mode::Queue,
+            "reject" => Mode::Reject,
+            other => {
+                self.push(field, format!("`{other}` is not queue or reject"));
+                Mode::Reject
+            }
+        }
+    }
+
+    fn attempts(&mut self, field: &Field, value: u32) -> u32 {
+        if value == 0 {
+            self.push(field, "must be at least 1 (the first attempt)");
+        }
+        value.max(1)
+    }
+}
+
+/// What a policy takes from `[policy_defaults]` for each field it leaves unset.
+struct Inherited {
+    key: KeyScope,
+    mode: Mode,
+    max_wait: Duration,
+    max_queue: usize,
+    max_attempts: u32,
+    timeouts: Timeouts,
 }
 
 /// Validate a parsed file into a [`Config`], or list every problem.
-pub fn validate(file: &File) -> Result<Config, Vec<String>> {
+pub fn validate(file: &File) -> Result<Config, Vec<Problem>> {
     let mut p = Problems::default();
-    let listen = p.addr("listen", &file.listen);
-    let admin_listen = p.addr("admin_listen", &file.admin_listen);
+    let listen = p.addr(&Field::top("listen"), &file.listen);
+    let admin_listen = p.addr(&Field::top("admin_listen"), &file.admin_listen);
     let guard = humantime::parse_duration(&file.guard).unwrap_or_else(|e| {
-        p.push("guard", format!("`{}` is not a duration ({e})", file.guard));
+        p.push(&Field::top("guard"), format!("`{}` is not a duration ({e})", file.guard));
         Duration::ZERO
     });
-    let idle_sweep = p.duration("idle_sweep", &file.idle_sweep);
-    let backoff_base = p.duration("backoff_base", &file.backoff_base);
-    let backoff_cap = p.duration("backoff_cap", &file.backoff_cap);
+    let idle_sweep = p.duration(&Field::top("idle_sweep"), &file.idle_sweep);
+    let backoff_base = p.duration(&Field::top("backoff_base"), &file.backoff_base);
+    let backoff_cap = p.duration(&Field::top("backoff_cap"), &file.backoff_cap);
     if backoff_cap < backoff_base {
-        p.push("backoff_cap", "must not be shorter than backoff_base");
+        p.push(&Field::top("backoff_cap"), "must not be shorter than backoff_base");
     }
     if file.max_body_bytes == 0 {
-        p.push("max_body_bytes", "must be more than zero");
+        p.push(&Field::top("max_body_bytes"), "must be more than zero");
     }
 
     let upstreams = upstreams(file, &mut p);
     let upstream_index = |name: &str| upstreams.iter().position(|u| u.name == name);
 
     let mut listeners = vec![ListenerSpec { addr: listen, upstream: None }];
+    let mut listener_fields = vec![Field::top("listen")];
     for (i, l) in file.listeners.iter().enumerate() {
-        let field = format!("listener[{i}]");
-        let addr = p.addr(&format!("{field}.listen"), &l.listen);
+        let field = Field::top(&format!("listener[{i}]"));
+        let addr = p.addr(&field.at("listen"), &l.listen);
         let upstream = upstream_index(&l.upstream);
         if upstream.is_none() {
-            p.push(&format!("{field}.upstream"), format!("no upstream is named `{}`", l.upstream));
+            p.push(&field.at("upstream"), format!("no upstream is named `{}`", l.upstream));
         }
         listeners.push(ListenerSpec { addr, upstream });
+        listener_fields.push(field.at("listen"));
     }
     let mut seen = vec![admin_listen];
-    for l in &listeners {
+    for (l, field) in listeners.iter().zip(&listener_fields) {
         if l.addr.port() != 0 && seen.contains(&l.addr) {
-            p.push("listen", format!("{} is used by two listeners", l.addr));
+            p.push(field, format!("{} is used by two listeners", l.addr));
         }
         seen.push(l.addr);
     }
 
-    let d = &file.policy_defaults;
-    let defaults = PolicyFile {
-        name: "policy_defaults".into(),
-        methods: vec![],
-        upstreams: vec![],
-        paths: vec![],
-        windows: vec![],
-        key: Some(d.key.clone().unwrap_or_else(|| "tenant+app+policy".into())),
-        max_attempts: Some(d.max_attempts.unwrap_or(3)),
-        hunting: false,
-        running_time: None,
-        mode: Some(d.mode.clone().unwrap_or_else(|| "queue".into())),
-        max_wait: Some(d.max_wait.clone().unwrap_or_else(|| "60s".into())),
-        max_queue: Some(d.max_queue.unwrap_or(500)),
-        connect_timeout: Some(d.connect_timeout.clone().unwrap_or_else(|| "10s".into())),
-        header_timeout: Some(d.header_timeout.clone().unwrap_or_else(|| "60s".into())),
-        total_timeout: Some(d.total_timeout.clone().unwrap_or_else(|| "300s".into())),
-    };
-    let unmetered_timeouts = timeouts("policy_defaults", &defaults, &defaults, &mut p);
+    let defaults = inherited(file, &mut p);
     let hunting = hunting(&file.hunting, &mut p);
-    let default_budgets = budgets("hunting.budgets", &file.hunting.budgets, &mut p);
-
+    let default_budgets = budgets(&Field::top("hunting").at("budgets"), &file.hunting.budgets, &mut p);
     let mut policies = Vec::new();
     for (i, pf) in file.policies.iter().enumerate() {
-        let field = format!("policy[{i}] ({})", pf.name);
+        let field = Field::entry("policy", i, &pf.name);
         if file.policies[..i].iter().any(|o| o.name == pf.name) {
-            p.push(&field, "another policy has the same name");
+            p.push(&field.at("name"), "another policy has the same name");
         }
         if pf.name.is_empty() {
-            p.push(&field, "name must not be empty");
+            p.push(&field.at("name"), "must not be empty");
         }
         let methods = pf
             .methods
@@ -125,7 +176,7 @@ pub fn validate(file: &File) -> Result<Config, Vec<String>> {
             .filter_map(|m| match Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
                 Ok(m) => Some(m),
                 Err(_) => {
-                    p.push(&format!("{field}.methods"), format!("`{m}` is not an HTTP method"));
+                    p.push(&field.at("methods"), format!("`{m}` is not an HTTP method"));
                     None
                 }
             })
@@ -134,63 +185,44 @@ pub fn validate(file: &File) -> Result<Config, Vec<String>> {
         for name in &pf.upstreams {
             match upstream_index(name) {
                 Some(u) => ups.push(u),
-                None => p.push(&format!("{field}.upstreams"), format!("no upstream is named `{name}`")),
+                None => p.push(&field.at("upstreams"), format!("no upstream is named `{name}`")),
             }
         }
         if pf.paths.is_empty() {
-            p.push(&format!("{field}.paths"), "must list at least one path pattern");
+            p.push(&field.at("paths"), "must list at least one path pattern");
         }
         let paths = pf
             .paths
             .iter()
-            .filter_map(|s| PathPattern::parse(s).map_err(|e| p.push(&format!("{field}.paths"), e)).ok())
+            .enumerate()
+            .filter_map(|(j, s)| {
+                PathPattern::parse(s).map_err(|e| p.push(&field.at(&format!("paths[{j}]")), e)).ok()
+            })
             .collect();
         if pf.windows.is_empty() {
-            p.push(&format!("{field}.windows"), "must list at least one window");
+            p.push(&field.at("windows"), "must list at least one window");
         }
         let mut windows = Vec::new();
         for (j, w) in pf.windows.iter().enumerate() {
-            let wf = format!("{field}.windows[{j}]");
-            let per = p.duration(&format!("{wf}.per"), &w.per);
+            let wf = field.at(&format!("windows[{j}]"));
+            let per = p.duration(&wf.at("per"), &w.per);
             match u32::try_from(w.limit).ok().and_then(NonZeroU32::new) {
                 Some(limit) => windows.push(Window::new(limit, per)),
-                None => p.push(&format!("{wf}.limit"), format!("must be between 1 and {}", u32::MAX)),
+                None => p.push(&wf.at("limit"), format!("must be between 1 and {}", u32::MAX)),
             }
         }
-        let key = pf.key.as_ref().or(defaults.key.as_ref()).expect("default key");
-        let key = key.parse::<KeyScope>().unwrap_or_else(|_| {
-            p.push(
-                &format!("{field}.key"),
-                format!("`{key}` is not one of tenant, tenant+app, tenant+app+policy"),
-            );
-            KeyScope::TenantAppPolicy
-        });
-        let mode = match pf.mode.as_ref().or(defaults.mode.as_ref()).map(String::as_str) {
-            Some("queue") => Mode::Queue,
-            Some("reject") => Mode::Reject,
-            other => {
-                p.push(&format!("{field}.mode"), format!("`{}` is not queue or reject", other.unwrap_or("")));
-                Mode::Reject
-            }
-        };
-        let max_wait = p.duration(
-            &format!("{field}.max_wait"),
-            pf.max_wait.as_ref().or(defaults.max_wait.as_ref()).expect("default"),
-        );
-        let max_queue = pf.max_queue.or(defaults.max_queue).expect("default");
-        let max_attempts = pf.max_attempts.or(defaults.max_attempts).expect("default");
-        if max_attempts == 0 {
-            p.push(&format!("{field}.max_attempts"), "must be at least 1 (the first attempt)");
-        }
-        let timeouts = timeouts(&field, pf, &defaults, &mut p);
+        let key = pf.key.as_ref().map_or(defaults.key, |k| p.key(&field.at("key"), k));
+        let mode = pf.mode.as_ref().map_or(defaults.mode, |m| p.mode(&field.at("mode"), m));
+        let max_wait =
+            pf.max_wait.as_ref().map_or(defaults.max_wait, |w| p.duration(&field.at("max_wait"), w));
+        let max_attempts =
+            pf.max_attempts.map_or(defaults.max_attempts, |a| p.attempts(&field.at("max_attempts"), a));
+        let timeouts = own_timeouts(&field, pf, defaults.timeouts, &mut p);
         let budgets = match (&pf.running_time, pf.hunting) {
-            (Some(own), true) => budgets(&format!("{field}.running_time"), own, &mut p),
+            (Some(own), true) => budgets(&field.at("running_time"), own, &mut p),
             (None, true) => default_budgets.clone(),
             (Some(_), false) => {
-                p.push(
-                    &format!("{field}.running_time"),
-                    "only a policy with `hunting = true` spends running time",
-                );
+                p.push(&field.at("running_time"), "only a policy with `hunting = true` spends running time");
                 Vec::new()
             }
             (None, false) => Vec::new(),
@@ -205,15 +237,15 @@ pub fn validate(file: &File) -> Result<Config, Vec<String>> {
             key,
             mode,
             max_wait,
-            max_queue,
-            max_attempts: max_attempts.max(1),
+            max_queue: pf.max_queue.unwrap_or(defaults.max_queue),
+            max_attempts,
             hunting: pf.hunting,
             budgets,
             timeouts,
         });
     }
     if file.policies.len() >= usize::from(u16::MAX) {
-        p.push("policy", "too many policies");
+        p.push(&Field::top("policy"), "too many policies");
     }
 
     if p.0.is_empty() {
@@ -222,7 +254,7 @@ pub fn validate(file: &File) -> Result<Config, Vec<String>> {
             admin_listen,
             upstreams,
             policies: Policies(policies),
-            unmetered_timeouts,
+            unmetered_timeouts: defaults.timeouts,
             max_body_bytes: file.max_body_bytes,
             guard,
             idle_sweep,
@@ -238,85 +270,132 @@ pub fn validate(file: &File) -> Result<Config, Vec<String>> {
     }
 }
 
+/// The `[hunting]` table.
 fn hunting(h: &HuntingFile, p: &mut Problems) -> Hunting {
+    let field = Field::top("hunting");
     let key = match h.key.as_str() {
         "tenant" => KeyScope::Tenant,
         "tenant+app" => KeyScope::TenantApp,
         other => {
-            p.push("hunting.key", format!("`{other}` is not tenant or tenant+app"));
+            p.push(&field.at("key"), format!("`{other}` is not tenant or tenant+app"));
             KeyScope::Tenant
         }
     };
     if !(1..=100).contains(&h.estimate_percentile) {
-        p.push("hunting.estimate_percentile", "must be between 1 and 100");
+        p.push(&field.at("estimate_percentile"), "must be between 1 and 100");
     }
     if h.estimate_samples == 0 {
-        p.push("hunting.estimate_samples", "must be at least 1");
+        p.push(&field.at("estimate_samples"), "must be at least 1");
     }
     if h.stats_prefix_bytes < 1024 {
-        p.push("hunting.stats_prefix_bytes", "must be at least 1024 bytes");
+        p.push(&field.at("stats_prefix_bytes"), "must be at least 1024 bytes");
     }
     let lookback = match h.lookback.as_str() {
         "warn" => LookbackMode::Warn,
         "reject" => LookbackMode::Reject,
         "off" => LookbackMode::Off,
         other => {
-            p.push("hunting.lookback", format!("`{other}` is not warn, reject or off"));
+            p.push(&field.at("lookback"), format!("`{other}` is not warn, reject or off"));
             LookbackMode::Warn
         }
     };
     if h.max_rows == 0 {
-        p.push("hunting.max_rows", "must be more than zero");
+        p.push(&field.at("max_rows"), "must be more than zero");
     }
     Hunting {
         key,
         estimator: Estimator {
-            default: p.duration("hunting.estimate", &h.estimate),
+            default: p.duration(&field.at("estimate"), &h.estimate),
             percentile: h.estimate_percentile.clamp(1, 100),
             samples: h.estimate_samples.max(1),
         },
         max_concurrent: (h.max_concurrent > 0).then_some(h.max_concurrent),
         stats_prefix_bytes: h.stats_prefix_bytes,
         lookback,
-        lookback_limit: p.duration("hunting.lookback_limit", &h.lookback_limit),
+        lookback_limit: p.duration(&field.at("lookback_limit"), &h.lookback_limit),
         max_rows: h.max_rows,
     }
 }
 
-fn budgets(field: &str, list: &[BudgetFile], p: &mut Problems) -> Vec<Budget> {
+/// Running-time budgets: at most `limit` of running time per `per`.
+fn budgets(field: &Field, list: &[BudgetFile], p: &mut Problems) -> Vec<Budget> {
     if list.is_empty() {
         p.push(field, "must list at least one budget");
     }
     list.iter()
         .enumerate()
-        .map(|(j, b)| Budget {
-            limit: p.duration(&format!("{field}[{j}].limit"), &b.limit),
-            per: p.duration(&format!("{field}[{j}].per"), &b.per),
+        .map(|(j, b)| {
+            let entry = Field { path: format!("{}[{j}]", field.path), name: field.name.clone() };
+            Budget {
+                limit: p.duration(&entry.at("limit"), &b.limit),
+                per: p.duration(&entry.at("per"), &b.per),
+            }
         })
         .collect()
 }
 
+/// `[policy_defaults]`, each unset field taking the built-in value.
+fn inherited(file: &File, p: &mut Problems) -> Inherited {
+    let d = &file.policy_defaults;
+    let field = Field::top("policy_defaults");
+    let or = |own: &Option<String>, builtin: &str| own.clone().unwrap_or_else(|| builtin.into());
+    let timeouts = Timeouts {
+        connect: p.duration(&field.at("connect_timeout"), &or(&d.connect_timeout, "10s")),
+        header: p.duration(&field.at("header_timeout"), &or(&d.header_timeout, "60s")),
+        total: p.duration(&field.at("total_timeout"), &or(&d.total_timeout, "300s")),
+    };
+    if timeouts.header > timeouts.total {
+        let blamed = if d.header_timeout.is_some() { "header_timeout" } else { "total_timeout" };
+        p.push(&field.at(blamed), "header_timeout must not be longer than total_timeout");
+    }
+    Inherited {
+        key: p.key(&field.at("key"), &or(&d.key, "tenant+app+policy")),
+        mode: p.mode(&field.at("mode"), &or(&d.mode, "queue")),
+        max_wait: p.duration(&field.at("max_wait"), &or(&d.max_wait, "60s")),
+        max_queue: d.max_queue.unwrap_or(500),
+        max_attempts: p.attempts(&field.at("max_attempts"), d.max_attempts.unwrap_or(3)),
+        timeouts,
+    }
+}
+
+/// A policy's timeouts: its own where it sets them, the defaults elsewhere.
+fn own_timeouts(field: &Field, pf: &PolicyFile, d: Timeouts, p: &mut Problems) -> Timeouts {
+    let mut one = |name: &str, own: &Option<String>, default: Duration| {
+        own.as_ref().map_or(default, |v| p.duration(&field.at(name), v))
+    };
+    let t = Timeouts {
+        connect: one("connect_timeout", &pf.connect_timeout, d.connect),
+        header: one("header_timeout", &pf.header_timeout, d.header),
+        total: one("total_timeout", &pf.total_timeout, d.total),
+    };
+    if t.header > t.total {
+        let blamed = if pf.header_timeout.is_some() { "header_timeout" } else { "total_timeout" };
+        p.push(&field.at(blamed), "header_timeout must not be longer than total_timeout");
+    }
+    t
+}
+
 fn upstreams(file: &File, p: &mut Problems) -> Vec<Upstream> {
     if file.upstreams.is_empty() {
-        p.push("upstream", "at least one upstream is required");
+        p.push(&Field::top("upstream"), "at least one upstream is required");
     }
     let mut out = Vec::new();
     for (i, u) in file.upstreams.iter().enumerate() {
-        let field = format!("upstream[{i}] ({})", u.name);
+        let field = Field::entry("upstream", i, &u.name);
         if file.upstreams[..i].iter().any(|o| o.name == u.name) {
-            p.push(&field, "another upstream has the same name");
+            p.push(&field.at("name"), "another upstream has the same name");
         }
         let kind = match u.kind.as_str() {
             "defender" => ApiKind::Defender,
             "graph" => ApiKind::Graph,
             other => {
-                p.push(&format!("{field}.kind"), format!("`{other}` is not defender or graph"));
+                p.push(&field.at("kind"), format!("`{other}` is not defender or graph"));
                 ApiKind::Defender
             }
         };
-        for prefix in &u.route_prefixes {
+        for (j, prefix) in u.route_prefixes.iter().enumerate() {
             if !prefix.starts_with('/') {
-                p.push(&format!("{field}.route_prefixes"), format!("`{prefix}` must start with `/`"));
+                p.push(&field.at(&format!("route_prefixes[{j}]")), format!("`{prefix}` must start with `/`"));
             }
         }
         let uri: Result<Uri, _> = u.url.parse();
@@ -340,7 +419,7 @@ fn upstreams(file: &File, p: &mut Problems) -> Vec<Upstream> {
                 route_prefixes: u.route_prefixes.iter().map(|p| p.to_ascii_lowercase()).collect(),
             }),
             None => p.push(
-                &format!("{field}.url"),
+                &field.at("url"),
                 format!("`{}` must be an http:// or https:// URL with a host and no path", u.url),
             ),
         }
@@ -348,23 +427,25 @@ fn upstreams(file: &File, p: &mut Problems) -> Vec<Upstream> {
     out
 }
 
-fn timeouts(field: &str, pf: &PolicyFile, d: &PolicyFile, p: &mut Problems) -> Timeouts {
-    let get = |own: &Option<String>, def: &Option<String>| own.clone().or(def.clone()).expect("default");
-    let t = Timeouts {
-        connect: p
-            .duration(&format!("{field}.connect_timeout"), &get(&pf.connect_timeout, &d.connect_timeout)),
-        header: p.duration(&format!("{field}.header_timeout"), &get(&pf.header_timeout, &d.header_timeout)),
-        total: p.duration(&format!("{field}.total_timeout"), &get(&pf.total_timeout, &d.total_timeout)),
-    };
-    if t.header > t.total {
-        p.push(&format!("{field}.header_timeout"), "must not be longer than total_timeout");
-    }
-    t
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::{Config, ConfigError};
+
+    #[test]
+    fn a_bad_default_is_reported_once_where_it_is_written() {
+        let text = "listen = \"127.0.0.1:1\"\nadmin_listen = \"127.0.0.1:2\"\n[[upstream]]\nname = \"d\"\nurl = \"https://x\"\nkind = \"defender\"\n[policy_defaults]\nmax_wait = \"a while\"\n[[policy]]\nname = \"a\"\npaths = [\"/a\"]\nwindows = [{ limit = 1, per = \"1m\" }]\n[[policy]]\nname = \"b\"\npaths = [\"/b\"]\nwindows = [{ limit = 1, per = \"1m\" }]\nmax_wait = \"1m\"\nheader_timeout = \"1h\"\n";
+        let Err(ConfigError::Invalid { problems, .. }) = Config::from_toml(text, "t.toml") else {
+            panic!("expected validation errors");
+        };
+        let found: Vec<(String, Option<usize>)> = problems.iter().map(|p| (p.field(), p.line)).collect();
+        assert_eq!(
+            found,
+            vec![
+                ("policy_defaults.max_wait".to_string(), Some(8)),
+                ("policy[1] (b).header_timeout".to_string(), Some(18)),
+            ]
+        );
+    }
 
     #[test]
     fn every_problem_is_reported_at_once() {
@@ -387,22 +468,21 @@ windows = [{ limit = 0, per = "1m" }, { limit = 5, per = "0s" }]
 mode = "sometimes"
 key = "everyone"
 "#;
-        let Err(ConfigError::Invalid { problems, .. }) = Config::from_toml(text, "t.toml") else {
-            panic!("expected validation errors");
-        };
-        let all = problems.join("\n");
+        let err = Config::from_toml(text, "t.toml").unwrap_err();
+        assert!(matches!(err, ConfigError::Invalid { .. }), "{err}");
+        let all = err.to_string();
         for needle in [
-            "listen: `nowhere`",
-            "guard: `soon`",
-            "upstream[0] (d).url",
-            "upstream[0] (d).kind",
-            "listener[0].upstream: no upstream is named `missing`",
-            "policy[0] (p).methods",
-            "policy[0] (p).paths",
-            "policy[0] (p).windows[0].limit",
-            "policy[0] (p).windows[1].per: must be longer than zero",
-            "policy[0] (p).mode",
-            "policy[0] (p).key",
+            "t.toml:2: listen: `nowhere`",
+            "t.toml:4: guard: `soon`",
+            "t.toml:7: upstream[0] (d).url",
+            "t.toml:8: upstream[0] (d).kind",
+            "t.toml:11: listener[0].upstream: no upstream is named `missing`",
+            "t.toml:14: policy[0] (p).methods",
+            "t.toml:15: policy[0] (p).paths[0]",
+            "t.toml:16: policy[0] (p).windows[0].limit",
+            "t.toml:16: policy[0] (p).windows[1].per: must be longer than zero",
+            "t.toml:17: policy[0] (p).mode",
+            "t.toml:18: policy[0] (p).key",
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
@@ -412,6 +492,6 @@ key = "everyone"
     fn unknown_fields_are_refused_with_their_line() {
         let text = "listen = \"127.0.0.1:1\"\nadmin_listen = \"127.0.0.1:2\"\nlisten_port = 3\n";
         let err = Config::from_toml(text, "t.toml").unwrap_err().to_string();
-        assert!(err.contains("listen_port") && err.contains("line 3"), "{err}");
+        assert!(err.starts_with("t.toml:3: listen_port: unknown field `listen_port`"), "{err}");
     }
 }
