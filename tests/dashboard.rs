@@ -42,9 +42,25 @@ async fn every_metric_the_dashboard_queries_exists() {
 name = "incidents"
 paths = ["/api/incidents"]
 windows = [{ limit = 5, per = "10s" }]
+
+[[policy]]
+name = "hunting"
+methods = ["POST"]
+paths = ["/api/advancedhunting/run"]
+windows = [{ limit = 5, per = "10s" }]
+hunting = true
 "#,
     )
     .await;
+    // A hunting query, so the running-time ledger exists.
+    let r = client()
+        .post(gw.url("/api/advancedhunting/run"))
+        .header("authorization", bearer("t", "a"))
+        .body(r#"{"Query": "DeviceEvents | take 1"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
     let r = client()
         .get(gw.url("/api/incidents"))
         .header("authorization", bearer("t", "a"))

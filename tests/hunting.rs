@@ -270,6 +270,9 @@ async fn stats_last_is_still_metered() {
     let charged = ledger(&l, "t")["budgets"][0]["charged_seconds"].as_f64().unwrap();
     assert_eq!(charged, 0.3, "metered from Stats, not estimated");
     assert_eq!(gw.metric("quotagate_hunting_charged_seconds_total{policy=\"hunting\"}").await, 0.3);
+    assert_eq!(gw.metric("quotagate_runtime_charged_seconds{tenant=\"t\",window=\"3600s\"}").await, 0.3);
+    assert_eq!(gw.metric("quotagate_runtime_remaining_seconds{tenant=\"t\",window=\"3600s\"}").await, 599.7);
+    assert_eq!(gw.metric("quotagate_runtime_in_flight{tenant=\"t\"}").await, 0.0);
 
     // Stats last in a small body still fits in the prefix: the headers come too.
     let q = query(0.1, "stats=last");
