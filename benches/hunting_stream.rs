@@ -116,7 +116,9 @@ fn serve(megabytes: usize) {
     });
 }
 
-/// Start a child process and read its first line that `pick` accepts.
+/// Start a child process and read its first line that `pick` accepts. The
+/// caller kills and waits for the child.
+#[allow(clippy::zombie_processes)]
 fn start(cmd: &mut Command, pick: impl Fn(&str) -> Option<String>) -> (std::process::Child, String) {
     let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("child starts");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();

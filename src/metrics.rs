@@ -311,16 +311,11 @@ fn quota_families(keys: &[KeyStatus], max_tenants: usize) -> Vec<MetricFamily> {
     )
     .expect("valid metric");
     registry.register(Box::new(holds.clone())).expect("unique metric");
-    let mut named = std::collections::BTreeSet::new();
+    let mut named = TenantLabels::new(max_tenants);
     let mut soonest: BTreeMap<[String; 3], f64> = BTreeMap::new();
     for k in keys {
         holds.with_label_values(&[k.policy.as_str()]).add(i64::from(k.held_for.is_some()));
-        let tenant = if named.contains(&*k.key.tenant) || named.len() < max_tenants {
-            named.insert(&*k.key.tenant);
-            &*k.key.tenant
-        } else {
-            "other"
-        };
+        let tenant = named.label(&k.key.tenant);
         for w in &k.windows {
             let window = format!("{}s", w.window.per.as_secs_f64());
             let labels = [tenant, k.policy.as_str(), window.as_str()];
@@ -334,6 +329,28 @@ fn quota_families(keys: &[KeyStatus], max_tenants: usize) -> Vec<MetricFamily> {
         }
     }
     registry.gather()
+}
+
+/// The `tenant` label: the first `max` tenants by name, then `other`, so
+/// the number of series stays bounded.
+struct TenantLabels<'a> {
+    named: std::collections::BTreeSet<&'a str>,
+    max: usize,
+}
+
+impl<'a> TenantLabels<'a> {
+    fn new(max: usize) -> Self {
+        TenantLabels { named: std::collections::BTreeSet::new(), max }
+    }
+
+    fn label(&mut self, tenant: &'a str) -> &'a str {
+        if self.named.contains(tenant) || self.named.len() < self.max {
+            self.named.insert(tenant);
+            tenant
+        } else {
+            "other"
+        }
+    }
 }
 
 /// Per tenant and budget window: the running-time budget, what is charged
@@ -365,14 +382,9 @@ fn runtime_families(keys: &[RuntimeStatus], max_tenants: usize) -> Vec<MetricFam
         "Time left on an upstream running-time throttle.",
         &["tenant"],
     );
-    let mut named = std::collections::BTreeSet::new();
+    let mut named = TenantLabels::new(max_tenants);
     for k in keys {
-        let tenant = if named.contains(&*k.key.tenant) || named.len() < max_tenants {
-            named.insert(&*k.key.tenant);
-            &*k.key.tenant
-        } else {
-            "other"
-        };
+        let tenant = named.label(&k.key.tenant);
         for b in &k.budgets {
             let window = format!("{}s", b.budget.per.as_secs_f64());
             let labels = [tenant, window.as_str()];

@@ -49,6 +49,16 @@ impl Rng {
     }
 }
 
+/// POST a hunting body for `tenant` to `path` on the gateway.
+async fn post(
+    gw: &TestGateway,
+    path: &str,
+    tenant: &str,
+    sent: impl Into<reqwest::Body>,
+) -> reqwest::Response {
+    client().post(gw.url(path)).header("authorization", bearer(tenant, "a")).body(sent).send().await.unwrap()
+}
+
 async fn quota(gw: &TestGateway) -> Value {
     reqwest::get(gw.admin_url("/quota")).await.unwrap().json().await.unwrap()
 }
@@ -227,13 +237,7 @@ async fn a_50_mb_result_with_stats_first_streams_byte_identical_with_headers() {
     let emu = Emulator::start(EmulatorConfig::new()).await;
     let gw = TestGateway::start(&emu.url(), &hunting_config(r#"[{ limit = "10m", per = "1h" }]"#, "")).await;
     let q = query(0.25, "rows=4321 bytes=52428800");
-    let r = client()
-        .post(gw.url(HUNT))
-        .header("authorization", bearer("t", "a"))
-        .body(body(&q))
-        .send()
-        .await
-        .unwrap();
+    let r = post(&gw, HUNT, "t", body(&q)).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-quotagate-execution-time"], "0.25");
     assert_eq!(r.headers()["x-quotagate-rows"], "4321");
@@ -256,13 +260,7 @@ async fn stats_last_is_still_metered() {
     let emu = Emulator::start(EmulatorConfig::new()).await;
     let gw = TestGateway::start(&emu.url(), &hunting_config(r#"[{ limit = "10m", per = "1h" }]"#, "")).await;
     let q = query(0.3, "bytes=400000 stats=last");
-    let r = client()
-        .post(gw.url(HUNT))
-        .header("authorization", bearer("t", "a"))
-        .body(body(&q))
-        .send()
-        .await
-        .unwrap();
+    let r = post(&gw, HUNT, "t", body(&q)).await;
     assert_eq!(r.status(), 200);
     assert!(r.headers().get("x-quotagate-execution-time").is_none(), "Stats came after the prefix");
     assert_eq!(r.bytes().await.unwrap(), hunt::response_body(&q, false));
@@ -276,22 +274,10 @@ async fn stats_last_is_still_metered() {
 
     // Stats last in a small body still fits in the prefix: the headers come too.
     let q = query(0.1, "stats=last");
-    let r = client()
-        .post(gw.url(HUNT))
-        .header("authorization", bearer("t", "a"))
-        .body(body(&q))
-        .send()
-        .await
-        .unwrap();
+    let r = post(&gw, HUNT, "t", body(&q)).await;
     assert_eq!(r.headers()["x-quotagate-execution-time"], "0.1");
     // Graph has no Stats: its wall time is charged.
-    let r = client()
-        .post(gw.url(GRAPH_HUNT))
-        .header("authorization", bearer("g", "a"))
-        .body(body(&query(0.2, "")))
-        .send()
-        .await
-        .unwrap();
+    let r = post(&gw, GRAPH_HUNT, "g", body(&query(0.2, ""))).await;
     let wall: f64 = r.headers()["x-quotagate-execution-time"].to_str().unwrap().parse().unwrap();
     assert!((0.2..0.5).contains(&wall), "{wall}");
     let l = quota(&gw).await;
@@ -305,36 +291,17 @@ async fn lookbacks_past_30_days_are_flagged_or_refused() {
     let emu = Emulator::start(EmulatorConfig::new()).await;
     let warn =
         TestGateway::start(&emu.url(), &hunting_config(r#"[{ limit = "10m", per = "1h" }]"#, "")).await;
-    let http = client();
     let old = serde_json::json!({"Query": "DeviceEvents | where Timestamp > ago(45d)"}).to_string();
-    let r = http
-        .post(warn.url(HUNT))
-        .header("authorization", bearer("t", "a"))
-        .body(old.clone())
-        .send()
-        .await
-        .unwrap();
+    let r = post(&warn, HUNT, "t", old.clone()).await;
     assert_eq!(r.status(), 200, "warn mode forwards");
     let warning = r.headers()["x-quotagate-lookback-warning"].to_str().unwrap().to_string();
     assert!(warning.contains("45 days") && warning.contains("30 days"), "{warning}");
     let span = serde_json::json!({"Query": "DeviceEvents | take 1", "Timespan": "P90D"}).to_string();
-    let r = http
-        .post(warn.url(GRAPH_HUNT))
-        .header("authorization", bearer("t", "a"))
-        .body(span)
-        .send()
-        .await
-        .unwrap();
+    let r = post(&warn, GRAPH_HUNT, "t", span).await;
     assert_eq!(r.status(), 200);
     assert!(r.headers()["x-quotagate-lookback-warning"].to_str().unwrap().contains("90 days"));
     let recent = body("DeviceEvents | where Timestamp > ago(7d)");
-    let r = http
-        .post(warn.url(HUNT))
-        .header("authorization", bearer("t", "a"))
-        .body(recent)
-        .send()
-        .await
-        .unwrap();
+    let r = post(&warn, HUNT, "t", recent).await;
     assert!(r.headers().get("x-quotagate-lookback-warning").is_none());
     assert_eq!(
         warn.metric("quotagate_hunting_lookback_total{action=\"warned\",policy=\"hunting\"}").await,
@@ -347,8 +314,7 @@ async fn lookbacks_past_30_days_are_flagged_or_refused() {
         &hunting_config(r#"[{ limit = "10m", per = "1h" }]"#, "lookback = \"reject\""),
     )
     .await;
-    let r =
-        http.post(reject.url(HUNT)).header("authorization", bearer("t", "a")).body(old).send().await.unwrap();
+    let r = post(&reject, HUNT, "t", old).await;
     assert_eq!(r.status(), 400);
     let e: Value = r.json().await.unwrap();
     assert_eq!(e["error"]["code"], "BadRequest");
@@ -367,17 +333,11 @@ async fn lookbacks_past_30_days_are_flagged_or_refused() {
 async fn results_at_the_row_cap_are_flagged_truncated() {
     let emu = Emulator::start(EmulatorConfig::new()).await;
     let gw = TestGateway::start(&emu.url(), &hunting_config(r#"[{ limit = "10m", per = "1h" }]"#, "")).await;
-    let http = client();
-    let ask = |rows: u64| {
-        http.post(gw.url(HUNT))
-            .header("authorization", bearer("t", "a"))
-            .body(body(&query(0.01, &format!("rows={rows}"))))
-            .send()
-    };
-    let r = ask(100_000).await.unwrap();
+    let ask = |rows: u64| post(&gw, HUNT, "t", body(&query(0.01, &format!("rows={rows}"))));
+    let r = ask(100_000).await;
     assert_eq!(r.headers()["x-quotagate-truncated"], "true");
     assert_eq!(r.headers()["x-quotagate-rows"], "100000");
-    let r = ask(99_999).await.unwrap();
+    let r = ask(99_999).await;
     assert_eq!(r.headers()["x-quotagate-truncated"], "false");
     assert_eq!(gw.metric("quotagate_hunting_truncated_total{policy=\"hunting\"}").await, 1.0);
 }
@@ -388,7 +348,6 @@ async fn results_at_the_row_cap_are_flagged_truncated() {
 async fn invalid_hunting_bodies_are_answered_locally() {
     let emu = Emulator::start(EmulatorConfig::new()).await;
     let gw = TestGateway::start(&emu.url(), &hunting_config(r#"[{ limit = "10m", per = "1h" }]"#, "")).await;
-    let http = client();
     for (path, sent, says) in [
         (HUNT, "Query=DeviceEvents", "not valid JSON"),
         (HUNT, "", "empty"),
@@ -397,13 +356,7 @@ async fn invalid_hunting_bodies_are_answered_locally() {
         (HUNT, r#"{"Query": "   "}"#, "`Query` is empty"),
         (GRAPH_HUNT, r#"{"Query": 42}"#, "must be a string"),
     ] {
-        let r = http
-            .post(gw.url(path))
-            .header("authorization", bearer("t", "a"))
-            .body(sent)
-            .send()
-            .await
-            .unwrap();
+        let r = post(&gw, path, "t", sent).await;
         assert_eq!(r.status(), 400, "{sent}");
         let e: Value = r.json().await.unwrap();
         assert_eq!(e["error"]["code"], "BadRequest");
@@ -422,12 +375,6 @@ async fn invalid_hunting_bodies_are_answered_locally() {
         "{q}"
     );
     // The key matches case-insensitively, as Graph's beta examples write it.
-    let r = http
-        .post(gw.url(GRAPH_HUNT))
-        .header("authorization", bearer("t", "a"))
-        .body(r#"{"query": "DeviceEvents | take 1"}"#)
-        .send()
-        .await
-        .unwrap();
+    let r = post(&gw, GRAPH_HUNT, "t", r#"{"query": "DeviceEvents | take 1"}"#).await;
     assert_eq!(r.status(), 200);
 }

@@ -27,7 +27,7 @@ pub(super) async fn inspect(
     req: Request,
     config: &Config,
 ) -> Result<(Request, Option<Lookback>), GatewayError> {
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let limit = usize::try_from(config.max_body_bytes).unwrap_or(usize::MAX);
     let bytes = match Limited::new(body, limit).collect().await {
         Ok(collected) => collected.to_bytes(),
@@ -49,6 +49,9 @@ pub(super) async fn inspect(
             limit: h.lookback_limit,
         });
     }
+    // The body is whole now: announce its length, so it can be replayed.
+    parts.headers.remove(http::header::TRANSFER_ENCODING);
+    parts.headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
     Ok((Request::from_parts(parts, Body::from(bytes)), beyond))
 }
 
