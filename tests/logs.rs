@@ -27,6 +27,7 @@ methods = ["POST"]
 paths = ["/api/advancedhunting/run"]
 windows = [{ limit = 5, per = "1s" }]
 max_wait = "3s"
+hunting = true
 "#,
         ),
     )
@@ -94,5 +95,7 @@ max_wait = "3s"
     assert_eq!(access[0]["fields"]["tenant"], "tenant-logs");
     assert_eq!(access[0]["fields"]["policy"], "hunting");
     assert_eq!(access[0]["fields"]["status"], 200);
+    // The emulator's Stats come first: the running time charged is on the line.
+    assert_eq!(access[0]["fields"]["running_time_s"], 0.01, "{:?}", access[0]);
     assert!(access.iter().any(|a| a["fields"]["attempts"] == 2), "a retried call says so: {access:?}");
 }

@@ -75,6 +75,8 @@ pub(super) struct Outcome {
     pub waited: Duration,
     pub upstream_status: Option<u16>,
     pub attempts: u32,
+    /// Hunting: the running time charged, when known by the response headers.
+    pub running_time: Option<f64>,
 }
 
 /// A metered call, identified and keyed.
@@ -194,10 +196,12 @@ impl Metered<'_> {
                 let waited = attempt > 1 || !admitted.waited.is_zero() || outcome.waited > Duration::ZERO;
                 outcome.decision = if waited { "queued" } else { "forwarded" };
                 if waited { &self.metrics.queued } else { &self.metrics.forwarded }.inc();
-                return match reservation {
-                    Some(r) => self.meter(response, r).await,
-                    None => response,
-                };
+                let Some(r) = reservation else { return response };
+                let response = self.meter(response, r).await;
+                // Known now when `Stats` led the body or for Graph; else metered as it ends.
+                outcome.running_time =
+                    response.headers().get(meter::EXECUTION_TIME).and_then(|v| v.to_str().ok()?.parse().ok());
+                return response;
             }
             let (head, body) = response.into_parts();
             let bytes = match Limited::new(body, THROTTLE_BODY_LIMIT).collect().await {

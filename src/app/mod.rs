@@ -157,6 +157,7 @@ async fn proxy(worker: &Worker, bound: Option<usize>, req: Request) -> Response 
             queue_wait_ms = outcome.waited.as_millis() as u64,
             upstream_status = outcome.upstream_status,
             attempts = outcome.attempts,
+            running_time_s = outcome.running_time,
             status = response.status().as_u16(),
             duration_ms = started.elapsed().as_millis() as u64,
             "request"

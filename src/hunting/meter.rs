@@ -53,7 +53,7 @@ pub struct Report {
 }
 
 impl Report {
-    /// Settle `reservation` from `stats`; false when they name no usable time.
+    /// Settle `reservation` from `stats`; it comes back when they name no usable time.
     fn settle(&self, reservation: Reservation, stats: &Stats) -> Option<Reservation> {
         let Some(cost) = stats.execution_time.and_then(|s| Duration::try_from_secs_f64(s).ok()) else {
             return Some(reservation);
@@ -165,6 +165,19 @@ struct Scanning {
     report: Report,
 }
 
+impl Scanning {
+    /// Settle from what the scanner has read, or charge by rule; the
+    /// request's access-log line went out before, so say what was charged.
+    fn settle(self) {
+        let stats = self.scanner.stats();
+        tracing::info!(policy = %self.report.policy, tenant = %self.report.tenant,
+            running_time_s = stats.execution_time, rows = stats.rows, "hunting response metered as it streamed");
+        if let Some(unsettled) = self.report.settle(self.reservation, &stats) {
+            self.report.unknown(unsettled);
+        }
+    }
+}
+
 /// The held-back prefix, then the rest of the upstream body, metered.
 struct MeterBody {
     prefix: VecDeque<Result<Bytes, axum::Error>>,
@@ -176,10 +189,7 @@ impl MeterBody {
     /// The body ended: settle from what the scanner read, or charge by rule.
     fn ended(&mut self) {
         if let Some(s) = self.scanning.take() {
-            let stats = s.scanner.stats();
-            if let Some(unsettled) = s.report.settle(s.reservation, &stats) {
-                s.report.unknown(unsettled);
-            }
+            s.settle();
         }
     }
 }
@@ -206,10 +216,7 @@ impl http_body::Body for MeterBody {
                     s.scanner.feed(data);
                     let stats = s.scanner.stats();
                     if stats.complete {
-                        let s = this.scanning.take().expect("scanning");
-                        if let Some(unsettled) = s.report.settle(s.reservation, &stats) {
-                            s.report.unknown(unsettled);
-                        }
+                        this.scanning.take().expect("scanning").settle();
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))
