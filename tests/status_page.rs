@@ -47,10 +47,26 @@ name = "incidents"
 paths = ["/api/incidents"]
 windows = [{ limit = 5, per = "60s" }, { limit = 20, per = "3600s" }]
 mode = "reject"
+
+[[policy]]
+name = "hunting"
+methods = ["POST"]
+paths = ["/api/advancedhunting/run"]
+windows = [{ limit = 5, per = "60s" }]
+hunting = true
 "#,
     )
     .await;
     let http = client();
+    // One hunting query of 0.5 s: the light tenant's running-time ledger.
+    let r = http
+        .post(gw.url("/api/advancedhunting/run"))
+        .header("authorization", bearer("tenant-light", "app"))
+        .body(r#"{"Query": "DeviceEvents | take 1 // cost=0.5"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
     for (tenant, calls) in [("tenant-full", 5), ("tenant-light", 1)] {
         for _ in 0..calls {
             let r = http
@@ -86,7 +102,7 @@ mode = "reject"
     .unwrap();
     let dom = String::from_utf8_lossy(&out.stdout);
     let bars = bars(&dom);
-    assert_eq!(bars.len(), 4, "two tenants, two windows each; DOM:\n{dom}");
+    assert_eq!(bars.len(), 7, "two tenants, two windows each, one hunting window, two budgets; DOM:\n{dom}");
 
     let quota: serde_json::Value =
         http.get(gw.admin_url("/quota")).send().await.unwrap().json().await.unwrap();
@@ -105,6 +121,22 @@ mode = "reject"
                 assert_eq!(bar["limit"], w["limit"].to_string());
                 assert_eq!(bar["remaining"], w["remaining"].to_string());
             }
+        }
+    }
+    for ledger in quota["running_time"].as_array().unwrap() {
+        for b in ledger["budgets"].as_array().unwrap() {
+            let bar = bars
+                .iter()
+                .find(|x| {
+                    x["tenant"] == ledger["tenant"].as_str().unwrap()
+                        && x["policy"] == "running-time"
+                        && x["window"].parse::<f64>().ok() == b["window_seconds"].as_f64()
+                })
+                .unwrap_or_else(|| panic!("no running-time bar for {b}"));
+            assert_eq!(bar["used"].parse::<f64>().unwrap(), 0.5, "charged from Stats");
+            let number = |k: &str| bar[k].parse::<f64>().unwrap();
+            assert_eq!(number("limit"), b["limit_seconds"].as_f64().unwrap());
+            assert_eq!(number("remaining"), b["remaining_seconds"].as_f64().unwrap());
         }
     }
     let full = bars.iter().find(|b| b["tenant"] == "tenant-full" && b["window"] == "60").unwrap();
