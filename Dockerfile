@@ -26,6 +26,7 @@ RUN mkdir -p src benches \
  && touch src/lib.rs \
  && echo 'fn main() {}' > benches/admission.rs \
  && echo 'fn main() {}' > benches/keys_rss.rs \
+ && echo 'fn main() {}' > benches/hunting_stream.rs \
  && cargo build --release --locked \
  && rm -rf src
 
