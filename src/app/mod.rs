@@ -19,7 +19,7 @@ use crate::admission::runtime::RuntimeLimiter;
 use crate::admission::Limiter;
 use crate::config::Config;
 use crate::error::GatewayError;
-use crate::identity::identity_from_headers;
+use crate::identity::IdentityCache;
 use crate::metrics::{Metrics, PolicyMetrics};
 use crate::quota::QuotaKey;
 use crate::upstream::{route, ApiKind, Clients};
@@ -27,6 +27,9 @@ use crate::upstream::{route, ApiKind, Clients};
 /// Request header with which a caller shortens its own maximum queue wait,
 /// in seconds (fractions allowed). It can only shorten the policy's wait.
 pub const MAX_WAIT_HEADER: http::HeaderName = crate::upstream::forward::GATEWAY_ONLY;
+
+/// Distinct tokens each worker keeps decoded.
+const IDENTITY_CACHE: usize = 4096;
 
 /// Everything a request needs that all workers share.
 pub struct Gateway {
@@ -53,6 +56,7 @@ impl Gateway {
 pub struct Worker {
     gateway: Arc<Gateway>,
     clients: Clients,
+    identities: IdentityCache,
     /// Per policy id, then one more for unmetered requests.
     metrics: Vec<PolicyMetrics>,
 }
@@ -67,7 +71,12 @@ impl Worker {
         let mut metrics: Vec<PolicyMetrics> =
             config.policies.0.iter().map(|p| gateway.metrics.policy(index, &p.name)).collect();
         metrics.push(gateway.metrics.policy(index, "unmetered"));
-        Worker { clients: Clients::new(timeouts), metrics, gateway }
+        Worker {
+            clients: Clients::new(timeouts),
+            identities: IdentityCache::new(IDENTITY_CACHE),
+            metrics,
+            gateway,
+        }
     }
 }
 
@@ -102,7 +111,7 @@ async fn proxy(worker: &Worker, bound: Option<usize>, req: Request) -> Response 
         return exchange::once(worker, upstream, metrics, req, &timeouts, &metrics.forwarded).await;
     };
     let started = tokio::time::Instant::now();
-    let who = match identity_from_headers(req.headers()) {
+    let who = match worker.identities.identify(req.headers()) {
         Ok(who) => who,
         Err(e) => {
             metrics.unauthorized.inc();

@@ -8,7 +8,7 @@
 //! Both list the window closest to exhaustion first, so a client that reads
 //! only the first item paces itself by the binding one.
 
-use std::fmt::Write;
+use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
@@ -25,11 +25,11 @@ pub fn insert(headers: &mut HeaderMap, usage: &[WindowUse]) {
 
 /// One quota policy as the fields state it.
 struct Item {
-    name: String,
+    what: &'static str,
+    per: Duration,
     quota: u64,
-    window: u64,
     remaining: u64,
-    reset: std::time::Duration,
+    reset: Duration,
     /// Extra parameters (the quota unit).
     unit: &'static str,
 }
@@ -42,37 +42,51 @@ impl Item {
 
 /// Add both fields for call windows and running-time budgets. A budget is
 /// stated in seconds of running time, with the quota unit `qu="seconds"`.
+/// On every metered response: numbers are written with `itoa`, not `fmt`.
 pub fn insert_all(headers: &mut HeaderMap, usage: &[WindowUse], runtime: &[BudgetUse]) {
-    let mut items: Vec<Item> = usage
-        .iter()
-        .map(|u| Item {
-            name: name("calls", u.window.per),
-            quota: u64::from(u.window.limit.get()),
-            window: u.window.per.as_secs().max(1),
-            remaining: u64::from(u.remaining()),
-            reset: u.reset,
-            unit: "",
-        })
-        .chain(runtime.iter().map(|b| Item {
-            name: name("running-time", b.budget.per),
-            quota: b.budget.limit.as_secs(),
-            window: b.budget.per.as_secs().max(1),
-            remaining: b.remaining().as_secs(),
-            reset: b.reset,
-            unit: ";qu=\"seconds\"",
-        }))
-        .collect();
+    let mut items: Vec<Item> = Vec::with_capacity(usage.len() + runtime.len());
+    items.extend(usage.iter().map(|u| Item {
+        what: "calls",
+        per: u.window.per,
+        quota: u64::from(u.window.limit.get()),
+        remaining: u64::from(u.remaining()),
+        reset: u.reset,
+        unit: "",
+    }));
+    items.extend(runtime.iter().map(|b| Item {
+        what: "running-time",
+        per: b.budget.per,
+        quota: b.budget.limit.as_secs(),
+        remaining: b.remaining().as_secs(),
+        reset: b.reset,
+        unit: ";qu=\"seconds\"",
+    }));
     if items.is_empty() {
         return;
     }
     // Closest to exhaustion first: the smallest share remaining.
     items.sort_by(|a, b| a.share().total_cmp(&b.share()));
-    let (mut policy, mut state) = (String::new(), String::new());
+    let mut n = itoa::Buffer::new();
+    let (mut policy, mut state) = (String::with_capacity(96), String::with_capacity(96));
     for (i, it) in items.iter().enumerate() {
-        let sep = if i == 0 { "" } else { ", " };
-        let _ = write!(policy, "{sep}\"{}\";q={};w={}{}", it.name, it.quota, it.window, it.unit);
-        let t = if it.reset.is_zero() { 0 } else { whole_seconds(it.reset) };
-        let _ = write!(state, "{sep}\"{}\";r={};t={t}", it.name, it.remaining);
+        if i > 0 {
+            policy.push_str(", ");
+            state.push_str(", ");
+        }
+        for out in [&mut policy, &mut state] {
+            out.push('"');
+            name(out, it.what, it.per);
+            out.push('"');
+        }
+        policy.push_str(";q=");
+        policy.push_str(n.format(it.quota));
+        policy.push_str(";w=");
+        policy.push_str(n.format(it.per.as_secs().max(1)));
+        policy.push_str(it.unit);
+        state.push_str(";r=");
+        state.push_str(n.format(it.remaining));
+        state.push_str(";t=");
+        state.push_str(n.format(if it.reset.is_zero() { 0 } else { whole_seconds(it.reset) }));
     }
     for (field, value) in [(RATELIMIT_POLICY, policy), (RATELIMIT, state)] {
         if let Ok(value) = HeaderValue::from_str(&value) {
@@ -82,14 +96,22 @@ pub fn insert_all(headers: &mut HeaderMap, usage: &[WindowUse], runtime: &[Budge
 }
 
 /// A window's name: `calls-per-minute`, `running-time-per-hour`, `calls-per-90s`.
-fn name(what: &str, per: std::time::Duration) -> String {
+fn name(out: &mut String, what: &str, per: Duration) {
+    out.push_str(what);
+    out.push_str("-per-");
     match per.as_secs() {
-        1 => format!("{what}-per-second"),
-        60 => format!("{what}-per-minute"),
-        3600 => format!("{what}-per-hour"),
-        86_400 => format!("{what}-per-day"),
-        0 => format!("{what}-per-{}ms", per.as_millis()),
-        s => format!("{what}-per-{s}s"),
+        1 => out.push_str("second"),
+        60 => out.push_str("minute"),
+        3600 => out.push_str("hour"),
+        86_400 => out.push_str("day"),
+        0 => {
+            out.push_str(itoa::Buffer::new().format(per.as_millis()));
+            out.push_str("ms");
+        }
+        s => {
+            out.push_str(itoa::Buffer::new().format(s));
+            out.push('s');
+        }
     }
 }
 

@@ -37,13 +37,18 @@ struct Claims {
 
 /// Read the identity from a request's `Authorization` header.
 pub fn identity_from_headers(headers: &HeaderMap) -> Result<Identity, TokenError> {
+    identity_from_token(bearer_token(headers)?)
+}
+
+/// The bearer token of a request's `Authorization` header.
+pub fn bearer_token(headers: &HeaderMap) -> Result<&str, TokenError> {
     let value = headers.get(AUTHORIZATION).ok_or(TokenError::Missing)?;
     let value = value.to_str().map_err(|_| TokenError::NotBearer)?.trim();
     let (scheme, token) = value.split_once(' ').ok_or(TokenError::NotBearer)?;
     if !scheme.eq_ignore_ascii_case("bearer") {
         return Err(TokenError::NotBearer);
     }
-    identity_from_token(token.trim())
+    Ok(token.trim())
 }
 
 /// Read the identity from a compact JWT.

@@ -3,8 +3,10 @@
 //! The gateway never verifies the token (the upstream does); it only reads
 //! the claims that decide which quota a call spends. It never logs the token.
 
+pub mod cache;
 pub mod jwt;
 
+pub use cache::IdentityCache;
 pub use jwt::{identity_from_headers, TokenError};
 
 /// The tenant and application a call is made for.

@@ -34,7 +34,10 @@ pub enum UpstreamError {
 /// The request header with which a caller shortens its own wait.
 pub const GATEWAY_ONLY: HeaderName = HeaderName::from_static("x-quotagate-max-wait");
 
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// How many names [`HOP_BY_HOP`] lists.
+const HOP_BY_HOP_LEN: usize = 8;
+
+const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_LEN] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -47,21 +50,39 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 
 /// Remove hop-by-hop headers, including any named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry few or none of these: look before hashing nine removals.
-    if !headers.keys().any(|k| HOP_BY_HOP.contains(k) || k == header::UPGRADE) {
-        return;
+    // One pass notes which are present (most messages carry one or none),
+    // so nothing is hashed or allocated for the absent ones.
+    let mut found = [false; HOP_BY_HOP_LEN + 1];
+    for k in headers.keys() {
+        match HOP_BY_HOP.iter().position(|h| h == k) {
+            Some(i) => found[i] = true,
+            None if k == header::UPGRADE => found[HOP_BY_HOP_LEN] = true,
+            None => {}
+        }
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
+    if found[0] {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            // `close` names no header; the others are removed below when present.
+            .filter(|n| !["close", "keep-alive", "upgrade"].iter().any(|t| n.eq_ignore_ascii_case(t)))
+            .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
     }
-    headers.remove(header::UPGRADE);
+    for (name, present) in HOP_BY_HOP.iter().zip(found) {
+        if present {
+            headers.remove(name);
+        }
+    }
+    if found[HOP_BY_HOP_LEN] {
+        headers.remove(header::UPGRADE);
+    }
 }
 
 /// Send `req` to `upstream` and return its response with a streaming body
