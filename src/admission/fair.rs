@@ -1,0 +1,334 @@
+//! Which waiter of a key gets its next free slot: reserved minimums first,
+//! then priority classes, then weighted fair queuing between clients; caps
+//! keep a client out while it has used its share of a window.
+//!
+//! This decides only *who* goes next. *When* the next slot frees is the
+//! [`AdmissionLog`]'s exact answer, untouched, so the window guarantee of
+//! [`crate::quota::window`] holds whatever the order.
+//!
+//! # Order
+//!
+//! Every waiter has a *start tag* (start-time fair queuing): a client's
+//! request starts at `max(v, F)`, where `v` is the start tag of the key's
+//! latest admission and `F` the finish tag of the client's previous
+//! request, and finishes `SCALE / weight` later. Waiters are ranked by
+//!
+//! 1. whether their client is *below its reserved minimum* in every window
+//!    (those first),
+//! 2. priority class (interactive, normal, batch),
+//! 3. start tag, then arrival.
+//!
+//! A waiter whose client is at its cap at the moment the slot frees is
+//! passed over; when every waiter is capped, the one whose cap frees first
+//! goes then.
+//!
+//! # Guarantees
+//!
+//! * One client alone keeps FIFO order (its tags only grow).
+//! * Among backlogged clients of one class, over any run of admissions each
+//!   client's share differs from `weight / Σ weights` by at most one
+//!   request per client (the SFQ bound). A client that sends one request now
+//!   and then starts at `v` and goes at the next free slot.
+//! * A capped client never has more than `⌊limit × cap% / 100⌋` (at least
+//!   1) admissions in any interval of a window's length.
+//! * While a client with a reserved minimum has a waiter queued and is below
+//!   `⌊limit × reserved% / 100⌋` admissions in every window, no other
+//!   client's waiter takes a slot before it. Slots it does not ask for are
+//!   not held idle.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use crate::quota::{AdmissionLog, Retention, Window};
+
+/// The tag distance of one request of weight 1.
+const SCALE: u64 = 1 << 20;
+
+/// Priority classes, most urgent first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub enum Class {
+    Interactive,
+    #[default]
+    Normal,
+    Batch,
+}
+
+impl Class {
+    pub fn parse(s: &str) -> Option<Class> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "interactive" => Some(Class::Interactive),
+            "normal" => Some(Class::Normal),
+            "batch" => Some(Class::Batch),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Class::Interactive => "interactive",
+            Class::Normal => "normal",
+            Class::Batch => "batch",
+        }
+    }
+}
+
+/// How one client shares a key with the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Share {
+    /// The client's index: its lane in every key.
+    pub client: u16,
+    /// Relative weight among clients of the same class (≥ 1).
+    pub weight: u32,
+    pub class: Class,
+    /// At most this percentage of each window (1–100).
+    pub cap_percent: Option<u8>,
+    /// At least this percentage of each window while it has demand (0: none).
+    pub reserved_percent: u8,
+}
+
+impl Default for Share {
+    fn default() -> Self {
+        Share { client: 0, weight: 1, class: Class::Normal, cap_percent: None, reserved_percent: 0 }
+    }
+}
+
+/// One queued request.
+pub(super) struct Waiter {
+    pub id: u64,
+    pub wake: Arc<Notify>,
+    pub client: u16,
+    pub class: Class,
+    pub start: u64,
+}
+
+/// One client's state within a key.
+struct Lane {
+    client: u16,
+    finish: u64,
+    cap: Option<u8>,
+    reserved: u8,
+    /// The client's admissions, kept only when it has a cap or a reserve.
+    log: AdmissionLog,
+}
+
+impl Lane {
+    fn counts(&self) -> bool {
+        self.cap.is_some() || self.reserved > 0
+    }
+}
+
+/// Every client's lane in one key, and the key's virtual time.
+#[derive(Default)]
+pub(super) struct Lanes {
+    lanes: Vec<Lane>,
+    vtime: u64,
+}
+
+/// `percent` of each window, at least `floor` calls.
+fn share_of(windows: &[Window], percent: u8, floor: u32) -> Vec<(u32, Window)> {
+    windows
+        .iter()
+        .map(|w| {
+            let n = u32::try_from(u64::from(w.limit.get()) * u64::from(percent) / 100).unwrap_or(u32::MAX);
+            (n.max(floor), *w)
+        })
+        .collect()
+}
+
+/// The cap's windows: `cap%` of each, at least one call.
+fn cap_windows(windows: &[Window], percent: u8) -> Vec<Window> {
+    share_of(windows, percent, 1)
+        .into_iter()
+        .map(|(n, w)| Window::new(std::num::NonZeroU32::new(n).expect("at least 1"), w.per))
+        .collect()
+}
+
+impl Lanes {
+    fn lane(&self, client: u16) -> Option<&Lane> {
+        self.lanes.iter().find(|l| l.client == client)
+    }
+
+    fn lane_mut(&mut self, share: &Share) -> &mut Lane {
+        let i = match self.lanes.iter().position(|l| l.client == share.client) {
+            Some(i) => i,
+            None => {
+                self.lanes.push(Lane {
+                    client: share.client,
+                    finish: 0,
+                    cap: None,
+                    reserved: 0,
+                    log: AdmissionLog::new(),
+                });
+                self.lanes.len() - 1
+            }
+        };
+        let lane = &mut self.lanes[i];
+        lane.cap = share.cap_percent;
+        lane.reserved = share.reserved_percent;
+        lane
+    }
+
+    /// A new request's start tag; returns it and the lane's previous finish (for [`Lanes::untag`]).
+    pub fn tag(&mut self, share: &Share) -> (u64, u64) {
+        let vtime = self.vtime;
+        let lane = self.lane_mut(share);
+        let start = vtime.max(lane.finish);
+        let before = lane.finish;
+        lane.finish = start + SCALE / u64::from(share.weight.max(1));
+        (start, before)
+    }
+
+    /// Take back a tag of a request that was never queued.
+    pub fn untag(&mut self, client: u16, before: u64) {
+        if let Some(lane) = self.lanes.iter_mut().find(|l| l.client == client) {
+            lane.finish = before;
+        }
+    }
+
+    /// A request of `client` with tag `start` was admitted at `at`.
+    pub fn admitted(&mut self, client: u16, start: u64, at: u64, retention: Retention) {
+        self.vtime = self.vtime.max(start);
+        if let Some(lane) = self.lanes.iter_mut().find(|l| l.client == client) {
+            if lane.counts() {
+                lane.log.record(at, retention);
+            }
+        }
+    }
+
+    /// The queue emptied: nobody is behind, so no tag runs ahead of now.
+    pub fn idle(&mut self) {
+        for lane in &mut self.lanes {
+            lane.finish = lane.finish.min(self.vtime);
+        }
+    }
+
+    pub fn refund(&mut self, client: u16, at: u64) {
+        if let Some(lane) = self.lanes.iter_mut().find(|l| l.client == client) {
+            lane.log.refund(at);
+        }
+    }
+
+    pub fn prune(&mut self, retention: Retention, now: u64) {
+        for lane in &mut self.lanes {
+            lane.log.prune(retention, now);
+        }
+    }
+
+    pub fn shrink(&mut self) {
+        for lane in &mut self.lanes {
+            lane.log.shrink();
+        }
+    }
+
+    /// When `client` may next be admitted under its cap, from `from`, with
+    /// `extra` of its own requests going first.
+    pub fn cap_free(&self, client: u16, windows: &[Window], guard: Duration, from: u64, extra: usize) -> u64 {
+        match self.lane(client) {
+            Some(Lane { cap: Some(pct), log, .. }) => {
+                log.projected(extra, &cap_windows(windows, *pct), guard, from).at
+            }
+            _ => from,
+        }
+    }
+
+    /// Whether `client` is below its reserved minimum in every window at `now`.
+    fn reserved(&self, client: u16, windows: &[Window], guard: Duration, now: u64) -> bool {
+        let Some(lane) = self.lane(client).filter(|l| l.reserved > 0) else { return false };
+        let usage = lane.log.usage(windows, guard, now);
+        share_of(windows, lane.reserved, 0).iter().zip(usage).all(|((n, _), u)| u.used < *n)
+    }
+
+    fn rank(&self, w: &Waiter, windows: &[Window], guard: Duration, now: u64) -> (bool, Class, u64, u64) {
+        (!self.reserved(w.client, windows, guard, now), w.class, w.start, w.id)
+    }
+
+    /// The waiter that gets the slot free at `slot`, and when it may go:
+    /// the best-ranked waiter not capped then, or, if all are, the one whose
+    /// cap frees first.
+    pub fn pick(
+        &self,
+        queue: &[Waiter],
+        windows: &[Window],
+        guard: Duration,
+        slot: u64,
+    ) -> Option<(usize, u64)> {
+        let mut best: Option<(usize, (bool, Class, u64, u64))> = None;
+        let mut soonest: Option<(usize, u64)> = None;
+        for (i, w) in queue.iter().enumerate() {
+            let free = self.cap_free(w.client, windows, guard, slot, 0);
+            if free > slot {
+                if soonest.is_none_or(|(_, at)| free < at) {
+                    soonest = Some((i, free));
+                }
+                continue;
+            }
+            let rank = self.rank(w, windows, guard, slot);
+            if best.as_ref().is_none_or(|(_, r)| rank < *r) {
+                best = Some((i, rank));
+            }
+        }
+        best.map(|(i, _)| (i, slot)).or(soonest)
+    }
+
+    /// How many waiters rank before waiter `id`, and how many of those are its client's.
+    pub fn ahead(
+        &self,
+        queue: &[Waiter],
+        id: u64,
+        windows: &[Window],
+        guard: Duration,
+        now: u64,
+    ) -> (usize, usize) {
+        let Some(me) = queue.iter().find(|w| w.id == id) else { return (0, 0) };
+        let mine = self.rank(me, windows, guard, now);
+        queue
+            .iter()
+            .filter(|w| w.id != id && self.rank(w, windows, guard, now) < mine)
+            .fold((0, 0), |(n, own), w| (n + 1, own + usize::from(w.client == me.client)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroU32;
+
+    use super::*;
+
+    fn waiter(id: u64, client: u16, class: Class, start: u64) -> Waiter {
+        Waiter { id, wake: Arc::new(Notify::new()), client, class, start }
+    }
+
+    fn share(client: u16, weight: u32) -> Share {
+        Share { client, weight, ..Share::default() }
+    }
+
+    #[test]
+    fn weights_three_to_one_interleave_three_to_one() {
+        let mut lanes = Lanes::default();
+        let mut queue = Vec::new();
+        for id in 0..40 {
+            let s = share((id % 2) as u16, if id % 2 == 0 { 3 } else { 1 });
+            queue.push(waiter(id, s.client, Class::Normal, lanes.tag(&s).0));
+        }
+        let w = [Window::new(NonZeroU32::new(1000).unwrap(), Duration::from_secs(1))];
+        let mut order = Vec::new();
+        for _ in 0..16 {
+            let (i, _) = lanes.pick(&queue, &w, Duration::ZERO, 0).unwrap();
+            let x = queue.remove(i);
+            lanes.admitted(x.client, x.start, 0, Retention::for_windows(&w, Duration::ZERO));
+            order.push(x.client);
+        }
+        let heavy = order.iter().filter(|&&c| c == 0).count();
+        assert_eq!(heavy, 12, "{order:?}");
+    }
+
+    #[test]
+    fn a_class_goes_before_a_less_urgent_one_whatever_the_tags() {
+        let lanes = Lanes::default();
+        let queue = vec![waiter(1, 0, Class::Batch, 0), waiter(2, 1, Class::Interactive, 5 * SCALE)];
+        let w = [Window::new(NonZeroU32::new(1).unwrap(), Duration::from_secs(1))];
+        assert_eq!(lanes.pick(&queue, &w, Duration::ZERO, 7), Some((1, 7)));
+    }
+}
