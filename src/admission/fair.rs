@@ -197,7 +197,9 @@ impl Lanes {
         }
     }
 
-    /// The queue emptied: nobody is behind, so no tag runs ahead of now.
+    /// The queue emptied because waiters left unadmitted: forget the tags
+    /// they took, so a client is not made to pay later for requests that
+    /// never went.
     pub fn idle(&mut self) {
         for lane in &mut self.lanes {
             lane.finish = lane.finish.min(self.vtime);

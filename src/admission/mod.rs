@@ -79,9 +79,6 @@ impl KeyState {
         let retention = self.retention;
         self.log.record(at, retention);
         self.lanes.admitted(w.client, w.start, at, retention);
-        if self.queue.is_empty() {
-            self.lanes.idle();
-        }
         let slot = self.log.next_free(windows, guard, at.max(self.hold_until)).at;
         if let Some((next, _)) = self.lanes.pick(&self.queue, windows, guard, slot) {
             self.queue[next].wake.notify_one();
@@ -363,3 +360,5 @@ impl Limiter {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_fair;
