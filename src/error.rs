@@ -16,6 +16,7 @@ use serde_json::json;
 
 use crate::admission::rejection::whole_seconds as secs;
 use crate::admission::{Reason, Rejection};
+use crate::identity::client::{ClientError, GuardSpec};
 use crate::identity::TokenError;
 use crate::upstream::route::ApiKind;
 
@@ -27,6 +28,10 @@ pub const THROTTLED_BY: &str = "x-quotagate-throttled-by";
 pub enum GatewayError {
     #[error("{0}")]
     Unauthorized(#[from] TokenError),
+    #[error("{0}")]
+    UnknownClient(#[from] ClientError),
+    #[error("{}", guard_message(.client, .guard, *.retry_after))]
+    Guarded { client: String, guard: GuardSpec, retry_after: Duration },
     #[error("{}", throttle_message(.policy, .rejection))]
     Throttled { policy: String, tenant: String, rejection: Rejection },
     #[error("{}", upstream_throttle_message(.message, *.retry_after))]
@@ -51,6 +56,16 @@ fn upstream_throttle_message(message: &str, retry_after: Duration) -> String {
     let message = message.trim().trim_end_matches('.');
     let message = if message.is_empty() { "The upstream throttled this call" } else { message };
     format!("{message}. You can send requests again in {} seconds.", secs(retry_after))
+}
+
+fn guard_message(client: &str, guard: &GuardSpec, retry_after: Duration) -> String {
+    format!(
+        "Client '{client}' sent more requests than its runaway-loop guard allows ({} per second, bursts of {}); \
+         the gateway turned this one away before it reached any quota. You can send requests again in {} seconds.",
+        guard.per_second,
+        guard.burst,
+        secs(retry_after)
+    )
 }
 
 fn throttle_message(policy: &str, r: &Rejection) -> String {
@@ -81,10 +96,10 @@ fn timespan(d: Duration) -> String {
 impl GatewayError {
     fn status(&self) -> StatusCode {
         match self {
-            GatewayError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            GatewayError::Throttled { .. } | GatewayError::UpstreamThrottled { .. } => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            GatewayError::Unauthorized(_) | GatewayError::UnknownClient(_) => StatusCode::UNAUTHORIZED,
+            GatewayError::Throttled { .. }
+            | GatewayError::UpstreamThrottled { .. }
+            | GatewayError::Guarded { .. } => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::BadBody { .. } => StatusCode::BAD_REQUEST,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::NoRoute { .. } => StatusCode::NOT_FOUND,
@@ -97,8 +112,10 @@ impl GatewayError {
 
     fn code(&self) -> &'static str {
         match self {
-            GatewayError::Unauthorized(_) => "Unauthorized",
-            GatewayError::Throttled { .. } | GatewayError::UpstreamThrottled { .. } => "TooManyRequests",
+            GatewayError::Unauthorized(_) | GatewayError::UnknownClient(_) => "Unauthorized",
+            GatewayError::Throttled { .. }
+            | GatewayError::UpstreamThrottled { .. }
+            | GatewayError::Guarded { .. } => "TooManyRequests",
             GatewayError::BadBody { .. } => "BadRequest",
             GatewayError::PayloadTooLarge { .. } => "RequestEntityTooLarge",
             GatewayError::NoRoute { .. } => "NotFound",
@@ -132,6 +149,7 @@ impl GatewayError {
         let throttle = match &self {
             GatewayError::Throttled { rejection, .. } => Some((rejection.retry_after, "gateway")),
             GatewayError::UpstreamThrottled { retry_after, .. } => Some((*retry_after, "upstream")),
+            GatewayError::Guarded { retry_after, .. } => Some((*retry_after, "guard")),
             _ => None,
         };
         if let Some((retry_after, by)) = throttle {

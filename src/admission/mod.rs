@@ -18,6 +18,7 @@
 //! Keys whose logs have emptied are dropped by [`Limiter::sweep`].
 
 pub mod fair;
+pub mod guard;
 mod place;
 pub mod rejection;
 

@@ -30,7 +30,7 @@ use http_body_util::{BodyExt, Limited};
 use tokio::time::Instant;
 
 use super::{ratelimit, Worker};
-use crate::admission::{Admitted, Reason, Rejection};
+use crate::admission::{Admitted, Reason, Rejection, Share};
 use crate::error::{GatewayError, THROTTLED_BY};
 use crate::metrics::{Failure, PolicyMetrics};
 use crate::policy::{Mode, Policy, Timeouts};
@@ -83,6 +83,10 @@ pub(super) struct Metered<'a> {
     pub metrics: &'a PolicyMetrics,
     pub key: QuotaKey,
     pub tenant: String,
+    /// The client's name, for logs.
+    pub client: &'a str,
+    /// How the client shares the key with others.
+    pub share: Share,
     /// The wait budget: the policy's maximum wait or the caller's shorter one.
     pub max_wait: Duration,
 }
@@ -115,7 +119,10 @@ impl Metered<'_> {
                 });
             }
             let budget = self.max_wait.saturating_sub(started.elapsed());
-            let admitted = match gw.limiter.acquire(&self.key, self.policy, budget, &self.metrics.depth).await
+            let admitted = match gw
+                .limiter
+                .acquire_as(&self.key, self.policy, &self.share, budget, &self.metrics.depth)
+                .await
             {
                 Ok(admitted) => admitted,
                 Err(mut rejection) => {
@@ -123,7 +130,7 @@ impl Metered<'_> {
                     outcome.decision = "rejected";
                     self.metrics.rejected.inc();
                     self.metrics.rejection(rejection.reason).inc();
-                    tracing::debug!(policy = %self.policy.name, tenant = %self.tenant, reason = ?rejection.reason,
+                    tracing::debug!(policy = %self.policy.name, tenant = %self.tenant, client = self.client, reason = ?rejection.reason,
                         retry_after_ms = rejection.retry_after.as_millis() as u64, attempt, "rejected locally");
                     let mut response = self.fail(GatewayError::Throttled {
                         policy: self.policy.name.clone(),

@@ -4,7 +4,9 @@
 //! field it is about, and yields a [`Config`] whose values cannot be invalid
 //! (non-zero limits, compiled path patterns, resolved upstream names).
 
+mod clients;
 pub mod file;
+mod tls;
 pub mod validate;
 
 use std::net::SocketAddr;
@@ -13,6 +15,7 @@ use std::time::Duration;
 
 pub use file::File;
 
+use crate::identity::client::{IdentityMode, Roster};
 use crate::policy::{Policies, Timeouts};
 use crate::upstream::route::Upstream;
 
@@ -48,6 +51,12 @@ pub struct Config {
     pub access_log: bool,
     /// Per-tenant metrics name at most this many tenants.
     pub metrics_max_tenants: usize,
+    /// The clients sharing the gateway and how they are told apart.
+    pub clients: Roster,
+    /// Whether a non-loopback listener may serve without client keys.
+    pub allow_anonymous_on_network: bool,
+    /// TLS for every proxy listener.
+    pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
 }
 
 /// Everything wrong with a configuration, one line each.
@@ -80,11 +89,19 @@ impl Config {
         Config::from_toml(&text, &path.display().to_string())
     }
 
+    /// Why these listeners may not serve as configured: a listener on a
+    /// non-loopback address needs client keys unless config allows
+    /// anonymous callers on the network. Checked by validation, and again
+    /// after command-line overrides of the addresses.
+    pub fn exposure_problem(&self) -> Option<String> {
+        exposure_problem(&self.listeners, self.clients.mode, self.allow_anonymous_on_network)
+    }
+
     /// A human-readable table of the effective policies.
     pub fn describe(&self) -> String {
         use std::fmt::Write;
         let mut out = String::new();
-        let _ = writeln!(out, "listeners:");
+        let _ = writeln!(out, "listeners{}:", if self.tls.is_some() { " (TLS)" } else { "" });
         for l in &self.listeners {
             let to = l.upstream.map_or("routed by host and path".to_string(), |u| {
                 format!("bound to {}", self.upstreams[u].name)
@@ -125,8 +142,35 @@ impl Config {
             );
         }
         let _ = writeln!(out, "everything else: forwarded unmetered, counted");
+        let _ =
+            writeln!(out, "clients (identity {:?}, key header {}):", self.clients.mode, self.clients.header);
+        for c in self.clients.configured() {
+            let s = &c.share;
+            let _ = writeln!(
+                out,
+                "  {:<18} weight {} {} cap {}% reserved {}% guard {}",
+                c.name,
+                s.weight,
+                s.class.as_str(),
+                s.cap_percent.unwrap_or(100),
+                s.reserved_percent,
+                c.guard.map_or("none".to_string(), |g| format!("{}/s burst {}", g.per_second, g.burst))
+            );
+        }
         out
     }
+}
+
+/// See [`Config::exposure_problem`].
+fn exposure_problem(listeners: &[ListenerSpec], mode: IdentityMode, allow_anonymous: bool) -> Option<String> {
+    if mode == IdentityMode::Key || allow_anonymous {
+        return None;
+    }
+    let open = listeners.iter().find(|l| !l.addr.ip().is_loopback())?;
+    Some(format!(
+        "listen {} is not loopback: configure [[client]] keys or set allow_anonymous_on_network = true",
+        open.addr
+    ))
 }
 
 /// Parse TOML into the file schema.

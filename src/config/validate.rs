@@ -14,10 +14,10 @@ use crate::upstream::route::{ApiKind, Upstream};
 
 /// Collects problems, each prefixed with the field it is about.
 #[derive(Default)]
-struct Problems(Vec<String>);
+pub(super) struct Problems(Vec<String>);
 
 impl Problems {
-    fn push(&mut self, field: &str, message: impl std::fmt::Display) {
+    pub(super) fn push(&mut self, field: &str, message: impl std::fmt::Display) {
         self.0.push(format!("{field}: {message}"));
     }
 
@@ -198,6 +198,13 @@ pub fn validate(file: &File) -> Result<Config, Vec<String>> {
         p.push("policy", "too many policies");
     }
 
+    let clients = super::clients::roster(file, &mut p);
+    let tls = file.tls.as_ref().and_then(|t| super::tls::server_config(t, &mut p));
+    if let Some(problem) = super::exposure_problem(&listeners, clients.mode, file.allow_anonymous_on_network)
+    {
+        p.0.push(problem);
+    }
+
     if p.0.is_empty() {
         Ok(Config {
             listeners,
@@ -213,6 +220,9 @@ pub fn validate(file: &File) -> Result<Config, Vec<String>> {
             backoff_cap,
             metrics_max_tenants: file.metrics_max_tenants,
             access_log: file.access_log,
+            clients,
+            allow_anonymous_on_network: file.allow_anonymous_on_network,
+            tls,
         })
     } else {
         Err(p.0)
