@@ -72,6 +72,11 @@ fn throttle_message(policy: &str, r: &Rejection) -> String {
     let n = secs(r.retry_after);
     let why = match (r.reason, r.window) {
         (Reason::QueueFull, _) => format!("The gateway's queue for policy '{policy}' is full."),
+        (_, Some(w)) if r.capped => format!(
+            "This client's share is used up: at most {} per {} of policy '{policy}' go to it (its cap in quotagate).",
+            w.limit,
+            timespan(w.per)
+        ),
         (_, Some(w)) => format!(
             "API calls quota exceeded! Maximum allowed {} per {} for policy '{policy}' of this tenant and app (enforced by quotagate).",
             w.limit,
@@ -200,10 +205,14 @@ mod tests {
             reason: Reason::NoSlot,
             retry_after: Duration::from_millis(7200),
             window: Some(Window::new(NonZeroU32::new(45).unwrap(), Duration::from_secs(60))),
+            capped: false,
             usage: vec![],
         };
         let m = throttle_message("hunting", &r);
         assert!(m.contains("Maximum allowed 45 per 00:01:00"), "{m}");
+        assert!(m.ends_with("You can send requests again in 8 seconds."), "{m}");
+        let m = throttle_message("hunting", &Rejection { capped: true, ..r });
+        assert!(m.starts_with("This client's share is used up: at most 45 per 00:01:00"), "{m}");
         assert!(m.ends_with("You can send requests again in 8 seconds."), "{m}");
     }
 }

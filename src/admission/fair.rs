@@ -41,7 +41,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use crate::quota::{AdmissionLog, Retention, Window};
+use crate::quota::{AdmissionLog, Binding, Retention, Window};
 
 /// The tag distance of one request of weight 1.
 const SCALE: u64 = 1 << 20;
@@ -226,12 +226,20 @@ impl Lanes {
 
     /// When `client` may next be admitted under its cap, from `from`, with
     /// `extra` of its own requests going first.
-    pub fn cap_free(&self, client: u16, windows: &[Window], guard: Duration, from: u64, extra: usize) -> u64 {
+    /// The binding window is the cap's.
+    pub fn cap_free(
+        &self,
+        client: u16,
+        windows: &[Window],
+        guard: Duration,
+        from: u64,
+        extra: usize,
+    ) -> Binding {
         match self.lane(client) {
             Some(Lane { cap: Some(pct), log, .. }) => {
-                log.projected(extra, &cap_windows(windows, *pct), guard, from).at
+                log.projected(extra, &cap_windows(windows, *pct), guard, from)
             }
-            _ => from,
+            _ => Binding { at: from, window: None },
         }
     }
 
@@ -259,7 +267,7 @@ impl Lanes {
         let mut best: Option<(usize, (bool, Class, u64, u64))> = None;
         let mut soonest: Option<(usize, u64)> = None;
         for (i, w) in queue.iter().enumerate() {
-            let free = self.cap_free(w.client, windows, guard, slot, 0);
+            let free = self.cap_free(w.client, windows, guard, slot, 0).at;
             if free > slot {
                 if soonest.is_none_or(|(_, at)| free < at) {
                     soonest = Some((i, free));

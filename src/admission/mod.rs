@@ -34,7 +34,7 @@ pub use fair::{Class, Share};
 pub use rejection::{Reason, Rejection};
 
 use crate::policy::{Mode, Policies, Policy};
-use crate::quota::{tightened, AdmissionLog, Clock, QuotaKey, Retention, Window, WindowUse};
+use crate::quota::{tightened, AdmissionLog, Binding, Clock, QuotaKey, Retention, Window, WindowUse};
 use fair::{Lanes, Waiter};
 use place::Place;
 
@@ -86,6 +86,27 @@ impl KeyState {
         }
         let usage = self.log.usage(windows, guard, at);
         Admitted { waited: Duration::from_nanos(at - start), usage, at, client: w.client }
+    }
+
+    /// When a waiter with `ahead` ranked before it (`own` of them its
+    /// client's) would be admitted: the later of its slot and its cap, with
+    /// the window that decided, and whether that was the cap.
+    fn grant(
+        &self,
+        ahead: usize,
+        own: usize,
+        client: u16,
+        windows: &[Window],
+        guard: Duration,
+        from: u64,
+    ) -> (Binding, bool) {
+        let slot = self.log.projected(ahead, windows, guard, from);
+        let cap = self.lanes.cap_free(client, windows, guard, from, own);
+        if cap.at > slot.at {
+            (cap, true)
+        } else {
+            (slot, false)
+        }
     }
 
     /// Wake a waiter to re-decide who goes next; one that is not chosen
@@ -197,10 +218,8 @@ impl Limiter {
                 }
             }
             let (ahead, own) = st.lanes.ahead(&st.queue, id, &windows, guard, start);
-            let grant = st.log.projected(ahead, &windows, guard, from);
-            let capped = st.lanes.cap_free(share.client, &windows, guard, from, own);
-            let at = grant.at.max(capped);
-            let wait = Duration::from_nanos(at - start);
+            let (grant, capped) = st.grant(ahead, own, share.client, &windows, guard, from);
+            let wait = Duration::from_nanos(grant.at - start);
             let reason = if policy.mode == Mode::Reject {
                 Some(Reason::NoSlot)
             } else if st.queue.len() > policy.max_queue {
@@ -214,7 +233,7 @@ impl Limiter {
                 st.queue.pop();
                 st.lanes.untag(share.client, before);
                 let usage = st.log.usage(&windows, guard, start);
-                return Err(Rejection { reason, retry_after: wait, window: grant.window, usage });
+                return Err(Rejection { reason, retry_after: wait, window: grant.window, capped, usage });
             }
             (id, wake)
         };
@@ -234,9 +253,7 @@ impl Limiter {
                 if let Some((i, at)) = mine {
                     if at <= now {
                         place.queued = false;
-                        let mut admitted = st.admit(i, now, &windows, guard, start);
-                        admitted.waited = Duration::from_nanos(now - start);
-                        return Ok(admitted);
+                        return Ok(st.admit(i, now, &windows, guard, start));
                     }
                 } else if let Some((i, _)) = chosen {
                     // Whoever goes next must be awake to its timer.
@@ -244,12 +261,12 @@ impl Limiter {
                 }
                 if now >= deadline {
                     let (ahead, own) = st.lanes.ahead(&st.queue, id, &windows, guard, now);
-                    let grant = st.log.projected(ahead, &windows, guard, from);
-                    let at = grant.at.max(st.lanes.cap_free(share.client, &windows, guard, from, own));
+                    let (grant, capped) = st.grant(ahead, own, share.client, &windows, guard, from);
                     return Err(Rejection {
                         reason: Reason::Expired,
-                        retry_after: Duration::from_nanos(at - now),
+                        retry_after: Duration::from_nanos(grant.at - now),
                         window: grant.window,
+                        capped,
                         usage: st.log.usage(&windows, guard, now),
                     });
                 }

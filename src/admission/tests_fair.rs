@@ -151,5 +151,7 @@ async fn a_capped_client_is_told_when_its_cap_frees() {
     tokio::time::advance(Duration::from_millis(300)).await;
     let r = limiter.acquire_as(&key("t"), &p, &capped, Duration::ZERO, &gauge()).await.unwrap_err();
     assert_eq!((r.reason, r.retry_after), (Reason::NoSlot, Duration::from_millis(700)));
+    assert!(r.capped, "the wait is the cap's, not the key's");
+    assert_eq!(r.window.map(|w| (w.limit.get(), w.per)), Some((1, SEC)), "25% of 4 per second");
     assert!(limiter.acquire_as(&key("t"), &p, &share(1), Duration::ZERO, &gauge()).await.is_ok());
 }

@@ -280,7 +280,13 @@ impl Metered<'_> {
             None
         };
         if let Some(reason) = reason {
-            return Err(Rejection { reason, retry_after: held, window: None, usage: Vec::new() });
+            return Err(Rejection {
+                reason,
+                retry_after: held,
+                window: None,
+                capped: false,
+                usage: Vec::new(),
+            });
         }
         tokio::time::sleep(held).await;
         outcome.waited += held;
