@@ -126,3 +126,88 @@ pub(super) fn roster(file: &File, p: &mut Problems) -> Roster {
     }
     Roster::new(mode, header, file.allow_priority_header, clients)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Config, ConfigError};
+    use crate::admission::Class;
+    use crate::identity::client::IdentityMode;
+
+    const BASE: &str = r#"
+listen = "127.0.0.1:1"
+admin_listen = "127.0.0.1:2"
+"#;
+    const UPSTREAM: &str = r#"
+[[upstream]]
+name = "d"
+url = "http://127.0.0.1:9"
+kind = "defender"
+"#;
+
+    #[test]
+    fn every_client_problem_is_reported_at_once() {
+        let text = format!(
+            r#"{BASE}
+client_identity = "key"
+api_key_header = "bad header"
+{UPSTREAM}
+[[client]]
+name = "a"
+key_sha256 = "abc"
+weight = 0
+priority = "urgent"
+cap_percent = 10
+reserved_percent = 60
+
+[[client]]
+name = "a"
+guard_burst = 3
+
+[[client]]
+name = "anonymous"
+key_sha256 = "{hash}"
+reserved_percent = 50
+guard_per_second = 0
+"#,
+            hash = "ab".repeat(32)
+        );
+        let Err(ConfigError::Invalid { problems, .. }) = Config::from_toml(&text, "t.toml") else {
+            panic!("expected validation errors");
+        };
+        let all = problems.join("\n");
+        for needle in [
+            "api_key_header: `bad header` is not a header name",
+            "client[0] (a).key_sha256: must be 64 hex digits",
+            "client[0] (a).weight: must be between 1 and 1000",
+            "client[0] (a).priority: `urgent`",
+            "client[0] (a).reserved_percent: must not be more than cap_percent",
+            "client[1] (a): another client has the same name",
+            "client[1] (a).key_sha256: is required when client_identity is key",
+            "client[1] (a).guard_burst: needs guard_per_second",
+            "client[2] (anonymous): another client has the same name",
+            "client[2] (anonymous).guard_per_second: must be at least 1",
+            "client: reserved_percent adds up to 110, more than 100",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn keys_make_key_identity_the_default_and_shares_come_through() {
+        let text = format!(
+            "{BASE}{UPSTREAM}\n[[client]]\nname = \"soc\"\nkey_sha256 = \"{}\"\nweight = 3\npriority = \"interactive\"\ncap_percent = 80\nreserved_percent = 20\nguard_per_second = 5\n",
+            "AB".repeat(32)
+        );
+        let config = Config::from_toml(&text, "t.toml").unwrap();
+        assert_eq!(config.clients.mode, IdentityMode::Key);
+        let soc = &config.clients.configured()[0];
+        assert_eq!((soc.share.weight, soc.share.class), (3, Class::Interactive));
+        assert_eq!((soc.share.cap_percent, soc.share.reserved_percent), (Some(80), 20));
+        assert_eq!(
+            soc.guard.map(|g| (g.per_second.get(), g.burst.get())),
+            Some((5, 5)),
+            "burst defaults to the rate"
+        );
+        assert!(config.describe().contains("soc"), "{}", config.describe());
+    }
+}
