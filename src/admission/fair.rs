@@ -25,10 +25,13 @@
 //! # Guarantees
 //!
 //! * One client alone keeps FIFO order (its tags only grow).
-//! * Among backlogged clients of one class, over any run of admissions each
-//!   client's share differs from `weight / Σ weights` by at most one
-//!   request per client (the SFQ bound). A client that sends one request now
-//!   and then starts at `v` and goes at the next free slot.
+//! * Between two clients of one class that both stay backlogged, over any
+//!   run of admissions `|n_a / w_a − n_b / w_b| ≤ 1 / w_a + 1 / w_b` (the
+//!   start-time fair queuing bound for requests of one slot each), so
+//!   weights 3:1 share slots 3:1 up to a request or two.
+//! * A client that was idle starts at `v`, below every queued request with a
+//!   later tag: it goes at the next free slot, behind at most one request
+//!   of each other client that started at `v` too.
 //! * A capped client never has more than `⌊limit × cap% / 100⌋` (at least
 //!   1) admissions in any interval of a window's length.
 //! * While a client with a reserved minimum has a waiter queued and is below
@@ -243,15 +246,28 @@ impl Lanes {
         }
     }
 
-    /// Whether `client` is below its reserved minimum in every window at `now`.
-    fn reserved(&self, client: u16, windows: &[Window], guard: Duration, now: u64) -> bool {
-        let Some(lane) = self.lane(client).filter(|l| l.reserved > 0) else { return false };
+    /// Whether a lane is below its reserved minimum in every window at `now`.
+    fn below_reserve(lane: &Lane, windows: &[Window], guard: Duration, now: u64) -> bool {
+        if lane.reserved == 0 {
+            return false;
+        }
         let usage = lane.log.usage(windows, guard, now);
         share_of(windows, lane.reserved, 0).iter().zip(usage).all(|((n, _), u)| u.used < *n)
     }
 
-    fn rank(&self, w: &Waiter, windows: &[Window], guard: Duration, now: u64) -> (bool, Class, u64, u64) {
-        (!self.reserved(w.client, windows, guard, now), w.class, w.start, w.id)
+    /// Each lane's standing at `now`, computed once per decision.
+    fn standings(&self, windows: &[Window], guard: Duration, now: u64) -> Vec<Standing> {
+        self.lanes
+            .iter()
+            .map(|lane| Standing {
+                client: lane.client,
+                reserved: Self::below_reserve(lane, windows, guard, now),
+                free: match lane.cap {
+                    Some(pct) => lane.log.next_free(&cap_windows(windows, pct), guard, now).at,
+                    None => now,
+                },
+            })
+            .collect()
     }
 
     /// The waiter that gets the slot free at `slot`, and when it may go:
@@ -264,17 +280,18 @@ impl Lanes {
         guard: Duration,
         slot: u64,
     ) -> Option<(usize, u64)> {
-        let mut best: Option<(usize, (bool, Class, u64, u64))> = None;
+        let standings = self.standings(windows, guard, slot);
+        let mut best: Option<(usize, Rank)> = None;
         let mut soonest: Option<(usize, u64)> = None;
         for (i, w) in queue.iter().enumerate() {
-            let free = self.cap_free(w.client, windows, guard, slot, 0).at;
-            if free > slot {
-                if soonest.is_none_or(|(_, at)| free < at) {
-                    soonest = Some((i, free));
+            let standing = Standing::of(&standings, w.client);
+            if standing.free > slot {
+                if soonest.is_none_or(|(_, at)| standing.free < at) {
+                    soonest = Some((i, standing.free));
                 }
                 continue;
             }
-            let rank = self.rank(w, windows, guard, slot);
+            let rank = standing.rank(w);
             if best.as_ref().is_none_or(|(_, r)| rank < *r) {
                 best = Some((i, rank));
             }
@@ -292,11 +309,36 @@ impl Lanes {
         now: u64,
     ) -> (usize, usize) {
         let Some(me) = queue.iter().find(|w| w.id == id) else { return (0, 0) };
-        let mine = self.rank(me, windows, guard, now);
+        let standings = self.standings(windows, guard, now);
+        let mine = Standing::of(&standings, me.client).rank(me);
         queue
             .iter()
-            .filter(|w| w.id != id && self.rank(w, windows, guard, now) < mine)
+            .filter(|w| w.id != id && Standing::of(&standings, w.client).rank(w) < mine)
             .fold((0, 0), |(n, own), w| (n + 1, own + usize::from(w.client == me.client)))
+    }
+}
+
+/// Not below its reserve, class, start tag, arrival: lower goes first.
+type Rank = (bool, Class, u64, u64);
+
+/// A lane's standing at one moment.
+struct Standing {
+    client: u16,
+    /// Below its reserved minimum in every window.
+    reserved: bool,
+    /// When its cap lets it be admitted again.
+    free: u64,
+}
+
+impl Standing {
+    const NONE: Standing = Standing { client: u16::MAX, reserved: false, free: 0 };
+
+    fn of(standings: &[Standing], client: u16) -> &Standing {
+        standings.iter().find(|s| s.client == client).unwrap_or(&Standing::NONE)
+    }
+
+    fn rank(&self, w: &Waiter) -> Rank {
+        (!self.reserved, w.class, w.start, w.id)
     }
 }
 

@@ -80,9 +80,11 @@ impl KeyState {
         let retention = self.retention;
         self.log.record(at, retention);
         self.lanes.admitted(w.client, w.start, at, retention);
-        let slot = self.log.next_free(windows, guard, at.max(self.hold_until)).at;
-        if let Some((next, _)) = self.lanes.pick(&self.queue, windows, guard, slot) {
-            self.queue[next].wake.notify_one();
+        if !self.queue.is_empty() {
+            let slot = self.log.next_free(windows, guard, at.max(self.hold_until)).at;
+            if let Some((next, _)) = self.lanes.pick(&self.queue, windows, guard, slot) {
+                self.queue[next].wake.notify_one();
+            }
         }
         let usage = self.log.usage(windows, guard, at);
         Admitted { waited: Duration::from_nanos(at - start), usage, at, client: w.client }
