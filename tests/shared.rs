@@ -472,3 +472,27 @@ async fn a_tls_listener_serves_curl() {
     assert!(plain.is_err() || plain.unwrap().status() != 200);
     assert_eq!(emu.count(), 1);
 }
+
+/// With `client_identity = "app"`, the token's app id names the client; an
+/// app no client names counts as `other`, so the label set stays bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_ids_name_clients_when_configured_so() {
+    let emu = Emulator::start(upstream(100, SEC)).await;
+    let clients = "[[client]]\nname = \"etl\"\napp_id = \"app-etl\"\nweight = 2\n";
+    let gw = TestGateway::start(
+        &emu.url(),
+        &gateway_toml("client_identity = \"app\"\n", 100, "1s", "5s", clients),
+    )
+    .await;
+    let http = client();
+    for app in ["app-etl", "app-etl", "app-unknown-1", "app-unknown-2"] {
+        let r =
+            http.get(gw.url("/api/incidents")).header("authorization", bearer("tenant-1", app)).send().await;
+        assert_eq!(r.unwrap().status(), 200, "no key is needed in app mode");
+    }
+    let metric = |client: &str| {
+        format!("quotagate_client_requests_total{{client=\"{client}\",decision=\"forwarded\"}}")
+    };
+    assert_eq!(gw.metric(&metric("etl")).await, 2.0);
+    assert_eq!(gw.metric(&metric("other")).await, 2.0);
+}
