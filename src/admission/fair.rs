@@ -39,10 +39,7 @@
 //!   client's waiter takes a slot before it. Slots it does not ask for are
 //!   not held idle.
 
-use std::sync::Arc;
 use std::time::Duration;
-
-use tokio::sync::Notify;
 
 use crate::quota::{AdmissionLog, Binding, Retention, Window};
 
@@ -97,10 +94,10 @@ impl Default for Share {
     }
 }
 
-/// One queued request.
-pub(super) struct Waiter {
+/// What ranks a request: its arrival id, client, class and start tag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Ticket {
     pub id: u64,
-    pub wake: Arc<Notify>,
     pub client: u16,
     pub class: Class,
     pub start: u64,
@@ -255,8 +252,12 @@ impl Lanes {
         share_of(windows, lane.reserved, 0).iter().zip(usage).all(|((n, _), u)| u.used < *n)
     }
 
-    /// Each lane's standing at `now`, computed once per decision.
+    /// Each lane's standing at `now`, computed once per decision; empty
+    /// (no allocation) when no lane has a cap or a reserve.
     fn standings(&self, windows: &[Window], guard: Duration, now: u64) -> Vec<Standing> {
+        if !self.lanes.iter().any(Lane::counts) {
+            return Vec::new();
+        }
         self.lanes
             .iter()
             .map(|lane| Standing {
@@ -270,51 +271,50 @@ impl Lanes {
             .collect()
     }
 
-    /// The waiter that gets the slot free at `slot`, and when it may go:
-    /// the best-ranked waiter not capped then, or, if all are, the one whose
-    /// cap frees first.
-    pub fn pick(
+    /// The ticket that gets the slot free at `slot`, and when it may go:
+    /// the best-ranked one not capped then, or, if all are, the one whose
+    /// cap frees first. Returns its id.
+    pub fn pick<'t>(
         &self,
-        queue: &[Waiter],
+        tickets: impl IntoIterator<Item = &'t Ticket>,
         windows: &[Window],
         guard: Duration,
         slot: u64,
-    ) -> Option<(usize, u64)> {
+    ) -> Option<(u64, u64)> {
         let standings = self.standings(windows, guard, slot);
-        let mut best: Option<(usize, Rank)> = None;
-        let mut soonest: Option<(usize, u64)> = None;
-        for (i, w) in queue.iter().enumerate() {
-            let standing = Standing::of(&standings, w.client);
+        let mut best: Option<(u64, Rank)> = None;
+        let mut soonest: Option<(u64, u64)> = None;
+        for t in tickets {
+            let standing = Standing::of(&standings, t.client);
             if standing.free > slot {
                 if soonest.is_none_or(|(_, at)| standing.free < at) {
-                    soonest = Some((i, standing.free));
+                    soonest = Some((t.id, standing.free));
                 }
                 continue;
             }
-            let rank = standing.rank(w);
+            let rank = standing.rank(t);
             if best.as_ref().is_none_or(|(_, r)| rank < *r) {
-                best = Some((i, rank));
+                best = Some((t.id, rank));
             }
         }
-        best.map(|(i, _)| (i, slot)).or(soonest)
+        best.map(|(id, _)| (id, slot)).or(soonest)
     }
 
-    /// How many waiters rank before waiter `id`, and how many of those are its client's.
-    pub fn ahead(
+    /// How many of `queued` rank before `me`, and how many of those are its client's.
+    pub fn ahead<'t>(
         &self,
-        queue: &[Waiter],
-        id: u64,
+        queued: impl IntoIterator<Item = &'t Ticket>,
+        me: &Ticket,
         windows: &[Window],
         guard: Duration,
         now: u64,
     ) -> (usize, usize) {
-        let Some(me) = queue.iter().find(|w| w.id == id) else { return (0, 0) };
         let standings = self.standings(windows, guard, now);
         let mine = Standing::of(&standings, me.client).rank(me);
-        queue
-            .iter()
-            .filter(|w| w.id != id && Standing::of(&standings, w.client).rank(w) < mine)
-            .fold((0, 0), |(n, own), w| (n + 1, own + usize::from(w.client == me.client)))
+        queued
+            .into_iter()
+            .filter(|t| t.id != me.id && Standing::of(&standings, t.client).rank(t) < mine)
+            .fold((0, 0), |(n, own), t| (n + 1, own + usize::from(t.client == me.client)))
     }
 }
 
@@ -337,8 +337,8 @@ impl Standing {
         standings.iter().find(|s| s.client == client).unwrap_or(&Standing::NONE)
     }
 
-    fn rank(&self, w: &Waiter) -> Rank {
-        (!self.reserved, w.class, w.start, w.id)
+    fn rank(&self, t: &Ticket) -> Rank {
+        (!self.reserved, t.class, t.start, t.id)
     }
 }
 
@@ -348,8 +348,8 @@ mod tests {
 
     use super::*;
 
-    fn waiter(id: u64, client: u16, class: Class, start: u64) -> Waiter {
-        Waiter { id, wake: Arc::new(Notify::new()), client, class, start }
+    fn waiter(id: u64, client: u16, class: Class, start: u64) -> Ticket {
+        Ticket { id, client, class, start }
     }
 
     fn share(client: u16, weight: u32) -> Share {
@@ -367,8 +367,8 @@ mod tests {
         let w = [Window::new(NonZeroU32::new(1000).unwrap(), Duration::from_secs(1))];
         let mut order = Vec::new();
         for _ in 0..16 {
-            let (i, _) = lanes.pick(&queue, &w, Duration::ZERO, 0).unwrap();
-            let x = queue.remove(i);
+            let (id, _) = lanes.pick(&queue, &w, Duration::ZERO, 0).unwrap();
+            let x = queue.remove(queue.iter().position(|t| t.id == id).unwrap());
             lanes.admitted(x.client, x.start, 0, Retention::for_windows(&w, Duration::ZERO));
             order.push(x.client);
         }
@@ -381,6 +381,6 @@ mod tests {
         let lanes = Lanes::default();
         let queue = vec![waiter(1, 0, Class::Batch, 0), waiter(2, 1, Class::Interactive, 5 * SCALE)];
         let w = [Window::new(NonZeroU32::new(1).unwrap(), Duration::from_secs(1))];
-        assert_eq!(lanes.pick(&queue, &w, Duration::ZERO, 7), Some((1, 7)));
+        assert_eq!(lanes.pick(&queue, &w, Duration::ZERO, 7), Some((2, 7)));
     }
 }

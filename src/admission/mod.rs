@@ -35,12 +35,18 @@ pub use rejection::{Reason, Rejection};
 
 use crate::policy::{Mode, Policies, Policy};
 use crate::quota::{tightened, AdmissionLog, Binding, Clock, QuotaKey, Retention, Window, WindowUse};
-use fair::{Lanes, Waiter};
+use fair::{Lanes, Ticket};
 use place::Place;
 
 /// How far past its maximum wait a waiter whose slot was promised in time
 /// still holds on, to absorb timer lateness.
 const TIMER_SLACK: Duration = Duration::from_millis(50);
+
+/// A queued request: its ticket and how to wake it.
+struct Waiter {
+    ticket: Ticket,
+    wake: Arc<Notify>,
+}
 
 #[derive(Default)]
 pub(crate) struct KeyState {
@@ -74,20 +80,38 @@ impl KeyState {
         self.lanes.prune(retention, now);
     }
 
-    /// Admit waiter `i` at `at`, and wake whoever goes next.
-    fn admit(&mut self, i: usize, at: u64, windows: &[Window], guard: Duration, start: u64) -> Admitted {
-        let w = self.queue.remove(i);
+    /// The queued requests' tickets.
+    fn tickets(&self) -> impl Iterator<Item = &Ticket> + Clone {
+        self.queue.iter().map(|w| &w.ticket)
+    }
+
+    /// Admit `ticket` (no longer queued) at `at`, and wake whoever goes next.
+    fn admit(
+        &mut self,
+        ticket: Ticket,
+        at: u64,
+        windows: &[Window],
+        guard: Duration,
+        start: u64,
+    ) -> Admitted {
         let retention = self.retention;
         self.log.record(at, retention);
-        self.lanes.admitted(w.client, w.start, at, retention);
+        self.lanes.admitted(ticket.client, ticket.start, at, retention);
         if !self.queue.is_empty() {
             let slot = self.log.next_free(windows, guard, at.max(self.hold_until)).at;
-            if let Some((next, _)) = self.lanes.pick(&self.queue, windows, guard, slot) {
-                self.queue[next].wake.notify_one();
+            if let Some((next, _)) = self.lanes.pick(self.tickets(), windows, guard, slot) {
+                self.wake(next);
             }
         }
         let usage = self.log.usage(windows, guard, at);
-        Admitted { waited: Duration::from_nanos(at - start), usage, at, client: w.client }
+        Admitted { waited: Duration::from_nanos(at - start), usage, at, client: ticket.client }
+    }
+
+    /// Wake the queued request `id`.
+    fn wake(&self, id: u64) {
+        if let Some(w) = self.queue.iter().find(|w| w.ticket.id == id) {
+            w.wake.notify_one();
+        }
     }
 
     /// When a waiter with `ahead` ranked before it (`own` of them its
@@ -204,27 +228,19 @@ impl Limiter {
             let (tag, before) = st.lanes.tag(share);
             st.next_id += 1;
             let id = st.next_id;
-            let wake = Arc::new(Notify::new());
-            st.queue.push(Waiter {
-                id,
-                wake: wake.clone(),
-                client: share.client,
-                class: share.class,
-                start: tag,
-            });
+            let ticket = Ticket { id, client: share.client, class: share.class, start: tag };
             let from = start.max(st.hold_until);
             let slot = st.log.next_free(&windows, guard, from).at;
-            if let Some((i, at)) = st.lanes.pick(&st.queue, &windows, guard, slot) {
-                if st.queue[i].id == id && at <= start {
-                    return Ok(st.admit(i, start, &windows, guard, start));
-                }
+            let chosen = st.lanes.pick(st.tickets().chain([&ticket]), &windows, guard, slot);
+            if chosen.is_some_and(|(c, at)| c == id && at <= start) {
+                return Ok(st.admit(ticket, start, &windows, guard, start));
             }
-            let (ahead, own) = st.lanes.ahead(&st.queue, id, &windows, guard, start);
+            let (ahead, own) = st.lanes.ahead(st.tickets(), &ticket, &windows, guard, start);
             let (grant, capped) = st.grant(ahead, own, share.client, &windows, guard, from);
             let wait = Duration::from_nanos(grant.at - start);
             let reason = if policy.mode == Mode::Reject {
                 Some(Reason::NoSlot)
-            } else if st.queue.len() > policy.max_queue {
+            } else if st.queue.len() >= policy.max_queue {
                 Some(Reason::QueueFull)
             } else if wait > max_wait {
                 Some(Reason::WaitTooLong)
@@ -232,11 +248,12 @@ impl Limiter {
                 None
             };
             if let Some(reason) = reason {
-                st.queue.pop();
                 st.lanes.untag(share.client, before);
                 let usage = st.log.usage(&windows, guard, start);
                 return Err(Rejection { reason, retry_after: wait, window: grant.window, capped, usage });
             }
+            let wake = Arc::new(Notify::new());
+            st.queue.push(Waiter { ticket, wake: wake.clone() });
             (id, wake)
         };
         depth.inc();
@@ -250,19 +267,22 @@ impl Limiter {
                 let windows = st.windows(policy);
                 let from = now.max(st.hold_until);
                 let slot = st.log.next_free(&windows, guard, from).at;
-                let chosen = st.lanes.pick(&st.queue, &windows, guard, slot);
-                let mine = chosen.filter(|&(i, _)| st.queue[i].id == id);
-                if let Some((i, at)) = mine {
-                    if at <= now {
+                let chosen = st.lanes.pick(st.tickets(), &windows, guard, slot);
+                let mine = chosen.filter(|&(c, _)| c == id).map(|(_, at)| at);
+                match (chosen, mine) {
+                    (_, Some(at)) if at <= now => {
                         place.queued = false;
-                        return Ok(st.admit(i, now, &windows, guard, start));
+                        let i = st.queue.iter().position(|w| w.ticket.id == id).expect("a queued place");
+                        let ticket = st.queue.remove(i).ticket;
+                        return Ok(st.admit(ticket, now, &windows, guard, start));
                     }
-                } else if let Some((i, _)) = chosen {
                     // Whoever goes next must be awake to its timer.
-                    st.queue[i].wake.notify_one();
+                    (Some((other, _)), None) => st.wake(other),
+                    _ => {}
                 }
                 if now >= deadline {
-                    let (ahead, own) = st.lanes.ahead(&st.queue, id, &windows, guard, now);
+                    let me = st.tickets().find(|t| t.id == id).copied().expect("a queued place");
+                    let (ahead, own) = st.lanes.ahead(st.tickets(), &me, &windows, guard, now);
                     let (grant, capped) = st.grant(ahead, own, share.client, &windows, guard, from);
                     return Err(Rejection {
                         reason: Reason::Expired,
@@ -272,7 +292,7 @@ impl Limiter {
                         usage: st.log.usage(&windows, guard, now),
                     });
                 }
-                mine.map(|(_, at)| at)
+                mine
             };
             let until = self.clock.instant(slot.map_or(deadline, |at| at.min(deadline)));
             tokio::select! {

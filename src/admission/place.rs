@@ -25,7 +25,7 @@ impl Drop for Place {
             return;
         }
         let mut st = self.cell.lock();
-        if let Some(pos) = st.queue.iter().position(|w| w.id == self.id) {
+        if let Some(pos) = st.queue.iter().position(|w| w.ticket.id == self.id) {
             st.queue.remove(pos);
             if st.queue.is_empty() {
                 st.lanes.idle();
