@@ -300,7 +300,10 @@ impl Lanes {
         best.map(|(id, _)| (id, slot)).or(soonest)
     }
 
-    /// How many of `queued` rank before `me`, and how many of those are its client's.
+    /// How many of `queued` rank before `me`, and how many of those are its
+    /// client's. Another client's waiters do not count while that client is
+    /// at its cap: they cannot take the next slots, so a full backlog of a
+    /// capped client never makes others look further from a slot than they are.
     pub fn ahead<'t>(
         &self,
         queued: impl IntoIterator<Item = &'t Ticket>,
@@ -313,7 +316,11 @@ impl Lanes {
         let mine = Standing::of(&standings, me.client).rank(me);
         queued
             .into_iter()
-            .filter(|t| t.id != me.id && Standing::of(&standings, t.client).rank(t) < mine)
+            .filter(|t| {
+                let standing = Standing::of(&standings, t.client);
+                let blocked = t.client != me.client && standing.free > now;
+                t.id != me.id && !blocked && standing.rank(t) < mine
+            })
             .fold((0, 0), |(n, own), t| (n + 1, own + usize::from(t.client == me.client)))
     }
 }

@@ -155,3 +155,21 @@ async fn a_capped_client_is_told_when_its_cap_frees() {
     assert_eq!(r.window.map(|w| (w.limit.get(), w.per)), Some((1, SEC)), "25% of 4 per second");
     assert!(limiter.acquire_as(&key("t"), &p, &share(1), Duration::ZERO, &gauge()).await.is_ok());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_capped_backlog_does_not_push_others_past_their_wait() {
+    // Regression: an interactive client capped at 1 per second queues ten
+    // calls, ranked before any normal one. A normal call that gets a slot
+    // at 1 s was projected behind all nine waiting (3 s away) and turned
+    // away for a 1.5 s wait.
+    let run = Run::new(4);
+    let capped = Share { cap_percent: Some(25), class: Class::Interactive, ..share(0) };
+    let backlog = run.send_n(10, "capped", capped).await;
+    all(run.send_n(3, "fill", share(2)).await).await;
+    let p = policy(Mode::Queue, 4, SEC, 100, Duration::from_millis(1500));
+    let waited = run.limiter.acquire_as(&key("t"), &p, &share(1), p.max_wait, &gauge()).await.unwrap().waited;
+    assert_eq!(waited, SEC, "it took a slot that freed at 1 s");
+    for t in backlog {
+        t.abort();
+    }
+}
