@@ -173,3 +173,94 @@ async fn a_capped_backlog_does_not_push_others_past_their_wait() {
         t.abort();
     }
 }
+
+mod property {
+    //! The fair queue driven by a plain event loop (no runtime): whatever
+    //! the clients and their arrivals, the key's windows and every cap hold,
+    //! and every request is admitted.
+
+    use std::num::NonZeroU32;
+
+    use proptest::prelude::*;
+
+    use super::super::fair::{Lanes, Ticket};
+    use super::super::{Class, Share};
+    use crate::quota::{AdmissionLog, Retention, Window};
+
+    const MS: u64 = 1_000_000;
+
+    /// How many of `times` fall in the busiest half-open interval of `per` nanoseconds.
+    fn busiest(times: &[u64], per: u64) -> usize {
+        (0..times.len())
+            .map(|i| times[i..].iter().take_while(|&&t| t < times[i] + per).count())
+            .max()
+            .unwrap_or(0)
+    }
+
+    proptest! {
+        #[test]
+        fn windows_and_caps_hold_and_everyone_is_served(
+            clients in prop::collection::vec((1u32..5, 0usize..3, prop::option::of(10u8..=100), 0u8..=30), 1..4),
+            arrivals in prop::collection::vec((0usize..4, 0u64..3000), 1..60),
+            limit in 1u32..8,
+        ) {
+            let per = 1000 * MS;
+            let windows = [Window::new(NonZeroU32::new(limit).unwrap(), std::time::Duration::from_nanos(per))];
+            let guard = std::time::Duration::ZERO;
+            let retention = Retention::for_windows(&windows, guard);
+            let classes = [Class::Interactive, Class::Normal, Class::Batch];
+            let shares: Vec<Share> = clients
+                .iter()
+                .enumerate()
+                .map(|(i, &(weight, class, cap, reserved))| Share {
+                    client: i as u16,
+                    weight,
+                    class: classes[class],
+                    cap_percent: cap,
+                    reserved_percent: reserved,
+                })
+                .collect();
+            let mut arrivals: Vec<(u64, Share)> =
+                arrivals.iter().map(|&(c, ms)| (ms * MS, shares[c % shares.len()])).collect();
+            arrivals.sort_by_key(|a| a.0);
+
+            let (mut lanes, mut log) = (Lanes::default(), AdmissionLog::new());
+            let (mut queue, mut admitted, mut next, mut now, mut id) = (Vec::<Ticket>::new(), vec![], 0, 0, 0);
+            while next < arrivals.len() || !queue.is_empty() {
+                while next < arrivals.len() && arrivals[next].0 <= now {
+                    let share = arrivals[next].1;
+                    id += 1;
+                    let (start, _) = lanes.tag(&share);
+                    queue.push(Ticket { id, client: share.client, class: share.class, start });
+                    next += 1;
+                }
+                let upcoming = arrivals.get(next).map_or(u64::MAX, |a| a.0);
+                log.prune(retention, now);
+                lanes.prune(retention, now);
+                let slot = log.next_free(&windows, guard, now).at;
+                match lanes.pick(&queue, &windows, guard, slot) {
+                    Some((chosen, at)) if at <= upcoming => {
+                        prop_assert!(at >= now);
+                        now = at;
+                        let i = queue.iter().position(|t| t.id == chosen).unwrap();
+                        let t = queue.remove(i);
+                        log.record(now, retention);
+                        lanes.admitted(t.client, t.start, now, retention);
+                        admitted.push((t.client, now));
+                    }
+                    _ => now = upcoming,
+                }
+            }
+            prop_assert_eq!(admitted.len(), arrivals.len(), "everyone is served");
+            let all: Vec<u64> = admitted.iter().map(|a| a.1).collect();
+            prop_assert!(busiest(&all, per) <= limit as usize);
+            for s in &shares {
+                if let Some(cap) = s.cap_percent {
+                    let cap_n = (limit as usize * cap as usize / 100).max(1);
+                    let mine: Vec<u64> = admitted.iter().filter(|a| a.0 == s.client).map(|a| a.1).collect();
+                    prop_assert!(busiest(&mine, per) <= cap_n, "client {} over its cap {}", s.client, cap_n);
+                }
+            }
+        }
+    }
+}
