@@ -31,6 +31,9 @@ pub(super) fn roster(file: &File, p: &mut Problems) -> Roster {
             IdentityMode::Key
         }
     };
+    if mode == IdentityMode::Anonymous && !file.clients.is_empty() {
+        p.push("client", "[[client]] entries are never used when client_identity is anonymous");
+    }
     if mode == IdentityMode::Key && !any_key {
         p.push("client_identity", "`key` needs at least one [[client]] with a key_sha256");
     }
@@ -61,6 +64,9 @@ pub(super) fn roster(file: &File, p: &mut Problems) -> Roster {
         }
         if mode == IdentityMode::Key && c.key_sha256.is_none() {
             p.push(&format!("{field}.key_sha256"), "is required when client_identity is key");
+        }
+        if c.app_id.is_some() && file.clients[..i].iter().any(|o| o.app_id == c.app_id) {
+            p.push(&format!("{field}.app_id"), "another client has the same app_id");
         }
         if mode == IdentityMode::App && c.app_id.is_none() {
             p.push(&format!("{field}.app_id"), "is required when client_identity is app");
@@ -161,11 +167,13 @@ reserved_percent = 60
 
 [[client]]
 name = "a"
+app_id = "x"
 guard_burst = 3
 
 [[client]]
 name = "anonymous"
 key_sha256 = "{hash}"
+app_id = "x"
 reserved_percent = 50
 guard_per_second = 0
 "#,
@@ -186,6 +194,7 @@ guard_per_second = 0
             "client[1] (a).guard_burst: needs guard_per_second",
             "client[2] (anonymous): another client has the same name",
             "client[2] (anonymous).guard_per_second: must be at least 1",
+            "client[2] (anonymous).app_id: another client has the same app_id",
             "client: reserved_percent adds up to 110, more than 100",
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
@@ -209,5 +218,12 @@ guard_per_second = 0
             "burst defaults to the rate"
         );
         assert!(config.describe().contains("soc"), "{}", config.describe());
+    }
+
+    #[test]
+    fn clients_without_keys_or_app_identity_are_reported_as_unused() {
+        let text = format!("{BASE}{UPSTREAM}\n[[client]]\nname = \"soc\"\nweight = 2\n");
+        let err = Config::from_toml(&text, "t.toml").unwrap_err().to_string();
+        assert!(err.contains("[[client]] entries are never used when client_identity is anonymous"), "{err}");
     }
 }
