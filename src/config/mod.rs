@@ -142,8 +142,13 @@ impl Config {
             );
         }
         let _ = writeln!(out, "everything else: forwarded unmetered, counted");
-        let _ =
-            writeln!(out, "clients (identity {:?}, key header {}):", self.clients.mode, self.clients.header);
+        let mode = match self.clients.mode {
+            IdentityMode::Key => format!("by API key in {}", self.clients.header),
+            IdentityMode::App => "by the token's app id".to_string(),
+            IdentityMode::Anonymous => "anonymous".to_string(),
+        };
+        let header = if self.clients.allow_priority_header { "allowed" } else { "ignored" };
+        let _ = writeln!(out, "clients ({mode}; x-quotagate-priority {header}):");
         for c in self.clients.configured() {
             let s = &c.share;
             let _ = writeln!(
