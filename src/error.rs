@@ -17,6 +17,7 @@ use serde_json::json;
 use crate::admission::rejection::whole_seconds as secs;
 use crate::admission::runtime::RuntimeRejection;
 use crate::admission::{Reason, Rejection};
+use crate::identity::client::{ClientError, GuardSpec};
 use crate::identity::TokenError;
 use crate::upstream::route::ApiKind;
 
@@ -28,6 +29,10 @@ pub const THROTTLED_BY: &str = "x-quotagate-throttled-by";
 pub enum GatewayError {
     #[error("{0}")]
     Unauthorized(#[from] TokenError),
+    #[error("{0}")]
+    UnknownClient(#[from] ClientError),
+    #[error("{}", guard_message(.client, .guard, *.retry_after))]
+    Guarded { client: String, guard: GuardSpec, retry_after: Duration },
     #[error("{}", throttle_message(.policy, .rejection))]
     Throttled { policy: String, tenant: String, rejection: Rejection },
     #[error("{}", upstream_throttle_message(.message, *.retry_after))]
@@ -79,10 +84,25 @@ fn running_time_message(r: &RuntimeRejection) -> String {
     format!("{why} You can send requests again in {n} seconds.")
 }
 
+fn guard_message(client: &str, guard: &GuardSpec, retry_after: Duration) -> String {
+    format!(
+        "Client '{client}' sent more requests than its runaway-loop guard allows ({} per second, bursts of {}); \
+         the gateway turned this one away before it reached any quota. You can send requests again in {} seconds.",
+        guard.per_second,
+        guard.burst,
+        secs(retry_after)
+    )
+}
+
 fn throttle_message(policy: &str, r: &Rejection) -> String {
     let n = secs(r.retry_after);
     let why = match (r.reason, r.window) {
         (Reason::QueueFull, _) => format!("The gateway's queue for policy '{policy}' is full."),
+        (_, Some(w)) if r.capped => format!(
+            "This client's share is used up: at most {} per {} of policy '{policy}' go to it (its cap in quotagate).",
+            w.limit,
+            timespan(w.per)
+        ),
         (_, Some(w)) => format!(
             "API calls quota exceeded! Maximum allowed {} per {} for policy '{policy}' of this tenant and app (enforced by quotagate).",
             w.limit,
@@ -107,10 +127,11 @@ fn timespan(d: Duration) -> String {
 impl GatewayError {
     fn status(&self) -> StatusCode {
         match self {
-            GatewayError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            GatewayError::Unauthorized(_) | GatewayError::UnknownClient(_) => StatusCode::UNAUTHORIZED,
             GatewayError::Throttled { .. }
             | GatewayError::UpstreamThrottled { .. }
-            | GatewayError::RunningTime { .. } => StatusCode::TOO_MANY_REQUESTS,
+            | GatewayError::RunningTime { .. }
+            | GatewayError::Guarded { .. } => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::BadBody { .. }
             | GatewayError::BadHuntingQuery { .. }
             | GatewayError::LookbackTooLong { .. } => StatusCode::BAD_REQUEST,
@@ -125,10 +146,11 @@ impl GatewayError {
 
     fn code(&self) -> &'static str {
         match self {
-            GatewayError::Unauthorized(_) => "Unauthorized",
+            GatewayError::Unauthorized(_) | GatewayError::UnknownClient(_) => "Unauthorized",
             GatewayError::Throttled { .. }
             | GatewayError::UpstreamThrottled { .. }
-            | GatewayError::RunningTime { .. } => "TooManyRequests",
+            | GatewayError::RunningTime { .. }
+            | GatewayError::Guarded { .. } => "TooManyRequests",
             GatewayError::BadBody { .. }
             | GatewayError::BadHuntingQuery { .. }
             | GatewayError::LookbackTooLong { .. } => "BadRequest",
@@ -166,6 +188,7 @@ impl GatewayError {
             GatewayError::Throttled { rejection, .. } => Some((rejection.retry_after, "gateway")),
             GatewayError::UpstreamThrottled { retry_after, .. } => Some((*retry_after, "upstream")),
             GatewayError::RunningTime { rejection, .. } => Some((rejection.retry_after, "gateway")),
+            GatewayError::Guarded { retry_after, .. } => Some((*retry_after, "guard")),
             _ => None,
         };
         if let Some((retry_after, by)) = throttle {
@@ -216,10 +239,14 @@ mod tests {
             reason: Reason::NoSlot,
             retry_after: Duration::from_millis(7200),
             window: Some(Window::new(NonZeroU32::new(45).unwrap(), Duration::from_secs(60))),
+            capped: false,
             usage: vec![],
         };
         let m = throttle_message("hunting", &r);
         assert!(m.contains("Maximum allowed 45 per 00:01:00"), "{m}");
+        assert!(m.ends_with("You can send requests again in 8 seconds."), "{m}");
+        let m = throttle_message("hunting", &Rejection { capped: true, ..r });
+        assert!(m.starts_with("This client's share is used up: at most 45 per 00:01:00"), "{m}");
         assert!(m.ends_with("You can send requests again in 8 seconds."), "{m}");
     }
 }

@@ -3,14 +3,18 @@
 //!
 //! One request's path through the gateway, module by module:
 //!
-//! 1. [`server`] accepts it on a proxy listener; [`app`] runs the steps below.
+//! 1. [`server`] accepts it on a proxy listener (over TLS when configured);
+//!    [`app`] runs the steps below.
 //! 2. [`upstream::route`] picks the upstream by listener, host or path prefix.
 //! 3. [`policy`] finds the policy that meters it by method, upstream and path.
-//! 4. [`identity`] reads the tenant and app from the bearer token.
-//! 5. [`admission`] admits it now, queues it until the exact moment a slot
-//!    of every window ([`quota`]) frees, or rejects it with the exact `Retry-After`.
-//! 6. [`upstream`] forwards it, streaming both ways.
-//! 7. [`error`] is the one place where a failure becomes a status and a body.
+//! 4. [`identity::client`] names the client (API key, app id or anonymous);
+//!    [`admission::guard`] cuts a client's runaway loop before any queue.
+//! 5. [`identity`] reads the tenant and app from the bearer token.
+//! 6. [`admission`] admits it now, queues it until the exact moment a slot
+//!    of every window ([`quota`]) frees, or rejects it with the exact
+//!    `Retry-After`; [`admission::fair`] decides which client goes next.
+//! 7. [`upstream`] forwards it, streaming both ways.
+//! 8. [`error`] is the one place where a failure becomes a status and a body.
 //!
 //! [`config`] holds the schema and built-in defaults; [`admin`] serves health
 //! and metrics apart from proxy traffic; [`metrics`] defines every metric.

@@ -110,6 +110,10 @@ fn main() -> ExitCode {
     if let Some(addr) = cli.admin_listen {
         config.admin_listen = addr;
     }
+    if let Some(problem) = config.exposure_problem() {
+        eprintln!("quotagate: {problem}");
+        return ExitCode::from(2);
+    }
     let workers = cli.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let workers = match quotagate::server::Workers::spawn(workers) {
         Ok(w) => w,
@@ -149,7 +153,8 @@ async fn run(config: Config, workers: &quotagate::server::Workers) -> std::io::R
     for (addr, spec) in running.proxy_addrs.iter().zip(&running.gateway.config.listeners) {
         let upstream = spec.upstream.map(|u| running.gateway.config.upstreams[u].name.as_str());
         tracing::info!(%addr, upstream = upstream.unwrap_or("routed by host and path"), "proxy listening");
-        announce(format_args!("quotagate: proxy listening on http://{addr}"));
+        let scheme = if running.gateway.config.tls.is_some() { "https" } else { "http" };
+        announce(format_args!("quotagate: proxy listening on {scheme}://{addr}"));
     }
     tracing::info!(addr = %running.admin_addr, "admin listening");
     announce(format_args!("quotagate: admin listening on http://{}", running.admin_addr));

@@ -1,7 +1,8 @@
 //! Every metric the gateway exports, created in one place and passed in.
 //!
-//! Labels are bounded: a configured policy name (or `unmetered`), a fixed
-//! decision, reason or status class. Never a tenant id, path or token.
+//! Labels are bounded: a configured policy name (or `unmetered`), a
+//! configured client name (or `anonymous`, `other`, `unknown`), a fixed
+//! decision, reason or status class. Never a raw tenant id, path, token or key.
 //!
 //! The per-request counters and histograms live in one registry per worker
 //! thread, so the request path never bounces a cache line between cores;
@@ -43,6 +44,7 @@ struct WorkerMetrics {
     hunting_truncated: IntCounterVec,
     hunting_unmetered: IntCounterVec,
     hunting_lookback: IntCounterVec,
+    client_requests: IntCounterVec,
 }
 
 /// One policy's handles on one worker, resolved once so the request path
@@ -197,8 +199,26 @@ impl WorkerMetrics {
                 "Hunting queries reaching further back than the service keeps data, by action (warned, rejected).",
                 &["policy", "action"],
             ),
+            client_requests: counter(
+                "quotagate_client_requests_total",
+                "Requests by client (a configured name, anonymous, other, or unknown for a refused key) and decision.",
+                &["client", "decision"],
+            ),
             registry,
         }
+    }
+}
+
+/// One client's request counter on one worker.
+pub struct ClientMetrics {
+    requests: IntCounterVec,
+    name: String,
+}
+
+impl ClientMetrics {
+    /// Count a request of this client by its decision (a fixed word).
+    pub fn count(&self, decision: &str) {
+        self.requests.with_label_values(&[self.name.as_str(), decision]).inc();
     }
 }
 
@@ -242,6 +262,12 @@ impl Metrics {
             revealed,
             workers: (0..workers.max(1)).map(|_| WorkerMetrics::new()).collect(),
         }
+    }
+
+    /// One worker's counter for a client, by its name (from a bounded set).
+    pub fn client(&self, worker: usize, name: &str) -> ClientMetrics {
+        let w = &self.workers[worker % self.workers.len()];
+        ClientMetrics { requests: w.client_requests.clone(), name: name.to_string() }
     }
 
     /// Resolve one worker's handles for one policy (`unmetered` for the rest).

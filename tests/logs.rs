@@ -9,6 +9,14 @@ use std::process::{Command, Stdio};
 use support::emulator::{Emulator, EmulatorConfig, QuotaRule};
 use support::gateway::config_text;
 
+/// The one configured client's API key, which must never be logged.
+const API_KEY: &str = "API-KEY-THAT-MUST-NOT-LEAK";
+
+fn sha256_hex(key: &str) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(key.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_at_trace_level_hold_no_token_and_no_query() {
     let rule =
@@ -28,7 +36,13 @@ paths = ["/api/advancedhunting/run"]
 windows = [{ limit = 5, per = "1s" }]
 max_wait = "3s"
 hunting = true
-"#,
+
+[[client]]
+name = "logs-tool"
+key_sha256 = "KEY_HASH"
+"#
+            .replace("KEY_HASH", &sha256_hex(API_KEY))
+            .as_str(),
         ),
     )
     .unwrap();
@@ -59,6 +73,7 @@ hunting = true
         let r = http
             .post(format!("http://{proxy}/api/advancedhunting/run"))
             .header("authorization", format!("Bearer {token}"))
+            .header("x-quotagate-key", API_KEY)
             .json(&serde_json::json!({ "Query": query }))
             .send()
             .await
@@ -68,10 +83,19 @@ hunting = true
     let bad = http
         .post(format!("http://{proxy}/api/advancedhunting/run"))
         .header("authorization", "Bearer BROKEN-TOKEN-THAT-MUST-NOT-LEAK")
+        .header("x-quotagate-key", API_KEY)
         .send()
         .await
         .unwrap();
     assert_eq!(bad.status(), 401);
+    let wrong_key = http
+        .post(format!("http://{proxy}/api/advancedhunting/run"))
+        .header("authorization", format!("Bearer {token}"))
+        .header("x-quotagate-key", "WRONG-KEY-THAT-MUST-NOT-LEAK")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong_key.status(), 401);
     child.kill().unwrap();
     child.wait().unwrap();
     let logs = drain.join().unwrap();
@@ -83,6 +107,8 @@ hunting = true
         "SIGNATURE-THAT-MUST-NOT-LEAK",
         "QUERY-TEXT-THAT-MUST-NOT-LEAK",
         "BROKEN-TOKEN-THAT-MUST-NOT-LEAK",
+        API_KEY,
+        "WRONG-KEY-THAT-MUST-NOT-LEAK",
     ] {
         assert!(!logs.contains(secret), "{secret} leaked into the logs");
     }
@@ -94,6 +120,7 @@ hunting = true
     assert_eq!(access.len(), 3, "one access line per admitted metered request");
     assert_eq!(access[0]["fields"]["tenant"], "tenant-logs");
     assert_eq!(access[0]["fields"]["policy"], "hunting");
+    assert_eq!(access[0]["fields"]["client"], "logs-tool", "the client's name, never its key");
     assert_eq!(access[0]["fields"]["status"], 200);
     // The emulator's Stats come first: the running time charged is on the line.
     assert_eq!(access[0]["fields"]["running_time_s"], 0.01, "{:?}", access[0]);

@@ -1,24 +1,29 @@
 //! Admit a request now, let it wait for the exact moment a slot frees, or
 //! reject it with the exact time until one would.
 //!
-//! Each [`QuotaKey`] has an [`AdmissionLog`] and a FIFO queue under one
-//! mutex (never held across an await). A request is admitted at once only
-//! when nobody is queued ahead of it and every window has room. Otherwise its
-//! grant time is projected exactly from the log and the waiters ahead
+//! Each [`QuotaKey`] has an [`AdmissionLog`] and a queue of waiters under one
+//! mutex (never held across an await). Who among the waiters (and a new
+//! arrival) gets the next free slot is decided by [`fair`]: reserved
+//! minimums, priority classes, weighted fair queuing between clients, caps.
+//! With one client and one class that is FIFO. A request is admitted at once
+//! only when it is the one chosen and every window has room. Otherwise its
+//! grant time is projected exactly from the log and the waiters ranked ahead
 //! ([`AdmissionLog::projected`]); if that lies within its maximum wait and the
 //! queue has room it waits, else it is rejected with that time as its
 //! `Retry-After`.
 //!
-//! Only the head of a queue sleeps, on a timer set to the moment its slot
-//! frees; the others sleep until they become the head. Nothing polls.
+//! Only the chosen waiter sleeps on a timer, set to the moment its slot
+//! frees; the others sleep until woken, and a waiter woken that is not
+//! chosen wakes the one that is. Nothing polls.
 //! Keys whose logs have emptied are dropped by [`Limiter::sweep`].
 
+pub mod fair;
+pub mod guard;
 mod place;
 pub mod rejection;
 pub mod runtime;
 
 use std::borrow::Cow;
-use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -26,18 +31,21 @@ use dashmap::DashMap;
 use prometheus::IntGauge;
 use tokio::sync::Notify;
 
+pub use fair::{Class, Share};
 pub use rejection::{Reason, Rejection};
 
 use crate::policy::{Mode, Policies, Policy};
-use crate::quota::{tightened, AdmissionLog, Clock, QuotaKey, Retention, Window, WindowUse};
+use crate::quota::{tightened, AdmissionLog, Binding, Clock, QuotaKey, Retention, Window, WindowUse};
+use fair::{Lanes, Ticket};
 use place::Place;
 
 /// How far past its maximum wait a waiter whose slot was promised in time
 /// still holds on, to absorb timer lateness.
 const TIMER_SLACK: Duration = Duration::from_millis(50);
 
+/// A queued request: its ticket and how to wake it.
 struct Waiter {
-    id: u64,
+    ticket: Ticket,
     wake: Arc<Notify>,
 }
 
@@ -45,7 +53,9 @@ struct Waiter {
 pub(crate) struct KeyState {
     log: AdmissionLog,
     retention: Retention,
-    queue: VecDeque<Waiter>,
+    queue: Vec<Waiter>,
+    /// The clients' tags, caps and reserves.
+    lanes: Lanes,
     next_id: u64,
     /// No admission before this time: the upstream asked the key to pause.
     hold_until: u64,
@@ -61,6 +71,76 @@ impl KeyState {
         match self.revealed {
             Some(r) => Cow::Owned(tightened(&policy.windows, r)),
             None => Cow::Borrowed(&policy.windows),
+        }
+    }
+
+    /// Forget admissions that no longer constrain anything at `now`.
+    fn prune(&mut self, now: u64) {
+        let retention = self.retention;
+        self.log.prune(retention, now);
+        self.lanes.prune(retention, now);
+    }
+
+    /// The queued requests' tickets.
+    fn tickets(&self) -> impl Iterator<Item = &Ticket> + Clone {
+        self.queue.iter().map(|w| &w.ticket)
+    }
+
+    /// Admit `ticket` (no longer queued) at `at`, and wake whoever goes next.
+    fn admit(
+        &mut self,
+        ticket: Ticket,
+        at: u64,
+        windows: &[Window],
+        guard: Duration,
+        start: u64,
+    ) -> Admitted {
+        let retention = self.retention;
+        self.log.record(at, retention);
+        self.lanes.admitted(ticket.client, ticket.start, at, retention);
+        if !self.queue.is_empty() {
+            let slot = self.log.next_free(windows, guard, at.max(self.hold_until)).at;
+            if let Some((next, _)) = self.lanes.pick(self.tickets(), windows, guard, slot) {
+                self.wake(next);
+            }
+        }
+        let usage = self.log.usage(windows, guard, at);
+        Admitted { waited: Duration::from_nanos(at - start), usage, at, client: ticket.client }
+    }
+
+    /// Wake the queued request `id`.
+    fn wake(&self, id: u64) {
+        if let Some(w) = self.queue.iter().find(|w| w.ticket.id == id) {
+            w.wake.notify_one();
+        }
+    }
+
+    /// When a waiter with `ahead` ranked before it (`own` of them its
+    /// client's) would be admitted: the later of its slot and its cap, with
+    /// the window that decided, and whether that was the cap.
+    fn grant(
+        &self,
+        ahead: usize,
+        own: usize,
+        client: u16,
+        windows: &[Window],
+        guard: Duration,
+        from: u64,
+    ) -> (Binding, bool) {
+        let slot = self.log.projected(ahead, windows, guard, from);
+        let cap = self.lanes.cap_free(client, windows, guard, from, own);
+        if cap.at > slot.at {
+            (cap, true)
+        } else {
+            (slot, false)
+        }
+    }
+
+    /// Wake a waiter to re-decide who goes next; one that is not chosen
+    /// passes the wake-up on to the one that is.
+    fn nudge(&self) {
+        if let Some(first) = self.queue.first() {
+            first.wake.notify_one();
         }
     }
 }
@@ -84,6 +164,7 @@ pub struct Admitted {
     pub waited: Duration,
     pub usage: Vec<WindowUse>,
     at: u64,
+    client: u16,
 }
 
 #[derive(Default)]
@@ -114,8 +195,8 @@ impl Limiter {
         self.keys.entry(key.clone()).or_default().clone()
     }
 
-    /// Admit a call for `key` under `policy`, waiting at most `max_wait`.
-    /// `depth` counts this policy's waiters.
+    /// Admit a call for `key` under `policy`, waiting at most `max_wait`,
+    /// as the only client. `depth` counts this policy's waiters.
     pub async fn acquire(
         &self,
         key: &QuotaKey,
@@ -123,22 +204,40 @@ impl Limiter {
         max_wait: Duration,
         depth: &IntGauge,
     ) -> Result<Admitted, Rejection> {
+        self.acquire_as(key, policy, &Share::default(), max_wait, depth).await
+    }
+
+    /// Admit a call of the client `share` describes; its waiters are ordered
+    /// among the key's other clients' by [`fair`].
+    pub async fn acquire_as(
+        &self,
+        key: &QuotaKey,
+        policy: &Policy,
+        share: &Share,
+        max_wait: Duration,
+        depth: &IntGauge,
+    ) -> Result<Admitted, Rejection> {
         let cell = self.cell(key);
         let start = self.clock.now();
+        let guard = self.guard;
         let (id, wake) = {
             let mut st = cell.lock();
             st.policy = policy.id;
             let windows = st.windows(policy);
-            st.retention = st.retention.union(Retention::for_windows(&windows, self.guard));
-            let retention = st.retention;
-            st.log.prune(retention, start);
+            st.retention = st.retention.union(Retention::for_windows(&windows, guard));
+            st.prune(start);
+            let (tag, before) = st.lanes.tag(share);
+            st.next_id += 1;
+            let id = st.next_id;
+            let ticket = Ticket { id, client: share.client, class: share.class, start: tag };
             let from = start.max(st.hold_until);
-            if st.queue.is_empty() && st.log.next_free(&windows, self.guard, from).at <= start {
-                st.log.record(start, retention);
-                let usage = st.log.usage(&windows, self.guard, start);
-                return Ok(Admitted { waited: Duration::ZERO, at: start, usage });
+            let slot = st.log.next_free(&windows, guard, from).at;
+            let chosen = st.lanes.pick(st.tickets().chain([&ticket]), &windows, guard, slot);
+            if chosen.is_some_and(|(c, at)| c == id && at <= start) {
+                return Ok(st.admit(ticket, start, &windows, guard, start));
             }
-            let grant = st.log.projected(st.queue.len(), &windows, self.guard, from);
+            let (ahead, own) = st.lanes.ahead(st.tickets(), &ticket, &windows, guard, start);
+            let (grant, capped) = st.grant(ahead, own, share.client, &windows, guard, from);
             let wait = Duration::from_nanos(grant.at - start);
             let reason = if policy.mode == Mode::Reject {
                 Some(Reason::NoSlot)
@@ -150,13 +249,12 @@ impl Limiter {
                 None
             };
             if let Some(reason) = reason {
-                let usage = st.log.usage(&windows, self.guard, start);
-                return Err(Rejection { reason, retry_after: wait, window: grant.window, usage });
+                st.lanes.untag(share.client, before);
+                let usage = st.log.usage(&windows, guard, start);
+                return Err(Rejection { reason, retry_after: wait, window: grant.window, capped, usage });
             }
-            st.next_id += 1;
-            let id = st.next_id;
             let wake = Arc::new(Notify::new());
-            st.queue.push_back(Waiter { id, wake: wake.clone() });
+            st.queue.push(Waiter { ticket, wake: wake.clone() });
             (id, wake)
         };
         depth.inc();
@@ -166,30 +264,36 @@ impl Limiter {
             let now = self.clock.now();
             let slot = {
                 let mut st = cell.lock();
-                let position = st.queue.iter().position(|w| w.id == id).unwrap_or(0);
-                let retention = st.retention;
-                st.log.prune(retention, now);
+                st.prune(now);
                 let windows = st.windows(policy);
-                let grant = st.log.projected(position, &windows, self.guard, now.max(st.hold_until));
-                if position == 0 && grant.at <= now {
-                    st.log.record(now, retention);
-                    st.queue.pop_front();
-                    if let Some(next) = st.queue.front() {
-                        next.wake.notify_one();
+                let from = now.max(st.hold_until);
+                let slot = st.log.next_free(&windows, guard, from).at;
+                let chosen = st.lanes.pick(st.tickets(), &windows, guard, slot);
+                let mine = chosen.filter(|&(c, _)| c == id).map(|(_, at)| at);
+                match (chosen, mine) {
+                    (_, Some(at)) if at <= now => {
+                        place.queued = false;
+                        let i = st.queue.iter().position(|w| w.ticket.id == id).expect("a queued place");
+                        let ticket = st.queue.remove(i).ticket;
+                        return Ok(st.admit(ticket, now, &windows, guard, start));
                     }
-                    place.queued = false;
-                    let usage = st.log.usage(&windows, self.guard, now);
-                    return Ok(Admitted { waited: Duration::from_nanos(now - start), at: now, usage });
+                    // Whoever goes next must be awake to its timer.
+                    (Some((other, _)), None) => st.wake(other),
+                    _ => {}
                 }
                 if now >= deadline {
+                    let me = st.tickets().find(|t| t.id == id).copied().expect("a queued place");
+                    let (ahead, own) = st.lanes.ahead(st.tickets(), &me, &windows, guard, now);
+                    let (grant, capped) = st.grant(ahead, own, share.client, &windows, guard, from);
                     return Err(Rejection {
                         reason: Reason::Expired,
                         retry_after: Duration::from_nanos(grant.at - now),
                         window: grant.window,
-                        usage: st.log.usage(&windows, self.guard, now),
+                        capped,
+                        usage: st.log.usage(&windows, guard, now),
                     });
                 }
-                (position == 0).then_some(grant.at)
+                mine
             };
             let until = self.clock.instant(slot.map_or(deadline, |at| at.min(deadline)));
             tokio::select! {
@@ -208,10 +312,8 @@ impl Limiter {
         let cell = self.cell(key);
         let mut st = cell.lock();
         st.hold_until = st.hold_until.max(until);
-        // The head may be asleep until an earlier moment: let it recompute.
-        if let Some(head) = st.queue.front() {
-            head.wake.notify_one();
-        }
+        // The next waiter may be asleep until an earlier moment: let it recompute.
+        st.nudge();
     }
 
     /// Take back an admission whose call never reached the upstream.
@@ -219,9 +321,8 @@ impl Limiter {
         let Some(cell) = self.keys.get(key).map(|c| c.clone()) else { return };
         let mut st = cell.lock();
         if st.log.refund(admitted.at) {
-            if let Some(head) = st.queue.front() {
-                head.wake.notify_one();
-            }
+            st.lanes.refund(admitted.client, admitted.at);
+            st.nudge();
         }
     }
 
@@ -284,9 +385,9 @@ impl Limiter {
                 return true;
             }
             let Ok(mut st) = cell.0.try_lock() else { return true };
-            let retention = st.retention;
-            st.log.prune(retention, now);
+            st.prune(now);
             st.log.shrink();
+            st.lanes.shrink();
             !(st.log.is_empty() && st.queue.is_empty() && st.hold_until <= now)
         });
         self.keys.len()
@@ -300,3 +401,5 @@ impl Limiter {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_fair;

@@ -1,8 +1,8 @@
 //! A request's place in a key's queue, released on drop.
 //!
 //! A place rides inside the request's future: when a client disconnects,
-//! hyper drops the future, the place leaves the queue, and if it was at the
-//! head the next waiter is woken to take the slot.
+//! hyper drops the future, the place leaves the queue, and a waiter is woken
+//! to re-decide who takes the slot.
 
 use std::sync::Arc;
 
@@ -25,13 +25,13 @@ impl Drop for Place {
             return;
         }
         let mut st = self.cell.lock();
-        if let Some(pos) = st.queue.iter().position(|w| w.id == self.id) {
+        if let Some(pos) = st.queue.iter().position(|w| w.ticket.id == self.id) {
             st.queue.remove(pos);
-            if pos == 0 {
-                if let Some(next) = st.queue.front() {
-                    next.wake.notify_one();
-                }
+            if st.queue.is_empty() {
+                st.lanes.idle();
             }
+            // It may have been the one going next: let the others re-decide.
+            st.nudge();
         }
     }
 }

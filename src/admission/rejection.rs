@@ -25,6 +25,8 @@ pub struct Rejection {
     pub retry_after: Duration,
     /// The window that is full, when one is.
     pub window: Option<Window>,
+    /// The wait is the client's cap, not the key's quota; `window` is the cap's.
+    pub capped: bool,
     /// Each window's use when the request was turned away.
     pub usage: Vec<WindowUse>,
 }

@@ -11,7 +11,13 @@ use super::*;
 use crate::policy::{Mode, Policy, Timeouts};
 use crate::quota::{KeyScope, Window};
 
-fn policy(mode: Mode, limit: u32, per: Duration, max_queue: usize, max_wait: Duration) -> Arc<Policy> {
+pub(super) fn policy(
+    mode: Mode,
+    limit: u32,
+    per: Duration,
+    max_queue: usize,
+    max_wait: Duration,
+) -> Arc<Policy> {
     let windows = vec![Window::new(NonZeroU32::new(limit).unwrap(), per)];
     Arc::new(Policy {
         id: 0,
@@ -35,11 +41,11 @@ fn policy(mode: Mode, limit: u32, per: Duration, max_queue: usize, max_wait: Dur
     })
 }
 
-fn key(tenant: &str) -> QuotaKey {
+pub(super) fn key(tenant: &str) -> QuotaKey {
     QuotaKey { policy: Some(0), tenant: tenant.into(), app: Some("a".into()) }
 }
 
-fn gauge() -> IntGauge {
+pub(super) fn gauge() -> IntGauge {
     IntGauge::new("depth", "queue depth").unwrap()
 }
 

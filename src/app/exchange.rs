@@ -31,7 +31,7 @@ use tokio::time::Instant;
 
 use super::{ratelimit, Worker};
 use crate::admission::runtime::{Demand, Reservation, RuntimeRejection};
-use crate::admission::Admitted;
+use crate::admission::{Admitted, Share};
 use crate::error::{GatewayError, THROTTLED_BY};
 use crate::hunting::meter;
 use crate::metrics::{Failure, PolicyMetrics};
@@ -89,6 +89,10 @@ pub(super) struct Metered<'a> {
     /// The running-time key of a hunting call.
     pub runtime: Option<QuotaKey>,
     pub tenant: String,
+    /// The client's name, for logs.
+    pub client: &'a str,
+    /// How the client shares the key with others.
+    pub share: Share,
     /// The wait budget: the policy's maximum wait or the caller's shorter one.
     pub max_wait: Duration,
 }
@@ -125,7 +129,10 @@ impl Metered<'_> {
                 outcome.waited += r.waited;
             }
             let budget = self.max_wait.saturating_sub(started.elapsed());
-            let admitted = match gw.limiter.acquire(&self.key, self.policy, budget, &self.metrics.depth).await
+            let admitted = match gw
+                .limiter
+                .acquire_as(&self.key, self.policy, &self.share, budget, &self.metrics.depth)
+                .await
             {
                 Ok(admitted) => admitted,
                 Err(mut rejection) => {
@@ -133,7 +140,7 @@ impl Metered<'_> {
                     outcome.decision = "rejected";
                     self.metrics.rejected.inc();
                     self.metrics.rejection(rejection.reason).inc();
-                    tracing::debug!(policy = %self.policy.name, tenant = %self.tenant, reason = ?rejection.reason,
+                    tracing::debug!(policy = %self.policy.name, tenant = %self.tenant, client = self.client, reason = ?rejection.reason,
                         retry_after_ms = rejection.retry_after.as_millis() as u64, attempt, "rejected locally");
                     let mut response = self.fail(GatewayError::Throttled {
                         policy: self.policy.name.clone(),

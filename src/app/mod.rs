@@ -1,5 +1,7 @@
-//! The proxy's request path, in one place: route, match a policy, identify,
-//! then admit and forward ([`exchange`]).
+//! The proxy's request path, in one place: route, match a policy, refuse a
+//! body too large, name the client (401 for a missing or unknown key, before
+//! any quota is touched), stop a client's flood at its guard (429), then
+//! identify the tenant and app, admit and forward ([`exchange`]).
 
 mod exchange;
 pub mod hunting;
@@ -15,12 +17,14 @@ use axum::response::Response;
 use http::header::CONTENT_LENGTH;
 use http::HeaderMap;
 
+use crate::admission::guard::Guards;
 use crate::admission::runtime::RuntimeLimiter;
 use crate::admission::Limiter;
 use crate::config::Config;
 use crate::error::GatewayError;
+use crate::identity::client::PRIORITY_HEADER;
 use crate::identity::IdentityCache;
-use crate::metrics::{Metrics, PolicyMetrics};
+use crate::metrics::{ClientMetrics, Metrics, PolicyMetrics};
 use crate::quota::QuotaKey;
 use crate::upstream::{route, ApiKind, Clients};
 
@@ -37,14 +41,18 @@ pub struct Gateway {
     pub limiter: Limiter,
     /// Hunting running time.
     pub runtime: RuntimeLimiter,
+    /// Each client's runaway-loop guard.
+    pub guards: Guards,
     pub metrics: Arc<Metrics>,
 }
 
 impl Gateway {
     pub fn new(config: Arc<Config>, metrics: Arc<Metrics>) -> Self {
+        let guards = Guards::new(config.clients.all());
         Gateway {
             limiter: Limiter::new(config.guard),
             runtime: RuntimeLimiter::new(config.guard, config.hunting.estimator.clone()),
+            guards,
             metrics,
             config,
         }
@@ -59,6 +67,8 @@ pub struct Worker {
     identities: IdentityCache,
     /// Per policy id, then one more for unmetered requests.
     metrics: Vec<PolicyMetrics>,
+    /// Per client index, then one more (`unknown`) for refused keys.
+    client_metrics: Vec<ClientMetrics>,
 }
 
 impl Worker {
@@ -71,10 +81,14 @@ impl Worker {
         let mut metrics: Vec<PolicyMetrics> =
             config.policies.0.iter().map(|p| gateway.metrics.policy(index, &p.name)).collect();
         metrics.push(gateway.metrics.policy(index, "unmetered"));
+        let mut client_metrics: Vec<ClientMetrics> =
+            config.clients.all().iter().map(|c| gateway.metrics.client(index, &c.name)).collect();
+        client_metrics.push(gateway.metrics.client(index, "unknown"));
         Worker {
             clients: Clients::new(timeouts),
             identities: IdentityCache::new(IDENTITY_CACHE),
             metrics,
+            client_metrics,
             gateway,
         }
     }
@@ -91,7 +105,7 @@ pub fn proxy_service(
     })
 }
 
-async fn proxy(worker: &Worker, bound: Option<usize>, req: Request) -> Response {
+async fn proxy(worker: &Worker, bound: Option<usize>, mut req: Request) -> Response {
     let gw = &*worker.gateway;
     let config = &*gw.config;
     let Some(up) = route::select(&config.upstreams, bound, req.uri(), req.headers()) else {
@@ -106,16 +120,39 @@ async fn proxy(worker: &Worker, bound: Option<usize>, req: Request) -> Response 
     if content_length(req.headers()).is_some_and(|n| n > config.max_body_bytes) {
         return fail(GatewayError::PayloadTooLarge { limit: config.max_body_bytes });
     }
+    let roster = &config.clients;
+    let token = worker.identities.identify(req.headers());
+    let client = match roster.identify(req.headers(), token.as_ref().ok().map(|who| who.app.as_str())) {
+        Ok(client) => client,
+        Err(e) => {
+            worker.client_metrics[roster.all().len()].count("unauthorized");
+            tracing::debug!(error = %e, "unknown client");
+            return fail(e.into());
+        }
+    };
+    let client_metrics = &worker.client_metrics[usize::from(client.share.client)];
+    if let Err(retry_after) = gw.guards.check(client.share.client) {
+        client_metrics.count("guarded");
+        tracing::debug!(client = %client.name, retry_after_ms = retry_after.as_millis() as u64, "guard");
+        let guard = client.guard.expect("only a client with a guard is refused by it");
+        return fail(GatewayError::Guarded { client: client.name.clone(), guard, retry_after });
+    }
+    let share = roster.share(client, req.headers());
+    // Said to the gateway, never to the upstream.
+    req.headers_mut().remove(&roster.header);
+    req.headers_mut().remove(PRIORITY_HEADER);
     let Some(policy) = policy else {
+        client_metrics.count("unmetered");
         let timeouts = config.unmetered_timeouts;
         return exchange::once(worker, upstream, metrics, req, &timeouts, &metrics.forwarded).await;
     };
     let started = tokio::time::Instant::now();
-    let who = match worker.identities.identify(req.headers()) {
+    let who = match token {
         Ok(who) => who,
         Err(e) => {
             metrics.unauthorized.inc();
-            tracing::debug!(policy = %policy.name, error = %e, "unauthorized");
+            client_metrics.count("unauthorized");
+            tracing::debug!(policy = %policy.name, client = %client.name, error = %e, "unauthorized");
             return fail(e.into());
         }
     };
@@ -148,19 +185,23 @@ async fn proxy(worker: &Worker, bound: Option<usize>, req: Request) -> Response 
         key: QuotaKey::new(policy.key, policy.id, &who),
         runtime: policy.hunting.then(|| QuotaKey::new(config.hunting.key, policy.id, &who)),
         tenant: who.tenant.clone(),
+        client: &client.name,
+        share,
         max_wait,
     };
     let mut outcome = exchange::Outcome::default();
     let mut response = call.run(req, &mut outcome).await;
+    client_metrics.count(outcome.decision);
     if let Some(lb) = &lookback {
         response.headers_mut().insert(hunting::LOOKBACK_WARNING, hunting::warning(lb, config));
     }
     if config.access_log {
-        // One line per metered request; never the token, the query string or the body.
+        // One line per metered request; never the token, the key, the query string or the body.
         tracing::info!(
             tenant = %who.tenant,
             app = %who.app,
-            client = "anonymous",
+            client = %client.name,
+            priority = share.class.as_str(),
             policy = %policy.name,
             decision = outcome.decision,
             queue_wait_ms = outcome.waited.as_millis() as u64,

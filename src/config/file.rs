@@ -39,6 +39,26 @@ pub struct File {
     /// Per-tenant metrics name at most this many tenants; the rest are summed as `other`.
     #[serde(default = "default_metrics_max_tenants")]
     pub metrics_max_tenants: usize,
+    /// How a caller is told apart: `key` (an API key in `api_key_header`),
+    /// `app` (the token's app id) or `anonymous`. Unset: `key` when any
+    /// `[[client]]` has a key, else `anonymous`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_identity: Option<String>,
+    /// The request header that carries a client's API key.
+    #[serde(default = "default_api_key_header")]
+    pub api_key_header: String,
+    /// Whether a request may pick its priority class with `x-quotagate-priority`.
+    #[serde(default)]
+    pub allow_priority_header: bool,
+    /// Whether a listener on a non-loopback address may serve without client keys.
+    #[serde(default)]
+    pub allow_anonymous_on_network: bool,
+    /// TLS for every proxy listener.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsFile>,
+    /// The clients that share the gateway.
+    #[serde(default, rename = "client", skip_serializing_if = "Vec::is_empty")]
+    pub clients: Vec<ClientFile>,
     /// Proxy listeners bound to a single upstream.
     #[serde(default, rename = "listener")]
     pub listeners: Vec<ListenerFile>,
@@ -73,6 +93,9 @@ fn default_backoff_base() -> String {
 }
 fn default_backoff_cap() -> String {
     "60s".into()
+}
+fn default_api_key_header() -> String {
+    "x-quotagate-key".into()
 }
 fn default_true() -> bool {
     true
@@ -205,4 +228,38 @@ impl Default for HuntingFile {
             max_rows: 100_000,
         }
     }
+}
+
+/// TLS certificate and key, PEM files.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    /// The certificate chain, leaf first.
+    pub cert_file: String,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: String,
+}
+
+/// One client of a shared gateway.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClientFile {
+    /// Shown in logs and metrics.
+    pub name: String,
+    /// Hex SHA-256 of the client's API key (`printf %s KEY | sha256sum`).
+    pub key_sha256: Option<String>,
+    /// The token app id that names this client when `client_identity = "app"`.
+    pub app_id: Option<String>,
+    /// Relative share among waiting clients of the same priority (default 1).
+    pub weight: Option<u32>,
+    /// `interactive`, `normal` (default) or `batch`.
+    pub priority: Option<String>,
+    /// At most this percentage of every window of a key.
+    pub cap_percent: Option<u8>,
+    /// This percentage of every window goes to the client first while it waits.
+    pub reserved_percent: Option<u8>,
+    /// Runaway-loop guard: sustained requests per second, checked before any queue.
+    pub guard_per_second: Option<u32>,
+    /// Runaway-loop guard: requests allowed at once beyond the rate (default: the rate).
+    pub guard_burst: Option<u32>,
 }

@@ -4,8 +4,10 @@
 //! field it is about and, through [`problem`], its line in the file; and yields a [`Config`] whose values cannot be invalid
 //! (non-zero limits, compiled path patterns, resolved upstream names).
 
+mod clients;
 pub mod file;
 pub mod problem;
+mod tls;
 pub mod validate;
 
 use std::net::SocketAddr;
@@ -16,6 +18,7 @@ pub use file::File;
 pub use problem::Problem;
 
 use crate::hunting::Hunting;
+use crate::identity::client::{IdentityMode, Roster};
 use crate::policy::{Policies, Timeouts};
 use crate::upstream::route::Upstream;
 
@@ -53,6 +56,12 @@ pub struct Config {
     pub metrics_max_tenants: usize,
     /// Advanced hunting's running time, lookback and rows.
     pub hunting: Hunting,
+    /// The clients sharing the gateway and how they are told apart.
+    pub clients: Roster,
+    /// Whether a non-loopback listener may serve without client keys.
+    pub allow_anonymous_on_network: bool,
+    /// TLS for every proxy listener.
+    pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
 }
 
 /// Everything wrong with a configuration, one line each, in the form
@@ -109,11 +118,19 @@ impl Config {
         Config::from_toml(&text, &path.display().to_string())
     }
 
+    /// Why these listeners may not serve as configured: a listener on a
+    /// non-loopback address needs client keys unless config allows
+    /// anonymous callers on the network. Checked by validation, and again
+    /// after command-line overrides of the addresses.
+    pub fn exposure_problem(&self) -> Option<String> {
+        exposure_problem(&self.listeners, self.clients.mode, self.allow_anonymous_on_network)
+    }
+
     /// A human-readable table of the effective policies.
     pub fn describe(&self) -> String {
         use std::fmt::Write;
         let mut out = String::new();
-        let _ = writeln!(out, "listeners:");
+        let _ = writeln!(out, "listeners{}:", if self.tls.is_some() { " (TLS)" } else { "" });
         for l in &self.listeners {
             let to = l.upstream.map_or("routed by host and path".to_string(), |u| {
                 format!("bound to {}", self.upstreams[u].name)
@@ -185,8 +202,40 @@ impl Config {
             h.max_rows
         );
         let _ = writeln!(out, "everything else: forwarded unmetered, counted");
+        let mode = match self.clients.mode {
+            IdentityMode::Key => format!("by API key in {}", self.clients.header),
+            IdentityMode::App => "by the token's app id".to_string(),
+            IdentityMode::Anonymous => "anonymous".to_string(),
+        };
+        let header = if self.clients.allow_priority_header { "allowed" } else { "ignored" };
+        let _ = writeln!(out, "clients ({mode}; x-quotagate-priority {header}):");
+        for c in self.clients.configured() {
+            let s = &c.share;
+            let _ = writeln!(
+                out,
+                "  {:<18} weight {} {} cap {}% reserved {}% guard {}",
+                c.name,
+                s.weight,
+                s.class.as_str(),
+                s.cap_percent.unwrap_or(100),
+                s.reserved_percent,
+                c.guard.map_or("none".to_string(), |g| format!("{}/s burst {}", g.per_second, g.burst))
+            );
+        }
         out
     }
+}
+
+/// See [`Config::exposure_problem`].
+fn exposure_problem(listeners: &[ListenerSpec], mode: IdentityMode, allow_anonymous: bool) -> Option<String> {
+    if mode == IdentityMode::Key || allow_anonymous {
+        return None;
+    }
+    let open = listeners.iter().find(|l| !l.addr.ip().is_loopback())?;
+    Some(format!(
+        "listen {} is not loopback: configure [[client]] keys or set allow_anonymous_on_network = true",
+        open.addr
+    ))
 }
 
 /// Parse TOML into the file schema.

@@ -22,7 +22,7 @@ use crate::upstream::route::{ApiKind, Upstream};
 
 /// Where a value sits in the file.
 #[derive(Debug, Clone)]
-struct Field {
+pub(super) struct Field {
     path: String,
     name: Option<String>,
 }
@@ -42,18 +42,45 @@ impl Field {
     }
 }
 
+/// What a problem can be about: a [`Field`], or its written form
+/// (`client[0] (name).weight`, `tls.cert_file`).
+pub(super) trait AsField {
+    fn field(&self) -> Field;
+}
+
+impl AsField for Field {
+    fn field(&self) -> Field {
+        self.clone()
+    }
+}
+
+impl AsField for str {
+    fn field(&self) -> Field {
+        // `table[i] (name).rest`: the name is told apart from the path.
+        match (self.find(" ("), self.find(')')) {
+            (Some(open), Some(close)) if open < close => Field {
+                path: format!("{}{}", &self[..open], &self[close + 1..]),
+                name: Some(self[open + 2..close].to_string()).filter(|n| !n.is_empty()),
+            },
+            _ => Field::top(self),
+        }
+    }
+}
+
+impl AsField for String {
+    fn field(&self) -> Field {
+        self.as_str().field()
+    }
+}
+
 /// Collects problems.
 #[derive(Default)]
-struct Problems(Vec<Problem>);
+pub(super) struct Problems(Vec<Problem>);
 
 impl Problems {
-    fn push(&mut self, field: &Field, message: impl std::fmt::Display) {
-        self.0.push(Problem {
-            path: field.path.clone(),
-            name: field.name.clone(),
-            message: message.to_string(),
-            line: None,
-        });
+    pub(super) fn push(&mut self, field: &(impl AsField + ?Sized), message: impl std::fmt::Display) {
+        let field = field.field();
+        self.0.push(Problem { path: field.path, name: field.name, message: message.to_string(), line: None });
     }
 
     fn duration(&mut self, field: &Field, value: &str) -> Duration {
@@ -248,6 +275,13 @@ pub fn validate(file: &File) -> Result<Config, Vec<Problem>> {
         p.push(&Field::top("policy"), "too many policies");
     }
 
+    let clients = super::clients::roster(file, &mut p);
+    let tls = file.tls.as_ref().and_then(|t| super::tls::server_config(t, &mut p));
+    if let Some(problem) = super::exposure_problem(&listeners, clients.mode, file.allow_anonymous_on_network)
+    {
+        p.push("listen", problem);
+    }
+
     if p.0.is_empty() {
         Ok(Config {
             listeners,
@@ -264,6 +298,9 @@ pub fn validate(file: &File) -> Result<Config, Vec<Problem>> {
             metrics_max_tenants: file.metrics_max_tenants,
             access_log: file.access_log,
             hunting,
+            clients,
+            allow_anonymous_on_network: file.allow_anonymous_on_network,
+            tls,
         })
     } else {
         Err(p.0)

@@ -21,6 +21,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 mod handoff;
+mod tls;
 mod workers;
 
 pub use workers::Workers;
@@ -72,10 +73,23 @@ pub async fn start_on(config: Config, workers: &[Handle]) -> io::Result<Running>
         for ((listener, worker), handle) in listeners.into_iter().zip(&worker_states).zip(workers) {
             let service = proxy_service(worker.clone(), upstream).into_make_service();
             let stopped = stopped.clone();
-            tasks.spawn_on(
-                async move { axum::serve(listener, service).with_graceful_shutdown(stopping(stopped)).await },
-                handle,
-            );
+            match config.tls.clone() {
+                Some(tls) => tasks.spawn_on(
+                    async move {
+                        let listener = tls::TlsListener::new(listener, tls);
+                        axum::serve(listener, service).with_graceful_shutdown(stopping(stopped)).await
+                    },
+                    handle,
+                ),
+                None => {
+                    tasks.spawn_on(
+                        async move {
+                            axum::serve(listener, service).with_graceful_shutdown(stopping(stopped)).await
+                        },
+                        handle,
+                    )
+                }
+            };
         }
     }
     let admin_router = crate::admin::router(gateway.clone());

@@ -1,0 +1,225 @@
+//! Which configured client sends a request: by API key, by the token's app
+//! id, or nobody in particular (anonymous).
+//!
+//! Keys are configured only as SHA-256 hashes. A presented key is hashed and
+//! compared with every configured hash in constant time (`subtle`), all of
+//! them, so neither the timing nor the order of the clients tells an
+//! attacker how close a guess came. Errors never echo the key.
+//!
+//! The client set is bounded: configured clients, `anonymous`, and `other`
+//! for an app id no client names, so client names are safe metric labels.
+
+use http::{HeaderMap, HeaderName};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::admission::{Class, Share};
+
+/// The header with which a request picks its priority class, when allowed.
+pub const PRIORITY_HEADER: HeaderName = HeaderName::from_static("x-quotagate-priority");
+
+/// How callers are told apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentityMode {
+    /// By an API key in a header; a request without a known key gets a 401.
+    Key,
+    /// By the app id of the bearer token (not a credential: the token is not verified here).
+    App,
+    /// Everyone is `anonymous`.
+    Anonymous,
+}
+
+/// A runaway-loop guard: sustained rate and burst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuardSpec {
+    pub per_second: std::num::NonZeroU32,
+    pub burst: std::num::NonZeroU32,
+}
+
+/// One client, as validated from config.
+#[derive(Debug, Clone)]
+pub struct Client {
+    pub name: String,
+    pub key_sha256: Option<[u8; 32]>,
+    pub app_id: Option<String>,
+    /// Its lane in every key (`share.client` is its index here).
+    pub share: Share,
+    pub guard: Option<GuardSpec>,
+}
+
+/// Why a request names no client. The message goes back to the caller.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    #[error("the request has no `{0}` header; this gateway serves only its configured clients: send `{0}: <your API key>`")]
+    MissingKey(HeaderName),
+    #[error("the `{0}` header holds no API key this gateway knows; ask the gateway's operator for a key")]
+    UnknownKey(HeaderName),
+}
+
+/// Every client of the gateway and how to recognise them.
+#[derive(Debug, Clone)]
+pub struct Roster {
+    pub mode: IdentityMode,
+    pub header: HeaderName,
+    pub allow_priority_header: bool,
+    /// Configured clients, then `anonymous`, then `other`.
+    clients: Vec<Client>,
+}
+
+impl Roster {
+    /// `configured` clients get indices 0..n in order; `anonymous` and
+    /// `other` are appended.
+    pub fn new(
+        mode: IdentityMode,
+        header: HeaderName,
+        allow_priority_header: bool,
+        configured: Vec<Client>,
+    ) -> Self {
+        let mut clients = configured;
+        for name in ["anonymous", "other"] {
+            let client = u16::try_from(clients.len()).unwrap_or(u16::MAX);
+            clients.push(Client {
+                name: name.into(),
+                key_sha256: None,
+                app_id: None,
+                share: Share { client, ..Share::default() },
+                guard: None,
+            });
+        }
+        Roster { mode, header, allow_priority_header, clients }
+    }
+
+    /// Every client, configured first, then `anonymous` and `other`.
+    pub fn all(&self) -> &[Client] {
+        &self.clients
+    }
+
+    /// Configured clients only.
+    pub fn configured(&self) -> &[Client] {
+        &self.clients[..self.clients.len() - 2]
+    }
+
+    fn anonymous(&self) -> &Client {
+        &self.clients[self.clients.len() - 2]
+    }
+
+    fn other(&self) -> &Client {
+        &self.clients[self.clients.len() - 1]
+    }
+
+    /// The client that sends a request with these headers; `app` is the
+    /// token's app id when it has one.
+    pub fn identify(&self, headers: &HeaderMap, app: Option<&str>) -> Result<&Client, ClientError> {
+        match self.mode {
+            IdentityMode::Anonymous => Ok(self.anonymous()),
+            IdentityMode::App => Ok(app
+                .and_then(|app| self.configured().iter().find(|c| c.app_id.as_deref() == Some(app)))
+                .unwrap_or(self.other())),
+            IdentityMode::Key => {
+                let key = headers.get(&self.header).ok_or(ClientError::MissingKey(self.header.clone()))?;
+                let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+                let mut found = None;
+                for c in self.configured() {
+                    if let Some(hash) = &c.key_sha256 {
+                        let equal: bool = hash.ct_eq(&digest).into();
+                        if equal && found.is_none() {
+                            found = Some(c);
+                        }
+                    }
+                }
+                found.ok_or(ClientError::UnknownKey(self.header.clone()))
+            }
+        }
+    }
+
+    /// The request's share: the client's, with the class from
+    /// [`PRIORITY_HEADER`] when config allows it and the value is valid.
+    pub fn share(&self, client: &Client, headers: &HeaderMap) -> Share {
+        let asked = self
+            .allow_priority_header
+            .then(|| headers.get(PRIORITY_HEADER)?.to_str().ok().and_then(Class::parse))
+            .flatten();
+        Share { class: asked.unwrap_or(client.share.class), ..client.share }
+    }
+}
+
+/// Parse a hex SHA-256 (64 hex digits, either case).
+pub fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.trim();
+    if hex.len() != 64 || !hex.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEADER: HeaderName = HeaderName::from_static("x-quotagate-key");
+
+    fn client(name: &str, key: &str, index: u16) -> Client {
+        let hash = format!("{:x}", Sha256::digest(key.as_bytes()));
+        Client {
+            name: name.into(),
+            key_sha256: parse_sha256(&hash),
+            app_id: Some(format!("app-{name}")),
+            share: Share { client: index, ..Share::default() },
+            guard: None,
+        }
+    }
+
+    fn roster(mode: IdentityMode) -> Roster {
+        Roster::new(mode, HEADER, false, vec![client("soc", "k1", 0), client("etl", "k2", 1)])
+    }
+
+    fn with_key(key: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(HEADER, key.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn keys_name_their_client_and_others_are_refused() {
+        let r = roster(IdentityMode::Key);
+        assert_eq!(r.identify(&with_key("k2"), None).unwrap().name, "etl");
+        assert_eq!(r.identify(&with_key("k1"), None).unwrap().name, "soc");
+        assert_eq!(r.identify(&with_key("k3"), None).unwrap_err(), ClientError::UnknownKey(HEADER));
+        assert_eq!(r.identify(&HeaderMap::new(), None).unwrap_err(), ClientError::MissingKey(HEADER));
+        assert!(!r.identify(&with_key("secret"), None).unwrap_err().to_string().contains("secret"));
+    }
+
+    #[test]
+    fn app_ids_and_anonymous_stay_a_bounded_set() {
+        let r = roster(IdentityMode::App);
+        assert_eq!(r.identify(&HeaderMap::new(), Some("app-etl")).unwrap().name, "etl");
+        assert_eq!(r.identify(&HeaderMap::new(), Some("app-x")).unwrap().name, "other");
+        assert_eq!(
+            roster(IdentityMode::Anonymous).identify(&with_key("k1"), None).unwrap().name,
+            "anonymous"
+        );
+        assert_eq!(r.all().len(), 4);
+    }
+
+    #[test]
+    fn the_priority_header_counts_only_when_allowed() {
+        let mut h = HeaderMap::new();
+        h.insert(PRIORITY_HEADER, "interactive".parse().unwrap());
+        let r = roster(IdentityMode::Anonymous);
+        let c = r.identify(&h, None).unwrap().clone();
+        assert_eq!(r.share(&c, &h).class, Class::Normal);
+        let r = Roster { allow_priority_header: true, ..r };
+        assert_eq!(r.share(&c, &h).class, Class::Interactive);
+    }
+
+    #[test]
+    fn hashes_parse_from_hex() {
+        assert!(parse_sha256(&"ab".repeat(32)).is_some());
+        assert!(parse_sha256("abc").is_none());
+        assert!(parse_sha256(&"zz".repeat(32)).is_none());
+    }
+}

@@ -1,0 +1,65 @@
+//! TLS on a proxy listener: handshakes run concurrently, off the accept
+//! path, so a slow or silent client never holds up the others.
+//!
+//! Accepted TCP connections come from a [`Dealt`] listener; each handshake
+//! is a task on the worker's runtime with a deadline; finished ones are
+//! handed to `axum::serve`. A failed handshake is logged at debug and dropped.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+
+use super::handoff::Dealt;
+
+/// Longest a client may take to finish its handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A listener that yields connections whose TLS handshake has completed.
+pub struct TlsListener {
+    tcp: Dealt,
+    acceptor: TlsAcceptor,
+    done_tx: mpsc::UnboundedSender<(TlsStream<TcpStream>, SocketAddr)>,
+    done: mpsc::UnboundedReceiver<(TlsStream<TcpStream>, SocketAddr)>,
+}
+
+impl TlsListener {
+    pub fn new(tcp: Dealt, config: Arc<rustls::ServerConfig>) -> Self {
+        let (done_tx, done) = mpsc::unbounded_channel();
+        TlsListener { tcp, acceptor: TlsAcceptor::from(config), done_tx, done }
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, SocketAddr) {
+        loop {
+            tokio::select! {
+                (tcp, peer) = axum::serve::Listener::accept(&mut self.tcp) => {
+                    let (acceptor, done) = (self.acceptor.clone(), self.done_tx.clone());
+                    tokio::spawn(async move {
+                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                            Ok(Ok(tls)) => {
+                                let _ = done.send((tls, peer));
+                            }
+                            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                        }
+                    });
+                }
+                Some(ready) = self.done.recv() => return ready,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        axum::serve::Listener::local_addr(&self.tcp)
+    }
+}
