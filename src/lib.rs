@@ -3,7 +3,8 @@
 //!
 //! One request's path through the gateway, module by module:
 //!
-//! 1. [`server`] accepts it on a proxy listener; [`app`] runs the steps below.
+//! 1. [`server`] accepts it on a proxy listener (or [`forward_proxy`] takes it
+//!    out of a `CONNECT` tunnel); [`app`] runs the steps below.
 //! 2. [`upstream::route`] picks the upstream by listener, host or path prefix.
 //! 3. [`policy`] finds the policy that meters it by method, upstream and path.
 //! 4. [`identity`] reads the tenant and app from the bearer token.
@@ -20,6 +21,7 @@ pub mod admission;
 pub mod app;
 pub mod config;
 pub mod error;
+pub mod forward_proxy;
 pub mod hunting;
 pub mod identity;
 pub mod metrics;

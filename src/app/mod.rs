@@ -58,6 +58,10 @@ pub struct Worker {
 }
 
 impl Worker {
+    pub fn gateway(&self) -> &Gateway {
+        &self.gateway
+    }
+
     pub fn new(gateway: Arc<Gateway>, index: usize) -> Self {
         let config = &gateway.config;
         let mut timeouts: Vec<Duration> = config.policies.0.iter().map(|p| p.timeouts.connect).collect();
@@ -67,7 +71,7 @@ impl Worker {
         let mut metrics: Vec<PolicyMetrics> =
             config.policies.0.iter().map(|p| gateway.metrics.policy(index, &p.name)).collect();
         metrics.push(gateway.metrics.policy(index, "unmetered"));
-        Worker { clients: Clients::new(timeouts), metrics, gateway }
+        Worker { clients: Clients::new(timeouts, config), metrics, gateway }
     }
 }
 
@@ -82,7 +86,9 @@ pub fn proxy_service(
     })
 }
 
-async fn proxy(worker: &Worker, bound: Option<usize>, req: Request) -> Response {
+/// One request through the gateway; `bound` fixes its upstream (a bound
+/// listener, or the target of a forward-proxy `CONNECT`).
+pub(crate) async fn proxy(worker: &Worker, bound: Option<usize>, req: Request) -> Response {
     let gw = &*worker.gateway;
     let config = &*gw.config;
     let Some(up) = route::select(&config.upstreams, bound, req.uri(), req.headers()) else {

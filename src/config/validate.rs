@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use http::{Method, Uri};
 
-use super::file::{BudgetFile, File, HuntingFile, PolicyFile};
+use super::file::{BudgetFile, File, ForwardProxyFile, HuntingFile, PolicyFile};
 use super::problem::Problem;
-use super::{Config, ListenerSpec};
+use super::{Config, ForwardProxySpec, ListenerSpec};
 use crate::admission::runtime::Estimator;
 use crate::hunting::{Hunting, LookbackMode};
 use crate::policy::{Mode, PathPattern, Policies, Policy, Timeouts};
@@ -150,13 +150,17 @@ pub fn validate(file: &File) -> Result<Config, Vec<Problem>> {
         listeners.push(ListenerSpec { addr, upstream });
         listener_fields.push(field.at("listen"));
     }
+    let forward_proxy = file.forward_proxy.as_ref().map(|fp| forward_proxy(fp, &upstreams, &mut p));
     let mut seen = vec![admin_listen];
-    for (l, field) in listeners.iter().zip(&listener_fields) {
-        if l.addr.port() != 0 && seen.contains(&l.addr) {
-            p.push(field, format!("{} is used by two listeners", l.addr));
+    let proxy_listen = forward_proxy.as_ref().map(|fp| (fp.listen, Field::top("forward_proxy").at("listen")));
+    let all = listeners.iter().map(|l| l.addr).zip(listener_fields.iter().cloned()).chain(proxy_listen);
+    for (addr, field) in all {
+        if addr.port() != 0 && seen.contains(&addr) {
+            p.push(&field, format!("{addr} is used by two listeners"));
         }
-        seen.push(l.addr);
+        seen.push(addr);
     }
+    let trust_roots = trust_roots(&file.trust_ca_files, &mut p);
 
     let defaults = inherited(file, &mut p);
     let hunting = hunting(&file.hunting, &mut p);
@@ -264,10 +268,63 @@ pub fn validate(file: &File) -> Result<Config, Vec<Problem>> {
             metrics_max_tenants: file.metrics_max_tenants,
             access_log: file.access_log,
             hunting,
+            forward_proxy,
+            trust_roots,
         })
     } else {
         Err(p.0)
     }
+}
+
+/// The `[forward_proxy]` table. A blind tunnel must name a port and no
+/// upstream host: those are always intercepted and metered.
+fn forward_proxy(fp: &ForwardProxyFile, upstreams: &[Upstream], p: &mut Problems) -> ForwardProxySpec {
+    let field = Field::top("forward_proxy");
+    let listen = p.addr(&field.at("listen"), &fp.listen);
+    let mut allow_tunnel = Vec::new();
+    for (i, target) in fp.allow_tunnel.iter().enumerate() {
+        let f = field.at(&format!("allow_tunnel[{i}]"));
+        match target.parse::<http::uri::Authority>() {
+            Ok(a) if a.port_u16().is_some() && !a.host().is_empty() => {
+                if crate::upstream::route::by_host(upstreams, a.host()).is_some() {
+                    p.push(
+                        &f,
+                        format!(
+                            "`{target}` is an upstream host: it is intercepted and metered, never tunnelled"
+                        ),
+                    );
+                }
+                allow_tunnel.push(a.as_str().to_ascii_lowercase());
+            }
+            _ => {
+                p.push(&f, format!("`{target}` is not a host:port such as \"login.microsoftonline.com:443\""))
+            }
+        }
+    }
+    ForwardProxySpec {
+        listen,
+        ca_dir: fp.ca_dir.as_ref().map_or_else(crate::forward_proxy::ca::default_dir, Into::into),
+        allow_tunnel,
+    }
+}
+
+/// The certificates of `trust_ca_files`, each file holding one or more PEM certificates.
+fn trust_roots(files: &[String], p: &mut Problems) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = Vec::new();
+    for (i, path) in files.iter().enumerate() {
+        let field = Field::top(&format!("trust_ca_files[{i}]"));
+        let certs: Result<Vec<_>, _> = match rustls::pki_types::CertificateDer::pem_file_iter(path) {
+            Ok(iter) => iter.collect(),
+            Err(e) => Err(e),
+        };
+        match certs {
+            Ok(certs) if certs.is_empty() => p.push(&field, format!("`{path}` holds no PEM certificate")),
+            Ok(certs) => roots.extend(certs),
+            Err(e) => p.push(&field, format!("cannot read certificates from `{path}`: {e}")),
+        }
+    }
+    roots
 }
 
 /// The `[hunting]` table.
@@ -410,8 +467,10 @@ fn upstreams(file: &File, p: &mut Problems) -> Vec<Upstream> {
                 _ => None,
             }
         });
+        let connect_to = u.connect_to.as_ref().map(|a| p.addr(&field.at("connect_to"), a));
         match parts {
             Some((scheme, authority)) => out.push(Upstream {
+                connect_to,
                 name: u.name.clone(),
                 scheme,
                 authority,
