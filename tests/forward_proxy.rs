@@ -234,8 +234,10 @@ async fn a_python_requests_script_is_metered_queued_and_throttled_like_base_url_
     assert!(!leaked, "Proxy-Authorization is never forwarded");
 }
 
-/// Issue #9, case 2: curl --proxy with --cacert, HTTP/2 inside the tunnel
-/// when curl offers it, to Defender and to Graph.
+/// Issue #9, case 2: curl --proxy with --cacert, to Defender and to Graph.
+/// curl offers HTTP/2 and the gateway answers in HTTP/1.1: over HTTP/2 a
+/// local 429 sent before curl closed its upload ends in a stream reset that
+/// curl 7.x reports as an error (this test's third call caught that).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_through_the_proxy_reaches_defender_and_graph_and_is_throttled() {
     let s = Setup::start(None).await;
@@ -259,12 +261,13 @@ async fn curl_through_the_proxy_reaches_defender_and_graph_and_is_throttled() {
         String::from_utf8(o.stdout.clone()).unwrap()
     };
 
-    let first = text(&run(curl(HUNT_URL, &[])).await);
-    assert!(first.ends_with("200 2"), "HTTP/2 inside the tunnel, answered by the emulator:\n{first}");
-    let second = text(&run(curl(HUNT_URL, &["--http1.1"])).await);
-    assert!(second.ends_with("200 1.1"), "{second}");
+    for _ in 0..2 {
+        let ok = text(&run(curl(HUNT_URL, &[])).await);
+        assert!(ok.ends_with("200 1.1"), "answered by the emulator:\n{ok}");
+        assert!(ok.contains(r#""Results""#), "{ok}");
+    }
     let third = text(&run(curl(HUNT_URL, &["-H", "x-quotagate-max-wait: 0"])).await);
-    assert!(third.ends_with("429 2"), "{third}");
+    assert!(third.ends_with("429 1.1"), "{third}");
     let lower = third.to_ascii_lowercase();
     assert!(
         lower.contains("retry-after: ") && lower.contains("x-quotagate-throttled-by: gateway"),
@@ -272,8 +275,7 @@ async fn curl_through_the_proxy_reaches_defender_and_graph_and_is_throttled() {
     );
     assert!(third.contains(r#""code":"TooManyRequests""#), "{third}");
 
-    let graph =
-        text(&run(curl("https://graph.microsoft.com/v1.0/security/runHuntingQuery", &["--http1.1"])).await);
+    let graph = text(&run(curl("https://graph.microsoft.com/v1.0/security/runHuntingQuery", &[])).await);
     // The same policy and key: Graph's call waits for a slot, then goes through.
     assert!(graph.ends_with("200 1.1"), "{graph}");
     assert!(graph.contains(r#""results""#), "the Graph hunting answer:\n{graph}");

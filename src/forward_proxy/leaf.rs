@@ -5,7 +5,12 @@
 //! the gateway mint a certificate for any other name. A leaf is valid for
 //! [`VALIDITY`] and re-minted after [`REMINT_AFTER`], so a gateway that runs
 //! for months never serves an expired one. Each entry is a ready rustls
-//! server config (ALPN `h2`, `http/1.1`), shared by every worker.
+//! server config, shared by every worker.
+//!
+//! ALPN offers `http/1.1` only. Over HTTP/2, a request the gateway answers
+//! before the client has closed its upload (a local 429 or 401) ends with
+//! `RST_STREAM(NO_ERROR)`, which curl 7.x reports as a framing error instead
+//! of showing the answer; a loopback hop gains nothing from HTTP/2.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -76,7 +81,7 @@ impl LeafCerts {
                 .with_safe_default_protocol_versions()?
                 .with_no_client_auth()
                 .with_single_cert(chain, key)?;
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(config)
     }
 }
