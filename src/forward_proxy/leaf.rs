@@ -38,8 +38,11 @@ pub enum LeafError {
 /// Minted server configs, one slot per upstream.
 pub struct LeafCerts {
     ca: Arc<LocalCa>,
-    slots: Vec<Mutex<Option<(Instant, Arc<ServerConfig>)>>>,
+    slots: Vec<Mutex<Option<Minted>>>,
 }
+
+/// A leaf's server config and when it was minted.
+type Minted = (Instant, Arc<ServerConfig>);
 
 impl LeafCerts {
     pub fn new(ca: Arc<LocalCa>, upstreams: usize) -> Self {
