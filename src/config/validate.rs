@@ -548,6 +548,45 @@ key = "everyone"
     }
 
     #[test]
+    fn forward_proxy_problems_are_reported_with_the_rest() {
+        let text = r#"listen = "127.0.0.1:7480"
+admin_listen = "127.0.0.1:7481"
+trust_ca_files = ["/nonexistent/ca.pem"]
+[forward_proxy]
+listen = "127.0.0.1:7480"
+allow_tunnel = ["login.microsoftonline.com:443", "no-port.example", "API.security.microsoft.com:443"]
+[[upstream]]
+name = "d"
+url = "https://api.security.microsoft.com"
+kind = "defender"
+connect_to = "localhost"
+"#;
+        let err = Config::from_toml(text, "t.toml").unwrap_err().to_string();
+        for needle in [
+            "t.toml:3: trust_ca_files[0]: cannot read certificates from `/nonexistent/ca.pem`",
+            "t.toml:5: forward_proxy.listen: 127.0.0.1:7480 is used by two listeners",
+            "t.toml:6: forward_proxy.allow_tunnel[1]: `no-port.example` is not a host:port",
+            "t.toml:6: forward_proxy.allow_tunnel[2]: `API.security.microsoft.com:443` is an upstream host",
+            "t.toml:11: upstream[0] (d).connect_to: `localhost` is not an address",
+        ] {
+            assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+        }
+        assert!(!err.contains("allow_tunnel[0]"), "{err}");
+    }
+
+    #[test]
+    fn a_forward_proxy_config_keeps_its_settings() {
+        let text = "listen = \"127.0.0.1:1\"\nadmin_listen = \"127.0.0.1:2\"\n[forward_proxy]\nlisten = \"127.0.0.1:3\"\nca_dir = \"/tmp/qg-ca\"\nallow_tunnel = [\"Login.Example.com:443\"]\n[[upstream]]\nname = \"d\"\nurl = \"https://x.example\"\nkind = \"defender\"\nconnect_to = \"127.0.0.1:9443\"\n";
+        let c = Config::from_toml(text, "t.toml").unwrap();
+        let fp = c.forward_proxy.as_ref().unwrap();
+        assert_eq!(fp.listen.to_string(), "127.0.0.1:3");
+        assert_eq!(fp.ca_dir, std::path::PathBuf::from("/tmp/qg-ca"));
+        assert_eq!(fp.allow_tunnel, vec!["login.example.com:443".to_string()]);
+        assert_eq!(c.upstreams[0].connect_to, Some("127.0.0.1:9443".parse().unwrap()));
+        assert!(Config::builtin().forward_proxy.is_none(), "off unless configured");
+    }
+
+    #[test]
     fn unknown_fields_are_refused_with_their_line() {
         let text = "listen = \"127.0.0.1:1\"\nadmin_listen = \"127.0.0.1:2\"\nlisten_port = 3\n";
         let err = Config::from_toml(text, "t.toml").unwrap_err().to_string();

@@ -143,6 +143,15 @@ mod tests {
     }
 
     #[test]
+    fn a_proxy_target_names_its_upstream_by_host_alone() {
+        let t = table();
+        assert_eq!(by_host(&t, "GRAPH.microsoft.com"), Some(2));
+        assert_eq!(by_host(&t, "api.securitycenter.microsoft.com"), Some(1));
+        assert_eq!(by_host(&t, "microsoft.com"), None);
+        assert_eq!(by_host(&t, "evil.api.security.microsoft.com"), None);
+    }
+
+    #[test]
     fn a_bound_listener_wins() {
         let t = table();
         assert_eq!(select(&t, Some(1), &"/api/incidents".parse().unwrap(), &HeaderMap::new()), Some(1));
