@@ -320,6 +320,10 @@ async fn connect_to_an_unlisted_host_is_refused_and_an_allowed_tunnel_is_blind()
     tokio::time::timeout(Duration::from_secs(5), tunnel.read_exact(&mut back)).await.unwrap().unwrap();
     assert_eq!(&back, b"not even HTTP");
     assert_eq!(s.emu.count(), 0, "neither refused nor tunnelled traffic reaches an upstream");
+    let connects = |outcome: &str| format!("quotagate_forward_proxy_connects_total{{outcome=\"{outcome}\"}}");
+    // Three raw refusals and curl's.
+    assert_eq!(s.gw.metric(&connects("refused")).await, 4.0);
+    assert_eq!(s.gw.metric(&connects("tunnelled")).await, 1.0);
 }
 
 /// Send `CONNECT target` and read the response head.
@@ -362,6 +366,9 @@ async fn absolute_form_http_requests_to_configured_hosts_are_forwarded_over_tls(
     assert_eq!(body["value"][0]["incidentId"], 1);
     let refused = proxied.get("http://example.org/api/incidents").send().await.unwrap();
     assert_eq!(refused.status(), 403);
+    // An origin-form request is base-URL mode, which this listener does not serve.
+    let origin = client().get(format!("http://{}/api/incidents", s.proxy())).send().await.unwrap();
+    assert_eq!(origin.status(), 400);
     let seen = s.emu.requests();
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].path_and_query, "/api/incidents?$top=1");

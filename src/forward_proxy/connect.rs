@@ -21,6 +21,7 @@ use super::credential::ClientCredential;
 use super::ForwardProxy;
 use crate::app::{proxy, Worker};
 use crate::error::GatewayError;
+use crate::metrics::ConnectOutcome;
 use crate::upstream::route::by_host;
 use crate::upstream::ApiKind;
 
@@ -67,7 +68,15 @@ async fn connect(
     mut req: Request,
     credential: Option<ClientCredential>,
 ) -> Response {
-    let refuse = |e: GatewayError| e.into_response_for(ApiKind::Defender);
+    let metrics = worker.gateway().metrics.clone();
+    let refuse = |e: GatewayError| {
+        let outcome = match e {
+            GatewayError::TunnelUnreachable { .. } | GatewayError::Internal { .. } => ConnectOutcome::Failed,
+            _ => ConnectOutcome::Refused,
+        };
+        metrics.proxy_connect(outcome);
+        e.into_response_for(ApiKind::Defender)
+    };
     let Some(target) = req.uri().authority().cloned() else {
         return refuse(GatewayError::BadProxyRequest { detail: "CONNECT needs a host:port target".into() });
     };
@@ -87,6 +96,7 @@ async fn connect(
             Err(e) => return refuse(GatewayError::Internal { detail: e.to_string() }),
         };
         let upgrade = hyper::upgrade::on(&mut req);
+        metrics.proxy_connect(ConnectOutcome::Intercepted);
         tokio::spawn(async move {
             if let Err(e) = intercept(upgrade, tls, worker, up, credential).await {
                 tracing::debug!(error = %e, "intercepted tunnel ended with an error");
@@ -114,6 +124,7 @@ async fn connect(
                 let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(upgraded), &mut tcp).await;
             }
         });
+        metrics.proxy_connect(ConnectOutcome::Tunnelled);
         tracing::debug!(target = %wanted, "blind tunnel opened");
         return established();
     }
