@@ -324,6 +324,10 @@ async fn connect_to_an_unlisted_host_is_refused_and_an_allowed_tunnel_is_blind()
     // Three raw refusals and curl's.
     assert_eq!(s.gw.metric(&connects("refused")).await, 4.0);
     assert_eq!(s.gw.metric(&connects("tunnelled")).await, 1.0);
+    // Stopping the gateway closes the blind tunnel it still holds.
+    drop(s.gw);
+    let closed = tokio::time::timeout(Duration::from_secs(5), tunnel.read(&mut back)).await.unwrap();
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
 }
 
 /// Send `CONNECT target` and read the response head.

@@ -3,7 +3,9 @@
 //!
 //! An intercepted tunnel is served on the worker that accepted the
 //! `CONNECT`: the upgraded connection, its TLS session and its requests all
-//! stay on that worker's runtime and use its upstream pools.
+//! stay on that worker's runtime and use its upstream pools. When the
+//! server stops, an intercepted tunnel finishes its request in flight and
+//! closes; a blind tunnel closes at once.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -16,6 +18,7 @@ use http::{Method, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 
 use super::credential::ClientCredential;
 use super::ForwardProxy;
@@ -28,21 +31,28 @@ use crate::upstream::ApiKind;
 /// Longest wait for a client's TLS handshake, and for a blind tunnel's connection.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The service of the forward-proxy listener on one worker.
+/// The service of the forward-proxy listener on one worker; `stopped`
+/// turns true when the server stops.
 pub fn service(
     worker: Arc<Worker>,
     fp: Arc<ForwardProxy>,
+    stopped: watch::Receiver<bool>,
 ) -> impl tower::Service<Request, Response = Response, Error = Infallible, Future: Send> + Clone + Send {
     tower::service_fn(move |req: Request| {
-        let (worker, fp) = (worker.clone(), fp.clone());
-        async move { Ok(handle(worker, fp, req).await) }
+        let (worker, fp, stopped) = (worker.clone(), fp.clone(), stopped.clone());
+        async move { Ok(handle(worker, fp, req, stopped).await) }
     })
 }
 
-async fn handle(worker: Arc<Worker>, fp: Arc<ForwardProxy>, mut req: Request) -> Response {
+async fn handle(
+    worker: Arc<Worker>,
+    fp: Arc<ForwardProxy>,
+    mut req: Request,
+    stopped: watch::Receiver<bool>,
+) -> Response {
     let credential = ClientCredential::from_headers(req.headers());
     if req.method() == Method::CONNECT {
-        return connect(worker, fp, req, credential).await;
+        return connect(worker, fp, req, credential, stopped).await;
     }
     let refuse = |e: GatewayError| e.into_response_for(ApiKind::Defender);
     let Some(host) = req.uri().host() else {
@@ -67,6 +77,7 @@ async fn connect(
     fp: Arc<ForwardProxy>,
     mut req: Request,
     credential: Option<ClientCredential>,
+    mut stopped: watch::Receiver<bool>,
 ) -> Response {
     let metrics = worker.gateway().metrics.clone();
     let refuse = |e: GatewayError| {
@@ -98,7 +109,7 @@ async fn connect(
         let upgrade = hyper::upgrade::on(&mut req);
         metrics.proxy_connect(ConnectOutcome::Intercepted);
         tokio::spawn(async move {
-            if let Err(e) = intercept(upgrade, tls, worker, up, credential).await {
+            if let Err(e) = intercept(upgrade, tls, worker, up, credential, stopped).await {
                 tracing::debug!(error = %e, "intercepted tunnel ended with an error");
             }
         });
@@ -120,8 +131,11 @@ async fn connect(
         let upgrade = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
             if let Ok(upgraded) = upgrade.await {
-                let mut tcp = tcp;
-                let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(upgraded), &mut tcp).await;
+                let (mut client, mut tcp) = (TokioIo::new(upgraded), tcp);
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut client, &mut tcp) => {}
+                    _ = stopped.wait_for(|s| *s) => {}
+                }
             }
         });
         metrics.proxy_connect(ConnectOutcome::Tunnelled);
@@ -146,6 +160,7 @@ async fn intercept(
     worker: Arc<Worker>,
     up: usize,
     credential: Option<ClientCredential>,
+    mut stopped: watch::Receiver<bool>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let upgraded = TokioIo::new(upgrade.await?);
     let accept = tokio_rustls::TlsAcceptor::from(tls).accept(upgraded);
@@ -159,7 +174,13 @@ async fn intercept(
         }
         async move { Ok::<_, Infallible>(proxy(&worker, Some(up), req).await) }
     });
-    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-        .serve_connection(TokioIo::new(stream), service)
-        .await
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        done = conn.as_mut() => return done,
+        _ = stopped.wait_for(|s| *s) => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    conn.await
 }

@@ -96,7 +96,8 @@ pub async fn start_on(config: Config, workers: &[Handle]) -> io::Result<Running>
         let (dealer, listeners) = handoff::deal(socket, addr, workers.len());
         tasks.spawn_on(handoff::run_until(dealer, stopping(stopped.clone())), first);
         for ((listener, worker), handle) in listeners.into_iter().zip(&worker_states).zip(workers) {
-            let service = crate::forward_proxy::service(worker.clone(), proxy.clone()).into_make_service();
+            let service = crate::forward_proxy::service(worker.clone(), proxy.clone(), stopped.clone())
+                .into_make_service();
             let stopped = stopped.clone();
             tasks.spawn_on(
                 async move { axum::serve(listener, service).with_graceful_shutdown(stopping(stopped)).await },
