@@ -375,6 +375,9 @@ async fn absolute_form_http_requests_to_configured_hosts_are_forwarded_over_tls(
     assert_eq!(origin.status(), 400);
     let seen = s.emu.requests();
     assert_eq!(seen.len(), 1);
+    // Upstreams with connect_to are ready without a DNS lookup of the real host.
+    let ready = client().get(s.gw.admin_url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200, "{}", ready.text().await.unwrap());
     assert_eq!(seen[0].path_and_query, "/api/incidents?$top=1");
     assert!(!seen[0].headers.contains_key("proxy-authorization"));
 }
