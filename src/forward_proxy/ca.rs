@@ -1,8 +1,9 @@
 //! The local certificate authority of the forward proxy.
 //!
-//! Generated on first use in its directory (`ca.pem`, the certificate that
-//! clients trust, and `ca.key`, its private key, created with mode 0600 and
-//! never sent anywhere), then loaded from there on every start. It signs the
+//! Generated on first use in its directory (created 0700: `ca.pem`, the
+//! certificate that clients trust, and `ca.key`, its private key, created
+//! with mode 0600 and never sent anywhere), then loaded from there on every
+//! start. A directory with a certificate but no key gets a new CA. It signs the
 //! leaf certificates of [`super::leaf`]; `quotagate ca export` prints
 //! `ca.pem`. It does not rotate itself, revoke, or constrain names: whoever
 //! can read `ca.key` can impersonate any host to a client that trusts it.
@@ -62,7 +63,11 @@ impl LocalCa {
         let io_err = |source| CaError::Io { dir: dir.display().to_string(), source };
         let (cert_path, key_path) = (dir.join(CERT_FILE), dir.join(KEY_FILE));
         if !key_path.exists() {
-            std::fs::create_dir_all(dir).map_err(io_err)?;
+            let mut mkdir = std::fs::DirBuilder::new();
+            mkdir.recursive(true);
+            #[cfg(unix)]
+            std::os::unix::fs::DirBuilderExt::mode(&mut mkdir, 0o700);
+            mkdir.create(dir).map_err(io_err)?;
             let key = KeyPair::generate().map_err(|e| invalid(dir, e))?;
             let mut first = params();
             // Validity: from a day ago (clock skew) for ten years.
@@ -139,6 +144,8 @@ mod tests {
             use std::os::unix::fs::PermissionsExt;
             let mode = std::fs::metadata(path.join(KEY_FILE)).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o600, "the CA key is readable by its owner only");
+            let dir_mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(dir_mode & 0o777, 0o700, "so is its directory");
         }
         let again = LocalCa::load_or_create(&path).unwrap();
         assert_eq!(first.cert_pem(), again.cert_pem(), "a second start reuses the stored CA");

@@ -117,9 +117,9 @@ async fn connect(
     }
     let wanted = target.as_str().to_ascii_lowercase();
     if fp.allow_tunnel.contains(&wanted) {
-        let tcp = match tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect((target.host(), port)))
-            .await
-        {
+        // An IPv6 literal comes bracketed, as in a URI.
+        let host = target.host().trim_start_matches('[').trim_end_matches(']');
+        let tcp = match tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect((host, port))).await {
             Ok(Ok(tcp)) => tcp,
             Ok(Err(e)) => {
                 return refuse(GatewayError::TunnelUnreachable { target: wanted, detail: e.to_string() })

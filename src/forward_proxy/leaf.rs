@@ -88,3 +88,21 @@ impl LeafCerts {
         Ok(config)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_leaf_is_minted_once_per_upstream_and_then_served_from_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Arc::new(LocalCa::load_or_create(dir.path()).unwrap());
+        let leaves = LeafCerts::new(ca, 2);
+        let first = leaves.server_config(0, "api.security.microsoft.com").unwrap();
+        let again = leaves.server_config(0, "api.security.microsoft.com").unwrap();
+        assert!(Arc::ptr_eq(&first, &again), "cached");
+        let other = leaves.server_config(1, "graph.microsoft.com").unwrap();
+        assert!(!Arc::ptr_eq(&first, &other), "one leaf per upstream");
+        assert_eq!(first.alpn_protocols, vec![b"http/1.1".to_vec()]);
+    }
+}
