@@ -55,6 +55,15 @@ pub enum GatewayError {
     UpstreamTimeout { upstream: String, after: Duration },
     #[error("upstream `{upstream}` failed: {detail}")]
     UpstreamFailed { upstream: String, detail: String },
+    #[error("this forward proxy reaches only its configured upstream hosts (and the blind tunnels it allows), not `{target}`")]
+    ProxyRefused { target: String },
+    #[error("not a forward-proxy request: {detail}")]
+    BadProxyRequest { detail: String },
+    #[error("the blind tunnel to `{target}` could not be opened: {detail}")]
+    TunnelUnreachable { target: String, detail: String },
+    /// The detail is logged, never sent.
+    #[error("internal error; the gateway's log has the details")]
+    Internal { detail: String },
 }
 
 /// The upstream's own message (or a generic one), ending with the wait the
@@ -141,6 +150,10 @@ impl GatewayError {
                 StatusCode::BAD_GATEWAY
             }
             GatewayError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::ProxyRefused { .. } => StatusCode::FORBIDDEN,
+            GatewayError::BadProxyRequest { .. } => StatusCode::BAD_REQUEST,
+            GatewayError::TunnelUnreachable { .. } => StatusCode::BAD_GATEWAY,
+            GatewayError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -158,12 +171,19 @@ impl GatewayError {
             GatewayError::NoRoute { .. } => "NotFound",
             GatewayError::UpstreamUnreachable { .. } | GatewayError::UpstreamFailed { .. } => "BadGateway",
             GatewayError::UpstreamTimeout { .. } => "GatewayTimeout",
+            GatewayError::ProxyRefused { .. } => "Forbidden",
+            GatewayError::BadProxyRequest { .. } => "BadRequest",
+            GatewayError::TunnelUnreachable { .. } => "BadGateway",
+            GatewayError::Internal { .. } => "InternalServerError",
         }
     }
 
     /// The response in the shape clients of `kind` expect.
     pub fn into_response_for(self, kind: ApiKind) -> Response {
         let status = self.status();
+        if let GatewayError::Internal { detail } = &self {
+            tracing::error!(%detail, "internal error");
+        }
         let id = request_id();
         let message = self.to_string();
         let body = match kind {

@@ -3,8 +3,9 @@
 //!
 //! One request's path through the gateway, module by module:
 //!
-//! 1. [`server`] accepts it on a proxy listener (over TLS when configured);
-//!    [`app`] runs the steps below.
+//! 1. [`server`] accepts it on a proxy listener (over TLS when configured),
+//!    or [`forward_proxy`] takes it out of a `CONNECT` tunnel; [`app`] runs
+//!    the steps below.
 //! 2. [`upstream::route`] picks the upstream by listener, host or path prefix.
 //! 3. [`policy`] finds the policy that meters it by method, upstream and path.
 //! 4. [`identity::client`] names the client (API key, app id or anonymous);
@@ -24,6 +25,7 @@ pub mod admission;
 pub mod app;
 pub mod config;
 pub mod error;
+pub mod forward_proxy;
 pub mod hunting;
 pub mod identity;
 pub mod metrics;

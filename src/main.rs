@@ -20,7 +20,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(version)]
 struct Cli {
     /// Run from this TOML configuration file instead of the built-in defaults.
-    #[arg(long, env = "QUOTAGATE_CONFIG", value_name = "FILE")]
+    #[arg(long, env = "QUOTAGATE_CONFIG", value_name = "FILE", global = true)]
     config: Option<PathBuf>,
     /// Override the address of the base-URL proxy listener (`listen` in the
     /// file); extra [[listener]] entries keep their own addresses.
@@ -62,6 +62,23 @@ enum Command {
         #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
+    /// The forward proxy's local certificate authority.
+    Ca {
+        #[command(subcommand)]
+        action: CaCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Print the CA certificate (PEM) that clients must trust, creating the
+    /// CA first if it does not exist. The private key is never printed.
+    Export {
+        /// The CA directory (default: `[forward_proxy].ca_dir` of the config,
+        /// else $STATE_DIRECTORY/ca, else ./quotagate-ca).
+        #[arg(long, value_name = "DIR")]
+        ca_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -89,6 +106,9 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             };
+        }
+        Some(Command::Ca { action: CaCommand::Export { ca_dir } }) => {
+            return ca_export(cli.config.as_deref(), ca_dir.as_deref());
         }
         None => {}
     }
@@ -148,6 +168,32 @@ fn check_config(file: &std::path::Path) -> ExitCode {
     }
 }
 
+fn ca_export(config: Option<&std::path::Path>, ca_dir: Option<&std::path::Path>) -> ExitCode {
+    let dir = match ca_dir {
+        Some(dir) => dir.to_path_buf(),
+        None => {
+            let config = match config.map_or_else(|| Ok(Config::builtin()), Config::load) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(2);
+                }
+            };
+            config.forward_proxy.map_or_else(quotagate::forward_proxy::ca::default_dir, |fp| fp.ca_dir)
+        }
+    };
+    match quotagate::forward_proxy::LocalCa::load_or_create(&dir) {
+        Ok(ca) => {
+            print!("{}", ca.cert_pem());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("quotagate ca export: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 async fn run(config: Config, workers: &quotagate::server::Workers) -> std::io::Result<()> {
     let running = quotagate::server::start_on(config, workers.handles()).await?;
     for (addr, spec) in running.proxy_addrs.iter().zip(&running.gateway.config.listeners) {
@@ -155,6 +201,10 @@ async fn run(config: Config, workers: &quotagate::server::Workers) -> std::io::R
         tracing::info!(%addr, upstream = upstream.unwrap_or("routed by host and path"), "proxy listening");
         let scheme = if running.gateway.config.tls.is_some() { "https" } else { "http" };
         announce(format_args!("quotagate: proxy listening on {scheme}://{addr}"));
+    }
+    if let Some(addr) = running.forward_proxy_addr {
+        tracing::info!(%addr, "forward proxy listening");
+        announce(format_args!("quotagate: forward proxy listening on http://{addr} (HTTPS_PROXY)"));
     }
     tracing::info!(addr = %running.admin_addr, "admin listening");
     announce(format_args!("quotagate: admin listening on http://{}", running.admin_addr));

@@ -26,7 +26,32 @@ pub struct Metrics {
     queue_depth: IntGaugeVec,
     holds: IntCounterVec,
     revealed: IntGaugeVec,
+    proxy_connects: IntCounterVec,
     workers: Vec<WorkerMetrics>,
+}
+
+/// What the forward proxy did with a `CONNECT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectOutcome {
+    /// To an upstream host: TLS terminated, requests metered.
+    Intercepted,
+    /// To an `allow_tunnel` target: bytes passed through.
+    Tunnelled,
+    /// To any other target, or malformed: 403 or 400.
+    Refused,
+    /// The blind tunnel's target could not be reached, or a leaf could not be minted.
+    Failed,
+}
+
+impl ConnectOutcome {
+    fn label(self) -> &'static str {
+        match self {
+            ConnectOutcome::Intercepted => "intercepted",
+            ConnectOutcome::Tunnelled => "tunnelled",
+            ConnectOutcome::Refused => "refused",
+            ConnectOutcome::Failed => "failed",
+        }
+    }
 }
 
 /// One worker's per-request families.
@@ -250,6 +275,16 @@ impl Metrics {
         )
         .expect("valid metric");
         shared.register(Box::new(revealed.clone())).expect("unique metric");
+        // CONNECTs are few (one per client connection): one shared family is enough.
+        let proxy_connects = IntCounterVec::new(
+            Opts::new(
+                "quotagate_forward_proxy_connects_total",
+                "CONNECT requests to the forward proxy, by outcome (intercepted, tunnelled, refused, failed).",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        shared.register(Box::new(proxy_connects.clone())).expect("unique metric");
         let build_info =
             IntGaugeVec::new(Opts::new("quotagate_build_info", "Build information; always 1."), &["version"])
                 .expect("valid metric");
@@ -260,6 +295,7 @@ impl Metrics {
             queue_depth,
             holds,
             revealed,
+            proxy_connects,
             workers: (0..workers.max(1)).map(|_| WorkerMetrics::new()).collect(),
         }
     }
@@ -268,6 +304,11 @@ impl Metrics {
     pub fn client(&self, worker: usize, name: &str) -> ClientMetrics {
         let w = &self.workers[worker % self.workers.len()];
         ClientMetrics { requests: w.client_requests.clone(), name: name.to_string() }
+    }
+
+    /// Count one forward-proxy `CONNECT`.
+    pub fn proxy_connect(&self, outcome: ConnectOutcome) {
+        self.proxy_connects.with_label_values(&[outcome.label()]).inc();
     }
 
     /// Resolve one worker's handles for one policy (`unmetered` for the rest).

@@ -30,17 +30,19 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
 
 /// Ready when the config is loaded (it is, or the process would not be
 /// serving), the quota store answers (in memory: always) and every upstream
-/// host resolves. 503 with the same body otherwise.
+/// host resolves (an upstream with `connect_to` needs no lookup). 503 with
+/// the same body otherwise.
 async fn ready(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
     let mut upstreams = Vec::new();
     for u in &gw.config.upstreams {
         let port =
             u.authority.port_u16().unwrap_or(if u.scheme == http::uri::Scheme::HTTPS { 443 } else { 80 });
         let lookup = tokio::net::lookup_host((u.authority.host(), port));
-        let resolvable = match tokio::time::timeout(std::time::Duration::from_secs(2), lookup).await {
-            Ok(Ok(mut addrs)) => addrs.next().is_some(),
-            _ => false,
-        };
+        let resolvable = u.connect_to.is_some()
+            || match tokio::time::timeout(std::time::Duration::from_secs(2), lookup).await {
+                Ok(Ok(mut addrs)) => addrs.next().is_some(),
+                _ => false,
+            };
         upstreams
             .push(serde_json::json!({"name": u.name, "host": u.authority.host(), "resolvable": resolvable}));
     }

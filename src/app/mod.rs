@@ -22,6 +22,7 @@ use crate::admission::runtime::RuntimeLimiter;
 use crate::admission::Limiter;
 use crate::config::Config;
 use crate::error::GatewayError;
+use crate::forward_proxy::credential::ClientCredential;
 use crate::identity::client::PRIORITY_HEADER;
 use crate::identity::IdentityCache;
 use crate::metrics::{ClientMetrics, Metrics, PolicyMetrics};
@@ -72,6 +73,10 @@ pub struct Worker {
 }
 
 impl Worker {
+    pub fn gateway(&self) -> &Gateway {
+        &self.gateway
+    }
+
     pub fn new(gateway: Arc<Gateway>, index: usize) -> Self {
         let config = &gateway.config;
         let mut timeouts: Vec<Duration> = config.policies.0.iter().map(|p| p.timeouts.connect).collect();
@@ -85,7 +90,7 @@ impl Worker {
             config.clients.all().iter().map(|c| gateway.metrics.client(index, &c.name)).collect();
         client_metrics.push(gateway.metrics.client(index, "unknown"));
         Worker {
-            clients: Clients::new(timeouts),
+            clients: Clients::new(timeouts, config),
             identities: IdentityCache::new(IDENTITY_CACHE),
             metrics,
             client_metrics,
@@ -105,7 +110,9 @@ pub fn proxy_service(
     })
 }
 
-async fn proxy(worker: &Worker, bound: Option<usize>, mut req: Request) -> Response {
+/// One request through the gateway; `bound` fixes its upstream (a bound
+/// listener, or the target of a forward-proxy `CONNECT`).
+pub(crate) async fn proxy(worker: &Worker, bound: Option<usize>, mut req: Request) -> Response {
     let gw = &*worker.gateway;
     let config = &*gw.config;
     let Some(up) = route::select(&config.upstreams, bound, req.uri(), req.headers()) else {
@@ -121,6 +128,15 @@ async fn proxy(worker: &Worker, bound: Option<usize>, mut req: Request) -> Respo
         return fail(GatewayError::PayloadTooLarge { limit: config.max_body_bytes });
     }
     let roster = &config.clients;
+    // A forward-proxy client's key came in `Proxy-Authorization` on its
+    // `CONNECT`: it stands for the API-key header of base-URL mode.
+    if let Some(credential) = req.extensions_mut().remove::<ClientCredential>() {
+        if !req.headers().contains_key(&roster.header) {
+            if let Ok(key) = http::HeaderValue::from_str(&credential.key) {
+                req.headers_mut().insert(roster.header.clone(), key);
+            }
+        }
+    }
     let token = worker.identities.identify(req.headers());
     let client = match roster.identify(req.headers(), token.as_ref().ok().map(|who| who.app.as_str())) {
         Ok(client) => client,

@@ -59,6 +59,13 @@ pub struct File {
     /// The clients that share the gateway.
     #[serde(default, rename = "client", skip_serializing_if = "Vec::is_empty")]
     pub clients: Vec<ClientFile>,
+    /// PEM files of extra CA certificates the upstream client trusts besides
+    /// the Web PKI roots (a private upstream, a test emulator).
+    #[serde(default)]
+    pub trust_ca_files: Vec<String>,
+    /// The HTTPS forward proxy for scripts that hard-code Microsoft hosts; off when absent.
+    #[serde(default)]
+    pub forward_proxy: Option<ForwardProxyFile>,
     /// Proxy listeners bound to a single upstream.
     #[serde(default, rename = "listener")]
     pub listeners: Vec<ListenerFile>,
@@ -123,6 +130,24 @@ pub struct UpstreamFile {
     /// Path prefixes that route a base-URL request here.
     #[serde(default)]
     pub route_prefixes: Vec<String>,
+    /// Connect to this address instead of resolving the url's host; TLS
+    /// still verifies the url's host name. Its port is used unless the url names one.
+    pub connect_to: Option<String>,
+}
+
+/// The `[forward_proxy]` table.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardProxyFile {
+    /// Where clients' `HTTPS_PROXY` points.
+    pub listen: String,
+    /// Directory of the local CA (`ca.pem`, `ca.key`); default
+    /// `$STATE_DIRECTORY/ca`, else `quotagate-ca` in the working directory.
+    pub ca_dir: Option<String>,
+    /// `host:port` targets outside the upstream table that `CONNECT` may
+    /// reach as a blind tunnel: never inspected, never metered.
+    #[serde(default)]
+    pub allow_tunnel: Vec<String>,
 }
 
 /// Every field is optional: an unset one falls back to the built-in value.

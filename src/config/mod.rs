@@ -33,6 +33,16 @@ pub struct ListenerSpec {
     pub upstream: Option<usize>,
 }
 
+/// The validated `[forward_proxy]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardProxySpec {
+    pub listen: SocketAddr,
+    /// Where the local CA lives.
+    pub ca_dir: std::path::PathBuf,
+    /// Lower-case `host:port` targets allowed as blind tunnels.
+    pub allow_tunnel: Vec<String>,
+}
+
 /// The validated configuration the gateway runs on.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -62,6 +72,10 @@ pub struct Config {
     pub allow_anonymous_on_network: bool,
     /// TLS for every proxy listener.
     pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    /// The HTTPS forward proxy, when configured.
+    pub forward_proxy: Option<ForwardProxySpec>,
+    /// Extra CA certificates the upstream client trusts (DER), read from `trust_ca_files`.
+    pub trust_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
 /// Everything wrong with a configuration, one line each, in the form
@@ -138,13 +152,26 @@ impl Config {
             let _ = writeln!(out, "  {} ({to})", l.addr);
         }
         let _ = writeln!(out, "  {} (admin: health and metrics)", self.admin_listen);
+        if let Some(fp) = &self.forward_proxy {
+            let _ = writeln!(
+                out,
+                "  {} (forward proxy: CONNECT to upstream hosts; CA in {}; blind tunnels {:?})",
+                fp.listen,
+                fp.ca_dir.display(),
+                fp.allow_tunnel
+            );
+        }
         let _ = writeln!(out, "upstreams:");
         for u in &self.upstreams {
-            let _ = writeln!(
+            let _ = write!(
                 out,
                 "  {:<12} {}://{} {:?} prefixes {:?}",
                 u.name, u.scheme, u.authority, u.kind, u.route_prefixes
             );
+            let _ = match u.connect_to {
+                Some(addr) => writeln!(out, " connect to {addr}"),
+                None => writeln!(out),
+            };
         }
         let _ = writeln!(out, "policies (first match wins; guard {:?}):", self.guard);
         for p in &self.policies.0 {

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use http::{Method, Uri};
 
-use super::file::{BudgetFile, File, HuntingFile, PolicyFile};
+use super::file::{BudgetFile, File, ForwardProxyFile, HuntingFile, PolicyFile};
 use super::problem::Problem;
-use super::{Config, ListenerSpec};
+use super::{Config, ForwardProxySpec, ListenerSpec};
 use crate::admission::runtime::Estimator;
 use crate::hunting::{Hunting, LookbackMode};
 use crate::policy::{Mode, PathPattern, Policies, Policy, Timeouts};
@@ -177,13 +177,17 @@ pub fn validate(file: &File) -> Result<Config, Vec<Problem>> {
         listeners.push(ListenerSpec { addr, upstream });
         listener_fields.push(field.at("listen"));
     }
+    let forward_proxy = file.forward_proxy.as_ref().map(|fp| forward_proxy(fp, &upstreams, &mut p));
     let mut seen = vec![admin_listen];
-    for (l, field) in listeners.iter().zip(&listener_fields) {
-        if l.addr.port() != 0 && seen.contains(&l.addr) {
-            p.push(field, format!("{} is used by two listeners", l.addr));
+    let proxy_listen = forward_proxy.as_ref().map(|fp| (fp.listen, Field::top("forward_proxy").at("listen")));
+    let all = listeners.iter().map(|l| l.addr).zip(listener_fields.iter().cloned()).chain(proxy_listen);
+    for (addr, field) in all {
+        if addr.port() != 0 && seen.contains(&addr) {
+            p.push(&field, format!("{addr} is used by two listeners"));
         }
-        seen.push(l.addr);
+        seen.push(addr);
     }
+    let trust_roots = trust_roots(&file.trust_ca_files, &mut p);
 
     let defaults = inherited(file, &mut p);
     let hunting = hunting(&file.hunting, &mut p);
@@ -301,10 +305,63 @@ pub fn validate(file: &File) -> Result<Config, Vec<Problem>> {
             clients,
             allow_anonymous_on_network: file.allow_anonymous_on_network,
             tls,
+            forward_proxy,
+            trust_roots,
         })
     } else {
         Err(p.0)
     }
+}
+
+/// The `[forward_proxy]` table. A blind tunnel must name a port and no
+/// upstream host: those are always intercepted and metered.
+fn forward_proxy(fp: &ForwardProxyFile, upstreams: &[Upstream], p: &mut Problems) -> ForwardProxySpec {
+    let field = Field::top("forward_proxy");
+    let listen = p.addr(&field.at("listen"), &fp.listen);
+    let mut allow_tunnel = Vec::new();
+    for (i, target) in fp.allow_tunnel.iter().enumerate() {
+        let f = field.at(&format!("allow_tunnel[{i}]"));
+        match target.parse::<http::uri::Authority>() {
+            Ok(a) if a.port_u16().is_some() && !a.host().is_empty() => {
+                if crate::upstream::route::by_host(upstreams, a.host()).is_some() {
+                    p.push(
+                        &f,
+                        format!(
+                            "`{target}` is an upstream host: it is intercepted and metered, never tunnelled"
+                        ),
+                    );
+                }
+                allow_tunnel.push(a.as_str().to_ascii_lowercase());
+            }
+            _ => {
+                p.push(&f, format!("`{target}` is not a host:port such as \"login.microsoftonline.com:443\""))
+            }
+        }
+    }
+    ForwardProxySpec {
+        listen,
+        ca_dir: fp.ca_dir.as_ref().map_or_else(crate::forward_proxy::ca::default_dir, Into::into),
+        allow_tunnel,
+    }
+}
+
+/// The certificates of `trust_ca_files`, each file holding one or more PEM certificates.
+fn trust_roots(files: &[String], p: &mut Problems) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = Vec::new();
+    for (i, path) in files.iter().enumerate() {
+        let field = Field::top(&format!("trust_ca_files[{i}]"));
+        let certs: Result<Vec<_>, _> = match rustls::pki_types::CertificateDer::pem_file_iter(path) {
+            Ok(iter) => iter.collect(),
+            Err(e) => Err(e),
+        };
+        match certs {
+            Ok(certs) if certs.is_empty() => p.push(&field, format!("`{path}` holds no PEM certificate")),
+            Ok(certs) => roots.extend(certs),
+            Err(e) => p.push(&field, format!("cannot read certificates from `{path}`: {e}")),
+        }
+    }
+    roots
 }
 
 /// The `[hunting]` table.
@@ -447,8 +504,10 @@ fn upstreams(file: &File, p: &mut Problems) -> Vec<Upstream> {
                 _ => None,
             }
         });
+        let connect_to = u.connect_to.as_ref().map(|a| p.addr(&field.at("connect_to"), a));
         match parts {
             Some((scheme, authority)) => out.push(Upstream {
+                connect_to,
                 name: u.name.clone(),
                 scheme,
                 authority,
@@ -523,6 +582,45 @@ key = "everyone"
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
+    }
+
+    #[test]
+    fn forward_proxy_problems_are_reported_with_the_rest() {
+        let text = r#"listen = "127.0.0.1:7480"
+admin_listen = "127.0.0.1:7481"
+trust_ca_files = ["/nonexistent/ca.pem"]
+[forward_proxy]
+listen = "127.0.0.1:7480"
+allow_tunnel = ["login.microsoftonline.com:443", "no-port.example", "API.security.microsoft.com:443"]
+[[upstream]]
+name = "d"
+url = "https://api.security.microsoft.com"
+kind = "defender"
+connect_to = "localhost"
+"#;
+        let err = Config::from_toml(text, "t.toml").unwrap_err().to_string();
+        for needle in [
+            "t.toml:3: trust_ca_files[0]: cannot read certificates from `/nonexistent/ca.pem`",
+            "t.toml:5: forward_proxy.listen: 127.0.0.1:7480 is used by two listeners",
+            "t.toml:6: forward_proxy.allow_tunnel[1]: `no-port.example` is not a host:port",
+            "t.toml:6: forward_proxy.allow_tunnel[2]: `API.security.microsoft.com:443` is an upstream host",
+            "t.toml:11: upstream[0] (d).connect_to: `localhost` is not an address",
+        ] {
+            assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+        }
+        assert!(!err.contains("allow_tunnel[0]"), "{err}");
+    }
+
+    #[test]
+    fn a_forward_proxy_config_keeps_its_settings() {
+        let text = "listen = \"127.0.0.1:1\"\nadmin_listen = \"127.0.0.1:2\"\n[forward_proxy]\nlisten = \"127.0.0.1:3\"\nca_dir = \"/tmp/qg-ca\"\nallow_tunnel = [\"Login.Example.com:443\"]\n[[upstream]]\nname = \"d\"\nurl = \"https://x.example\"\nkind = \"defender\"\nconnect_to = \"127.0.0.1:9443\"\n";
+        let c = Config::from_toml(text, "t.toml").unwrap();
+        let fp = c.forward_proxy.as_ref().unwrap();
+        assert_eq!(fp.listen.to_string(), "127.0.0.1:3");
+        assert_eq!(fp.ca_dir, std::path::PathBuf::from("/tmp/qg-ca"));
+        assert_eq!(fp.allow_tunnel, vec!["login.example.com:443".to_string()]);
+        assert_eq!(c.upstreams[0].connect_to, Some("127.0.0.1:9443".parse().unwrap()));
+        assert!(Config::builtin().forward_proxy.is_none(), "off unless configured");
     }
 
     #[test]

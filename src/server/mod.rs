@@ -28,6 +28,7 @@ pub use workers::Workers;
 
 use crate::app::{proxy_service, Gateway, Worker};
 use crate::config::Config;
+use crate::forward_proxy::ForwardProxy;
 use crate::metrics::Metrics;
 
 /// A running gateway.
@@ -35,6 +36,8 @@ pub struct Running {
     /// Bound proxy addresses, in configured order (the base-URL listener first).
     pub proxy_addrs: Vec<SocketAddr>,
     pub admin_addr: SocketAddr,
+    /// The forward-proxy listener's address, when one is configured.
+    pub forward_proxy_addr: Option<SocketAddr>,
     pub gateway: Arc<Gateway>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<io::Result<()>>,
@@ -64,6 +67,17 @@ pub async fn start_on(config: Config, workers: &[Handle]) -> io::Result<Running>
     }
     let admin = bind(config.admin_listen, first)?;
     let admin_addr = admin.local_addr()?;
+    // The forward proxy's CA is loaded (or created) now, so a bad CA directory fails startup.
+    let forward = match &config.forward_proxy {
+        Some(spec) => {
+            let socket = bind(spec.listen, first)?;
+            let addr = socket.local_addr()?;
+            let proxy = ForwardProxy::new(&config).map_err(io::Error::other)?.expect("configured");
+            Some((socket, addr, Arc::new(proxy)))
+        }
+        None => None,
+    };
+    let forward_proxy_addr = forward.as_ref().map(|(_, addr, _)| *addr);
 
     let worker_states: Vec<Arc<Worker>> =
         (0..workers.len()).map(|i| Arc::new(Worker::new(gateway.clone(), i))).collect();
@@ -92,6 +106,19 @@ pub async fn start_on(config: Config, workers: &[Handle]) -> io::Result<Running>
             };
         }
     }
+    if let Some((socket, addr, proxy)) = forward {
+        let (dealer, listeners) = handoff::deal(socket, addr, workers.len());
+        tasks.spawn_on(handoff::run_until(dealer, stopping(stopped.clone())), first);
+        for ((listener, worker), handle) in listeners.into_iter().zip(&worker_states).zip(workers) {
+            let service = crate::forward_proxy::service(worker.clone(), proxy.clone(), stopped.clone())
+                .into_make_service();
+            let stopped = stopped.clone();
+            tasks.spawn_on(
+                async move { axum::serve(listener, service).with_graceful_shutdown(stopping(stopped)).await },
+                handle,
+            );
+        }
+    }
     let admin_router = crate::admin::router(gateway.clone());
     let admin_stopped = stopped.clone();
     tasks.spawn_on(
@@ -113,7 +140,7 @@ pub async fn start_on(config: Config, workers: &[Handle]) -> io::Result<Running>
         },
         first,
     );
-    Ok(Running { proxy_addrs, admin_addr, gateway, stop, tasks })
+    Ok(Running { proxy_addrs, admin_addr, forward_proxy_addr, gateway, stop, tasks })
 }
 
 async fn stopping(mut stopped: watch::Receiver<bool>) {

@@ -1,5 +1,7 @@
 //! The pooled HTTP client to the upstreams: HTTP/1.1 and HTTP/2 (by ALPN)
-//! over rustls with certificate verification against the Web PKI roots.
+//! over rustls with certificate verification against the Web PKI roots and
+//! the CA certificates of `trust_ca_files`; upstreams with `connect_to` are
+//! reached at that address ([`super::resolve`]).
 //!
 //! One pool per distinct connect timeout in the config (connect timeouts
 //! live in the connector); usually one or two.
@@ -13,8 +15,12 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use rustls::pki_types::CertificateDer;
 
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
+use super::resolve::Resolver;
+use crate::config::Config;
+
+pub type HttpClient = Client<HttpsConnector<HttpConnector<Resolver>>, Body>;
 
 /// The upstream clients, keyed by connect timeout.
 pub struct Clients {
@@ -22,9 +28,13 @@ pub struct Clients {
 }
 
 impl Clients {
-    pub fn new(connect_timeouts: impl IntoIterator<Item = Duration>) -> Self {
-        let tls = tls_config();
-        let by_connect_timeout = connect_timeouts.into_iter().map(|t| (t, build(t, tls.clone()))).collect();
+    pub fn new(connect_timeouts: impl IntoIterator<Item = Duration>, config: &Config) -> Self {
+        let tls = tls_config(&config.trust_roots);
+        let resolver = Resolver::new(
+            config.upstreams.iter().filter_map(|u| Some((u.authority.host().to_string(), u.connect_to?))),
+        );
+        let by_connect_timeout =
+            connect_timeouts.into_iter().map(|t| (t, build(t, tls.clone(), resolver.clone()))).collect();
         Clients { by_connect_timeout }
     }
 
@@ -37,9 +47,14 @@ impl Clients {
     }
 }
 
-fn tls_config() -> Arc<rustls::ClientConfig> {
+fn tls_config(extra: &[CertificateDer<'static>]) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    // Validation parsed these; one that rustls still refuses is left out.
+    let (_, refused) = roots.add_parsable_certificates(extra.iter().cloned());
+    if refused > 0 {
+        tracing::warn!(refused, "some trust_ca_files certificates are not usable trust anchors");
+    }
     let config =
         rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
@@ -49,8 +64,8 @@ fn tls_config() -> Arc<rustls::ClientConfig> {
     Arc::new(config)
 }
 
-fn build(connect_timeout: Duration, tls: Arc<rustls::ClientConfig>) -> HttpClient {
-    let mut http = HttpConnector::new();
+fn build(connect_timeout: Duration, tls: Arc<rustls::ClientConfig>, resolver: Resolver) -> HttpClient {
+    let mut http = HttpConnector::new_with_resolver(resolver);
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));

@@ -1,9 +1,11 @@
-//! Forwarding to the upstream APIs: route selection, the pooled TLS client,
+//! Forwarding to the upstream APIs: route selection, the pooled TLS client
+//! and its resolver,
 //! header hygiene and streaming with timeouts.
 
 pub mod client;
 pub mod deadline;
 pub mod forward;
+pub mod resolve;
 pub mod route;
 pub mod throttle;
 

@@ -27,6 +27,8 @@ pub struct Upstream {
     pub kind: ApiKind,
     /// Lower-case path prefixes that route base-URL requests here.
     pub route_prefixes: Vec<String>,
+    /// Connect here instead of resolving the host (TLS still checks the host name).
+    pub connect_to: Option<std::net::SocketAddr>,
 }
 
 impl Upstream {
@@ -49,6 +51,12 @@ impl Upstream {
             _ => false,
         }
     }
+}
+
+/// The first upstream whose host is `host` (any port): how a forward-proxy
+/// target (`CONNECT host:443`, `GET http://host/...`) names its upstream.
+pub fn by_host(upstreams: &[Upstream], host: &str) -> Option<usize> {
+    upstreams.iter().position(|u| u.authority.host().eq_ignore_ascii_case(host))
 }
 
 /// Pick the upstream for a request; `bound` is the listener's own upstream.
@@ -89,6 +97,7 @@ mod tests {
             authority: uri.authority().unwrap().clone(),
             kind: ApiKind::Defender,
             route_prefixes: prefixes.iter().map(|p| p.to_string()).collect(),
+            connect_to: None,
         }
     }
 
@@ -131,6 +140,15 @@ mod tests {
         assert_eq!(select(&t, None, &uri, &host("evil.example.com")), Some(0));
         let abs: Uri = "https://evil.example.com/other".parse().unwrap();
         assert_eq!(select(&t, None, &abs, &HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn a_proxy_target_names_its_upstream_by_host_alone() {
+        let t = table();
+        assert_eq!(by_host(&t, "GRAPH.microsoft.com"), Some(2));
+        assert_eq!(by_host(&t, "api.securitycenter.microsoft.com"), Some(1));
+        assert_eq!(by_host(&t, "microsoft.com"), None);
+        assert_eq!(by_host(&t, "evil.api.security.microsoft.com"), None);
     }
 
     #[test]

@@ -36,7 +36,12 @@
 //!   budgets: a query arriving while a budget's trailing window holds its limit or more gets the
 //!   service's running-time 429; each query is charged at its end ([`Emulator::charges`]).
 //!
-//! What it does not do: TLS, signature or audience checks, KQL, OData query options, or Graph's
+//! - with [`Emulator::start_tls`], serves HTTPS instead (HTTP/1.1 and HTTP/2 by ALPN) with a
+//!   certificate for the Microsoft API hosts signed by a test CA ([`Emulator::ca_pem`]), so a
+//!   gateway that trusts that CA and connects to [`Emulator::addr`] in place of the real host
+//!   reaches it as `https://api.security.microsoft.com`. Faults are not played over TLS.
+//!
+//! What it does not do: faults over TLS, signature or audience checks, KQL, OData query options, or Graph's
 //! habit of counting calls made while throttled.
 
 use std::collections::{HashMap, VecDeque};
@@ -239,7 +244,13 @@ impl Shared {
 pub struct Emulator {
     addr: SocketAddr,
     shared: Arc<Shared>,
+    /// The test CA's certificate (PEM), when serving TLS.
+    ca_pem: Option<String>,
 }
+
+/// The host names the TLS emulator's certificate is valid for.
+pub const TLS_HOSTS: [&str; 3] =
+    ["api.security.microsoft.com", "api.securitycenter.microsoft.com", "graph.microsoft.com"];
 
 impl Emulator {
     pub async fn start(cfg: EmulatorConfig) -> Emulator {
@@ -253,7 +264,29 @@ impl Emulator {
         });
         let app = Router::new().fallback(handle).with_state(shared.clone());
         tokio::spawn(accept_loop(listener, app, shared.clone()));
-        Emulator { addr, shared }
+        Emulator { addr, shared, ca_pem: None }
+    }
+
+    /// Like [`Emulator::start`], but serving HTTPS with a certificate for [`TLS_HOSTS`] signed by
+    /// a fresh test CA, whose certificate [`Emulator::ca_pem`] returns.
+    pub async fn start_tls(cfg: EmulatorConfig) -> Emulator {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind emulator");
+        let addr = listener.local_addr().expect("emulator address");
+        let shared = Arc::new(Shared {
+            cfg,
+            inner: Mutex::new(Inner::default()),
+            fault: watch::Sender::new(Fault::None),
+            stop: watch::Sender::new(false),
+        });
+        let (ca_pem, tls) = test_tls();
+        let app = Router::new().fallback(handle).with_state(shared.clone());
+        tokio::spawn(accept_loop_tls(listener, app, shared.clone(), tls));
+        Emulator { addr, shared, ca_pem: Some(ca_pem) }
+    }
+
+    /// The test CA certificate (PEM) of an emulator started with [`Emulator::start_tls`].
+    pub fn ca_pem(&self) -> &str {
+        self.ca_pem.as_deref().expect("a TLS emulator")
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -893,6 +926,66 @@ async fn accept_loop(listener: TcpListener, app: Router, shared: Arc<Shared>) {
                 Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
             },
         }
+    }
+}
+
+/// A test CA and a server config presenting a leaf it signed for [`TLS_HOSTS`].
+fn test_tls() -> (String, tokio_rustls::TlsAcceptor) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    let ca_key = KeyPair::generate().expect("key");
+    let mut ca = CertificateParams::default();
+    ca.distinguished_name.push(DnType::CommonName, "emulator test CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+    let ca = ca.self_signed(&ca_key).expect("CA");
+    let key = KeyPair::generate().expect("key");
+    let mut leaf = CertificateParams::new(TLS_HOSTS.map(String::from).to_vec()).expect("names");
+    leaf.use_authority_key_identifier_extension = true;
+    let leaf = leaf.signed_by(&key, &ca, &ca_key).expect("leaf");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .expect("server config");
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    (ca.pem(), tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Accepts TLS connections until the emulator is dropped; each is served with HTTP/1.1 or
+/// HTTP/2 (by ALPN) on the same router, without faults.
+async fn accept_loop_tls(
+    listener: TcpListener,
+    app: Router,
+    shared: Arc<Shared>,
+    tls: tokio_rustls::TlsAcceptor,
+) {
+    let mut stop = shared.stop.subscribe();
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = until(&mut stop, |s| *s) => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(_) => { tokio::time::sleep(Duration::from_millis(5)).await; continue }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let (tls, app, mut stop) = (tls.clone(), app.clone(), shared.stop.subscribe());
+        tokio::spawn(async move {
+            let Ok(stream) = tls.accept(stream).await else { return };
+            let service =
+                service_fn(move |req: http::Request<Incoming>| app.clone().oneshot(req.map(Body::new)));
+            let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                _ = conn => {}
+                _ = until(&mut stop, |s| *s) => {}
+            }
+        });
     }
 }
 

@@ -12,6 +12,8 @@ pub struct TestGateway {
     pub admin: SocketAddr,
     /// Extra (bound) listeners, in configured order.
     pub bound: Vec<SocketAddr>,
+    /// The forward-proxy listener, when configured.
+    pub forward: Option<SocketAddr>,
 }
 
 /// Config text with every upstream at `upstream`, listeners on port 0, a
@@ -60,6 +62,7 @@ impl TestGateway {
             proxy: running.proxy_addrs[0],
             bound: running.proxy_addrs[1..].to_vec(),
             admin: running.admin_addr,
+            forward: running.forward_proxy_addr,
             running: Some(running),
         }
     }

@@ -1,0 +1,186 @@
+//! The forward-proxy listener's service: `CONNECT` (intercept, tunnel or
+//! refuse) and absolute-form requests.
+//!
+//! An intercepted tunnel is served on the worker that accepted the
+//! `CONNECT`: the upgraded connection, its TLS session and its requests all
+//! stay on that worker's runtime and use its upstream pools. When the
+//! server stops, an intercepted tunnel finishes its request in flight and
+//! closes; a blind tunnel closes at once.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::response::Response;
+use http::{Method, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use super::credential::ClientCredential;
+use super::ForwardProxy;
+use crate::app::{proxy, Worker};
+use crate::error::GatewayError;
+use crate::metrics::ConnectOutcome;
+use crate::upstream::route::by_host;
+use crate::upstream::ApiKind;
+
+/// Longest wait for a client's TLS handshake, and for a blind tunnel's connection.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The service of the forward-proxy listener on one worker; `stopped`
+/// turns true when the server stops.
+pub fn service(
+    worker: Arc<Worker>,
+    fp: Arc<ForwardProxy>,
+    stopped: watch::Receiver<bool>,
+) -> impl tower::Service<Request, Response = Response, Error = Infallible, Future: Send> + Clone + Send {
+    tower::service_fn(move |req: Request| {
+        let (worker, fp, stopped) = (worker.clone(), fp.clone(), stopped.clone());
+        async move { Ok(handle(worker, fp, req, stopped).await) }
+    })
+}
+
+async fn handle(
+    worker: Arc<Worker>,
+    fp: Arc<ForwardProxy>,
+    mut req: Request,
+    stopped: watch::Receiver<bool>,
+) -> Response {
+    let credential = ClientCredential::from_headers(req.headers());
+    if req.method() == Method::CONNECT {
+        return connect(worker, fp, req, credential, stopped).await;
+    }
+    let refuse = |e: GatewayError| e.into_response_for(ApiKind::Defender);
+    let Some(host) = req.uri().host() else {
+        return refuse(GatewayError::BadProxyRequest {
+            detail:
+                "send CONNECT or an absolute URL (http://host/path); for base-URL mode use the main listener"
+                    .into(),
+        });
+    };
+    let Some(up) = by_host(&worker.gateway().config.upstreams, host) else {
+        tracing::debug!(target = host, "forward proxy refused a host");
+        return refuse(GatewayError::ProxyRefused { target: host.to_string() });
+    };
+    if let Some(c) = credential {
+        req.extensions_mut().insert(c);
+    }
+    proxy(&worker, Some(up), req).await
+}
+
+async fn connect(
+    worker: Arc<Worker>,
+    fp: Arc<ForwardProxy>,
+    mut req: Request,
+    credential: Option<ClientCredential>,
+    mut stopped: watch::Receiver<bool>,
+) -> Response {
+    let metrics = worker.gateway().metrics.clone();
+    let refuse = |e: GatewayError| {
+        let outcome = match e {
+            GatewayError::TunnelUnreachable { .. } | GatewayError::Internal { .. } => ConnectOutcome::Failed,
+            _ => ConnectOutcome::Refused,
+        };
+        metrics.proxy_connect(outcome);
+        e.into_response_for(ApiKind::Defender)
+    };
+    let Some(target) = req.uri().authority().cloned() else {
+        return refuse(GatewayError::BadProxyRequest { detail: "CONNECT needs a host:port target".into() });
+    };
+    let Some(port) = target.port_u16() else {
+        return refuse(GatewayError::BadProxyRequest {
+            detail: format!("CONNECT target `{target}` has no port"),
+        });
+    };
+    let upstreams = &worker.gateway().config.upstreams;
+    let intercepted = by_host(upstreams, target.host()).filter(|&u| {
+        let own = upstreams[u].authority.port_u16();
+        port == own.unwrap_or(443)
+    });
+    if let Some(up) = intercepted {
+        let tls = match fp.leaves.server_config(up, upstreams[up].authority.host()) {
+            Ok(tls) => tls,
+            Err(e) => return refuse(GatewayError::Internal { detail: e.to_string() }),
+        };
+        let upgrade = hyper::upgrade::on(&mut req);
+        metrics.proxy_connect(ConnectOutcome::Intercepted);
+        tokio::spawn(async move {
+            if let Err(e) = intercept(upgrade, tls, worker, up, credential, stopped).await {
+                tracing::debug!(error = %e, "intercepted tunnel ended with an error");
+            }
+        });
+        return established();
+    }
+    let wanted = target.as_str().to_ascii_lowercase();
+    if fp.allow_tunnel.contains(&wanted) {
+        // An IPv6 literal comes bracketed, as in a URI.
+        let host = target.host().trim_start_matches('[').trim_end_matches(']');
+        let tcp = match tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect((host, port))).await {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => {
+                return refuse(GatewayError::TunnelUnreachable { target: wanted, detail: e.to_string() })
+            }
+            Err(_) => {
+                return refuse(GatewayError::TunnelUnreachable { target: wanted, detail: "timed out".into() })
+            }
+        };
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(upgraded) = upgrade.await {
+                let (mut client, mut tcp) = (TokioIo::new(upgraded), tcp);
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut client, &mut tcp) => {}
+                    _ = stopped.wait_for(|s| *s) => {}
+                }
+            }
+        });
+        metrics.proxy_connect(ConnectOutcome::Tunnelled);
+        tracing::debug!(target = %wanted, "blind tunnel opened");
+        return established();
+    }
+    tracing::debug!(target = %wanted, "forward proxy refused a CONNECT");
+    refuse(GatewayError::ProxyRefused { target: wanted })
+}
+
+/// `200 Connection established`, after which the connection is the tunnel's.
+fn established() -> Response {
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = StatusCode::OK;
+    response
+}
+
+/// Terminate TLS on the upgraded connection and serve its requests as upstream `up`'s.
+async fn intercept(
+    upgrade: hyper::upgrade::OnUpgrade,
+    tls: Arc<rustls::ServerConfig>,
+    worker: Arc<Worker>,
+    up: usize,
+    credential: Option<ClientCredential>,
+    mut stopped: watch::Receiver<bool>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let upgraded = TokioIo::new(upgrade.await?);
+    let accept = tokio_rustls::TlsAcceptor::from(tls).accept(upgraded);
+    let stream =
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await.map_err(|_| "TLS handshake timed out")??;
+    let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+        let worker = worker.clone();
+        let mut req = req.map(Body::new);
+        if let Some(c) = &credential {
+            req.extensions_mut().insert(c.clone());
+        }
+        async move { Ok::<_, Infallible>(proxy(&worker, Some(up), req).await) }
+    });
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        done = conn.as_mut() => return done,
+        _ = stopped.wait_for(|s| *s) => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    conn.await
+}
