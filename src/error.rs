@@ -81,6 +81,9 @@ fn days(d: Duration) -> u64 {
 fn running_time_message(r: &RuntimeRejection) -> String {
     let n = secs(r.retry_after);
     let why = match (r.reason, r.budget, r.held) {
+        (Reason::Draining, _, _) => {
+            "The gateway is shutting down and this query cannot start before it stops.".to_string()
+        }
         (Reason::QueueFull, _, _) => "The gateway's queue for this tenant's hunting running time is full.".to_string(),
         (_, _, true) => "You have exceeded processing resources allocated to this tenant (the upstream said so).".into(),
         (_, Some(b), _) => format!(
@@ -107,6 +110,9 @@ fn throttle_message(policy: &str, r: &Rejection) -> String {
     let n = secs(r.retry_after);
     let why = match (r.reason, r.window) {
         (Reason::QueueFull, _) => format!("The gateway's queue for policy '{policy}' is full."),
+        (Reason::Draining, _) => format!(
+            "The gateway is shutting down and cannot admit this call of policy '{policy}' before it stops."
+        ),
         (_, Some(w)) if r.capped => format!(
             "This client's share is used up: at most {} per {} of policy '{policy}' go to it (its cap in quotagate).",
             w.limit,
@@ -134,7 +140,19 @@ fn timespan(d: Duration) -> String {
 }
 
 impl GatewayError {
+    /// A queued or new call turned away because the gateway is stopping.
+    fn draining(&self) -> bool {
+        match self {
+            GatewayError::Throttled { rejection, .. } => rejection.reason == Reason::Draining,
+            GatewayError::RunningTime { rejection, .. } => rejection.reason == Reason::Draining,
+            _ => false,
+        }
+    }
+
     fn status(&self) -> StatusCode {
+        if self.draining() {
+            return StatusCode::SERVICE_UNAVAILABLE;
+        }
         match self {
             GatewayError::Unauthorized(_) | GatewayError::UnknownClient(_) => StatusCode::UNAUTHORIZED,
             GatewayError::Throttled { .. }
@@ -158,6 +176,9 @@ impl GatewayError {
     }
 
     fn code(&self) -> &'static str {
+        if self.draining() {
+            return "ServiceUnavailable";
+        }
         match self {
             GatewayError::Unauthorized(_) | GatewayError::UnknownClient(_) => "Unauthorized",
             GatewayError::Throttled { .. }

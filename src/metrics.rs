@@ -82,7 +82,7 @@ pub struct PolicyMetrics {
     /// Requests answered 400 locally (an invalid hunting body, a lookback refused).
     pub invalid: IntCounter,
     pub failed: IntCounter,
-    rejections: [IntCounter; 4],
+    rejections: [IntCounter; 5],
     pub depth: IntGauge,
     pub wait: Histogram,
     responses: [IntCounter; 5],
@@ -325,7 +325,13 @@ impl Metrics {
             unauthorized: req("unauthorized"),
             invalid: req("invalid"),
             failed: req("failed"),
-            rejections: [rej("no_slot"), rej("queue_full"), rej("wait_too_long"), rej("expired")],
+            rejections: [
+                rej("no_slot"),
+                rej("queue_full"),
+                rej("wait_too_long"),
+                rej("expired"),
+                rej("draining"),
+            ],
             depth: self.queue_depth.with_label_values(&[policy]),
             wait: w.queue_wait.with_label_values(&[policy]),
             responses: [class("1xx"), class("2xx"), class("3xx"), class("4xx"), class("5xx")],

@@ -32,6 +32,7 @@ use prometheus::IntGauge;
 use tokio::sync::Notify;
 
 pub use fair::{Class, Share};
+use rejection::Drain;
 pub use rejection::{Reason, Rejection};
 
 use crate::policy::{Mode, Policies, Policy};
@@ -181,11 +182,24 @@ pub struct Limiter {
     keys: DashMap<QuotaKey, Arc<KeyCell>>,
     clock: Clock,
     guard: Duration,
+    drain: Drain,
 }
 
 impl Limiter {
     pub fn new(guard: Duration) -> Self {
-        Limiter { keys: DashMap::new(), clock: Clock::default(), guard }
+        Limiter { keys: DashMap::new(), clock: Clock::default(), guard, drain: Drain::default() }
+    }
+
+    /// The gateway is stopping: from now on a call whose slot comes later
+    /// than `within` from now is turned away ([`Reason::Draining`]), queued
+    /// ones included; those whose slot comes sooner are still admitted.
+    pub fn drain(&self, within: Duration) {
+        self.drain.start(self.clock.now(), within);
+        for cell in self.keys.iter() {
+            for waiter in &cell.lock().queue {
+                waiter.wake.notify_one();
+            }
+        }
     }
 
     fn cell(&self, key: &QuotaKey) -> Arc<KeyCell> {
@@ -241,6 +255,8 @@ impl Limiter {
             let wait = Duration::from_nanos(grant.at - start);
             let reason = if policy.mode == Mode::Reject {
                 Some(Reason::NoSlot)
+            } else if self.drain.past(grant.at) {
+                Some(Reason::Draining)
             } else if st.queue.len() >= policy.max_queue {
                 Some(Reason::QueueFull)
             } else if wait > max_wait {
@@ -281,17 +297,25 @@ impl Limiter {
                     (Some((other, _)), None) => st.wake(other),
                     _ => {}
                 }
-                if now >= deadline {
+                if now >= deadline || self.drain.on() {
                     let me = st.tickets().find(|t| t.id == id).copied().expect("a queued place");
                     let (ahead, own) = st.lanes.ahead(st.tickets(), &me, &windows, guard, now);
                     let (grant, capped) = st.grant(ahead, own, share.client, &windows, guard, from);
-                    return Err(Rejection {
-                        reason: Reason::Expired,
-                        retry_after: Duration::from_nanos(grant.at - now),
-                        window: grant.window,
-                        capped,
-                        usage: st.log.usage(&windows, guard, now),
-                    });
+                    // Draining, a waiter whose slot comes in time waits on.
+                    let reason = if now >= deadline {
+                        Some(Reason::Expired)
+                    } else {
+                        self.drain.past(grant.at).then_some(Reason::Draining)
+                    };
+                    if let Some(reason) = reason {
+                        return Err(Rejection {
+                            reason,
+                            retry_after: Duration::from_nanos(grant.at - now),
+                            window: grant.window,
+                            capped,
+                            usage: st.log.usage(&windows, guard, now),
+                        });
+                    }
                 }
                 mine
             };

@@ -15,6 +15,30 @@ pub enum Reason {
     WaitTooLong,
     /// The request waited its whole maximum wait without getting a slot.
     Expired,
+    /// The gateway is stopping and the request's slot comes after its drain time.
+    Draining,
+}
+
+/// Whether the gateway is draining, and until when (on the limiter's clock).
+#[derive(Debug, Default)]
+pub(crate) struct Drain(std::sync::atomic::AtomicU64);
+
+impl Drain {
+    /// Drain until `within` after `now`.
+    pub fn start(&self, now: u64, within: Duration) {
+        let until = now.saturating_add(u64::try_from(within.as_nanos()).unwrap_or(u64::MAX)).max(1);
+        self.0.store(until, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn on(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed) != 0
+    }
+
+    /// Whether a slot at `at` comes after the drain ends.
+    pub fn past(&self, at: u64) -> bool {
+        let until = self.0.load(std::sync::atomic::Ordering::Relaxed);
+        until != 0 && at > until
+    }
 }
 
 /// A local rejection with the exact time until a slot would be free for it.

@@ -35,6 +35,7 @@ use dashmap::DashMap;
 use prometheus::IntGauge;
 use tokio::sync::Notify;
 
+use super::rejection::Drain;
 use super::Reason;
 use crate::policy::Mode;
 use crate::quota::ledger::nanos;
@@ -141,11 +142,29 @@ pub struct RuntimeLimiter {
     clock: Clock,
     guard: Duration,
     estimator: Estimator,
+    drain: Drain,
 }
 
 impl RuntimeLimiter {
     pub fn new(guard: Duration, estimator: Estimator) -> Self {
-        RuntimeLimiter { keys: DashMap::new(), clock: Clock::default(), guard, estimator }
+        RuntimeLimiter {
+            keys: DashMap::new(),
+            clock: Clock::default(),
+            guard,
+            estimator,
+            drain: Drain::default(),
+        }
+    }
+
+    /// The gateway is stopping: a query that could not start within
+    /// `within` from now is turned away ([`Reason::Draining`]), queued ones included.
+    pub fn drain(&self, within: Duration) {
+        self.drain.start(self.clock.now(), within);
+        for cell in self.keys.iter() {
+            for waiter in &cell.lock().queue {
+                waiter.wake.notify_one();
+            }
+        }
     }
 
     /// The gateway's estimate settings.
@@ -184,6 +203,8 @@ impl RuntimeLimiter {
             let wait = verdict.wait(start, demand.max_wait);
             let reason = if demand.mode == Mode::Reject {
                 Some(Reason::NoSlot)
+            } else if self.drain.on() && verdict.past(&self.drain) {
+                Some(Reason::Draining)
             } else if st.queue.len() >= demand.max_queue {
                 Some(Reason::QueueFull)
             } else if st.queue.is_empty() && wait > demand.max_wait {
@@ -219,6 +240,11 @@ impl RuntimeLimiter {
                 if now >= deadline {
                     let verdict = if head { verdict } else { Verdict::Unknown(None) };
                     return Err(verdict.rejection(Reason::Expired, now, demand.max_wait));
+                }
+                // Draining: only the head can know it starts in time.
+                if self.drain.on() && (!head || verdict.past(&self.drain)) {
+                    let verdict = if head { verdict } else { Verdict::Unknown(None) };
+                    return Err(verdict.rejection(Reason::Draining, now, demand.max_wait));
                 }
                 match verdict {
                     Verdict::At(at, _) | Verdict::Held(at) if head => at.min(deadline),
@@ -343,6 +369,15 @@ enum Verdict {
 }
 
 impl Verdict {
+    /// Whether the query could only start after the drain ends (or nobody knows when).
+    fn past(&self, drain: &Drain) -> bool {
+        match *self {
+            Verdict::Go(_) => false,
+            Verdict::At(at, _) | Verdict::Held(at) => drain.past(at),
+            Verdict::Unknown(_) => true,
+        }
+    }
+
     /// The wait this verdict implies; the fallback when unknown.
     fn wait(&self, now: u64, fallback: Duration) -> Duration {
         match *self {

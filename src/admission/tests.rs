@@ -231,3 +231,26 @@ async fn a_revealed_lower_limit_applies_to_its_key_only() {
         limiter.acquire(&key("u"), &p, Duration::ZERO, &g).await.unwrap();
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn draining_turns_away_at_once_only_the_waiters_whose_slot_comes_too_late() {
+    let limiter = Arc::new(Limiter::new(Duration::ZERO));
+    let p = policy(Mode::Queue, 1, Duration::from_secs(10), 10, Duration::from_secs(60));
+    let g = gauge();
+    assert!(limiter.acquire(&key("t"), &p, p.max_wait, &g).await.is_ok());
+    let waiter = |limiter: Arc<Limiter>, p: Arc<Policy>| {
+        tokio::spawn(async move { limiter.acquire(&key("t"), &p, p.max_wait, &gauge()).await })
+    };
+    // Slots at 10 s and 20 s; the drain ends at 15 s.
+    let (first, second) = (waiter(limiter.clone(), p.clone()), waiter(limiter.clone(), p.clone()));
+    tokio::task::yield_now().await;
+    let started = Instant::now();
+    limiter.drain(Duration::from_secs(15));
+    let late = second.await.unwrap().unwrap_err();
+    assert_eq!((late.reason, late.retry_after), (Reason::Draining, Duration::from_secs(20)));
+    assert_eq!(started.elapsed(), Duration::ZERO, "answered at once");
+    assert_eq!(first.await.unwrap().map(|a| a.waited), Ok(Duration::from_secs(10)));
+    // A new call whose slot comes after the drain is turned away too.
+    let r = limiter.acquire(&key("t"), &p, p.max_wait, &g).await.unwrap_err();
+    assert_eq!(r.reason, Reason::Draining);
+}

@@ -23,6 +23,9 @@ pub struct File {
     /// Period of the sweep that frees idle keys.
     #[serde(default = "default_idle_sweep")]
     pub idle_sweep: String,
+    /// On SIGTERM or SIGINT: how long in-flight and admissible queued requests may finish.
+    #[serde(default = "default_drain")]
+    pub drain: String,
     /// Metered request bodies up to this many bytes are kept for replay, so
     /// a call the upstream throttles can be retried; larger ones are not.
     #[serde(default = "default_retry_body")]
@@ -90,6 +93,9 @@ fn default_guard() -> String {
     "250ms".into()
 }
 fn default_idle_sweep() -> String {
+    "30s".into()
+}
+fn default_drain() -> String {
     "30s".into()
 }
 fn default_retry_body() -> u64 {

@@ -56,6 +56,8 @@ pub struct Config {
     pub max_body_bytes: u64,
     pub guard: Duration,
     pub idle_sweep: Duration,
+    /// How long a stopping gateway lets requests finish.
+    pub drain: Duration,
     /// Metered bodies up to this size are kept for a retry.
     pub retry_body_bytes: u64,
     pub backoff_base: Duration,

@@ -153,6 +153,7 @@ pub fn validate(file: &File) -> Result<Config, Vec<Problem>> {
         Duration::ZERO
     });
     let idle_sweep = p.duration(&Field::top("idle_sweep"), &file.idle_sweep);
+    let drain = p.duration(&Field::top("drain"), &file.drain);
     let backoff_base = p.duration(&Field::top("backoff_base"), &file.backoff_base);
     let backoff_cap = p.duration(&Field::top("backoff_cap"), &file.backoff_cap);
     if backoff_cap < backoff_base {
@@ -296,6 +297,7 @@ pub fn validate(file: &File) -> Result<Config, Vec<Problem>> {
             max_body_bytes: file.max_body_bytes,
             guard,
             idle_sweep,
+            drain,
             retry_body_bytes: file.retry_body_bytes,
             backoff_base,
             backoff_cap,

@@ -13,6 +13,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::ServiceExt;
 use tokio::net::TcpListener;
@@ -143,6 +144,9 @@ pub async fn start_on(config: Config, workers: &[Handle]) -> io::Result<Running>
     Ok(Running { proxy_addrs, admin_addr, forward_proxy_addr, gateway, stop, tasks })
 }
 
+/// Beyond the drain time, for answers already on their way out.
+const DRAIN_GRACE: Duration = Duration::from_millis(500);
+
 async fn stopping(mut stopped: watch::Receiver<bool>) {
     let _ = stopped.wait_for(|s| *s).await;
 }
@@ -157,8 +161,7 @@ fn bind(addr: SocketAddr, handle: &Handle) -> io::Result<TcpListener> {
 }
 
 impl Running {
-    /// Serve until `shutdown` resolves, then stop accepting and let
-    /// in-flight requests finish.
+    /// Serve until `shutdown` resolves, then drain (see [`Running::stop`]).
     pub async fn serve_until(mut self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
         tokio::select! {
             _ = shutdown => {}
@@ -169,12 +172,37 @@ impl Running {
         self.stop().await
     }
 
-    /// Stop accepting, finish in-flight requests and wait for every task.
-    pub async fn stop(mut self) -> io::Result<()> {
+    /// Stop gracefully within the configured drain time: stop accepting;
+    /// turn away at once, with a 503 and `Retry-After`, every queued or new
+    /// call whose slot comes after the drain time; let requests in flight and
+    /// the other queued ones finish; cut what is still running when the
+    /// drain time is over.
+    pub async fn stop(self) -> io::Result<()> {
+        let drain = self.gateway.config.drain;
+        self.stop_within(drain).await
+    }
+
+    /// [`Running::stop`] with its own drain time.
+    pub async fn stop_within(mut self, drain: Duration) -> io::Result<()> {
+        tracing::info!(drain_s = drain.as_secs_f64(), "stopping: draining requests in flight");
+        self.gateway.limiter.drain(drain);
+        self.gateway.runtime.drain(drain);
         let _ = self.stop.send(true);
-        while let Some(result) = self.tasks.join_next().await {
-            result.map_err(io::Error::other)??;
+        let cut = tokio::time::sleep(drain + DRAIN_GRACE);
+        tokio::pin!(cut);
+        loop {
+            tokio::select! {
+                next = self.tasks.join_next() => match next {
+                    Some(result) => result.map_err(io::Error::other)??,
+                    None => return Ok(()),
+                },
+                _ = &mut cut => {
+                    tracing::warn!(tasks = self.tasks.len(), "drain time over: cutting what is still running");
+                    self.tasks.abort_all();
+                    while self.tasks.join_next().await.is_some() {}
+                    return Ok(());
+                }
+            }
         }
-        Ok(())
     }
 }
