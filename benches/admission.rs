@@ -64,7 +64,7 @@ fn limiter_reject(c: &mut Criterion) {
     let limiter = Limiter::new(config.guard);
     let depth = IntGauge::new("d", "d").unwrap();
     let who = Identity { tenant: "11111111-2222-3333-4444-555555555555".into(), app: "app".into() };
-    let key = || QuotaKey::new(policy.key, policy.id, &who);
+    let key = || QuotaKey::new(policy.key, policy.key_id, &who);
     rt.block_on(async {
         // 1,500 admissions in the hour: 45 per minute for 33⅓ minutes.
         let mut admitted = 0;

@@ -42,7 +42,7 @@ fn main() {
             for (i, n) in filled.iter_mut().enumerate() {
                 let who = Identity { tenant: format!("tenant-{i:06}"), app: "app".into() };
                 while *n < 1500 {
-                    let key = QuotaKey::new(policy.key, policy.id, &who);
+                    let key = QuotaKey::new(policy.key, policy.key_id, &who);
                     match limiter.acquire(&key, &policy, Duration::ZERO, &depth).await {
                         Ok(_) => *n += 1,
                         Err(_) => break,

@@ -143,7 +143,9 @@ fn main() -> ExitCode {
         }
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
-    let result = runtime.block_on(run(config, &workers));
+    let source =
+        cli.config.clone().map(|path| Source { path, listen: cli.listen, admin_listen: cli.admin_listen });
+    let result = runtime.block_on(run(config, &workers, source));
     workers.join();
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -194,12 +196,20 @@ fn ca_export(config: Option<&std::path::Path>, ca_dir: Option<&std::path::Path>)
     }
 }
 
-async fn run(config: Config, workers: &quotagate::server::Workers) -> std::io::Result<()> {
+async fn run(
+    config: Config,
+    workers: &quotagate::server::Workers,
+    source: Option<Source>,
+) -> std::io::Result<()> {
     let running = quotagate::server::start_on(config, workers.handles()).await?;
-    for (addr, spec) in running.proxy_addrs.iter().zip(&running.gateway.config.listeners) {
-        let upstream = spec.upstream.map(|u| running.gateway.config.upstreams[u].name.as_str());
+    if let Some(source) = source {
+        tokio::spawn(watch_config(source, running.reloader.clone()));
+    }
+    let config = running.gateway.config();
+    for (addr, spec) in running.proxy_addrs.iter().zip(&config.listeners) {
+        let upstream = spec.upstream.map(|u| config.upstreams[u].name.as_str());
         tracing::info!(%addr, upstream = upstream.unwrap_or("routed by host and path"), "proxy listening");
-        let scheme = if running.gateway.config.tls.is_some() { "https" } else { "http" };
+        let scheme = if config.tls.is_some() { "https" } else { "http" };
         announce(format_args!("quotagate: proxy listening on {scheme}://{addr}"));
     }
     if let Some(addr) = running.forward_proxy_addr {
@@ -211,6 +221,84 @@ async fn run(config: Config, workers: &quotagate::server::Workers) -> std::io::R
     running.serve_until(shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Where the running configuration came from, to load it again.
+struct Source {
+    path: std::path::PathBuf,
+    listen: Option<std::net::SocketAddr>,
+    admin_listen: Option<std::net::SocketAddr>,
+}
+
+impl Source {
+    /// The file, validated, with the command line's overrides applied.
+    fn load(&self) -> Result<Config, String> {
+        let mut config = Config::load(&self.path).map_err(|e| e.to_string())?;
+        if let Some(addr) = self.listen {
+            config.listeners[0].addr = addr;
+        }
+        if let Some(addr) = self.admin_listen {
+            config.admin_listen = addr;
+        }
+        match config.exposure_problem() {
+            Some(problem) => Err(format!("{}: {problem}", self.path.display())),
+            None => Ok(config),
+        }
+    }
+
+    /// What tells that the file changed: its modification time and length.
+    fn stamp(&self) -> Option<(std::time::SystemTime, u64)> {
+        let meta = std::fs::metadata(&self.path).ok()?;
+        Some((meta.modified().ok()?, meta.len()))
+    }
+}
+
+/// Reload on SIGHUP, and when the file changes (checked every second). A
+/// file that does not load, or changes what needs a restart, is refused with
+/// every problem logged; the running configuration stays.
+async fn watch_config(source: Source, reloader: quotagate::server::Reloader) {
+    #[cfg(unix)]
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut seen = source.stamp();
+    loop {
+        #[cfg(unix)]
+        let hup = async {
+            match hangup.as_mut() {
+                Some(s) => s.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hup = std::future::pending::<Option<()>>();
+        let why = tokio::select! {
+            _ = hup => "SIGHUP",
+            _ = every.tick() => {
+                let now = source.stamp();
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+                "the file changed"
+            }
+        };
+        let refused = |problems: &str| {
+            tracing::error!(trigger = why, problems, "configuration refused; the running one stays");
+        };
+        match source.load() {
+            Err(problems) => {
+                reloader.refused();
+                refused(&problems);
+            }
+            Ok(config) => match reloader.apply(config) {
+                Ok(loaded) => {
+                    tracing::info!(trigger = why, generation = loaded.generation, hash = %loaded.hash,
+                    "configuration loaded")
+                }
+                Err(problems) => refused(&problems.join("\n")),
+            },
+        }
+    }
 }
 
 /// A line on stdout for whoever started the gateway; a closed stdout is not an error.

@@ -27,6 +27,8 @@ pub struct Metrics {
     holds: IntCounterVec,
     revealed: IntGaugeVec,
     proxy_connects: IntCounterVec,
+    config_generation: IntGauge,
+    config_reloads: IntCounterVec,
     workers: Vec<WorkerMetrics>,
 }
 
@@ -290,8 +292,25 @@ impl Metrics {
                 .expect("valid metric");
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         shared.register(Box::new(build_info)).expect("unique metric");
+        let config_generation = IntGauge::new(
+            "quotagate_config_generation",
+            "The running configuration: 1 at start, one more per applied reload.",
+        )
+        .expect("valid metric");
+        shared.register(Box::new(config_generation.clone())).expect("unique metric");
+        let config_reloads = IntCounterVec::new(
+            Opts::new(
+                "quotagate_config_reloads_total",
+                "Configuration reloads by result (applied, refused).",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        shared.register(Box::new(config_reloads.clone())).expect("unique metric");
         Metrics {
             shared,
+            config_generation,
+            config_reloads,
             queue_depth,
             holds,
             revealed,
@@ -304,6 +323,16 @@ impl Metrics {
     pub fn client(&self, worker: usize, name: &str) -> ClientMetrics {
         let w = &self.workers[worker % self.workers.len()];
         ClientMetrics { requests: w.client_requests.clone(), name: name.to_string() }
+    }
+
+    /// The running configuration's generation.
+    pub fn config_loaded(&self, generation: u64) {
+        self.config_generation.set(i64::try_from(generation).unwrap_or(i64::MAX));
+    }
+
+    /// Count a reload: `applied` or `refused`.
+    pub fn reload(&self, result: &str) {
+        self.config_reloads.with_label_values(&[result]).inc();
     }
 
     /// Count one forward-proxy `CONNECT`.

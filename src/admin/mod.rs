@@ -34,7 +34,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
 /// the same body otherwise.
 async fn ready(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
     let mut upstreams = Vec::new();
-    for u in &gw.config.upstreams {
+    for u in &gw.config().upstreams {
         let port =
             u.authority.port_u16().unwrap_or(if u.scheme == http::uri::Scheme::HTTPS { 443 } else { 80 });
         let lookup = tokio::net::lookup_host((u.authority.host(), port));
@@ -48,9 +48,11 @@ async fn ready(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
     }
     let ready = upstreams.iter().all(|u| u["resolvable"] == true);
     let status = if ready { http::StatusCode::OK } else { http::StatusCode::SERVICE_UNAVAILABLE };
+    let loaded = gw.loaded.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let body = serde_json::json!({
         "ready": ready,
-        "config": {"loaded": true, "policies": gw.config.policies.0.len()},
+        "config": {"loaded": true, "generation": loaded.generation, "hash": loaded.hash,
+            "policies": gw.config().policies.0.len()},
         "store": {"kind": "memory", "reachable": true},
         "upstreams": upstreams,
         "keys": gw.limiter.keys(),
@@ -59,12 +61,12 @@ async fn ready(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
 }
 
 async fn metrics(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
-    let keys = gw.limiter.snapshot(&gw.config.policies);
+    let keys = gw.limiter.snapshot(&gw.config().policies);
     let runtime = gw.runtime.snapshot();
-    let text = gw.metrics.render(&keys, &runtime, gw.config.metrics_max_tenants);
+    let text = gw.metrics.render(&keys, &runtime, gw.config().metrics_max_tenants);
     ([(CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 
 async fn quota_status(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
-    axum::Json(quota::report(&gw.limiter.snapshot(&gw.config.policies), &gw.runtime.snapshot()))
+    axum::Json(quota::report(&gw.limiter.snapshot(&gw.config().policies), &gw.runtime.snapshot()))
 }

@@ -236,7 +236,7 @@ impl Limiter {
         let guard = self.guard;
         let (id, wake) = {
             let mut st = cell.lock();
-            st.policy = policy.id;
+            st.policy = policy.key_id;
             let windows = st.windows(policy);
             st.retention = st.retention.union(Retention::for_windows(&windows, guard));
             st.prune(start);
@@ -384,7 +384,7 @@ impl Limiter {
             .iter()
             .filter_map(|entry| {
                 let st = entry.value().lock();
-                let policy = policies.0.get(usize::from(st.policy))?;
+                let policy = policies.0.iter().find(|p| p.key_id == st.policy)?;
                 Some(KeyStatus {
                     key: entry.key().clone(),
                     policy: policy.name.clone(),

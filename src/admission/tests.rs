@@ -21,6 +21,7 @@ pub(super) fn policy(
     let windows = vec![Window::new(NonZeroU32::new(limit).unwrap(), per)];
     Arc::new(Policy {
         id: 0,
+        key_id: 0,
         name: "p".into(),
         methods: vec![],
         upstreams: vec![],

@@ -29,7 +29,7 @@ use http::{HeaderValue, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use tokio::time::Instant;
 
-use super::{ratelimit, Worker};
+use super::{ratelimit, View, Worker};
 use crate::admission::runtime::{Demand, Reservation, RuntimeRejection};
 use crate::admission::{Admitted, Share};
 use crate::error::{GatewayError, THROTTLED_BY};
@@ -45,15 +45,15 @@ const THROTTLE_BODY_LIMIT: usize = 64 * 1024;
 
 /// Forward a request no policy meters, once.
 pub(super) async fn once(
-    worker: &Worker,
+    view: &View,
     upstream: &Upstream,
     metrics: &PolicyMetrics,
     req: Request,
     timeouts: &Timeouts,
     counter: &prometheus::IntCounter,
 ) -> Response {
-    let config = &worker.gateway.config;
-    let client = worker.clients.get(timeouts.connect);
+    let config = &view.config;
+    let client = view.clients.get(timeouts.connect);
     let started = Instant::now();
     match forward::send(client, upstream, req, timeouts, config.max_body_bytes).await {
         Ok(mut response) => {
@@ -64,7 +64,7 @@ pub(super) async fn once(
             }
             response
         }
-        Err(e) => failed(worker, upstream, metrics, e),
+        Err(e) => failed(view, upstream, metrics, e),
     }
 }
 
@@ -82,6 +82,8 @@ pub(super) struct Outcome {
 /// A metered call, identified and keyed.
 pub(super) struct Metered<'a> {
     pub worker: &'a Worker,
+    /// The configuration the request started with.
+    pub view: &'a View,
     pub upstream: &'a Upstream,
     pub policy: &'a Policy,
     pub metrics: &'a PolicyMetrics,
@@ -100,7 +102,7 @@ pub(super) struct Metered<'a> {
 impl Metered<'_> {
     pub(super) async fn run(self, req: Request, outcome: &mut Outcome) -> Response {
         let gw = &*self.worker.gateway;
-        let config = &*gw.config;
+        let config = &*self.view.config;
         let started = Instant::now();
         let (parts, body) = req.into_parts();
         // A small body is kept for a replay, a larger one streamed once. It is
@@ -109,7 +111,7 @@ impl Metered<'_> {
         let keep = keep_for_replay(&parts, &body, config.retry_body_bytes);
         let mut stream = Some(body);
         let mut replay: Option<bytes::Bytes> = None;
-        let client = self.worker.clients.get(self.policy.timeouts.connect);
+        let client = self.view.clients.get(self.policy.timeouts.connect);
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -217,7 +219,7 @@ impl Metered<'_> {
                     // Never pass on a cut error body as if it were whole.
                     outcome.decision = "failed";
                     let detail = format!("its {} answer could not be read: {e}", head.status.as_u16());
-                    return failed(self.worker, self.upstream, self.metrics, UpstreamError::Protocol(detail));
+                    return failed(self.view, self.upstream, self.metrics, UpstreamError::Protocol(detail));
                 }
             };
             let parsed = throttle::parse(head.status, &head.headers, &bytes, SystemTime::now());
@@ -267,7 +269,7 @@ impl Metered<'_> {
     /// Act on an upstream throttle; returns how long to wait before the next try.
     fn obey(&self, throttle: &Throttle, attempt: u32) -> Duration {
         let gw = &*self.worker.gateway;
-        let config = &*gw.config;
+        let config = &*self.view.config;
         self.metrics.throttle(throttle.kind).inc();
         let wait = throttle.retry_after.unwrap_or_else(|| {
             let jitter =
@@ -304,7 +306,7 @@ impl Metered<'_> {
     async fn reserve_running_time(&self, started: Instant) -> Result<Option<Reservation>, RuntimeRejection> {
         let Some(key) = &self.runtime else { return Ok(None) };
         let gw = &*self.worker.gateway;
-        let h = &gw.config.hunting;
+        let h = &self.view.config.hunting;
         let demand = Demand {
             budgets: &self.policy.budgets,
             mode: self.policy.mode,
@@ -325,7 +327,7 @@ impl Metered<'_> {
     /// is charged its wall time until the headers (a query refused before it
     /// ran costs milliseconds; one that failed after running costs what it ran).
     async fn meter(&self, response: Response, reservation: Reservation) -> Response {
-        let config = &self.worker.gateway.config;
+        let config = &self.view.config;
         if !response.status().is_success() {
             let cost = reservation.wall_time();
             reservation.charge(cost);
@@ -352,7 +354,7 @@ impl Metered<'_> {
             // Nothing reached the upstream: the slot is not spent.
             self.worker.gateway.limiter.refund(&self.key, admitted);
         }
-        failed(self.worker, self.upstream, self.metrics, e)
+        failed(self.view, self.upstream, self.metrics, e)
     }
 
     fn fail(&self, e: GatewayError) -> Response {
@@ -391,10 +393,10 @@ fn observe(metrics: &PolicyMetrics, sent: Instant, status: StatusCode) {
 }
 
 /// Count, log once and answer an exchange that produced no response.
-fn failed(worker: &Worker, upstream: &Upstream, metrics: &PolicyMetrics, e: UpstreamError) -> Response {
+fn failed(view: &View, upstream: &Upstream, metrics: &PolicyMetrics, e: UpstreamError) -> Response {
     metrics.failed.inc();
     let name = upstream.name.clone();
-    let limit = worker.gateway.config.max_body_bytes;
+    let limit = view.config.max_body_bytes;
     let (kind, error) = match e {
         UpstreamError::BodyTooLarge => (Failure::BodyTooLarge, GatewayError::PayloadTooLarge { limit }),
         UpstreamError::Connect(detail) => {

@@ -20,6 +20,7 @@ use http::HeaderMap;
 use crate::admission::guard::Guards;
 use crate::admission::runtime::RuntimeLimiter;
 use crate::admission::Limiter;
+use crate::config::live::Live;
 use crate::config::Config;
 use crate::error::GatewayError;
 use crate::forward_proxy::credential::ClientCredential;
@@ -38,13 +39,24 @@ const IDENTITY_CACHE: usize = 4096;
 
 /// Everything a request needs that all workers share.
 pub struct Gateway {
-    pub config: Arc<Config>,
+    config: Live<Config>,
     pub limiter: Limiter,
     /// Hunting running time.
     pub runtime: RuntimeLimiter,
     /// Each client's runaway-loop guard.
-    pub guards: Guards,
+    guards: Live<Guards>,
     pub metrics: Arc<Metrics>,
+    /// Which configuration runs (changed only by a reload).
+    pub loaded: std::sync::Mutex<Loaded>,
+}
+
+/// A configuration as loaded: which one, and from what text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Loaded {
+    /// 1 at start, one more per applied reload.
+    pub generation: u64,
+    /// SHA-256 of the configuration's text (the file, or the built-in defaults).
+    pub hash: String,
 }
 
 impl Gateway {
@@ -53,10 +65,36 @@ impl Gateway {
         Gateway {
             limiter: Limiter::new(config.guard),
             runtime: RuntimeLimiter::new(config.guard, config.hunting.estimator.clone()),
-            guards,
+            guards: Live::new(Arc::new(guards)),
+            loaded: std::sync::Mutex::new(Loaded { generation: 1, hash: config.source_hash.clone() }),
             metrics,
-            config,
+            config: Live::new(config),
         }
+    }
+
+    /// The configuration now (a reload may replace it).
+    pub fn config(&self) -> Arc<Config> {
+        self.config.get()
+    }
+
+    /// Take a reloaded configuration. Quota state is kept: each policy keeps
+    /// the key id its name had, so its keys' admissions, queues and holds
+    /// carry on under new limits; a new name gets a fresh id. Clients' guards
+    /// start afresh. Callers refresh the workers after.
+    pub fn replace_config(&self, mut config: Config) {
+        let old = self.config.get();
+        let mut next = old.policies.0.iter().map(|p| p.key_id).max().map_or(0, |m| m.saturating_add(1));
+        for p in &mut config.policies.0 {
+            p.key_id = match old.policies.0.iter().find(|o| o.name == p.name) {
+                Some(o) => o.key_id,
+                None => {
+                    next = next.saturating_add(1);
+                    next - 1
+                }
+            };
+        }
+        self.guards.set(Arc::new(Guards::new(config.clients.all())));
+        self.config.set(Arc::new(config));
     }
 }
 
@@ -64,21 +102,24 @@ impl Gateway {
 /// metric handles, so a request touches no other core's cache lines.
 pub struct Worker {
     gateway: Arc<Gateway>,
-    clients: Clients,
+    index: usize,
     identities: IdentityCache,
+    view: Live<View>,
+}
+
+/// A worker's side of one configuration: what a request resolves once.
+pub struct View {
+    pub config: Arc<Config>,
+    clients: Clients,
     /// Per policy id, then one more for unmetered requests.
     metrics: Vec<PolicyMetrics>,
     /// Per client index, then one more (`unknown`) for refused keys.
     client_metrics: Vec<ClientMetrics>,
 }
 
-impl Worker {
-    pub fn gateway(&self) -> &Gateway {
-        &self.gateway
-    }
-
-    pub fn new(gateway: Arc<Gateway>, index: usize) -> Self {
-        let config = &gateway.config;
+impl View {
+    fn new(gateway: &Gateway, index: usize) -> Self {
+        let config = gateway.config();
         let mut timeouts: Vec<Duration> = config.policies.0.iter().map(|p| p.timeouts.connect).collect();
         timeouts.push(config.unmetered_timeouts.connect);
         timeouts.sort();
@@ -89,13 +130,28 @@ impl Worker {
         let mut client_metrics: Vec<ClientMetrics> =
             config.clients.all().iter().map(|c| gateway.metrics.client(index, &c.name)).collect();
         client_metrics.push(gateway.metrics.client(index, "unknown"));
-        Worker {
-            clients: Clients::new(timeouts, config),
-            identities: IdentityCache::new(IDENTITY_CACHE),
-            metrics,
-            client_metrics,
-            gateway,
-        }
+        View { clients: Clients::new(timeouts, &config), metrics, client_metrics, config }
+    }
+}
+
+impl Worker {
+    pub fn gateway(&self) -> &Gateway {
+        &self.gateway
+    }
+
+    pub fn new(gateway: Arc<Gateway>, index: usize) -> Self {
+        let view = Live::new(Arc::new(View::new(&gateway, index)));
+        Worker { index, identities: IdentityCache::new(IDENTITY_CACHE), view, gateway }
+    }
+
+    /// The configuration this worker serves now, with its pools and metrics.
+    pub fn view(&self) -> Arc<View> {
+        self.view.get()
+    }
+
+    /// Follow the gateway's configuration after a reload.
+    pub fn refresh(&self) {
+        self.view.set(Arc::new(View::new(&self.gateway, self.index)));
     }
 }
 
@@ -114,14 +170,16 @@ pub fn proxy_service(
 /// listener, or the target of a forward-proxy `CONNECT`).
 pub(crate) async fn proxy(worker: &Worker, bound: Option<usize>, mut req: Request) -> Response {
     let gw = &*worker.gateway;
-    let config = &*gw.config;
+    // This request keeps the configuration it started with, across a reload.
+    let view = worker.view();
+    let config = &*view.config;
     let Some(up) = route::select(&config.upstreams, bound, req.uri(), req.headers()) else {
         let kind = guess_kind(req.uri().path());
         return GatewayError::NoRoute { path: req.uri().path().to_string() }.into_response_for(kind);
     };
     let upstream = &config.upstreams[up];
     let policy = config.policies.find(req.method(), up, req.uri().path());
-    let metrics = &worker.metrics[policy.map_or(config.policies.0.len(), |p| usize::from(p.id))];
+    let metrics = &view.metrics[policy.map_or(config.policies.0.len(), |p| usize::from(p.id))];
     let fail = |e: GatewayError| e.into_response_for(upstream.kind);
 
     if content_length(req.headers()).is_some_and(|n| n > config.max_body_bytes) {
@@ -141,13 +199,13 @@ pub(crate) async fn proxy(worker: &Worker, bound: Option<usize>, mut req: Reques
     let client = match roster.identify(req.headers(), token.as_ref().ok().map(|who| who.app.as_str())) {
         Ok(client) => client,
         Err(e) => {
-            worker.client_metrics[roster.all().len()].count("unauthorized");
+            view.client_metrics[roster.all().len()].count("unauthorized");
             tracing::debug!(error = %e, "unknown client");
             return fail(e.into());
         }
     };
-    let client_metrics = &worker.client_metrics[usize::from(client.share.client)];
-    if let Err(retry_after) = gw.guards.check(client.share.client) {
+    let client_metrics = &view.client_metrics[usize::from(client.share.client)];
+    if let Err(retry_after) = gw.guards.get().check(client.share.client) {
         client_metrics.count("guarded");
         tracing::debug!(client = %client.name, retry_after_ms = retry_after.as_millis() as u64, "guard");
         let guard = client.guard.expect("only a client with a guard is refused by it");
@@ -160,7 +218,7 @@ pub(crate) async fn proxy(worker: &Worker, bound: Option<usize>, mut req: Reques
     let Some(policy) = policy else {
         client_metrics.count("unmetered");
         let timeouts = config.unmetered_timeouts;
-        return exchange::once(worker, upstream, metrics, req, &timeouts, &metrics.forwarded).await;
+        return exchange::once(&view, upstream, metrics, req, &timeouts, &metrics.forwarded).await;
     };
     let started = tokio::time::Instant::now();
     let who = match token {
@@ -195,11 +253,12 @@ pub(crate) async fn proxy(worker: &Worker, bound: Option<usize>, mut req: Reques
     let max_wait = caller_max_wait(req.headers()).map_or(policy.max_wait, |w| w.min(policy.max_wait));
     let call = exchange::Metered {
         worker,
+        view: &view,
         upstream,
         policy,
         metrics,
-        key: QuotaKey::new(policy.key, policy.id, &who),
-        runtime: policy.hunting.then(|| QuotaKey::new(config.hunting.key, policy.id, &who)),
+        key: QuotaKey::new(policy.key, policy.key_id, &who),
+        runtime: policy.hunting.then(|| QuotaKey::new(config.hunting.key, policy.key_id, &who)),
         tenant: who.tenant.clone(),
         client: &client.name,
         share,

@@ -6,6 +6,7 @@
 
 mod clients;
 pub mod file;
+pub mod live;
 pub mod problem;
 mod tls;
 pub mod validate;
@@ -68,6 +69,8 @@ pub struct Config {
     pub metrics_max_tenants: usize,
     /// Advanced hunting's running time, lookback and rows.
     pub hunting: Hunting,
+    /// SHA-256 (hex) of the text this was loaded from.
+    pub source_hash: String,
     /// The clients sharing the gateway and how they are told apart.
     pub clients: Roster,
     /// Whether a non-loopback listener may serve without client keys.
@@ -121,10 +124,14 @@ impl Config {
     /// Parse and validate TOML text; `origin` names it in errors.
     pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let file = parse(text, origin)?;
-        validate::validate(&file).map_err(|mut problems| {
+        let mut config = validate::validate(&file).map_err(|mut problems| {
             problem::locate(text, &mut problems);
             ConfigError::Invalid { origin: origin.into(), problems }
-        })
+        })?;
+        use sha2::Digest as _;
+        config.source_hash =
+            sha2::Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+        Ok(config)
     }
 
     /// Read, parse and validate a file.

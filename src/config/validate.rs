@@ -261,6 +261,7 @@ pub fn validate(file: &File) -> Result<Config, Vec<Problem>> {
         };
         policies.push(Policy {
             id: u16::try_from(i).unwrap_or(u16::MAX),
+            key_id: u16::try_from(i).unwrap_or(u16::MAX),
             name: pf.name.clone(),
             methods,
             upstreams: ups,
@@ -304,6 +305,7 @@ pub fn validate(file: &File) -> Result<Config, Vec<Problem>> {
             metrics_max_tenants: file.metrics_max_tenants,
             access_log: file.access_log,
             hunting,
+            source_hash: String::new(),
             clients,
             allow_anonymous_on_network: file.allow_anonymous_on_network,
             tls,

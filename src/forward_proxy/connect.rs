@@ -62,7 +62,7 @@ async fn handle(
                     .into(),
         });
     };
-    let Some(up) = by_host(&worker.gateway().config.upstreams, host) else {
+    let Some(up) = by_host(&worker.gateway().config().upstreams, host) else {
         tracing::debug!(target = host, "forward proxy refused a host");
         return refuse(GatewayError::ProxyRefused { target: host.to_string() });
     };
@@ -96,7 +96,7 @@ async fn connect(
             detail: format!("CONNECT target `{target}` has no port"),
         });
     };
-    let upstreams = &worker.gateway().config.upstreams;
+    let upstreams = &worker.gateway().config().upstreams;
     let intercepted = by_host(upstreams, target.host()).filter(|&u| {
         let own = upstreams[u].authority.port_u16();
         port == own.unwrap_or(443)

@@ -35,8 +35,11 @@ pub struct Timeouts {
 /// One metered class of calls, as validated from config.
 #[derive(Debug, Clone)]
 pub struct Policy {
-    /// Position in the configured order; also the id in quota keys.
+    /// Position in the configured order.
     pub id: u16,
+    /// The policy's id in quota keys: its position when first loaded, kept
+    /// by name across reloads, so a key's admissions follow its policy.
+    pub key_id: u16,
     pub name: String,
     pub methods: Vec<Method>,
     /// Indices of the upstreams this policy applies to; empty means any.

@@ -22,9 +22,11 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 mod handoff;
+mod reload;
 mod tls;
 mod workers;
 
+pub use reload::Reloader;
 pub use workers::Workers;
 
 use crate::app::{proxy_service, Gateway, Worker};
@@ -40,6 +42,8 @@ pub struct Running {
     /// The forward-proxy listener's address, when one is configured.
     pub forward_proxy_addr: Option<SocketAddr>,
     pub gateway: Arc<Gateway>,
+    /// Applies a new configuration (SIGHUP, a changed file).
+    pub reloader: Reloader,
     stop: watch::Sender<bool>,
     tasks: JoinSet<io::Result<()>>,
 }
@@ -129,7 +133,7 @@ pub async fn start_on(config: Config, workers: &[Handle]) -> io::Result<Running>
     let sweeper = gateway.clone();
     tasks.spawn_on(
         async move {
-            let mut every = tokio::time::interval(sweeper.config.idle_sweep);
+            let mut every = tokio::time::interval(sweeper.config().idle_sweep);
             let stop = stopping(stopped);
             tokio::pin!(stop);
             loop {
@@ -141,7 +145,9 @@ pub async fn start_on(config: Config, workers: &[Handle]) -> io::Result<Running>
         },
         first,
     );
-    Ok(Running { proxy_addrs, admin_addr, forward_proxy_addr, gateway, stop, tasks })
+    gateway.metrics.config_loaded(1);
+    let reloader = Reloader::new(gateway.clone(), worker_states);
+    Ok(Running { proxy_addrs, admin_addr, forward_proxy_addr, gateway, reloader, stop, tasks })
 }
 
 /// Beyond the drain time, for answers already on their way out.
@@ -178,7 +184,7 @@ impl Running {
     /// the other queued ones finish; cut what is still running when the
     /// drain time is over.
     pub async fn stop(self) -> io::Result<()> {
-        let drain = self.gateway.config.drain;
+        let drain = self.gateway.config().drain;
         self.stop_within(drain).await
     }
 

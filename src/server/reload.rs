@@ -1,0 +1,74 @@
+//! Apply a new configuration to a running gateway, keeping its quota state.
+//!
+//! The new configuration is validated before it gets here. What a reload
+//! cannot change without a restart (listener addresses, TLS, the forward
+//! proxy, the upstream table that bound listeners point into) makes it
+//! refuse the whole file, with every such change listed; the old
+//! configuration keeps running. Otherwise every policy keeps the key id its
+//! name had ([`Gateway::replace_config`]), so its keys' admissions, queues
+//! and holds carry on under the new limits, and each worker switches its
+//! pools and metric handles. Requests already queued or in flight keep the
+//! configuration they started with.
+
+use std::sync::Arc;
+
+use crate::app::{Gateway, Loaded, Worker};
+use crate::config::Config;
+
+/// What a reload needs: the gateway and every worker.
+#[derive(Clone)]
+pub struct Reloader {
+    gateway: Arc<Gateway>,
+    workers: Vec<Arc<Worker>>,
+}
+
+impl Reloader {
+    pub(super) fn new(gateway: Arc<Gateway>, workers: Vec<Arc<Worker>>) -> Self {
+        Reloader { gateway, workers }
+    }
+
+    /// Apply `config`, or say why not. The same text again changes nothing.
+    pub fn apply(&self, config: Config) -> Result<Loaded, Vec<String>> {
+        let mut loaded = self.gateway.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        if loaded.hash == config.source_hash {
+            return Ok(loaded.clone());
+        }
+        let hash = config.source_hash.clone();
+        let old = self.gateway.config();
+        let problems = restart_only(&old, &config);
+        if !problems.is_empty() {
+            self.gateway.metrics.reload("refused");
+            return Err(problems);
+        }
+        self.gateway.replace_config(config);
+        for worker in &self.workers {
+            worker.refresh();
+        }
+        *loaded = Loaded { generation: loaded.generation + 1, hash };
+        self.gateway.metrics.reload("applied");
+        self.gateway.metrics.config_loaded(loaded.generation);
+        Ok(loaded.clone())
+    }
+
+    /// Count a file that did not load (every problem already listed by the caller).
+    pub fn refused(&self) {
+        self.gateway.metrics.reload("refused");
+    }
+}
+
+/// Changes a reload cannot apply, one line each.
+fn restart_only(old: &Config, new: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut differs = |what: &str, same: bool| {
+        if !same {
+            out.push(format!("{what} changed: restart the gateway to apply it"));
+        }
+    };
+    differs("listen / [[listener]]", old.listeners == new.listeners);
+    differs("admin_listen", old.admin_listen == new.admin_listen);
+    differs("[tls]", old.tls.is_some() == new.tls.is_some());
+    differs("[forward_proxy]", old.forward_proxy == new.forward_proxy);
+    let names = |c: &Config| c.upstreams.iter().map(|u| u.name.clone()).collect::<Vec<_>>();
+    differs("the names or order of [[upstream]]", names(old) == names(new));
+    out
+}

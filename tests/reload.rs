@@ -1,0 +1,160 @@
+//! Hot reload of the real binary, under load: on SIGHUP and on a changed
+//! file. A valid file applies with the quota state kept; an invalid one is
+//! refused with its problems logged while the old one keeps running; no
+//! request fails across any of it.
+
+mod support;
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::emulator::{Emulator, EmulatorConfig};
+use support::gateway::config_text;
+use support::{bearer, client};
+
+fn policy(limit: u32) -> String {
+    format!(
+        r#"
+[[policy]]
+name = "incidents"
+paths = ["/api/incidents", "/api/incidents/**"]
+windows = [{{ limit = {limit}, per = "60s" }}]
+mode = "reject"
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_keep_quota_state_refuse_bad_files_and_fail_no_request() {
+    let emu = Emulator::start(EmulatorConfig::new()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("quotagate.toml");
+    std::fs::write(&path, config_text(&emu.url(), &policy(3))).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_quotagate"))
+        .args(["--config", path.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = String::new();
+    let mut stdout = child.stdout.take().unwrap();
+    while out.matches('\n').count() < 2 {
+        let mut buf = [0u8; 256];
+        let n = stdout.read(&mut buf).unwrap();
+        assert!(n > 0, "the gateway announces its listeners");
+        out.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let addr = |what: &str| {
+        out.lines().find(|l| l.contains(what)).unwrap().rsplit("http://").next().unwrap().to_string()
+    };
+    let (proxy, admin) = (addr("proxy"), addr("admin"));
+    let mut stderr = child.stderr.take().unwrap();
+    let logs = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let http = client();
+
+    // Load throughout: unmetered calls that must all succeed.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (sent, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let load = {
+        let (http, url, stop, sent, failed) = (
+            http.clone(),
+            format!("http://{proxy}/api/test/status/200"),
+            stop.clone(),
+            sent.clone(),
+            failed.clone(),
+        );
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let ok = http.get(&url).send().await.is_ok_and(|r| r.status() == 200);
+                sent.fetch_add(1, Ordering::Relaxed);
+                if !ok {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    let call = || {
+        let http = http.clone();
+        let url = format!("http://{proxy}/api/incidents");
+        async move {
+            http.get(url)
+                .header("authorization", bearer("tenant-reload", "app"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    let admitted = |n: usize| async move {
+        let mut ok = 0;
+        for _ in 0..n {
+            if call().await == 200 {
+                ok += 1;
+            }
+        }
+        ok
+    };
+    let generation = || {
+        let http = http.clone();
+        let url = format!("http://{admin}/readyz");
+        async move {
+            let v: serde_json::Value = http.get(url).send().await.unwrap().json().await.unwrap();
+            v["config"]["generation"].as_u64().unwrap()
+        }
+    };
+    let hup =
+        |pid: u32| assert!(Command::new("kill").args(["-HUP", &pid.to_string()]).status().unwrap().success());
+    let wait_for_generation = |want: u64| async move {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while generation().await != want {
+            assert!(Instant::now() < deadline, "generation {want} never came");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+
+    assert_eq!(generation().await, 1);
+    assert_eq!(admitted(5).await, 3, "3 per minute");
+
+    // A valid file on SIGHUP: 5 per minute, and the 3 admitted still count.
+    std::fs::write(&path, config_text(&emu.url(), &policy(5))).unwrap();
+    hup(child.id());
+    wait_for_generation(2).await;
+    assert_eq!(admitted(5).await, 2, "the window kept its admissions under the new limit");
+
+    // An invalid file on SIGHUP: refused, the old configuration keeps running.
+    let broken = config_text(&emu.url(), &policy(5)).replace("per = \"60s\"", "per = \"soon\"");
+    std::fs::write(&path, &broken).unwrap();
+    hup(child.id());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(generation().await, 2, "a bad file is not applied");
+    assert_eq!(admitted(2).await, 0, "the old limit of 5 still holds");
+
+    // A changed file without a signal: 7 per minute.
+    std::fs::write(&path, config_text(&emu.url(), &policy(7))).unwrap();
+    wait_for_generation(3).await;
+    assert_eq!(admitted(5).await, 2);
+
+    let metrics = http.get(format!("http://{admin}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("quotagate_config_generation 3"), "{metrics}");
+    assert!(metrics.contains("quotagate_config_reloads_total{result=\"applied\"} 2"), "{metrics}");
+    assert!(metrics.lines().any(|l| l.starts_with("quotagate_config_reloads_total{result=\"refused\"}")));
+
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    assert!(sent.load(Ordering::Relaxed) > 20, "load ran throughout");
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "no request failed across the reloads");
+    assert_eq!(emu.requests().iter().filter(|r| r.path_and_query == "/api/incidents").count(), 7);
+
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    child.wait().unwrap();
+    let logs = logs.join().unwrap();
+    assert!(logs.contains("configuration refused"), "{logs}");
+    assert!(logs.contains("policy[0] (incidents).windows[0].per"), "every problem is named: {logs}");
+}
