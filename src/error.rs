@@ -50,6 +50,10 @@ pub enum GatewayError {
     UpstreamTimeout { upstream: String, after: Duration },
     #[error("upstream `{upstream}` failed: {detail}")]
     UpstreamFailed { upstream: String, detail: String },
+    /// The quota store could not record the admission (or, for Redis, could
+    /// not be reached and the config fails closed): nothing was forwarded.
+    #[error("the gateway's quota store is unavailable, so the call was not forwarded ({detail}). You can send requests again in {} seconds.", secs(*.retry_after))]
+    StoreUnavailable { detail: String, retry_after: Duration },
 }
 
 /// The upstream's own message (or a generic one), ending with the wait the
@@ -120,6 +124,7 @@ impl GatewayError {
                 StatusCode::BAD_GATEWAY
             }
             GatewayError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::StoreUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -136,6 +141,7 @@ impl GatewayError {
             GatewayError::NoRoute { .. } => "NotFound",
             GatewayError::UpstreamUnreachable { .. } | GatewayError::UpstreamFailed { .. } => "BadGateway",
             GatewayError::UpstreamTimeout { .. } => "GatewayTimeout",
+            GatewayError::StoreUnavailable { .. } => "ServiceUnavailable",
         }
     }
 
@@ -166,6 +172,7 @@ impl GatewayError {
             GatewayError::Throttled { rejection, .. } => Some((rejection.retry_after, "gateway")),
             GatewayError::UpstreamThrottled { retry_after, .. } => Some((*retry_after, "upstream")),
             GatewayError::RunningTime { rejection, .. } => Some((rejection.retry_after, "gateway")),
+            GatewayError::StoreUnavailable { retry_after, .. } => Some((*retry_after, "gateway")),
             _ => None,
         };
         if let Some((retry_after, by)) = throttle {

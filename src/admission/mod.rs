@@ -86,6 +86,18 @@ pub struct Admitted {
     at: u64,
 }
 
+impl Admitted {
+    /// A call admitted at clock reading `at` (a store that decided elsewhere).
+    pub fn new(at: u64, waited: Duration, usage: Vec<WindowUse>) -> Self {
+        Admitted { waited, usage, at }
+    }
+
+    /// The clock reading of the admission.
+    pub fn at(&self) -> u64 {
+        self.at
+    }
+}
+
 #[derive(Default)]
 pub(crate) struct KeyCell(Mutex<KeyState>);
 
@@ -104,7 +116,59 @@ pub struct Limiter {
 
 impl Limiter {
     pub fn new(guard: Duration) -> Self {
-        Limiter { keys: DashMap::new(), clock: Clock::default(), guard }
+        Self::with_clock(guard, Clock::default())
+    }
+
+    /// A limiter on a given clock (the gateway shares one with the store).
+    pub fn with_clock(guard: Duration, clock: Clock) -> Self {
+        Limiter { keys: DashMap::new(), clock, guard }
+    }
+
+    /// The clock admission times are read on.
+    pub fn clock(&self) -> Clock {
+        self.clock
+    }
+
+    /// Put back what a durable store remembered for `key` under `policy`:
+    /// its admissions (clock readings, any order), an upstream hold and a
+    /// revealed limit. Restoring only adds constraints, never loosens one.
+    pub fn restore(
+        &self,
+        key: &QuotaKey,
+        policy: &Policy,
+        times: &[u64],
+        hold_until: u64,
+        revealed: Option<Window>,
+    ) {
+        let cell = self.cell(key);
+        let mut st = cell.lock();
+        st.policy = policy.id;
+        if let Some(r) = revealed {
+            st.revealed = Some(match st.revealed {
+                Some(old) if old.per == r.per => Window::new(old.limit.min(r.limit), r.per),
+                _ => r,
+            });
+        }
+        let windows = st.windows(policy);
+        st.retention = st.retention.union(Retention::for_windows(&windows, self.guard));
+        let retention = st.retention;
+        let mut times = times.to_vec();
+        times.sort_unstable();
+        for t in times {
+            st.log.record(t, retention);
+        }
+        st.log.prune(retention, self.clock.now());
+        st.hold_until = st.hold_until.max(hold_until);
+    }
+
+    /// When `key`'s upstream hold ends, as a clock reading (0 when none).
+    pub fn hold_until(&self, key: &QuotaKey) -> u64 {
+        self.keys.get(key).map_or(0, |c| c.lock().hold_until)
+    }
+
+    /// The admission times of `key` still held (for tests and the store).
+    pub fn admissions(&self, key: &QuotaKey) -> Vec<u64> {
+        self.keys.get(key).map_or_else(Vec::new, |c| c.lock().log.times())
     }
 
     fn cell(&self, key: &QuotaKey) -> Arc<KeyCell> {

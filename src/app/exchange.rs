@@ -146,6 +146,22 @@ impl Metered<'_> {
                 self.metrics.wait.observe(admitted.waited.as_secs_f64());
             }
             outcome.waited += admitted.waited;
+            // An admission (and a hunting query's reservation) is durable
+            // before its call is forwarded, so a crash cannot forget it.
+            if let Err(e) = gw.store.admitted(&self.key, self.policy, &admitted, reservation.as_mut()).await {
+                gw.limiter.refund(&self.key, &admitted);
+                if let Some(r) = reservation.take() {
+                    r.release();
+                }
+                gw.metrics.store.errors.inc();
+                self.metrics.failed.inc();
+                outcome.decision = "failed";
+                tracing::error!(policy = %self.policy.name, error = %e, "the quota store did not record an admission; not forwarded");
+                return self.fail(GatewayError::StoreUnavailable {
+                    detail: "the admission could not be recorded".into(),
+                    retry_after: Duration::from_secs(1),
+                });
+            }
             if keep && replay.is_none() {
                 let body = stream.take().unwrap_or_default();
                 match Limited::new(body, limit(config.retry_body_bytes)).collect().await {
@@ -153,6 +169,7 @@ impl Metered<'_> {
                     Err(e) => {
                         // Nothing was sent: the slot is not spent.
                         gw.limiter.refund(&self.key, &admitted);
+                        gw.store.refunded(&self.key, &admitted);
                         outcome.decision = "bad_request";
                         return self.fail(GatewayError::BadBody { detail: e.to_string() });
                     }
@@ -263,13 +280,17 @@ impl Metered<'_> {
                 std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), attempt);
             throttle::backoff(attempt - 1, config.backoff_base, config.backoff_cap, jitter)
         });
-        match throttle.kind {
+        match (throttle.kind, &self.runtime) {
             // Running time is the tenant's, whichever app spent it.
-            Kind::RunningTime if self.runtime.is_some() => {
-                gw.runtime.hold(self.runtime.as_ref().expect("hunting"), wait)
+            (Kind::RunningTime, Some(key)) => {
+                gw.runtime.hold(key, wait);
+                gw.store.held(key, self.policy.id, gw.runtime.hold_until(key), true);
             }
-            Kind::RunningTime | Kind::CallRate => gw.limiter.hold(&self.key, wait),
-            Kind::Concurrency => {}
+            (Kind::RunningTime | Kind::CallRate, _) => {
+                gw.limiter.hold(&self.key, wait);
+                gw.store.held(&self.key, self.policy.id, gw.limiter.hold_until(&self.key), false);
+            }
+            (Kind::Concurrency, _) => {}
         }
         if throttle.kind != Kind::Concurrency {
             self.metrics.holds.inc();
@@ -277,6 +298,7 @@ impl Metered<'_> {
         if let Some((limit, per)) = throttle.revealed {
             let window = Window::new(std::num::NonZeroU32::new(limit).expect("parser returns non-zero"), per);
             if gw.limiter.reveal(&self.key, self.policy, window) {
+                gw.store.revealed(&self.key, self.policy.id, window);
                 self.metrics.revealed_limit.set(i64::from(limit));
                 tracing::warn!(policy = %self.policy.name, tenant = %self.tenant, limit,
                     window_s = per.as_secs_f64(), "the upstream revealed a lower limit than configured; using it");
@@ -340,6 +362,7 @@ impl Metered<'_> {
         if matches!(e, UpstreamError::Connect(_)) {
             // Nothing reached the upstream: the slot is not spent.
             self.worker.gateway.limiter.refund(&self.key, admitted);
+            self.worker.gateway.store.refunded(&self.key, admitted);
         }
         failed(self.worker, self.upstream, self.metrics, e)
     }

@@ -21,7 +21,8 @@ use crate::config::Config;
 use crate::error::GatewayError;
 use crate::identity::identity_from_headers;
 use crate::metrics::{Metrics, PolicyMetrics};
-use crate::quota::QuotaKey;
+use crate::quota::{Clock, QuotaKey};
+use crate::store::{Store, StoreError};
 use crate::upstream::{route, ApiKind, Clients};
 
 /// Request header with which a caller shortens its own maximum queue wait,
@@ -35,16 +36,28 @@ pub struct Gateway {
     /// Hunting running time.
     pub runtime: RuntimeLimiter,
     pub metrics: Arc<Metrics>,
+    /// Where the quota state is made durable or shared.
+    pub store: Store,
 }
 
 impl Gateway {
+    /// A gateway whose quota state lives in memory only.
     pub fn new(config: Arc<Config>, metrics: Arc<Metrics>) -> Self {
+        let clock = Clock::default();
         Gateway {
-            limiter: Limiter::new(config.guard),
-            runtime: RuntimeLimiter::new(config.guard, config.hunting.estimator.clone()),
+            limiter: Limiter::with_clock(config.guard, clock),
+            runtime: RuntimeLimiter::with_clock(config.guard, config.hunting.estimator.clone(), clock),
             metrics,
             config,
+            store: Store::memory(),
         }
+    }
+
+    /// A gateway on its configured store, with what the store holds restored.
+    pub fn open(config: Arc<Config>, metrics: Arc<Metrics>) -> Result<Self, StoreError> {
+        let mut gw = Gateway::new(config, metrics);
+        gw.store = Store::open(&gw.config, &gw.limiter, &gw.runtime, &gw.metrics)?;
+        Ok(gw)
     }
 }
 

@@ -53,6 +53,8 @@ pub struct Config {
     pub metrics_max_tenants: usize,
     /// Advanced hunting's running time, lookback and rows.
     pub hunting: Hunting,
+    /// Where the quota state lives.
+    pub store: crate::store::StoreConfig,
 }
 
 /// Everything wrong with a configuration, one line each, in the form
@@ -185,6 +187,23 @@ impl Config {
             h.max_rows
         );
         let _ = writeln!(out, "everything else: forwarded unmetered, counted");
+        let s = &self.store;
+        let _ = match &s.backend {
+            crate::store::Backend::Memory => writeln!(out, "store: memory (lost on restart)"),
+            crate::store::Backend::Sqlite { path } => writeln!(
+                out,
+                "store: sqlite file {} (allow_start_empty {})",
+                path.display(),
+                s.allow_start_empty
+            ),
+            crate::store::Backend::Redis { url } => writeln!(
+                out,
+                "store: redis {} (on outage {:?}, {} replicas)",
+                crate::store::redis::redact(url),
+                s.on_outage,
+                s.replicas
+            ),
+        };
         out
     }
 }

@@ -49,7 +49,9 @@ pub async fn start(config: Config) -> io::Result<Running> {
 pub async fn start_on(config: Config, workers: &[Handle]) -> io::Result<Running> {
     let first = workers.first().expect("at least one worker");
     let config = Arc::new(config);
-    let gateway = Arc::new(Gateway::new(config.clone(), Arc::new(Metrics::new(workers.len()))));
+    let gateway = Gateway::open(config.clone(), Arc::new(Metrics::new(workers.len())))
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    let gateway = Arc::new(gateway);
     let (stop, stopped) = watch::channel(false);
     let mut tasks = JoinSet::new();
 
