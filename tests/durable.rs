@@ -5,66 +5,16 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use support::emulator::{max_in_any_interval, Emulator, EmulatorConfig, QuotaRule};
+use support::process::GatewayProcess as Gateway;
 use support::{bearer, client};
 
-const BIN: &str = env!("CARGO_BIN_EXE_quotagate");
 const WINDOW: Duration = Duration::from_secs(2);
 const LIMIT: u32 = 20;
-
-/// The binary, killed (SIGKILL) when dropped.
-struct Gateway {
-    child: Child,
-    proxy: String,
-    admin: String,
-}
-
-impl Gateway {
-    fn start(config: &Path, dir: &Path) -> Result<Gateway, String> {
-        let mut child = Command::new(BIN)
-            .args(["--config", config.to_str().unwrap(), "--workers", "1"])
-            .current_dir(dir)
-            .env("RUST_LOG", "warn")
-            .env_remove("STATE_DIRECTORY")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut proxy = None;
-        for line in BufReader::new(child.stdout.take().unwrap()).lines() {
-            let line = line.unwrap();
-            let addr = line.rsplit("http://").next().unwrap().to_string();
-            if line.contains("proxy listening") {
-                proxy = Some(addr);
-            } else if line.contains("admin listening") {
-                return Ok(Gateway { child, proxy: proxy.unwrap(), admin: addr });
-            }
-        }
-        let status = child.wait().unwrap();
-        let mut err = String::new();
-        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-        Err(format!("{status}: {err}"))
-    }
-
-    /// SIGKILL: no shutdown, no flush, no checkpoint.
-    fn kill(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn config(dir: &Path, upstream: &str, store: &str) -> PathBuf {
     let path = dir.join("gateway.toml");

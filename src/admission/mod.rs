@@ -84,12 +84,20 @@ pub struct Admitted {
     pub waited: Duration,
     pub usage: Vec<WindowUse>,
     at: u64,
+    /// The shared store's name for the admission (Redis), 0 when local.
+    ticket: u64,
 }
 
 impl Admitted {
-    /// A call admitted at clock reading `at` (a store that decided elsewhere).
-    pub fn new(at: u64, waited: Duration, usage: Vec<WindowUse>) -> Self {
-        Admitted { waited, usage, at }
+    /// A call admitted at clock reading `at` by a shared store, which knows
+    /// it as `ticket`.
+    pub fn shared(at: u64, ticket: u64, waited: Duration, usage: Vec<WindowUse>) -> Self {
+        Admitted { waited, usage, at, ticket }
+    }
+
+    /// The shared store's name for the admission; 0 when it was decided locally.
+    pub fn ticket(&self) -> u64 {
+        self.ticket
     }
 
     /// The clock reading of the admission.
@@ -166,6 +174,17 @@ impl Limiter {
         self.keys.get(key).map_or(0, |c| c.lock().hold_until)
     }
 
+    /// Every key's policy and admission times (for a store catching up).
+    pub fn all_admissions(&self) -> Vec<(QuotaKey, u16, Vec<u64>)> {
+        self.keys
+            .iter()
+            .filter_map(|e| {
+                let st = e.value().lock();
+                (!st.log.is_empty()).then(|| (e.key().clone(), st.policy, st.log.times()))
+            })
+            .collect()
+    }
+
     /// The admission times of `key` still held (for tests and the store).
     pub fn admissions(&self, key: &QuotaKey) -> Vec<u64> {
         self.keys.get(key).map_or_else(Vec::new, |c| c.lock().log.times())
@@ -200,7 +219,7 @@ impl Limiter {
             if st.queue.is_empty() && st.log.next_free(&windows, self.guard, from).at <= start {
                 st.log.record(start, retention);
                 let usage = st.log.usage(&windows, self.guard, start);
-                return Ok(Admitted { waited: Duration::ZERO, at: start, usage });
+                return Ok(Admitted { waited: Duration::ZERO, at: start, usage, ticket: 0 });
             }
             let grant = st.log.projected(st.queue.len(), &windows, self.guard, from);
             let wait = Duration::from_nanos(grant.at - start);
@@ -243,7 +262,12 @@ impl Limiter {
                     }
                     place.queued = false;
                     let usage = st.log.usage(&windows, self.guard, now);
-                    return Ok(Admitted { waited: Duration::from_nanos(now - start), at: now, usage });
+                    return Ok(Admitted {
+                        waited: Duration::from_nanos(now - start),
+                        at: now,
+                        usage,
+                        ticket: 0,
+                    });
                 }
                 if now >= deadline {
                     return Err(Rejection {

@@ -37,6 +37,7 @@ use crate::hunting::meter;
 use crate::metrics::{Failure, PolicyMetrics};
 use crate::policy::{Mode, Policy, Timeouts};
 use crate::quota::{QuotaKey, Window};
+use crate::store::redis::Refusal;
 use crate::upstream::throttle::{self, Kind, Throttle};
 use crate::upstream::{forward, ApiKind, Upstream, UpstreamError};
 
@@ -123,10 +124,21 @@ impl Metered<'_> {
                 outcome.waited += r.waited;
             }
             let budget = self.max_wait.saturating_sub(started.elapsed());
-            let admitted = match gw.limiter.acquire(&self.key, self.policy, budget, &self.metrics.depth).await
-            {
+            let acquired =
+                gw.store.acquire(&gw.limiter, &self.key, self.policy, budget, &self.metrics.depth).await;
+            let admitted = match acquired {
                 Ok(admitted) => admitted,
-                Err(mut rejection) => {
+                Err(Refusal::Down(e)) => {
+                    // Redis is down and the config fails closed: nothing is forwarded.
+                    outcome.decision = "rejected";
+                    self.metrics.rejected.inc();
+                    tracing::debug!(policy = %self.policy.name, error = %e, "quota store down: failing closed");
+                    return self.fail(GatewayError::StoreUnavailable {
+                        detail: "the shared quota store (Redis) is unreachable".into(),
+                        retry_after: crate::store::redis::FAIL_CLOSED_RETRY,
+                    });
+                }
+                Err(Refusal::Rejected(mut rejection)) => {
                     let usage = std::mem::take(&mut rejection.usage);
                     outcome.decision = "rejected";
                     self.metrics.rejected.inc();

@@ -86,6 +86,18 @@ pub async fn start_on(config: Config, workers: &[Handle]) -> io::Result<Running>
         async move { axum::serve(admin, admin_router).with_graceful_shutdown(stopping(admin_stopped)).await },
         first,
     );
+    if let Some(redis) = gateway.store.redis() {
+        tasks.spawn_on(
+            {
+                let (redis, stopped, gw) = (redis.clone(), stopped.clone(), gateway.clone());
+                async move {
+                    redis.watch(&gw.limiter, &gw.config.policies.0, stopping(stopped)).await;
+                    Ok(())
+                }
+            },
+            first,
+        );
+    }
     let sweeper = gateway.clone();
     tasks.spawn_on(
         async move {
@@ -94,7 +106,7 @@ pub async fn start_on(config: Config, workers: &[Handle]) -> io::Result<Running>
             tokio::pin!(stop);
             loop {
                 tokio::select! {
-                    _ = every.tick() => { sweeper.limiter.sweep(); sweeper.runtime.sweep(); }
+                    _ = every.tick() => { sweeper.limiter.sweep(); sweeper.runtime.sweep(); sweeper.store.sweep(); }
                     _ = &mut stop => return Ok(()),
                 }
             }

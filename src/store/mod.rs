@@ -178,7 +178,7 @@ impl Store {
             Backend::Memory => Ok(Store::memory()),
             Backend::Sqlite { path } => Self::open_sqlite(config, path, limiter, runtime, metrics),
             Backend::Redis { url } => {
-                let redis = redis::RedisStore::new(config, url, metrics)?;
+                let redis = redis::RedisStore::new(config, url, limiter.clock(), metrics)?;
                 Ok(Store {
                     kind: "redis",
                     journal: None,
@@ -269,6 +269,29 @@ impl Store {
         self.redis.as_ref()
     }
 
+    /// Admit a call for `key` under `policy`, waiting at most `max_wait`:
+    /// in memory by the limiter, or shared through Redis.
+    pub async fn acquire(
+        &self,
+        limiter: &Limiter,
+        key: &QuotaKey,
+        policy: &Policy,
+        max_wait: Duration,
+        depth: &prometheus::IntGauge,
+    ) -> Result<Admitted, redis::Refusal> {
+        match &self.redis {
+            Some(r) => r.acquire(limiter, key, policy, max_wait, depth).await,
+            None => limiter.acquire(key, policy, max_wait, depth).await.map_err(redis::Refusal::Rejected),
+        }
+    }
+
+    /// Drop idle bookkeeping.
+    pub fn sweep(&self) {
+        if let Some(r) = &self.redis {
+            r.sweep();
+        }
+    }
+
     /// Make an admission (and a hunting query's reservation) durable; the
     /// request must not be forwarded before this returns `Ok`.
     pub async fn admitted(
@@ -314,6 +337,9 @@ impl Store {
 
     /// The admission never reached the upstream.
     pub fn refunded(&self, key: &QuotaKey, admitted: &Admitted) {
+        if let Some(r) = &self.redis {
+            r.refund(key, admitted);
+        }
         if let Some(j) = &self.journal {
             j.send(vec![Event::Refund { key: encode_key(key), at: j.unix(admitted.at()) }], None);
         }
@@ -321,6 +347,9 @@ impl Store {
 
     /// The upstream holds `key` until clock reading `until`.
     pub fn held(&self, key: &QuotaKey, policy: u16, until: u64, runtime: bool) {
+        if let (Some(r), false) = (&self.redis, runtime) {
+            r.hold_until(key, until);
+        }
         if let Some(j) = &self.journal {
             let scope = if runtime { "runtime" } else { "call" };
             j.send(vec![Event::Hold { scope, key: encode_key(key), policy, until: j.unix(until) }], None);
