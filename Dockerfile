@@ -26,6 +26,7 @@ RUN mkdir -p src benches \
  && touch src/lib.rs \
  && echo 'fn main() {}' > benches/admission.rs \
  && echo 'fn main() {}' > benches/keys_rss.rs \
+ && echo 'fn main() {}' > benches/hunting_stream.rs \
  && cargo build --release --locked \
  && rm -rf src
 
@@ -46,8 +47,11 @@ COPY --from=build --chown=65532:65532 /out/state /var/lib/quotagate
 # Listen on every interface inside the container (the built-in defaults are
 # loopback). QUOTAGATE_CONFIG names a mounted file; unset, the built-in
 # defaults run. [[listener]] addresses in a file are not overridden here.
+# STATE_DIRECTORY: where the default SQLite quota store keeps its file
+# (quotagate-state.db), on the volume below.
 ENV QUOTAGATE_LISTEN=0.0.0.0:7480 \
     QUOTAGATE_ADMIN_LISTEN=0.0.0.0:7481 \
+    STATE_DIRECTORY=/var/lib/quotagate \
     RUST_LOG=info
 USER 65532:65532
 # 7480: the proxy listener; 7481: the admin listener (/healthz, /readyz, /metrics).

@@ -169,6 +169,18 @@ impl Limiter {
         st.hold_until = st.hold_until.max(hold_until);
     }
 
+    /// Record an admission that a shared store made at clock reading `at`.
+    pub fn record(&self, key: &QuotaKey, policy: &Policy, at: u64) {
+        let cell = self.cell(key);
+        let mut st = cell.lock();
+        st.policy = policy.id;
+        let windows = st.windows(policy);
+        st.retention = st.retention.union(Retention::for_windows(&windows, self.guard));
+        let retention = st.retention;
+        st.log.prune(retention, at);
+        st.log.record(at, retention);
+    }
+
     /// When `key`'s upstream hold ends, as a clock reading (0 when none).
     pub fn hold_until(&self, key: &QuotaKey) -> u64 {
         self.keys.get(key).map_or(0, |c| c.lock().hold_until)

@@ -48,7 +48,8 @@ use crate::quota::{QuotaKey, Window, WindowUse};
 /// Check every window of a key and record the call, or say when it could go.
 ///
 /// KEYS: the log (sorted set), the hold. ARGV: guard µs, window count, then
-/// limit and length µs per window, then the new entry's member.
+/// limit and length µs per window, then the new entry's member prefix (the
+/// member is the prefix and the admission's time).
 /// Returns `{1, now, 0, count per window...}` or `{0, free_at, binding, now}`
 /// where `binding` is the window's 1-based index, or -1 for the hold.
 const ADMIT: &str = r"
@@ -72,7 +73,9 @@ for i = 1, n do
   end
 end
 if free > now then return {0, free, binding, now} end
-redis.call('ZADD', KEYS[1], now, ARGV[3 + 2 * n])
+-- The member names its time, so a replica can add its admissions back after
+-- Redis lost them without counting any twice; a taken microsecond moves on.
+while redis.call('ZADD', KEYS[1], 'NX', now, ARGV[3 + 2 * n] .. now) == 0 do now = now + 1 end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - longest))
 redis.call('PEXPIRE', KEYS[1], math.floor(longest / 1000) + 1)
 local out = {1, now, 0}
@@ -254,8 +257,9 @@ impl RedisStore {
     }
 
     /// Ping Redis while it is down, and switch back when it answers, until
-    /// `stop`. Before switching back, every call this replica admitted on
-    /// its own is added to the shared logs.
+    /// `stop`. Before switching back, every call this replica admitted in
+    /// the open windows (alone, or through a Redis that may have lost it) is
+    /// added to the shared logs.
     pub async fn watch(
         self: Arc<Self>,
         limiter: &Limiter,
@@ -281,7 +285,7 @@ impl RedisStore {
                     let mut caught_up = true;
                     for (key, policy, times) in limiter.all_admissions() {
                         let Some(policy) = policies.get(usize::from(policy)) else { continue };
-                        if let Err(e) = self.push_local(&key, policy, &times).await {
+                        if let Err(e) = self.push_back(&key, policy, &times).await {
                             self.metrics.errors.inc();
                             tracing::warn!(error = %e, "could not add local admissions to redis; will retry");
                             caught_up = false;
@@ -353,15 +357,9 @@ impl RedisStore {
                 Err(_) => return Ok(Err(give_up(Reason::Expired, max_wait))),
             }
         };
-        // Calls this replica admitted on its own while Redis was down count
-        // in the shared log too, so the windows that span the outage hold.
-        let local = limiter.admissions(key);
-        if !local.is_empty() {
-            self.push_local(key, policy, &local).await?;
-        }
         loop {
             let ticket = self.next.fetch_add(1, Ordering::Relaxed);
-            let answer = self.ask(key, policy, ticket).await?;
+            let answer = self.ask(key, policy).await?;
             match answer {
                 Answer::Admitted { at_us, counts } => {
                     drop(head);
@@ -372,6 +370,10 @@ impl RedisStore {
                         .map(|(w, used)| WindowUse { window: *w, used, reset: Duration::ZERO })
                         .collect();
                     let at = self.clock.from_unix(at_us.saturating_mul(1000));
+                    // This replica remembers its own admissions: it decides on
+                    // them while Redis is down, and adds them back when Redis
+                    // returns (they may have been lost with it).
+                    limiter.record(key, policy, at);
                     return Ok(Ok(Admitted::shared(at, ticket, started.elapsed(), usage)));
                 }
                 Answer::NotBefore { wait, window } => {
@@ -392,14 +394,14 @@ impl RedisStore {
         }
     }
 
-    async fn ask(&self, key: &QuotaKey, policy: &Policy, ticket: u64) -> Result<Answer, redis::RedisError> {
+    async fn ask(&self, key: &QuotaKey, policy: &Policy) -> Result<Answer, redis::RedisError> {
         let mut conn = self.conn().await?;
         let mut call = self.admit.key(self.key("log", key));
         call.key(self.key("hold", key)).arg(self.guard_us).arg(policy.windows.len());
         for w in &policy.windows {
             call.arg(w.limit.get()).arg(u64::try_from(w.per.as_micros()).unwrap_or(u64::MAX));
         }
-        call.arg(format!("{:x}-{ticket}", self.nonce));
+        call.arg(self.member_prefix());
         let reply: Vec<i64> = tokio::time::timeout(TIMEOUT * 2, call.invoke_async(&mut conn))
             .await
             .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "timed out")))??;
@@ -417,9 +419,19 @@ impl RedisStore {
         })
     }
 
-    /// Add local admissions (clock readings) to the shared log, each under a
-    /// member named by its time, so adding them again changes nothing.
-    async fn push_local(
+    fn member_prefix(&self) -> String {
+        format!("{:x}-T", self.nonce)
+    }
+
+    /// The member of an admission at clock reading `at`.
+    fn member(&self, at: u64) -> String {
+        format!("{}{}", self.member_prefix(), self.clock.to_unix(at) / 1000)
+    }
+
+    /// Add this replica's admissions (clock readings) to the shared log,
+    /// each under the member named by its time, so those Redis still holds
+    /// are left as they are.
+    async fn push_back(
         &self,
         key: &QuotaKey,
         policy: &Policy,
@@ -430,8 +442,7 @@ impl RedisStore {
         let mut pipe = redis::pipe();
         let zadd = pipe.cmd("ZADD").arg(&log).arg("NX");
         for &at in times {
-            let us = self.clock.to_unix(at) / 1000;
-            zadd.arg(us).arg(format!("{:x}-L{us}", self.nonce));
+            zadd.arg(self.clock.to_unix(at) / 1000).arg(self.member(at));
         }
         let longest = policy.windows.iter().map(|w| w.per).max().unwrap_or_default();
         let ttl = u64::try_from(longest.as_millis()).unwrap_or(u64::MAX) + self.guard_us / 1000 + 1;
@@ -447,8 +458,7 @@ impl RedisStore {
         if admitted.ticket() == 0 {
             return;
         }
-        let (this, log, member) =
-            (self.clone(), self.key("log", key), format!("{:x}-{}", self.nonce, admitted.ticket()));
+        let (this, log, member) = (self.clone(), self.key("log", key), self.member(admitted.at()));
         tokio::spawn(async move {
             if let Ok(mut c) = this.conn().await {
                 let _: Result<i64, _> = redis::cmd("ZREM").arg(log).arg(member).query_async(&mut c).await;
