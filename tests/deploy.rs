@@ -351,10 +351,10 @@ fn kubernetes_runs_two_probed_replicas_with_a_budget_and_a_monitor() {
 }
 
 /// Check `pair` against the built-in limits for `replicas` replicas: each
-/// call window at the full limit when the replicas share it (Redis), else at
-/// most 1/replicas of it and no less; running time (never shared yet) at
-/// most 1/replicas.
-fn check_split(pair: &Config, replicas: u32, shared_windows: bool, origin: &str) {
+/// call window and running-time budget at the full limit when the replicas
+/// share them (Redis), else at most 1/replicas of it (a call window: and no
+/// less).
+fn check_split(pair: &Config, replicas: u32, shared: bool, origin: &str) {
     let builtin = Config::builtin();
     assert_eq!(pair.policies.0.len(), builtin.policies.0.len(), "{origin}");
     for (mine, theirs) in pair.policies.0.iter().zip(&builtin.policies.0) {
@@ -366,16 +366,20 @@ fn check_split(pair: &Config, replicas: u32, shared_windows: bool, origin: &str)
         assert_eq!(mine.budgets.len(), theirs.budgets.len(), "{}", mine.name);
         for (b, full) in mine.budgets.iter().zip(&theirs.budgets) {
             assert_eq!(b.per, full.per, "{}", mine.name);
-            assert!(
-                b.limit * replicas <= full.limit,
-                "{}: running time {:?} x {replicas}",
-                mine.name,
-                b.limit
-            );
+            if shared {
+                assert_eq!(b.limit, full.limit, "{origin}: {} shares the full running time", mine.name);
+            } else {
+                assert!(
+                    b.limit * replicas <= full.limit,
+                    "{}: running time {:?} x {replicas}",
+                    mine.name,
+                    b.limit
+                );
+            }
         }
         for (w, full) in mine.windows.iter().zip(&theirs.windows) {
             assert_eq!(w.per, full.per, "{}", mine.name);
-            if shared_windows {
+            if shared {
                 assert_eq!(w.limit, full.limit, "{origin}: {} shares the full limit", mine.name);
                 continue;
             }

@@ -270,3 +270,82 @@ async fn redis_outage_falls_back_to_a_local_share_then_recovers() {
     assert_eq!(r.headers()["x-quotagate-throttled-by"], "gateway");
     assert_eq!((emu.accepted("incidents"), emu.throttled()), (10, 0));
 }
+
+/// The hunting running-time ledger lives in Redis too: two replicas
+/// saturating one tenant's running time never carry it past its budget,
+/// which one replica alone would spend whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_one_running_time_budget() {
+    use support::hunt::{body, query};
+    let hour = Duration::from_secs(4);
+    let budget = Duration::from_millis(1000);
+    let redis = Redis::start();
+    let emu = Emulator::start(EmulatorConfig::new().running_time(budget, hour)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hunting.toml");
+    let text = format!(
+        r#"
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+guard = "50ms"
+access_log = false
+
+[[upstream]]
+name = "defender"
+url = "{}"
+kind = "defender"
+route_prefixes = ["/api/"]
+
+[store]
+backend = "redis"
+url = "{}"
+replicas = 2
+
+[hunting]
+budgets = [{{ limit = "1000ms", per = "4s" }}]
+estimate = "40ms"
+
+[[policy]]
+name = "hunting"
+methods = ["POST"]
+paths = ["/api/advancedhunting/run"]
+windows = [{{ limit = 100000, per = "1s" }}]
+hunting = true
+max_wait = "30s"
+"#,
+        emu.url(),
+        redis.url()
+    );
+    std::fs::write(&path, text).unwrap();
+    let gws = replicas(2, &path, dir.path());
+    let until = Instant::now() + 2 * hour;
+    let mut clients = Vec::new();
+    for c in 0..6u64 {
+        let url = gws[(c % 2) as usize].url("/api/advancedhunting/run");
+        clients.push(tokio::spawn(async move {
+            let (http, auth) = (client(), bearer("tenant-1", &format!("tool-{c}")));
+            let mut statuses = Vec::new();
+            let mut i = c;
+            while Instant::now() < until {
+                i += 1;
+                let cost = [0.02, 0.04, 0.06][(i % 3) as usize];
+                let r =
+                    http.post(&url).header("authorization", &auth).body(body(&query(cost, ""))).send().await;
+                let Ok(r) = r else { continue };
+                statuses.push(r.status().as_u16());
+                let _ = r.bytes().await;
+            }
+            statuses
+        }));
+    }
+    let mut statuses = Vec::new();
+    for c in clients {
+        statuses.extend(c.await.unwrap());
+    }
+    assert_eq!(emu.throttled(), 0, "the upstream never throttles running time");
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    let charges = emu.charges("tenant-1");
+    let most = charges.max_in_any(hour);
+    assert!(most <= budget + Duration::from_millis(1), "{most:?} in one hour, budget {budget:?}");
+    assert!(most.as_secs_f64() >= 0.8 * budget.as_secs_f64(), "the budget is used: {most:?}");
+}

@@ -30,7 +30,7 @@ use http_body_util::{BodyExt, Limited};
 use tokio::time::Instant;
 
 use super::{ratelimit, Worker};
-use crate::admission::runtime::{Demand, Reservation, RuntimeRejection};
+use crate::admission::runtime::{Demand, Reservation};
 use crate::admission::Admitted;
 use crate::error::{GatewayError, THROTTLED_BY};
 use crate::hunting::meter;
@@ -38,6 +38,7 @@ use crate::metrics::{Failure, PolicyMetrics};
 use crate::policy::{Mode, Policy, Timeouts};
 use crate::quota::{QuotaKey, Window};
 use crate::store::redis::Refusal;
+use crate::store::RuntimeRefusal;
 use crate::upstream::throttle::{self, Kind, Throttle};
 use crate::upstream::{forward, ApiKind, Upstream, UpstreamError};
 
@@ -113,11 +114,20 @@ impl Metered<'_> {
             // moment its slot is granted, as the call windows' guard assumes.
             let mut reservation = match self.reserve_running_time(started).await {
                 Ok(r) => r,
-                Err(rejection) => {
+                Err(RuntimeRefusal::Rejected(rejection)) => {
                     outcome.decision = "rejected";
                     self.metrics.rejected.inc();
                     self.metrics.rejection(rejection.reason).inc();
                     return self.fail(GatewayError::RunningTime { tenant: self.tenant.clone(), rejection });
+                }
+                Err(RuntimeRefusal::Down(e)) => {
+                    outcome.decision = "rejected";
+                    self.metrics.rejected.inc();
+                    tracing::debug!(policy = %self.policy.name, error = %e, "quota store down: failing closed");
+                    return self.fail(GatewayError::StoreUnavailable {
+                        detail: "the shared quota store (Redis) is unreachable".into(),
+                        retry_after: crate::store::redis::FAIL_CLOSED_RETRY,
+                    });
                 }
             };
             if let Some(r) = &reservation {
@@ -324,12 +334,13 @@ impl Metered<'_> {
     /// A hunting call reserves running time from its key's ledger first,
     /// waiting (queue mode) for the exact moment the budgets have room or the
     /// upstream's running-time hold ends.
-    async fn reserve_running_time(&self, started: Instant) -> Result<Option<Reservation>, RuntimeRejection> {
+    async fn reserve_running_time(&self, started: Instant) -> Result<Option<Reservation>, RuntimeRefusal> {
         let Some(key) = &self.runtime else { return Ok(None) };
         let gw = &*self.worker.gateway;
         let h = &gw.config.hunting;
+        let budgets = gw.store.runtime_budgets(self.policy);
         let demand = Demand {
-            budgets: &self.policy.budgets,
+            budgets: &budgets,
             mode: self.policy.mode,
             max_wait: self.max_wait.saturating_sub(started.elapsed()),
             max_queue: self.policy.max_queue,
@@ -337,11 +348,19 @@ impl Metered<'_> {
             estimate: &h.estimator,
         };
         let reserved = gw.runtime.reserve(key, &demand, &self.metrics.depth).await;
-        if let Err(r) = &reserved {
+        let mut reserved = reserved.map_err(|r| {
             tracing::debug!(policy = %self.policy.name, tenant = %self.tenant, reason = ?r.reason,
                 retry_after_ms = r.retry_after.as_millis() as u64, "running time not available");
+            RuntimeRefusal::Rejected(r)
+        })?;
+        // Then in the ledger the replicas share, if there is one.
+        let demand = Demand { max_wait: self.max_wait.saturating_sub(started.elapsed()), ..demand };
+        let deadline = self.policy.timeouts.total + gw.config.guard;
+        if let Err(refusal) = gw.store.share_running_time(key, &mut reserved, &demand, deadline).await {
+            reserved.release();
+            return Err(refusal);
         }
-        reserved.map(Some)
+        Ok(Some(reserved))
     }
 
     /// Meter a successful hunting response as it streams; any other status

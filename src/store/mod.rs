@@ -116,6 +116,15 @@ pub fn decode_key(text: &str) -> Option<QuotaKey> {
     Some(QuotaKey { policy, tenant: tenant.into(), app: app.map(Into::into) })
 }
 
+/// Why a hunting query's shared running time was not reserved.
+#[derive(Debug)]
+pub enum RuntimeRefusal {
+    /// The shared budgets said no (or not in time).
+    Rejected(crate::admission::runtime::RuntimeRejection),
+    /// Redis is down and the config fails closed.
+    Down(StoreError),
+}
+
 /// The SQLite journal: a sender to the writer thread and the clock it converts with.
 pub struct Journal {
     tx: Mutex<mpsc::Sender<Job>>,
@@ -178,14 +187,9 @@ impl Store {
             Backend::Memory => Ok(Store::memory()),
             Backend::Sqlite { path } => Self::open_sqlite(config, path, limiter, runtime, metrics),
             Backend::Redis { url } => {
-                let redis = redis::RedisStore::new(config, url, limiter.clock(), metrics)?;
-                Ok(Store {
-                    kind: "redis",
-                    journal: None,
-                    path: None,
-                    degraded: None,
-                    redis: Some(Arc::new(redis)),
-                })
+                let redis = Arc::new(redis::RedisStore::new(config, url, limiter.clock(), metrics)?);
+                runtime.set_journal(Arc::new(redis::LedgerJournal(redis.clone())));
+                Ok(Store { kind: "redis", journal: None, path: None, degraded: None, redis: Some(redis) })
             }
         }
     }
@@ -285,6 +289,51 @@ impl Store {
         }
     }
 
+    /// The running-time budgets a hunting query of `policy` reserves
+    /// against on this replica: the policy's, or its share of them while a
+    /// Redis store is down and the config falls back to local limits.
+    pub fn runtime_budgets<'a>(&self, policy: &'a Policy) -> std::borrow::Cow<'a, [crate::quota::Budget]> {
+        match &self.redis {
+            Some(r) if !r.is_up() && r.on_outage() == OnOutage::Local => std::borrow::Cow::Owned(
+                policy
+                    .budgets
+                    .iter()
+                    .map(|b| crate::quota::Budget { limit: b.limit / r.replicas(), per: b.per })
+                    .collect(),
+            ),
+            _ => std::borrow::Cow::Borrowed(&policy.budgets),
+        }
+    }
+
+    /// Reserve a hunting query's running time in the shared ledger too
+    /// (Redis), after the local reservation; nothing to do for other stores.
+    pub async fn share_running_time(
+        &self,
+        key: &QuotaKey,
+        reservation: &mut Reservation,
+        demand: &crate::admission::runtime::Demand<'_>,
+        deadline: Duration,
+    ) -> Result<(), RuntimeRefusal> {
+        let Some(r) = &self.redis else { return Ok(()) };
+        if !r.is_up() {
+            return match r.on_outage() {
+                OnOutage::Local => Ok(()),
+                OnOutage::FailClosed => Err(RuntimeRefusal::Down(StoreError::Redis("unreachable".into()))),
+            };
+        }
+        match r.reserve_runtime(key, reservation, demand, deadline).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(rejection)) => Err(RuntimeRefusal::Rejected(rejection)),
+            Err(e) => {
+                r.failed(&e);
+                match r.on_outage() {
+                    OnOutage::Local => Ok(()),
+                    OnOutage::FailClosed => Err(RuntimeRefusal::Down(StoreError::Redis(e.to_string()))),
+                }
+            }
+        }
+    }
+
     /// Drop idle bookkeeping.
     pub fn sweep(&self) {
         if let Some(r) = &self.redis {
@@ -347,8 +396,8 @@ impl Store {
 
     /// The upstream holds `key` until clock reading `until`.
     pub fn held(&self, key: &QuotaKey, policy: u16, until: u64, runtime: bool) {
-        if let (Some(r), false) = (&self.redis, runtime) {
-            r.hold_until(key, until);
+        if let Some(r) = &self.redis {
+            r.hold_until(key, until, runtime);
         }
         if let Some(j) = &self.journal {
             let scope = if runtime { "runtime" } else { "call" };

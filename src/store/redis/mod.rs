@@ -26,8 +26,12 @@
 //! decides locally with `limit ÷ replicas` of every window. A watcher pings
 //! Redis every half second and switches back by itself when it answers.
 //!
-//! Not here yet: the hunting running-time ledger stays per replica (its
-//! budgets are not shared), and a revealed lower limit is applied per replica.
+//! The hunting running-time ledger is shared the same way ([`ledger`]). A
+//! revealed lower limit is still applied per replica.
+
+mod ledger;
+
+pub use ledger::LedgerJournal;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -127,6 +131,10 @@ pub struct RedisStore {
     conn: OnceCell<ConnectionManager>,
     admit: redis::Script,
     hold: redis::Script,
+    reserve: redis::Script,
+    settle: redis::Script,
+    /// Shared running-time reservations of this replica's queries in flight.
+    ledger: DashMap<u64, ledger::Shared>,
     prefix: String,
     guard_us: u64,
     on_outage: OnOutage,
@@ -172,6 +180,9 @@ impl RedisStore {
             conn: OnceCell::new(),
             admit: redis::Script::new(ADMIT),
             hold: redis::Script::new(HOLD),
+            reserve: redis::Script::new(ledger::RESERVE),
+            settle: redis::Script::new(ledger::SETTLE),
+            ledger: DashMap::new(),
             prefix: config.store.key_prefix.clone(),
             guard_us: u64::try_from(config.guard.as_micros()).unwrap_or(u64::MAX),
             on_outage: config.store.on_outage,
@@ -224,7 +235,7 @@ impl RedisStore {
         }
     }
 
-    fn failed(&self, e: &redis::RedisError) {
+    pub(crate) fn failed(&self, e: &redis::RedisError) {
         self.metrics.errors.inc();
         self.set_up(false, &e.to_string());
     }
@@ -471,17 +482,37 @@ impl RedisStore {
         self.queues.retain(|_, q| Arc::strong_count(q) > 1 || q.queued.load(Ordering::SeqCst) > 0);
     }
 
-    /// Hold `key` for every replica until clock reading `until`.
-    pub fn hold_until(self: &Arc<Self>, key: &QuotaKey, until: u64) {
+    /// Hold `key` (its running time, when `runtime`) for every replica
+    /// until clock reading `until`.
+    pub fn hold_until(self: &Arc<Self>, key: &QuotaKey, until: u64, runtime: bool) {
         let wait = Duration::from_nanos(until.saturating_sub(self.clock.now()));
-        if !wait.is_zero() {
+        if wait.is_zero() {
+            return;
+        }
+        if runtime {
+            self.hold_runtime(key, wait);
+        } else {
             self.hold(key, wait);
         }
     }
 
+    /// What this replica does while Redis is down.
+    pub fn on_outage(&self) -> OnOutage {
+        self.on_outage
+    }
+
+    /// How many replicas share the store (the local share's divisor).
+    pub fn replicas(&self) -> u32 {
+        self.replicas
+    }
+
     /// Hold `key` for every replica for `wait` from now.
     pub fn hold(self: &Arc<Self>, key: &QuotaKey, wait: Duration) {
-        let (this, hold) = (self.clone(), self.key("hold", key));
+        self.set_hold(self.key("hold", key), wait);
+    }
+
+    fn set_hold(self: &Arc<Self>, hold: String, wait: Duration) {
+        let this = self.clone();
         let micros = u64::try_from(wait.as_micros()).unwrap_or(u64::MAX);
         tokio::spawn(async move {
             let Ok(mut c) = this.conn().await else { return };
