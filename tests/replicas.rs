@@ -349,3 +349,28 @@ max_wait = "30s"
     assert!(most <= budget + Duration::from_millis(1), "{most:?} in one hour, budget {budget:?}");
     assert!(most.as_secs_f64() >= 0.8 * budget.as_secs_f64(), "the budget is used: {most:?}");
 }
+
+/// A Redis that requires a password works with the password in the URL,
+/// which never shows in `/readyz`; a wrong one leaves the store down, and
+/// a store that fails closed answers 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_in_the_redis_url_works_and_stays_secret() {
+    let redis = Redis::start_with(Some("s3cret-pw"));
+    let emu = Emulator::start(EmulatorConfig::new()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = "windows = [{ limit = 100, per = \"1s\" }]";
+    let cfg = config(dir.path(), &emu.url(), &redis.url(), "", policy);
+    let gw = GatewayProcess::start(&cfg, dir.path()).unwrap();
+    assert_eq!(get(gw.url("/api/incidents")).await.status(), 200);
+    let body = until_mode(&gw, "shared").await;
+    assert_eq!(body["store"]["url"], format!("redis://***@127.0.0.1:{}", redis.port));
+    assert!(!body.to_string().contains("s3cret-pw"));
+    drop(gw);
+
+    let wrong = redis.url().replace("s3cret-pw", "wrong");
+    let cfg = config(dir.path(), &emu.url(), &wrong, "", policy);
+    let gw = GatewayProcess::start(&cfg, dir.path()).unwrap();
+    assert_eq!(get(gw.url("/api/incidents")).await.status(), 503);
+    until_mode(&gw, "fail-closed").await;
+    assert_eq!(emu.count(), 1);
+}

@@ -76,33 +76,39 @@ impl Drop for GatewayProcess {
 pub struct Redis {
     child: Option<Child>,
     pub port: u16,
+    password: Option<String>,
 }
 
 impl Redis {
     pub fn start() -> Redis {
+        Self::start_with(None)
+    }
+
+    /// A server that requires `password` (`requirepass`), if given.
+    pub fn start_with(password: Option<&str>) -> Redis {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut r = Redis { child: None, port };
+        let mut r = Redis { child: None, port, password: password.map(Into::into) };
         r.restart();
         r
     }
 
+    /// The URL, with the password when there is one.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match &self.password {
+            Some(p) => format!("redis://:{p}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
     }
 
     /// Start (again) on the same port, and wait until it answers PING.
     pub fn restart(&mut self) {
+        let port = self.port.to_string();
+        let mut args = vec!["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"];
+        if let Some(p) = &self.password {
+            args.extend(["--requirepass", p]);
+        }
         let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(&args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -121,6 +127,12 @@ impl Redis {
     fn ping(&self) -> bool {
         let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else { return false };
         let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+        if let Some(p) = &self.password {
+            let mut ok = [0u8; 5];
+            if s.write_all(format!("AUTH {p}\r\n").as_bytes()).is_err() || s.read_exact(&mut ok).is_err() {
+                return false;
+            }
+        }
         let mut buf = [0u8; 7];
         s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
     }

@@ -120,7 +120,7 @@ impl RedisStore {
         let estimate = micros(reservation.estimate());
         let longest = demand.budgets.iter().map(|b| b.per).max().unwrap_or_default();
         let ttl_ms = u64::try_from(longest.as_millis()).unwrap_or(u64::MAX) + guard / 1000 + 1;
-        loop {
+        for attempt in 0.. {
             let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let member = format!("{:x}-R{id}:{estimate}", self.nonce);
             let mut conn = self.conn().await?;
@@ -152,7 +152,7 @@ impl RedisStore {
             let reason = if demand.mode == Mode::Reject {
                 Some(Reason::NoSlot)
             } else if left.is_zero() || (known && wait > left) {
-                Some(if waited.is_zero() { Reason::WaitTooLong } else { Reason::Expired })
+                Some(if attempt == 0 { Reason::WaitTooLong } else { Reason::Expired })
             } else {
                 None
             };
@@ -162,6 +162,7 @@ impl RedisStore {
             }
             tokio::time::sleep(wait).await;
         }
+        unreachable!("the loop returns")
     }
 
     /// Hold `key`'s running time for every replica for `wait` from now.

@@ -368,7 +368,7 @@ impl RedisStore {
                 Err(_) => return Ok(Err(give_up(Reason::Expired, max_wait))),
             }
         };
-        loop {
+        for attempt in 0.. {
             let ticket = self.next.fetch_add(1, Ordering::Relaxed);
             let answer = self.ask(key, policy).await?;
             match answer {
@@ -392,7 +392,7 @@ impl RedisStore {
                     let reason = if policy.mode == Mode::Reject {
                         Some(Reason::NoSlot)
                     } else if waited + wait > max_wait {
-                        Some(if waited.is_zero() { Reason::WaitTooLong } else { Reason::Expired })
+                        Some(if attempt == 0 { Reason::WaitTooLong } else { Reason::Expired })
                     } else {
                         None
                     };
@@ -403,6 +403,7 @@ impl RedisStore {
                 }
             }
         }
+        unreachable!("the loop returns")
     }
 
     async fn ask(&self, key: &QuotaKey, policy: &Policy) -> Result<Answer, redis::RedisError> {
