@@ -49,6 +49,8 @@ COPY --from=build --chown=65532:65532 /out/state /var/lib/quotagate
 # defaults run. [[listener]] addresses in a file are not overridden here.
 # STATE_DIRECTORY (as systemd sets it) puts the forward proxy's local CA on
 # the volume, in /var/lib/quotagate/ca, when a config turns the proxy on.
+# STATE_DIRECTORY: where the default SQLite quota store keeps its file
+# (quotagate-state.db), on the volume below.
 ENV QUOTAGATE_LISTEN=0.0.0.0:7480 \
     QUOTAGATE_ADMIN_LISTEN=0.0.0.0:7481 \
     STATE_DIRECTORY=/var/lib/quotagate \

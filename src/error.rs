@@ -64,6 +64,10 @@ pub enum GatewayError {
     /// The detail is logged, never sent.
     #[error("internal error; the gateway's log has the details")]
     Internal { detail: String },
+    /// The quota store could not record the admission (or, for Redis, could
+    /// not be reached and the config fails closed): nothing was forwarded.
+    #[error("the gateway's quota store is unavailable, so the call was not forwarded ({detail}). You can send requests again in {} seconds.", secs(*.retry_after))]
+    StoreUnavailable { detail: String, retry_after: Duration },
 }
 
 /// The upstream's own message (or a generic one), ending with the wait the
@@ -172,6 +176,7 @@ impl GatewayError {
             GatewayError::BadProxyRequest { .. } => StatusCode::BAD_REQUEST,
             GatewayError::TunnelUnreachable { .. } => StatusCode::BAD_GATEWAY,
             GatewayError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            GatewayError::StoreUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -196,6 +201,7 @@ impl GatewayError {
             GatewayError::BadProxyRequest { .. } => "BadRequest",
             GatewayError::TunnelUnreachable { .. } => "BadGateway",
             GatewayError::Internal { .. } => "InternalServerError",
+            GatewayError::StoreUnavailable { .. } => "ServiceUnavailable",
         }
     }
 
@@ -230,6 +236,7 @@ impl GatewayError {
             GatewayError::UpstreamThrottled { retry_after, .. } => Some((*retry_after, "upstream")),
             GatewayError::RunningTime { rejection, .. } => Some((rejection.retry_after, "gateway")),
             GatewayError::Guarded { retry_after, .. } => Some((*retry_after, "guard")),
+            GatewayError::StoreUnavailable { retry_after, .. } => Some((*retry_after, "gateway")),
             _ => None,
         };
         if let Some((retry_after, by)) = throttle {

@@ -18,7 +18,8 @@
 //! 8. [`error`] is the one place where a failure becomes a status and a body.
 //!
 //! [`config`] holds the schema and built-in defaults; [`admin`] serves health
-//! and metrics apart from proxy traffic; [`metrics`] defines every metric.
+//! and metrics apart from proxy traffic; [`metrics`] defines every metric;
+//! [`store`] keeps the quota state durable (SQLite) or shared (Redis).
 
 pub mod admin;
 pub mod admission;
@@ -32,4 +33,5 @@ pub mod metrics;
 pub mod policy;
 pub mod quota;
 pub mod server;
+pub mod store;
 pub mod upstream;

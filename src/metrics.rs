@@ -29,6 +29,8 @@ pub struct Metrics {
     proxy_connects: IntCounterVec,
     config_generation: IntGauge,
     config_reloads: IntCounterVec,
+    /// The quota store's health and commits.
+    pub store: StoreMetrics,
     workers: Vec<WorkerMetrics>,
 }
 
@@ -52,6 +54,34 @@ impl ConnectOutcome {
             ConnectOutcome::Tunnelled => "tunnelled",
             ConnectOutcome::Refused => "refused",
             ConnectOutcome::Failed => "failed",
+        }
+    }
+}
+
+/// The quota store's metrics (shared registry).
+#[derive(Clone)]
+pub struct StoreMetrics {
+    /// 1 while the store answers (Redis reachable; SQLite always), else 0.
+    pub up: IntGauge,
+    /// 1 while a replica decides locally because Redis is down (`on_outage = "local"`).
+    pub local: IntGauge,
+    /// Group commits of the state file, and how long each took.
+    pub commits: IntCounter,
+    pub commit_seconds: Histogram,
+    /// Journal jobs (admissions, charges, ...) written.
+    pub jobs: IntCounter,
+    /// Store operations that failed (a commit, a Redis call).
+    pub errors: IntCounter,
+}
+
+impl crate::store::sqlite::Observer for StoreMetrics {
+    fn committed(&self, jobs: usize, took: std::time::Duration, ok: bool) {
+        if ok {
+            self.commits.inc();
+            self.jobs.inc_by(jobs as u64);
+            self.commit_seconds.observe(took.as_secs_f64());
+        } else {
+            self.errors.inc();
         }
     }
 }
@@ -135,6 +165,13 @@ impl PolicyMetrics {
 
     pub fn failure(&self, kind: Failure) -> &IntCounter {
         &self.failures[kind as usize]
+    }
+}
+
+impl Metrics {
+    /// What the state file's writer reports to.
+    pub fn store_observer(&self) -> StoreMetrics {
+        self.store.clone()
     }
 }
 
@@ -307,6 +344,38 @@ impl Metrics {
         )
         .expect("valid metric");
         shared.register(Box::new(config_reloads.clone())).expect("unique metric");
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            shared.register(Box::new(g.clone())).expect("unique metric");
+            g
+        };
+        let up = gauge("quotagate_store_up", "1 while the quota store answers, 0 while it does not.");
+        up.set(1);
+        let local = gauge(
+            "quotagate_store_local_fallback",
+            "1 while this replica decides locally on its share of every limit because Redis is unreachable.",
+        );
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            shared.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
+        let commits = counter("quotagate_store_commits_total", "Group commits of the state file.");
+        let jobs = counter(
+            "quotagate_store_journal_writes_total",
+            "Journal writes (admissions, charges, holds) committed to the state file.",
+        );
+        let errors = counter("quotagate_store_errors_total", "Quota store operations that failed.");
+        let commit_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "quotagate_store_commit_seconds",
+                "Time one group commit of the state file took.",
+            )
+            .buckets(vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5]),
+        )
+        .expect("valid metric");
+        shared.register(Box::new(commit_seconds.clone())).expect("unique metric");
+        let store = StoreMetrics { up, local, commits, commit_seconds, jobs, errors };
         Metrics {
             shared,
             config_generation,
@@ -315,6 +384,7 @@ impl Metrics {
             holds,
             revealed,
             proxy_connects,
+            store,
             workers: (0..workers.max(1)).map(|_| WorkerMetrics::new()).collect(),
         }
     }

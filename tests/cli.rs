@@ -56,12 +56,21 @@ struct Running {
     child: std::process::Child,
     proxies: Vec<String>,
     admin: String,
+    /// The working directory, where the default state file is made.
+    _state: tempfile::TempDir,
 }
 
 impl Running {
     fn start(command: &mut Command) -> Running {
-        let mut child =
-            command.env("RUST_LOG", "warn").stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let mut child = command
+            .env("RUST_LOG", "warn")
+            .env_remove("STATE_DIRECTORY")
+            .current_dir(state.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
         let mut proxies = Vec::new();
         for line in BufReader::new(child.stdout.take().unwrap()).lines() {
             let line = line.unwrap();
@@ -70,7 +79,7 @@ impl Running {
                 proxies.push(addr);
             } else {
                 assert!(line.contains("admin listening"), "{line}");
-                return Running { child, proxies, admin: addr };
+                return Running { child, proxies, admin: addr, _state: state };
             }
         }
         panic!("the gateway exited before listening: {:?}", child.wait());

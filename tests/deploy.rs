@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use quotagate::config::Config;
+use quotagate::store::{Backend, OnOutage};
 use serde::Deserialize;
 use serde_norway::Value;
 
@@ -286,8 +287,8 @@ fn kubernetes_runs_two_probed_replicas_with_a_budget_and_a_monitor() {
     let config = Config::from_toml(str_of(&configmap["data"][key], key), key).unwrap();
     assert_eq!(
         str_of(&configmap["data"][key], key),
-        std::fs::read_to_string(root().join("config/examples/container-pair.toml")).unwrap(),
-        "the ConfigMap is config/examples/container-pair.toml word for word"
+        std::fs::read_to_string(root().join("config/examples/replicas-redis.toml")).unwrap(),
+        "the ConfigMap is config/examples/replicas-redis.toml word for word"
     );
 
     // Both probes on the admin port, which is the config's and the env's.
@@ -349,26 +350,25 @@ fn kubernetes_runs_two_probed_replicas_with_a_budget_and_a_monitor() {
     assert_eq!(keys_volume["secret"]["optional"].as_bool(), Some(true));
 }
 
-/// Replicas that each count in memory must split the tenant's quota: the
-/// pair's config gives each replica at most 1/replicas of every built-in limit.
-#[test]
-fn the_replicas_together_never_admit_more_than_one_quota() {
-    let replicas = gateway_services(&compose()).len() as u32;
-    let objects = k8s_objects();
-    assert_eq!(k8s_one(&objects, "Deployment")["spec"]["replicas"].as_u64(), Some(u64::from(replicas)));
+/// Check `pair` against the built-in limits for `replicas` replicas: each
+/// call window and running-time budget at the full limit when the replicas
+/// share them (Redis), else at most 1/replicas of it (a call window: and no
+/// less).
+fn check_split(pair: &Config, replicas: u32, shared: bool, origin: &str) {
     let builtin = Config::builtin();
-    for path in compose_configs(&compose()) {
-        let pair = Config::load(&path).unwrap();
-        assert_eq!(pair.policies.0.len(), builtin.policies.0.len(), "{}", path.display());
-        for (mine, theirs) in pair.policies.0.iter().zip(&builtin.policies.0) {
-            assert_eq!(
-                (&mine.name, mine.paths.len(), mine.methods.len()),
-                (&theirs.name, theirs.paths.len(), theirs.methods.len())
-            );
-            assert_eq!(mine.windows.len(), theirs.windows.len(), "{}", mine.name);
-            assert_eq!(mine.budgets.len(), theirs.budgets.len(), "{}", mine.name);
-            for (b, full) in mine.budgets.iter().zip(&theirs.budgets) {
-                assert_eq!(b.per, full.per, "{}", mine.name);
+    assert_eq!(pair.policies.0.len(), builtin.policies.0.len(), "{origin}");
+    for (mine, theirs) in pair.policies.0.iter().zip(&builtin.policies.0) {
+        assert_eq!(
+            (&mine.name, mine.paths.len(), mine.methods.len()),
+            (&theirs.name, theirs.paths.len(), theirs.methods.len())
+        );
+        assert_eq!(mine.windows.len(), theirs.windows.len(), "{}", mine.name);
+        assert_eq!(mine.budgets.len(), theirs.budgets.len(), "{}", mine.name);
+        for (b, full) in mine.budgets.iter().zip(&theirs.budgets) {
+            assert_eq!(b.per, full.per, "{}", mine.name);
+            if shared {
+                assert_eq!(b.limit, full.limit, "{origin}: {} shares the full running time", mine.name);
+            } else {
                 assert!(
                     b.limit * replicas <= full.limit,
                     "{}: running time {:?} x {replicas}",
@@ -376,24 +376,63 @@ fn the_replicas_together_never_admit_more_than_one_quota() {
                     b.limit
                 );
             }
-            for (w, full) in mine.windows.iter().zip(&theirs.windows) {
-                assert_eq!(w.per, full.per, "{}", mine.name);
-                assert!(
-                    w.limit.get() * replicas <= full.limit.get(),
-                    "{}: {} x {replicas} > {}",
-                    mine.name,
-                    w.limit,
-                    full.limit
-                );
-                assert!(
-                    (w.limit.get() + 1) * replicas > full.limit.get(),
-                    "{}: {} wastes quota",
-                    mine.name,
-                    w.limit
-                );
+        }
+        for (w, full) in mine.windows.iter().zip(&theirs.windows) {
+            assert_eq!(w.per, full.per, "{}", mine.name);
+            if shared {
+                assert_eq!(w.limit, full.limit, "{origin}: {} shares the full limit", mine.name);
+                continue;
             }
+            assert!(
+                w.limit.get() * replicas <= full.limit.get(),
+                "{}: {} x {replicas} > {}",
+                mine.name,
+                w.limit,
+                full.limit
+            );
+            assert!(
+                (w.limit.get() + 1) * replicas > full.limit.get(),
+                "{}: {} wastes quota",
+                mine.name,
+                w.limit
+            );
         }
     }
+}
+
+/// The replicas the manifests run share one exact quota through Redis: the
+/// config they mount uses the Redis store, with `replicas` (the share each
+/// takes alone while Redis is down) equal to the number of replicas, and
+/// every call window at its full limit.
+#[test]
+fn the_replicas_share_one_quota_through_redis() {
+    let replicas = gateway_services(&compose()).len() as u32;
+    let objects = k8s_objects();
+    assert_eq!(k8s_one(&objects, "Deployment")["spec"]["replicas"].as_u64(), Some(u64::from(replicas)));
+    let configs = compose_configs(&compose());
+    assert!(!configs.is_empty());
+    for path in configs {
+        let config = Config::load(&path).unwrap();
+        let origin = path.display().to_string();
+        assert!(
+            matches!(config.store.backend, Backend::Redis { .. }),
+            "{origin}: {:?}",
+            config.store.backend
+        );
+        assert_eq!(config.store.replicas.get(), replicas, "{origin}");
+        assert_eq!(config.store.on_outage, OnOutage::Local, "{origin}");
+        check_split(&config, replicas, true, &origin);
+    }
+}
+
+/// Replicas that each count in memory (no Redis) must split the tenant's
+/// quota: container-pair.toml gives each of two at most half of every limit.
+#[test]
+fn the_pair_without_redis_never_admits_more_than_one_quota() {
+    let path = root().join("config/examples/container-pair.toml");
+    let pair = Config::load(&path).unwrap();
+    assert_ne!(pair.store.backend, Backend::Memory, "state survives a restart");
+    check_split(&pair, 2, false, &path.display().to_string());
 }
 
 #[test]

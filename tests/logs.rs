@@ -48,6 +48,7 @@ key_sha256 = "KEY_HASH"
     .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_quotagate"))
         .args(["--config", config.to_str().unwrap(), "--log-format", "json"])
+        .current_dir(config.parent().unwrap())
         .env("RUST_LOG", "trace")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

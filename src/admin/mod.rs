@@ -29,9 +29,10 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
 }
 
 /// Ready when the config is loaded (it is, or the process would not be
-/// serving), the quota store answers (in memory: always) and every upstream
-/// host resolves (an upstream with `connect_to` needs no lookup). 503 with
-/// the same body otherwise.
+/// serving), the quota store answers (memory and SQLite: always, once
+/// opened; Redis: unless it is down and the config fails closed) and every
+/// upstream host resolves (an upstream with `connect_to` needs no lookup).
+/// 503 with the same body otherwise.
 async fn ready(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
     let mut upstreams = Vec::new();
     for u in &gw.config().upstreams {
@@ -46,14 +47,14 @@ async fn ready(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
         upstreams
             .push(serde_json::json!({"name": u.name, "host": u.authority.host(), "resolvable": resolvable}));
     }
-    let ready = upstreams.iter().all(|u| u["resolvable"] == true);
+    let ready = upstreams.iter().all(|u| u["resolvable"] == true) && gw.store.ready();
     let status = if ready { http::StatusCode::OK } else { http::StatusCode::SERVICE_UNAVAILABLE };
     let loaded = gw.loaded.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let body = serde_json::json!({
         "ready": ready,
         "config": {"loaded": true, "generation": loaded.generation, "hash": loaded.hash,
             "policies": gw.config().policies.0.len()},
-        "store": {"kind": "memory", "reachable": true},
+        "store": gw.store.status(),
         "upstreams": upstreams,
         "keys": gw.limiter.keys(),
     });

@@ -106,7 +106,7 @@ impl KeyState {
             }
         }
         let usage = self.log.usage(windows, guard, at);
-        Admitted { waited: Duration::from_nanos(at - start), usage, at, client: ticket.client }
+        Admitted { waited: Duration::from_nanos(at - start), usage, at, client: ticket.client, ticket: 0 }
     }
 
     /// Wake the queued request `id`.
@@ -166,6 +166,26 @@ pub struct Admitted {
     pub usage: Vec<WindowUse>,
     at: u64,
     client: u16,
+    /// The shared store's name for the admission (Redis), 0 when local.
+    ticket: u64,
+}
+
+impl Admitted {
+    /// A call admitted at clock reading `at` by a shared store, which knows
+    /// it as `ticket`.
+    pub fn shared(at: u64, ticket: u64, waited: Duration, usage: Vec<WindowUse>) -> Self {
+        Admitted { waited, usage, at, client: 0, ticket }
+    }
+
+    /// The shared store's name for the admission; 0 when it was decided locally.
+    pub fn ticket(&self) -> u64 {
+        self.ticket
+    }
+
+    /// The clock reading of the admission.
+    pub fn at(&self) -> u64 {
+        self.at
+    }
 }
 
 #[derive(Default)]
@@ -187,7 +207,12 @@ pub struct Limiter {
 
 impl Limiter {
     pub fn new(guard: Duration) -> Self {
-        Limiter { keys: DashMap::new(), clock: Clock::default(), guard, drain: Drain::default() }
+        Self::with_clock(guard, Clock::default())
+    }
+
+    /// A limiter on a given clock (the gateway shares one with the store).
+    pub fn with_clock(guard: Duration, clock: Clock) -> Self {
+        Limiter { keys: DashMap::new(), clock, guard, drain: Drain::default() }
     }
 
     /// The gateway is stopping: from now on a call whose slot comes later
@@ -200,6 +225,76 @@ impl Limiter {
                 waiter.wake.notify_one();
             }
         }
+    }
+
+    /// The clock admission times are read on.
+    pub fn clock(&self) -> Clock {
+        self.clock
+    }
+
+    /// Put back what a durable store remembered for `key` under `policy`:
+    /// its admissions (clock readings, any order), an upstream hold and a
+    /// revealed limit. Restoring only adds constraints, never loosens one.
+    pub fn restore(
+        &self,
+        key: &QuotaKey,
+        policy: &Policy,
+        times: &[u64],
+        hold_until: u64,
+        revealed: Option<Window>,
+    ) {
+        let cell = self.cell(key);
+        let mut st = cell.lock();
+        st.policy = policy.key_id;
+        if let Some(r) = revealed {
+            st.revealed = Some(match st.revealed {
+                Some(old) if old.per == r.per => Window::new(old.limit.min(r.limit), r.per),
+                _ => r,
+            });
+        }
+        let windows = st.windows(policy);
+        st.retention = st.retention.union(Retention::for_windows(&windows, self.guard));
+        let retention = st.retention;
+        let mut times = times.to_vec();
+        times.sort_unstable();
+        for t in times {
+            st.log.record(t, retention);
+        }
+        st.log.prune(retention, self.clock.now());
+        st.hold_until = st.hold_until.max(hold_until);
+    }
+
+    /// Record an admission that a shared store made at clock reading `at`.
+    pub fn record(&self, key: &QuotaKey, policy: &Policy, at: u64) {
+        let cell = self.cell(key);
+        let mut st = cell.lock();
+        st.policy = policy.key_id;
+        let windows = st.windows(policy);
+        st.retention = st.retention.union(Retention::for_windows(&windows, self.guard));
+        let retention = st.retention;
+        st.log.prune(retention, at);
+        st.log.record(at, retention);
+    }
+
+    /// When `key`'s upstream hold ends, as a clock reading (0 when none).
+    pub fn hold_until(&self, key: &QuotaKey) -> u64 {
+        self.keys.get(key).map_or(0, |c| c.lock().hold_until)
+    }
+
+    /// Every key's policy (key id) and admission times (for a store catching up).
+    pub fn all_admissions(&self) -> Vec<(QuotaKey, u16, Vec<u64>)> {
+        self.keys
+            .iter()
+            .filter_map(|e| {
+                let st = e.value().lock();
+                (!st.log.is_empty()).then(|| (e.key().clone(), st.policy, st.log.times()))
+            })
+            .collect()
+    }
+
+    /// The admission times of `key` still held (for tests and the store).
+    pub fn admissions(&self, key: &QuotaKey) -> Vec<u64> {
+        self.keys.get(key).map_or_else(Vec::new, |c| c.lock().log.times())
     }
 
     fn cell(&self, key: &QuotaKey) -> Arc<KeyCell> {

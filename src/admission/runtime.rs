@@ -136,6 +136,16 @@ pub struct RuntimeStatus {
     pub held_for: Option<Duration>,
 }
 
+/// Where the charges of finished queries go to outlive the process (the
+/// durable store). Called under no lock of the limiter's; must not block.
+pub trait ChargeJournal: Send + Sync {
+    /// `cost` nanoseconds were charged to `key` at clock reading `end`;
+    /// `pending` names the journal's record of the query in flight, if any.
+    fn charged(&self, key: &QuotaKey, pending: Option<u64>, end: u64, cost: u64);
+    /// The query recorded as `pending` ended without a charge.
+    fn released(&self, pending: u64);
+}
+
 /// Every running-time key's ledger and waiters.
 pub struct RuntimeLimiter {
     keys: DashMap<QuotaKey, Arc<Cell>>,
@@ -143,15 +153,22 @@ pub struct RuntimeLimiter {
     guard: Duration,
     estimator: Estimator,
     drain: Drain,
+    journal: std::sync::OnceLock<Arc<dyn ChargeJournal>>,
 }
 
 impl RuntimeLimiter {
     pub fn new(guard: Duration, estimator: Estimator) -> Self {
+        Self::with_clock(guard, estimator, Clock::default())
+    }
+
+    /// A limiter on a given clock (the gateway shares one with the store).
+    pub fn with_clock(guard: Duration, estimator: Estimator, clock: Clock) -> Self {
         RuntimeLimiter {
             keys: DashMap::new(),
-            clock: Clock::default(),
+            clock,
             guard,
             estimator,
+            journal: Default::default(),
             drain: Drain::default(),
         }
     }
@@ -165,6 +182,34 @@ impl RuntimeLimiter {
                 waiter.wake.notify_one();
             }
         }
+    }
+
+    /// Send every charge from now on to `journal` as well. Set once.
+    pub fn set_journal(&self, journal: Arc<dyn ChargeJournal>) {
+        let _ = self.journal.set(journal);
+    }
+
+    /// Put back charges a durable store remembered for `key`: `(end, cost)`
+    /// pairs in clock readings and nanoseconds, counted against `budgets`;
+    /// and an upstream hold until `hold_until`.
+    pub fn restore(&self, key: &QuotaKey, budgets: &[Budget], charges: &[(u64, u64)], hold_until: u64) {
+        let cell = self.cell(key);
+        let mut st = cell.lock();
+        if st.budgets.is_empty() {
+            st.budgets = budgets.to_vec();
+        }
+        for &(end, cost) in charges {
+            st.ledger.charge(Duration::from_nanos(cost), end);
+        }
+        let budgets = std::mem::take(&mut st.budgets);
+        st.ledger.prune(&budgets, self.guard, self.clock.now());
+        st.budgets = budgets;
+        st.hold_until = st.hold_until.max(hold_until);
+    }
+
+    /// When `key`'s upstream hold ends, as a clock reading (0 when none).
+    pub fn hold_until(&self, key: &QuotaKey) -> u64 {
+        self.keys.get(key).map_or(0, |c| c.lock().hold_until)
     }
 
     /// The gateway's estimate settings.
@@ -197,7 +242,7 @@ impl RuntimeLimiter {
             let verdict = self.verdict(&st, demand, start);
             if st.queue.is_empty() {
                 if let Verdict::Go(estimate) = verdict {
-                    return Ok(self.admit(&cell, &mut st, estimate, start, start));
+                    return Ok(self.admit(key, &cell, &mut st, estimate, start, start));
                 }
             }
             let wait = verdict.wait(start, demand.max_wait);
@@ -234,7 +279,7 @@ impl RuntimeLimiter {
                     if let Verdict::Go(estimate) = verdict {
                         st.queue.pop_front();
                         st.wake_head();
-                        return Ok(self.admit(&cell, &mut st, estimate, start, now));
+                        return Ok(self.admit(key, &cell, &mut st, estimate, start, now));
                     }
                 }
                 if now >= deadline {
@@ -277,6 +322,7 @@ impl RuntimeLimiter {
 
     fn admit(
         &self,
+        key: &QuotaKey,
         cell: &Arc<Cell>,
         st: &mut State,
         estimate: Duration,
@@ -296,6 +342,8 @@ impl RuntimeLimiter {
             sent: None,
             answered: None,
             done: false,
+            journal: self.journal.get().map(|j| (j.clone(), key.clone())),
+            pending: None,
         }
     }
 
@@ -432,6 +480,10 @@ pub struct Reservation {
     sent: Option<u64>,
     answered: Option<u64>,
     done: bool,
+    /// Where the charge is journaled, and the key it is charged to.
+    journal: Option<(Arc<dyn ChargeJournal>, QuotaKey)>,
+    /// The journal's record of this query in flight.
+    pending: Option<u64>,
 }
 
 impl std::fmt::Debug for Reservation {
@@ -443,6 +495,17 @@ impl std::fmt::Debug for Reservation {
 impl Reservation {
     pub fn estimate(&self) -> Duration {
         self.estimate
+    }
+
+    /// The running-time key this reservation is charged to, when journaled.
+    pub fn journal_key(&self) -> Option<&QuotaKey> {
+        self.journal.as_ref().map(|(_, k)| k)
+    }
+
+    /// The journal recorded this query as in flight under `id`: its charge
+    /// or release will name it.
+    pub fn set_pending(&mut self, id: u64) {
+        self.pending = Some(id);
     }
 
     /// The query is being sent upstream now (from here on a drop charges).
@@ -487,22 +550,34 @@ impl Reservation {
             return;
         }
         let now = self.clock.now();
-        let mut st = self.cell.lock();
-        match cost {
-            Some(cost) => {
-                st.ledger.settle(self.id, cost, now);
-                if learn {
-                    st.recent.push_back(nanos(cost));
-                    while st.recent.len() > self.samples.max(1) {
-                        st.recent.pop_front();
+        {
+            let mut st = self.cell.lock();
+            match cost {
+                Some(cost) => {
+                    st.ledger.settle(self.id, cost, now);
+                    if learn {
+                        st.recent.push_back(nanos(cost));
+                        while st.recent.len() > self.samples.max(1) {
+                            st.recent.pop_front();
+                        }
+                    }
+                }
+                None => {
+                    st.ledger.release(self.id);
+                }
+            }
+            st.wake_head();
+        }
+        if let Some((journal, key)) = &self.journal {
+            match cost {
+                Some(cost) if !cost.is_zero() => journal.charged(key, self.pending, now, nanos(cost)),
+                _ => {
+                    if let Some(id) = self.pending {
+                        journal.released(id);
                     }
                 }
             }
-            None => {
-                st.ledger.release(self.id);
-            }
         }
-        st.wake_head();
     }
 }
 

@@ -30,13 +30,15 @@ use http_body_util::{BodyExt, Limited};
 use tokio::time::Instant;
 
 use super::{ratelimit, View, Worker};
-use crate::admission::runtime::{Demand, Reservation, RuntimeRejection};
+use crate::admission::runtime::{Demand, Reservation};
 use crate::admission::{Admitted, Share};
 use crate::error::{GatewayError, THROTTLED_BY};
 use crate::hunting::meter;
 use crate::metrics::{Failure, PolicyMetrics};
 use crate::policy::{Mode, Policy, Timeouts};
 use crate::quota::{QuotaKey, Window};
+use crate::store::redis::Refusal;
+use crate::store::RuntimeRefusal;
 use crate::upstream::throttle::{self, Kind, Throttle};
 use crate::upstream::{forward, ApiKind, Upstream, UpstreamError};
 
@@ -120,24 +122,43 @@ impl Metered<'_> {
             // moment its slot is granted, as the call windows' guard assumes.
             let mut reservation = match self.reserve_running_time(started).await {
                 Ok(r) => r,
-                Err(rejection) => {
+                Err(RuntimeRefusal::Rejected(rejection)) => {
                     outcome.decision = "rejected";
                     self.metrics.rejected.inc();
                     self.metrics.rejection(rejection.reason).inc();
                     return self.fail(GatewayError::RunningTime { tenant: self.tenant.clone(), rejection });
+                }
+                Err(RuntimeRefusal::Down(e)) => {
+                    outcome.decision = "rejected";
+                    self.metrics.rejected.inc();
+                    tracing::debug!(policy = %self.policy.name, error = %e, "quota store down: failing closed");
+                    return self.fail(GatewayError::StoreUnavailable {
+                        detail: "the shared quota store (Redis) is unreachable".into(),
+                        retry_after: crate::store::redis::FAIL_CLOSED_RETRY,
+                    });
                 }
             };
             if let Some(r) = &reservation {
                 outcome.waited += r.waited;
             }
             let budget = self.max_wait.saturating_sub(started.elapsed());
-            let admitted = match gw
-                .limiter
-                .acquire_as(&self.key, self.policy, &self.share, budget, &self.metrics.depth)
-                .await
-            {
+            let acquired = gw
+                .store
+                .acquire(&gw.limiter, &self.key, self.policy, &self.share, budget, &self.metrics.depth)
+                .await;
+            let admitted = match acquired {
                 Ok(admitted) => admitted,
-                Err(mut rejection) => {
+                Err(Refusal::Down(e)) => {
+                    // Redis is down and the config fails closed: nothing is forwarded.
+                    outcome.decision = "rejected";
+                    self.metrics.rejected.inc();
+                    tracing::debug!(policy = %self.policy.name, error = %e, "quota store down: failing closed");
+                    return self.fail(GatewayError::StoreUnavailable {
+                        detail: "the shared quota store (Redis) is unreachable".into(),
+                        retry_after: crate::store::redis::FAIL_CLOSED_RETRY,
+                    });
+                }
+                Err(Refusal::Rejected(mut rejection)) => {
                     let usage = std::mem::take(&mut rejection.usage);
                     outcome.decision = "rejected";
                     self.metrics.rejected.inc();
@@ -157,6 +178,22 @@ impl Metered<'_> {
                 self.metrics.wait.observe(admitted.waited.as_secs_f64());
             }
             outcome.waited += admitted.waited;
+            // An admission (and a hunting query's reservation) is durable
+            // before its call is forwarded, so a crash cannot forget it.
+            if let Err(e) = gw.store.admitted(&self.key, self.policy, &admitted, reservation.as_mut()).await {
+                gw.limiter.refund(&self.key, &admitted);
+                if let Some(r) = reservation.take() {
+                    r.release();
+                }
+                gw.metrics.store.errors.inc();
+                self.metrics.failed.inc();
+                outcome.decision = "failed";
+                tracing::error!(policy = %self.policy.name, error = %e, "the quota store did not record an admission; not forwarded");
+                return self.fail(GatewayError::StoreUnavailable {
+                    detail: "the admission could not be recorded".into(),
+                    retry_after: Duration::from_secs(1),
+                });
+            }
             if keep && replay.is_none() {
                 let body = stream.take().unwrap_or_default();
                 match Limited::new(body, limit(config.retry_body_bytes)).collect().await {
@@ -164,6 +201,7 @@ impl Metered<'_> {
                     Err(e) => {
                         // Nothing was sent: the slot is not spent.
                         gw.limiter.refund(&self.key, &admitted);
+                        gw.store.refunded(&self.key, &admitted);
                         outcome.decision = "bad_request";
                         return self.fail(GatewayError::BadBody { detail: e.to_string() });
                     }
@@ -276,13 +314,17 @@ impl Metered<'_> {
                 std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), attempt);
             throttle::backoff(attempt - 1, config.backoff_base, config.backoff_cap, jitter)
         });
-        match throttle.kind {
+        match (throttle.kind, &self.runtime) {
             // Running time is the tenant's, whichever app spent it.
-            Kind::RunningTime if self.runtime.is_some() => {
-                gw.runtime.hold(self.runtime.as_ref().expect("hunting"), wait)
+            (Kind::RunningTime, Some(key)) => {
+                gw.runtime.hold(key, wait);
+                gw.store.held(key, self.policy.key_id, gw.runtime.hold_until(key), true);
             }
-            Kind::RunningTime | Kind::CallRate => gw.limiter.hold(&self.key, wait),
-            Kind::Concurrency => {}
+            (Kind::RunningTime | Kind::CallRate, _) => {
+                gw.limiter.hold(&self.key, wait);
+                gw.store.held(&self.key, self.policy.key_id, gw.limiter.hold_until(&self.key), false);
+            }
+            (Kind::Concurrency, _) => {}
         }
         if throttle.kind != Kind::Concurrency {
             self.metrics.holds.inc();
@@ -290,6 +332,7 @@ impl Metered<'_> {
         if let Some((limit, per)) = throttle.revealed {
             let window = Window::new(std::num::NonZeroU32::new(limit).expect("parser returns non-zero"), per);
             if gw.limiter.reveal(&self.key, self.policy, window) {
+                gw.store.revealed(&self.key, self.policy.key_id, window);
                 self.metrics.revealed_limit.set(i64::from(limit));
                 tracing::warn!(policy = %self.policy.name, tenant = %self.tenant, limit,
                     window_s = per.as_secs_f64(), "the upstream revealed a lower limit than configured; using it");
@@ -303,12 +346,13 @@ impl Metered<'_> {
     /// A hunting call reserves running time from its key's ledger first,
     /// waiting (queue mode) for the exact moment the budgets have room or the
     /// upstream's running-time hold ends.
-    async fn reserve_running_time(&self, started: Instant) -> Result<Option<Reservation>, RuntimeRejection> {
+    async fn reserve_running_time(&self, started: Instant) -> Result<Option<Reservation>, RuntimeRefusal> {
         let Some(key) = &self.runtime else { return Ok(None) };
         let gw = &*self.worker.gateway;
         let h = &self.view.config.hunting;
+        let budgets = gw.store.runtime_budgets(self.policy);
         let demand = Demand {
-            budgets: &self.policy.budgets,
+            budgets: &budgets,
             mode: self.policy.mode,
             max_wait: self.max_wait.saturating_sub(started.elapsed()),
             max_queue: self.policy.max_queue,
@@ -316,11 +360,19 @@ impl Metered<'_> {
             estimate: &h.estimator,
         };
         let reserved = gw.runtime.reserve(key, &demand, &self.metrics.depth).await;
-        if let Err(r) = &reserved {
+        let mut reserved = reserved.map_err(|r| {
             tracing::debug!(policy = %self.policy.name, tenant = %self.tenant, reason = ?r.reason,
                 retry_after_ms = r.retry_after.as_millis() as u64, "running time not available");
+            RuntimeRefusal::Rejected(r)
+        })?;
+        // Then in the ledger the replicas share, if there is one.
+        let demand = Demand { max_wait: self.max_wait.saturating_sub(started.elapsed()), ..demand };
+        let deadline = self.policy.timeouts.total + self.view.config.guard;
+        if let Err(refusal) = gw.store.share_running_time(key, &mut reserved, &demand, deadline).await {
+            reserved.release();
+            return Err(refusal);
         }
-        reserved.map(Some)
+        Ok(Some(reserved))
     }
 
     /// Meter a successful hunting response as it streams; any other status
@@ -353,6 +405,7 @@ impl Metered<'_> {
         if matches!(e, UpstreamError::Connect(_)) {
             // Nothing reached the upstream: the slot is not spent.
             self.worker.gateway.limiter.refund(&self.key, admitted);
+            self.worker.gateway.store.refunded(&self.key, admitted);
         }
         failed(self.view, self.upstream, self.metrics, e)
     }

@@ -27,7 +27,8 @@ use crate::forward_proxy::credential::ClientCredential;
 use crate::identity::client::PRIORITY_HEADER;
 use crate::identity::IdentityCache;
 use crate::metrics::{ClientMetrics, Metrics, PolicyMetrics};
-use crate::quota::QuotaKey;
+use crate::quota::{Clock, QuotaKey};
+use crate::store::{Store, StoreError};
 use crate::upstream::{route, ApiKind, Clients};
 
 /// Request header with which a caller shortens its own maximum queue wait,
@@ -48,6 +49,8 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     /// Which configuration runs (changed only by a reload).
     pub loaded: std::sync::Mutex<Loaded>,
+    /// Where the quota state is made durable or shared.
+    pub store: Store,
 }
 
 /// A configuration as loaded: which one, and from what text.
@@ -60,16 +63,26 @@ pub struct Loaded {
 }
 
 impl Gateway {
+    /// A gateway whose quota state lives in memory only.
     pub fn new(config: Arc<Config>, metrics: Arc<Metrics>) -> Self {
         let guards = Guards::new(config.clients.all());
+        let clock = Clock::default();
         Gateway {
-            limiter: Limiter::new(config.guard),
-            runtime: RuntimeLimiter::new(config.guard, config.hunting.estimator.clone()),
+            limiter: Limiter::with_clock(config.guard, clock),
+            runtime: RuntimeLimiter::with_clock(config.guard, config.hunting.estimator.clone(), clock),
             guards: Live::new(Arc::new(guards)),
             loaded: std::sync::Mutex::new(Loaded { generation: 1, hash: config.source_hash.clone() }),
             metrics,
             config: Live::new(config),
+            store: Store::memory(),
         }
+    }
+
+    /// A gateway on its configured store, with what the store holds restored.
+    pub fn open(config: Arc<Config>, metrics: Arc<Metrics>) -> Result<Self, StoreError> {
+        let mut gw = Gateway::new(config, metrics);
+        gw.store = Store::open(&gw.config(), &gw.limiter, &gw.runtime, &gw.metrics)?;
+        Ok(gw)
     }
 
     /// The configuration now (a reload may replace it).
@@ -80,7 +93,8 @@ impl Gateway {
     /// Take a reloaded configuration. Quota state is kept: each policy keeps
     /// the key id its name had, so its keys' admissions, queues and holds
     /// carry on under new limits; a new name gets a fresh id. Clients' guards
-    /// start afresh. Callers refresh the workers after.
+    /// start afresh. Callers refresh the workers after. The store stays the
+    /// one the gateway started with.
     pub fn replace_config(&self, mut config: Config) {
         let old = self.config.get();
         let mut next = old.policies.0.iter().map(|p| p.key_id).max().map_or(0, |m| m.saturating_add(1));

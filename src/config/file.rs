@@ -84,6 +84,47 @@ pub struct File {
     /// Policies, first match wins.
     #[serde(default, rename = "policy")]
     pub policies: Vec<PolicyFile>,
+    /// Where the quota state lives: memory, an embedded SQLite file, or Redis.
+    #[serde(default)]
+    pub store: StoreFile,
+}
+
+/// The `[store]` table; every field has a default.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreFile {
+    /// `sqlite` (durable, the default), `redis` (shared by replicas) or `memory`.
+    pub backend: String,
+    /// The SQLite file; unset: `$STATE_DIRECTORY/quotagate-state.db`, else
+    /// `quotagate-state.db` in the working directory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Start empty, loudly, when the file is corrupt or cannot be written,
+    /// instead of refusing to start.
+    pub allow_start_empty: bool,
+    /// The Redis URL (`redis://` or `rediss://`, password allowed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// While Redis is unreachable: `fail-closed` (503) or `local` (limit ÷ replicas).
+    pub on_outage: String,
+    /// How many replicas share the Redis store.
+    pub replicas: u32,
+    /// Prefix of every Redis key.
+    pub key_prefix: String,
+}
+
+impl Default for StoreFile {
+    fn default() -> Self {
+        StoreFile {
+            backend: "sqlite".into(),
+            path: None,
+            allow_start_empty: false,
+            url: None,
+            on_outage: "fail-closed".into(),
+            replicas: 1,
+            key_prefix: "quotagate".into(),
+        }
+    }
 }
 
 fn default_max_body() -> u64 {

@@ -81,6 +81,8 @@ pub struct Config {
     pub forward_proxy: Option<ForwardProxySpec>,
     /// Extra CA certificates the upstream client trusts (DER), read from `trust_ca_files`.
     pub trust_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// Where the quota state lives.
+    pub store: crate::store::StoreConfig,
 }
 
 /// Everything wrong with a configuration, one line each, in the form
@@ -258,6 +260,23 @@ impl Config {
                 c.guard.map_or("none".to_string(), |g| format!("{}/s burst {}", g.per_second, g.burst))
             );
         }
+        let s = &self.store;
+        let _ = match &s.backend {
+            crate::store::Backend::Memory => writeln!(out, "store: memory (lost on restart)"),
+            crate::store::Backend::Sqlite { path } => writeln!(
+                out,
+                "store: sqlite file {} (allow_start_empty {})",
+                path.display(),
+                s.allow_start_empty
+            ),
+            crate::store::Backend::Redis { url } => writeln!(
+                out,
+                "store: redis {} (on outage {:?}, {} replicas)",
+                crate::store::redis::redact(url),
+                s.on_outage,
+                s.replicas
+            ),
+        };
         out
     }
 }

@@ -11,13 +11,14 @@ use std::time::Duration;
 
 use http::{Method, Uri};
 
-use super::file::{BudgetFile, File, ForwardProxyFile, HuntingFile, PolicyFile};
+use super::file::{BudgetFile, File, ForwardProxyFile, HuntingFile, PolicyFile, StoreFile};
 use super::problem::Problem;
 use super::{Config, ForwardProxySpec, ListenerSpec};
 use crate::admission::runtime::Estimator;
 use crate::hunting::{Hunting, LookbackMode};
 use crate::policy::{Mode, PathPattern, Policies, Policy, Timeouts};
 use crate::quota::{Budget, KeyScope, Window};
+use crate::store::{Backend, OnOutage, StoreConfig};
 use crate::upstream::route::{ApiKind, Upstream};
 
 /// Where a value sits in the file.
@@ -280,6 +281,7 @@ pub fn validate(file: &File) -> Result<Config, Vec<Problem>> {
     if file.policies.len() >= usize::from(u16::MAX) {
         p.push(&Field::top("policy"), "too many policies");
     }
+    let store = store(&file.store, &mut p);
 
     let clients = super::clients::roster(file, &mut p);
     let tls = file.tls.as_ref().and_then(|t| super::tls::server_config(t, &mut p));
@@ -311,6 +313,7 @@ pub fn validate(file: &File) -> Result<Config, Vec<Problem>> {
             tls,
             forward_proxy,
             trust_roots,
+            store,
         })
     } else {
         Err(p.0)
@@ -412,6 +415,60 @@ fn hunting(h: &HuntingFile, p: &mut Problems) -> Hunting {
         lookback,
         lookback_limit: p.duration(&field.at("lookback_limit"), &h.lookback_limit),
         max_rows: h.max_rows,
+    }
+}
+
+/// The `[store]` table.
+fn store(s: &StoreFile, p: &mut Problems) -> StoreConfig {
+    let field = Field::top("store");
+    let backend = match s.backend.as_str() {
+        "memory" => Backend::Memory,
+        "sqlite" => Backend::Sqlite {
+            path: s
+                .path
+                .as_ref()
+                .filter(|p| !p.is_empty())
+                .map_or_else(crate::store::default_path, Into::into),
+        },
+        "redis" => match s.url.as_deref() {
+            Some(url) if url.starts_with("redis://") || url.starts_with("rediss://") => {
+                Backend::Redis { url: url.into() }
+            }
+            Some(_) => {
+                p.push(&field.at("url"), "must be a redis:// or rediss:// URL");
+                Backend::Memory
+            }
+            None => {
+                p.push(&field.at("url"), "the redis backend needs a url such as \"redis://127.0.0.1:6379\"");
+                Backend::Memory
+            }
+        },
+        other => {
+            p.push(&field.at("backend"), format!("`{other}` is not sqlite, redis or memory"));
+            Backend::Memory
+        }
+    };
+    let on_outage = match s.on_outage.as_str() {
+        "fail-closed" => OnOutage::FailClosed,
+        "local" => OnOutage::Local,
+        other => {
+            p.push(&field.at("on_outage"), format!("`{other}` is not fail-closed or local"));
+            OnOutage::FailClosed
+        }
+    };
+    let replicas = NonZeroU32::new(s.replicas).unwrap_or_else(|| {
+        p.push(&field.at("replicas"), "must be at least 1");
+        NonZeroU32::MIN
+    });
+    if s.key_prefix.is_empty() {
+        p.push(&field.at("key_prefix"), "must not be empty");
+    }
+    StoreConfig {
+        backend,
+        allow_start_empty: s.allow_start_empty,
+        on_outage,
+        replicas,
+        key_prefix: s.key_prefix.clone(),
     }
 }
 

@@ -174,13 +174,19 @@ impl Ledger {
         if !self.release(id) {
             return false;
         }
+        self.charge(cost, end);
+        true
+    }
+
+    /// Record a metered `cost` learnt at `end` that no reservation stood for
+    /// (a charge restored from a durable store).
+    pub fn charge(&mut self, cost: Duration, end: u64) {
         let cost = nanos(cost);
         if cost > 0 {
             // Ends arrive nearly in order: search from the back.
             let pos = self.charges.iter().rposition(|c| c.end <= end).map_or(0, |p| p + 1);
             self.charges.insert(pos, Charge { end, cost });
         }
-        true
     }
 
     /// Drop reservation `id` without a charge. Returns false when there was none.

@@ -115,6 +115,11 @@ impl AdmissionLog {
         self.times.is_empty()
     }
 
+    /// The recorded admission times, oldest first.
+    pub fn times(&self) -> Vec<u64> {
+        self.times.iter().copied().collect()
+    }
+
     /// How much of each window is used at `now`, for rate-limit headers and
     /// status: admissions in `(now - per, now]`, and the time until the
     /// oldest of them stops counting (its slot frees, guard included).

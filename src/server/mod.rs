@@ -58,7 +58,9 @@ pub async fn start(config: Config) -> io::Result<Running> {
 pub async fn start_on(config: Config, workers: &[Handle]) -> io::Result<Running> {
     let first = workers.first().expect("at least one worker");
     let config = Arc::new(config);
-    let gateway = Arc::new(Gateway::new(config.clone(), Arc::new(Metrics::new(workers.len()))));
+    let gateway = Gateway::open(config.clone(), Arc::new(Metrics::new(workers.len())))
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    let gateway = Arc::new(gateway);
     let (stop, stopped) = watch::channel(false);
     let mut tasks = JoinSet::new();
 
@@ -130,6 +132,19 @@ pub async fn start_on(config: Config, workers: &[Handle]) -> io::Result<Running>
         async move { axum::serve(admin, admin_router).with_graceful_shutdown(stopping(admin_stopped)).await },
         first,
     );
+    if let Some(redis) = gateway.store.redis() {
+        tasks.spawn_on(
+            {
+                let (redis, stopped, gw) = (redis.clone(), stopped.clone(), gateway.clone());
+                async move {
+                    let config = gw.config();
+                    redis.watch(&gw.limiter, &config.policies.0, stopping(stopped)).await;
+                    Ok(())
+                }
+            },
+            first,
+        );
+    }
     let sweeper = gateway.clone();
     tasks.spawn_on(
         async move {
@@ -138,7 +153,7 @@ pub async fn start_on(config: Config, workers: &[Handle]) -> io::Result<Running>
             tokio::pin!(stop);
             loop {
                 tokio::select! {
-                    _ = every.tick() => { sweeper.limiter.sweep(); sweeper.runtime.sweep(); }
+                    _ = every.tick() => { sweeper.limiter.sweep(); sweeper.runtime.sweep(); sweeper.store.sweep(); }
                     _ = &mut stop => return Ok(()),
                 }
             }

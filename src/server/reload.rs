@@ -2,7 +2,8 @@
 //!
 //! The new configuration is validated before it gets here. What a reload
 //! cannot change without a restart (listener addresses, TLS, the forward
-//! proxy, the upstream table that bound listeners point into) makes it
+//! proxy, the quota store, the upstream table that bound listeners point
+//! into) makes it
 //! refuse the whole file, with every such change listed; the old
 //! configuration keeps running. Otherwise every policy keeps the key id its
 //! name had ([`Gateway::replace_config`]), so its keys' admissions, queues
@@ -68,6 +69,7 @@ fn restart_only(old: &Config, new: &Config) -> Vec<String> {
     differs("admin_listen", old.admin_listen == new.admin_listen);
     differs("[tls]", old.tls.is_some() == new.tls.is_some());
     differs("[forward_proxy]", old.forward_proxy == new.forward_proxy);
+    differs("[store]", old.store == new.store);
     let names = |c: &Config| c.upstreams.iter().map(|u| u.name.clone()).collect::<Vec<_>>();
     differs("the names or order of [[upstream]]", names(old) == names(new));
     out

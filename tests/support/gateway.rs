@@ -54,9 +54,15 @@ route_prefixes = ["/v1.0/", "/beta/"]
 }
 
 impl TestGateway {
-    /// Start on a full config text.
+    /// Start on a full config text. The quota store is memory unless the
+    /// text has a `[store]` table.
     pub async fn start_with(text: &str) -> TestGateway {
-        let config = Config::from_toml(text, "test config").unwrap_or_else(|e| panic!("{e}"));
+        let text = if text.contains("[store]") {
+            text.to_string()
+        } else {
+            format!("{text}\n[store]\nbackend = \"memory\"\n")
+        };
+        let config = Config::from_toml(&text, "test config").unwrap_or_else(|e| panic!("{e}"));
         let running = server::start(config).await.expect("gateway starts");
         TestGateway {
             proxy: running.proxy_addrs[0],

@@ -5,6 +5,7 @@
 pub mod emulator;
 pub mod gateway;
 pub mod hunt;
+pub mod process;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;

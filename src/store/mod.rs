@@ -1,0 +1,529 @@
+//! The quota store: where admissions, running-time charges, upstream holds
+//! and revealed limits live, so that they outlive the process (SQLite) or
+//! are shared by several replicas (Redis).
+//!
+//! The quota maths does not change with the backend. With `memory` and
+//! `sqlite` the limiters in [`crate::admission`] decide in memory, exactly as
+//! their module docs prove; `sqlite` adds a journal of every fact they
+//! decide on ([`sqlite`]), which is read back into them at startup. The
+//! request path awaits the journal only where the guarantee needs it: an
+//! admission (and the running time a hunting query reserves) is on disk
+//! before its request is forwarded. Refunds, charges, holds and revealed
+//! limits are queued for the next group commit (a few milliseconds): losing
+//! a refund only over-counts, and a charge replaces a reservation that is
+//! already on disk, so a crash before it lands charges the estimate instead.
+//!
+//! With `redis` the decision itself moves into Redis ([`redis`]).
+
+pub mod redis;
+pub mod sqlite;
+
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use crate::admission::runtime::{ChargeJournal, Reservation, RuntimeLimiter};
+use crate::admission::{Admitted, Limiter, Share};
+use crate::config::Config;
+use crate::policy::Policy;
+use crate::quota::{Clock, QuotaKey, Window};
+use sqlite::{Event, Job};
+
+/// Which backend holds the quota state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// In memory only: lost on restart. For tests and explicit opt-in.
+    Memory,
+    /// An embedded SQLite file: survives restarts and `kill -9`.
+    Sqlite { path: PathBuf },
+    /// A Redis server shared by several replicas.
+    Redis { url: String },
+}
+
+/// What a replica does while Redis cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnOutage {
+    /// Answer metered calls 503 with `Retry-After` until Redis is back.
+    FailClosed,
+    /// Decide locally, each replica with `limit ÷ replicas` of every window.
+    Local,
+}
+
+/// The validated `[store]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreConfig {
+    pub backend: Backend,
+    /// Start empty (and say so loudly) when the file is corrupt or unwritable.
+    pub allow_start_empty: bool,
+    pub on_outage: OnOutage,
+    /// Replicas sharing the Redis store; the local share during an outage.
+    pub replicas: NonZeroU32,
+    /// Prefix of every Redis key.
+    pub key_prefix: String,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            backend: Backend::Memory,
+            allow_start_empty: false,
+            on_outage: OnOutage::FailClosed,
+            replicas: NonZeroU32::MIN,
+            key_prefix: "quotagate".into(),
+        }
+    }
+}
+
+/// The state file's default path: `$STATE_DIRECTORY/quotagate-state.db`
+/// when systemd (or the container image) names a state directory, else
+/// `quotagate-state.db` in the working directory.
+pub fn default_path() -> PathBuf {
+    match std::env::var_os("STATE_DIRECTORY").filter(|d| !d.is_empty()) {
+        // systemd may list several directories, separated by colons.
+        Some(dirs) => {
+            let first = dirs.to_string_lossy().split(':').next().unwrap_or_default().to_string();
+            PathBuf::from(first).join("quotagate-state.db")
+        }
+        None => PathBuf::from("quotagate-state.db"),
+    }
+}
+
+/// Why the store cannot start or cannot record.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the state file {path} is corrupt ({detail}); move it away to start without the usage it held, or set [store] allow_start_empty = true to do that automatically")]
+    Corrupt { path: String, detail: String },
+    #[error("the state file {path} cannot be opened for writing ({detail}); give the gateway a writable [store] path, or set [store] allow_start_empty = true to run without durable state")]
+    Unwritable { path: String, detail: String },
+    #[error("the state file did not record the admission: {0}")]
+    Write(String),
+    #[error("redis store: {0}")]
+    Redis(String),
+}
+
+/// Encode a key for a row or a Redis key: `[policy, tenant, app]` in JSON.
+pub fn encode_key(key: &QuotaKey) -> String {
+    serde_json::json!([key.policy, &*key.tenant, key.app.as_deref()]).to_string()
+}
+
+/// The key a row names; `None` for a row this version cannot read.
+pub fn decode_key(text: &str) -> Option<QuotaKey> {
+    let (policy, tenant, app): (Option<u16>, String, Option<String>) = serde_json::from_str(text).ok()?;
+    Some(QuotaKey { policy, tenant: tenant.into(), app: app.map(Into::into) })
+}
+
+/// Why a hunting query's shared running time was not reserved.
+#[derive(Debug)]
+pub enum RuntimeRefusal {
+    /// The shared budgets said no (or not in time).
+    Rejected(crate::admission::runtime::RuntimeRejection),
+    /// Redis is down and the config fails closed.
+    Down(StoreError),
+}
+
+/// The SQLite journal: a sender to the writer thread and the clock it converts with.
+pub struct Journal {
+    tx: Mutex<mpsc::Sender<Job>>,
+    clock: Clock,
+    next_pending: AtomicU64,
+    /// How long a call admission of each policy counts (longest window + guard).
+    call_horizon: Vec<i64>,
+    /// How long a charge counts (longest budget + guard).
+    charge_horizon: i64,
+}
+
+impl Journal {
+    fn send(&self, events: Vec<Event>, ack: Option<oneshot::Sender<Result<(), String>>>) -> bool {
+        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        tx.send(Job { events, ack }).is_ok()
+    }
+
+    fn unix(&self, at: u64) -> i64 {
+        self.clock.to_unix(at)
+    }
+}
+
+impl ChargeJournal for Journal {
+    fn charged(&self, key: &QuotaKey, pending: Option<u64>, end: u64, cost: u64) {
+        let end = self.unix(end);
+        let cost = i64::try_from(cost).unwrap_or(i64::MAX);
+        let expires = end.saturating_add(self.charge_horizon);
+        self.send(vec![Event::Charge { pending, key: encode_key(key), end, cost, expires }], None);
+    }
+
+    fn released(&self, pending: u64) {
+        self.send(vec![Event::Release { pending }], None);
+    }
+}
+
+/// The gateway's store.
+pub struct Store {
+    kind: &'static str,
+    journal: Option<Arc<Journal>>,
+    path: Option<PathBuf>,
+    /// Why the store runs without what it should have (started empty).
+    degraded: Option<String>,
+    redis: Option<Arc<redis::RedisStore>>,
+}
+
+impl Store {
+    /// No store: state lives in the limiters only.
+    pub fn memory() -> Store {
+        Store { kind: "memory", journal: None, path: None, degraded: None, redis: None }
+    }
+
+    /// Open the configured store and restore into the limiters what it holds.
+    pub fn open(
+        config: &Config,
+        limiter: &Limiter,
+        runtime: &RuntimeLimiter,
+        metrics: &crate::metrics::Metrics,
+    ) -> Result<Store, StoreError> {
+        match &config.store.backend {
+            Backend::Memory => Ok(Store::memory()),
+            Backend::Sqlite { path } => Self::open_sqlite(config, path, limiter, runtime, metrics),
+            Backend::Redis { url } => {
+                let redis = Arc::new(redis::RedisStore::new(config, url, limiter.clock(), metrics)?);
+                runtime.set_journal(Arc::new(redis::LedgerJournal(redis.clone())));
+                Ok(Store { kind: "redis", journal: None, path: None, degraded: None, redis: Some(redis) })
+            }
+        }
+    }
+
+    fn open_sqlite(
+        config: &Config,
+        path: &std::path::Path,
+        limiter: &Limiter,
+        runtime: &RuntimeLimiter,
+        metrics: &crate::metrics::Metrics,
+    ) -> Result<Store, StoreError> {
+        let opened = match sqlite::open(path) {
+            Err(StoreError::Corrupt { path: p, detail }) if config.store.allow_start_empty => {
+                let aside = sqlite::set_aside(path)
+                    .map_err(|e| StoreError::Unwritable { path: p.clone(), detail: e.to_string() })?;
+                tracing::error!(path = %p, error = %detail, moved_to = %aside.display(),
+                    "THE STATE FILE IS CORRUPT: starting EMPTY (allow_start_empty = true); usage recorded before is forgotten and the upstream may throttle");
+                sqlite::open(path)
+                    .map(|c| (c, Some(format!("started empty: the old file was corrupt ({detail})"))))
+            }
+            other => other.map(|c| (c, None)),
+        };
+        let (conn, degraded) = match opened {
+            Ok(ok) => ok,
+            Err(e @ StoreError::Unwritable { .. }) if config.store.allow_start_empty => {
+                tracing::error!(error = %e,
+                    "THE STATE FILE CANNOT BE WRITTEN: running on memory only (allow_start_empty = true); usage will not survive a restart");
+                let mut store = Store::memory();
+                store.degraded = Some(format!("running in memory: {e}"));
+                store.path = Some(path.to_path_buf());
+                return Ok(store);
+            }
+            Err(e) => return Err(e),
+        };
+        let clock = limiter.clock();
+        let contents = sqlite::load(&conn, sqlite::unix_now())
+            .map_err(|e| StoreError::Corrupt { path: path.display().to_string(), detail: e.to_string() })?;
+        let restored = restore(config, &contents, clock, limiter, runtime);
+        tracing::info!(path = %path.display(), admissions = restored.0, charges = restored.1, holds = restored.2,
+            "restored quota state from the state file");
+        let guard = config.guard;
+        let call_horizon = config
+            .policies
+            .0
+            .iter()
+            .map(|p| nanos(p.windows.iter().map(|w| w.per).max().unwrap_or_default() + guard))
+            .collect();
+        let charge_horizon = nanos(
+            config.policies.0.iter().flat_map(|p| p.budgets.iter()).map(|b| b.per).max().unwrap_or_default()
+                + guard,
+        );
+        let (tx, rx) = mpsc::channel();
+        let observer = metrics.store_observer();
+        let prune_every = config.idle_sweep;
+        std::thread::Builder::new()
+            .name("quotagate-store".into())
+            .spawn(move || sqlite::run(conn, rx, prune_every, observer))
+            .map_err(|e| StoreError::Unwritable {
+                path: path.display().to_string(),
+                detail: e.to_string(),
+            })?;
+        let journal = Arc::new(Journal {
+            tx: Mutex::new(tx),
+            clock,
+            next_pending: AtomicU64::new(u64::try_from(sqlite::unix_now()).unwrap_or(1)),
+            call_horizon,
+            charge_horizon,
+        });
+        runtime.set_journal(journal.clone());
+        Ok(Store {
+            kind: "sqlite",
+            journal: Some(journal),
+            path: Some(path.to_path_buf()),
+            degraded,
+            redis: None,
+        })
+    }
+
+    /// The Redis store, when that is the backend.
+    pub fn redis(&self) -> Option<&Arc<redis::RedisStore>> {
+        self.redis.as_ref()
+    }
+
+    /// Admit a call for `key` under `policy`, waiting at most `max_wait`:
+    /// in memory by the limiter, or shared through Redis.
+    pub async fn acquire(
+        &self,
+        limiter: &Limiter,
+        key: &QuotaKey,
+        policy: &Policy,
+        share: &Share,
+        max_wait: Duration,
+        depth: &prometheus::IntGauge,
+    ) -> Result<Admitted, redis::Refusal> {
+        match &self.redis {
+            // Replicas share the key's log in Redis, which orders its waiters first come first served.
+            Some(r) => r.acquire(limiter, key, policy, max_wait, depth).await,
+            None => limiter
+                .acquire_as(key, policy, share, max_wait, depth)
+                .await
+                .map_err(redis::Refusal::Rejected),
+        }
+    }
+
+    /// The running-time budgets a hunting query of `policy` reserves
+    /// against on this replica: the policy's, or its share of them while a
+    /// Redis store is down and the config falls back to local limits.
+    pub fn runtime_budgets<'a>(&self, policy: &'a Policy) -> std::borrow::Cow<'a, [crate::quota::Budget]> {
+        match &self.redis {
+            Some(r) if !r.is_up() && r.on_outage() == OnOutage::Local => std::borrow::Cow::Owned(
+                policy
+                    .budgets
+                    .iter()
+                    .map(|b| crate::quota::Budget { limit: b.limit / r.replicas(), per: b.per })
+                    .collect(),
+            ),
+            _ => std::borrow::Cow::Borrowed(&policy.budgets),
+        }
+    }
+
+    /// Reserve a hunting query's running time in the shared ledger too
+    /// (Redis), after the local reservation; nothing to do for other stores.
+    pub async fn share_running_time(
+        &self,
+        key: &QuotaKey,
+        reservation: &mut Reservation,
+        demand: &crate::admission::runtime::Demand<'_>,
+        deadline: Duration,
+    ) -> Result<(), RuntimeRefusal> {
+        let Some(r) = &self.redis else { return Ok(()) };
+        if !r.is_up() {
+            return match r.on_outage() {
+                OnOutage::Local => Ok(()),
+                OnOutage::FailClosed => Err(RuntimeRefusal::Down(StoreError::Redis("unreachable".into()))),
+            };
+        }
+        match r.reserve_runtime(key, reservation, demand, deadline).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(rejection)) => Err(RuntimeRefusal::Rejected(rejection)),
+            Err(e) => {
+                r.failed(&e);
+                match r.on_outage() {
+                    OnOutage::Local => Ok(()),
+                    OnOutage::FailClosed => Err(RuntimeRefusal::Down(StoreError::Redis(e.to_string()))),
+                }
+            }
+        }
+    }
+
+    /// Drop idle bookkeeping.
+    pub fn sweep(&self) {
+        if let Some(r) = &self.redis {
+            r.sweep();
+        }
+    }
+
+    /// Make an admission (and a hunting query's reservation) durable; the
+    /// request must not be forwarded before this returns `Ok`.
+    pub async fn admitted(
+        &self,
+        key: &QuotaKey,
+        policy: &Policy,
+        admitted: &Admitted,
+        reservation: Option<&mut Reservation>,
+    ) -> Result<(), StoreError> {
+        let Some(j) = &self.journal else { return Ok(()) };
+        let at = j.unix(admitted.at());
+        let horizon = j.call_horizon.get(usize::from(policy.id)).copied().unwrap_or(j.charge_horizon);
+        let mut events = vec![Event::Admit {
+            key: encode_key(key),
+            policy: policy.id,
+            at,
+            expires: at.saturating_add(horizon),
+        }];
+        if let Some(r) = reservation {
+            if let Some(rkey) = r.journal_key() {
+                let id = j.next_pending.fetch_add(1, Ordering::Relaxed);
+                let estimate = i64::try_from(r.estimate().as_nanos()).unwrap_or(i64::MAX);
+                events.push(Event::Pending {
+                    id,
+                    key: encode_key(rkey),
+                    sent: at,
+                    estimate,
+                    expires: at.saturating_add(j.charge_horizon),
+                });
+                r.set_pending(id);
+            }
+        }
+        let (ack, done) = oneshot::channel();
+        if !j.send(events, Some(ack)) {
+            return Err(StoreError::Write("the writer thread has stopped".into()));
+        }
+        match done.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(StoreError::Write(e)),
+            Err(_) => Err(StoreError::Write("the writer thread has stopped".into())),
+        }
+    }
+
+    /// The admission never reached the upstream.
+    pub fn refunded(&self, key: &QuotaKey, admitted: &Admitted) {
+        if let Some(r) = &self.redis {
+            r.refund(key, admitted);
+        }
+        if let Some(j) = &self.journal {
+            j.send(vec![Event::Refund { key: encode_key(key), at: j.unix(admitted.at()) }], None);
+        }
+    }
+
+    /// The upstream holds `key` until clock reading `until`.
+    pub fn held(&self, key: &QuotaKey, policy: u16, until: u64, runtime: bool) {
+        if let Some(r) = &self.redis {
+            r.hold_until(key, until, runtime);
+        }
+        if let Some(j) = &self.journal {
+            let scope = if runtime { "runtime" } else { "call" };
+            j.send(vec![Event::Hold { scope, key: encode_key(key), policy, until: j.unix(until) }], None);
+        }
+    }
+
+    /// The upstream revealed a lower limit for `key`.
+    pub fn revealed(&self, key: &QuotaKey, policy: u16, window: Window) {
+        if let Some(j) = &self.journal {
+            let now = sqlite::unix_now();
+            let per = nanos(window.per);
+            let horizon = j.call_horizon.iter().copied().max().unwrap_or(0).max(per);
+            j.send(
+                vec![Event::Reveal {
+                    key: encode_key(key),
+                    policy,
+                    per,
+                    limit: window.limit.get(),
+                    expires: now.saturating_add(horizon),
+                }],
+                None,
+            );
+        }
+    }
+
+    /// The store's part of `/readyz`: its kind, whether it answers, where it is.
+    pub fn status(&self) -> serde_json::Value {
+        if let Some(r) = &self.redis {
+            return r.status();
+        }
+        serde_json::json!({
+            "kind": self.kind,
+            "reachable": true,
+            "durable": self.journal.is_some(),
+            "path": self.path.as_ref().map(|p| p.display().to_string()),
+            "degraded": self.degraded,
+        })
+    }
+
+    /// Whether the store answers (always, except Redis failing closed while down).
+    pub fn ready(&self) -> bool {
+        self.redis.as_ref().is_none_or(|r| r.ready())
+    }
+}
+
+fn nanos(d: Duration) -> i64 {
+    i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
+}
+
+/// Put the file's contents into the limiters; returns how many admissions,
+/// charges and holds were restored.
+fn restore(
+    config: &Config,
+    c: &sqlite::Contents,
+    clock: Clock,
+    limiter: &Limiter,
+    runtime: &RuntimeLimiter,
+) -> (usize, usize, usize) {
+    let policies = &config.policies.0;
+    let policy = |id: u16| policies.get(usize::from(id));
+    let hunting_budgets = policies.iter().find(|p| p.hunting).map(|p| p.budgets.clone()).unwrap_or_default();
+    let mut n = (0, 0, 0);
+    // Admissions, grouped by key (the rows come sorted by key).
+    let mut i = 0;
+    while i < c.admissions.len() {
+        let (key, pid, _) = &c.admissions[i];
+        let j = i + c.admissions[i..].iter().take_while(|(k, _, _)| k == key).count();
+        let times: Vec<u64> = c.admissions[i..j].iter().map(|(_, _, at)| clock.from_unix(*at)).collect();
+        if let (Some(qk), Some(p)) = (decode_key(key), policy(*pid)) {
+            let revealed = c
+                .reveals
+                .iter()
+                .filter(|(k, _, _, _)| k == key)
+                .filter_map(|(_, _, per, lim)| {
+                    Some(Window::new(NonZeroU32::new(*lim)?, Duration::from_nanos(u64::try_from(*per).ok()?)))
+                })
+                .min_by_key(|w| w.limit);
+            limiter.restore(&qk, p, &times, 0, revealed);
+            n.0 += times.len();
+        }
+        i = j;
+    }
+    let mut i = 0;
+    while i < c.charges.len() {
+        let key = &c.charges[i].0;
+        let j = i + c.charges[i..].iter().take_while(|(k, _, _)| k == key).count();
+        let charges: Vec<(u64, u64)> = c.charges[i..j]
+            .iter()
+            .map(|(_, end, cost)| (clock.from_unix(*end), u64::try_from(*cost).unwrap_or(0)))
+            .collect();
+        if let Some(qk) = decode_key(key) {
+            runtime.restore(&qk, &hunting_budgets, &charges, 0);
+            n.1 += charges.len();
+        }
+        i = j;
+    }
+    for (scope, key, pid, until) in &c.holds {
+        let (Some(qk), until) = (decode_key(key), clock.from_unix(*until)) else { continue };
+        match (scope.as_str(), policy(*pid)) {
+            ("runtime", _) => runtime.restore(&qk, &hunting_budgets, &[], until),
+            (_, Some(p)) => limiter.restore(&qk, p, &[], until, None),
+            _ => continue,
+        }
+        n.2 += 1;
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip() {
+        for key in [
+            QuotaKey { policy: Some(3), tenant: "t|\"x".into(), app: Some("a".into()) },
+            QuotaKey { policy: None, tenant: "t".into(), app: None },
+        ] {
+            assert_eq!(decode_key(&encode_key(&key)), Some(key));
+        }
+        assert_eq!(decode_key("nonsense"), None);
+    }
+}

@@ -1,0 +1,203 @@
+//! The hunting running-time ledger in Redis, shared by every replica.
+//!
+//! It is [`crate::quota::Ledger`] in two sorted sets per running-time key:
+//! **charges** (score: the moment the cost was learnt, on Redis's clock;
+//! the member names the cost) and **reservations** of queries in flight
+//! (score: a deadline after which a reservation whose replica died is
+//! charged its estimate; the member names the estimate). [`RESERVE`] checks
+//! every budget exactly as `Ledger::fit` does (charges still counted plus
+//! every replica's reservations plus this estimate, within each budget) and
+//! records the reservation in the same atomic step, or answers when the
+//! budgets have room, or that only a completion can make room. The running-
+//! time hold of the key is read in the same step, so an upstream
+//! "processing resources" 429 on one replica holds the tenant for all.
+//!
+//! A replica reserves locally first (its queue, its estimate, its cap on
+//! queries in flight), then in Redis; the settle, charge or release of its
+//! [`Reservation`] replaces the shared reservation by the charge
+//! ([`SETTLE`]). When only completions can free room, the head waiter asks
+//! again every [`UNKNOWN_RETRY`]: the completion may happen on another
+//! replica, which cannot wake it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::RedisStore;
+use crate::admission::runtime::{ChargeJournal, Demand, Reservation, RuntimeRejection};
+use crate::admission::Reason;
+use crate::policy::Mode;
+use crate::quota::{Budget, QuotaKey};
+
+/// How often a query waiting for a completion asks again.
+pub const UNKNOWN_RETRY: Duration = Duration::from_millis(250);
+
+/// KEYS: charges, reservations, hold. ARGV: guard µs, estimate µs,
+/// reservation deadline µs, member, budget count, then limit and length µs
+/// per budget. Returns `{1, now}`, `{0, at, budget, now}` (1-based; -1 for
+/// the hold) or `{2, 0, budget}` when only a completion can make room.
+pub(super) const RESERVE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local guard = tonumber(ARGV[1])
+local est = tonumber(ARGV[2])
+local n = tonumber(ARGV[5])
+local function cost(m) return tonumber(string.match(m, ':(%d+)$')) end
+local hold = tonumber(redis.call('GET', KEYS[3]) or '0')
+if hold > now then return {0, hold, -1, now} end
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do
+  redis.call('ZADD', KEYS[1], now, m)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local reserved = 0
+for _, m in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do reserved = reserved + cost(m) end
+local at = now
+local decided = 0
+local longest = 0
+for i = 1, n do
+  local limit = tonumber(ARGV[4 + 2 * i])
+  local per = tonumber(ARGV[5 + 2 * i])
+  if per + guard > longest then longest = per + guard end
+  local room = limit - reserved - est
+  if room < 0 then return {2, 0, i} end
+  local live = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. (now - per - guard), '+inf', 'WITHSCORES')
+  local sum = 0
+  for j = 1, #live, 2 do sum = sum + cost(live[j]) end
+  local j = 1
+  while sum > room and j <= #live do
+    sum = sum - cost(live[j])
+    local free = tonumber(live[j + 1]) + per + guard
+    if free > at then at = free; decided = i end
+    j = j + 2
+  end
+end
+if at > now then return {0, at, decided, now} end
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - longest))
+redis.call('PEXPIRE', KEYS[1], math.floor(longest / 1000) + 1)
+redis.call('PEXPIRE', KEYS[2], math.floor(tonumber(ARGV[3]) / 1000) + 1)
+return {1, now}
+";
+
+/// KEYS: charges, reservations. ARGV: the reservation's member, the
+/// charge's member (empty: no charge), the charges' TTL in ms.
+pub(super) const SETTLE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+redis.call('ZREM', KEYS[2], ARGV[1])
+if ARGV[2] ~= '' then
+  redis.call('ZADD', KEYS[1], now, ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
+end
+return 1
+";
+
+/// A shared reservation, until its query ends.
+pub(super) struct Shared {
+    key: QuotaKey,
+    member: String,
+    /// The charges' TTL, ms.
+    ttl_ms: u64,
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+impl RedisStore {
+    /// Reserve `reservation`'s estimate for `key` in the shared ledger, as
+    /// `demand` allows waiting; a reservation not settled within `deadline`
+    /// is charged its estimate by the next replica that looks. `Err` only
+    /// when Redis failed.
+    pub async fn reserve_runtime(
+        &self,
+        key: &QuotaKey,
+        reservation: &mut Reservation,
+        demand: &Demand<'_>,
+        deadline: Duration,
+    ) -> Result<Result<(), RuntimeRejection>, redis::RedisError> {
+        let started = tokio::time::Instant::now();
+        let guard = self.guard_us;
+        let estimate = micros(reservation.estimate());
+        let longest = demand.budgets.iter().map(|b| b.per).max().unwrap_or_default();
+        let ttl_ms = u64::try_from(longest.as_millis()).unwrap_or(u64::MAX) + guard / 1000 + 1;
+        for attempt in 0.. {
+            let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let member = format!("{:x}-R{id}:{estimate}", self.nonce);
+            let mut conn = self.conn().await?;
+            let mut call = self.reserve.key(self.key("rt-charges", key));
+            call.key(self.key("rt-reserved", key)).key(self.key("rt-hold", key));
+            call.arg(guard).arg(estimate).arg(micros(deadline)).arg(&member).arg(demand.budgets.len());
+            for b in demand.budgets {
+                call.arg(micros(b.limit)).arg(micros(b.per));
+            }
+            let reply: Vec<i64> = tokio::time::timeout(super::TIMEOUT * 2, call.invoke_async(&mut conn))
+                .await
+                .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "timed out")))??;
+            let get = |i: usize| reply.get(i).copied().unwrap_or(0);
+            let budget: Option<Budget> = usize::try_from(get(2))
+                .ok()
+                .and_then(|i| i.checked_sub(1))
+                .and_then(|i| demand.budgets.get(i).copied());
+            let waited = started.elapsed();
+            let left = demand.max_wait.saturating_sub(waited);
+            let (wait, known) = match get(0) {
+                1 => {
+                    reservation.set_pending(id);
+                    self.ledger.insert(id, Shared { key: key.clone(), member, ttl_ms });
+                    return Ok(Ok(()));
+                }
+                0 => (Duration::from_micros(u64::try_from(get(1) - get(3)).unwrap_or(0)), true),
+                _ => (UNKNOWN_RETRY.min(left), false),
+            };
+            let reason = if demand.mode == Mode::Reject {
+                Some(Reason::NoSlot)
+            } else if left.is_zero() || (known && wait > left) {
+                Some(if attempt == 0 { Reason::WaitTooLong } else { Reason::Expired })
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                let retry_after = if known { wait } else { demand.max_wait };
+                return Ok(Err(RuntimeRejection { reason, retry_after, budget, held: get(2) == -1 }));
+            }
+            tokio::time::sleep(wait).await;
+        }
+        unreachable!("the loop returns")
+    }
+
+    /// Hold `key`'s running time for every replica for `wait` from now.
+    pub fn hold_runtime(self: &Arc<Self>, key: &QuotaKey, wait: Duration) {
+        self.set_hold(self.key("rt-hold", key), wait);
+    }
+
+    fn settle(self: &Arc<Self>, id: u64, cost: Option<u64>) {
+        let Some((_, shared)) = self.ledger.remove(&id) else { return };
+        let this = self.clone();
+        tokio::spawn(async move {
+            let Ok(mut conn) = this.conn().await else { return };
+            let charge = cost.map_or(String::new(), |c| format!("{:x}-C{id}:{c}", this.nonce));
+            let mut call = this.settle.key(this.key("rt-charges", &shared.key));
+            call.key(this.key("rt-reserved", &shared.key)).arg(&shared.member).arg(charge).arg(shared.ttl_ms);
+            if let Err(e) = call.invoke_async::<i64>(&mut conn).await {
+                // The reservation stays until its deadline, then is charged
+                // its estimate: conservative.
+                this.failed(&e);
+            }
+        });
+    }
+}
+
+/// Ends shared reservations when their queries end.
+pub struct LedgerJournal(pub Arc<RedisStore>);
+
+impl ChargeJournal for LedgerJournal {
+    fn charged(&self, _key: &QuotaKey, pending: Option<u64>, _end: u64, cost: u64) {
+        if let Some(id) = pending {
+            self.0.settle(id, Some((cost / 1000).max(1)));
+        }
+    }
+
+    fn released(&self, pending: u64) {
+        self.0.settle(pending, None);
+    }
+}

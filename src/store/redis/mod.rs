@@ -1,0 +1,576 @@
+//! The Redis store: several replicas share one exact quota.
+//!
+//! Every key's call log is a sorted set of admission times (microseconds on
+//! Redis's own clock, `TIME`, so replicas on different machines share one
+//! clock). One Lua script ([`ADMIT`], run with `EVALSHA`) reads the key's
+//! upstream hold, finds for every window `(N, W)` the `N`-th newest
+//! admission, and either records the call now or answers the earliest time
+//! one could go: the check and the record of all windows of a key are one
+//! atomic step. That is the maths of [`crate::quota::AdmissionLog`]: every
+//! admission is at least `W + guard` after the one `N` places before it, so
+//! **no interval of length `W` holds more than `N` admissions, whichever
+//! replicas made them**. The set carries a TTL of its longest window plus
+//! the guard, and older entries are trimmed by the script.
+//!
+//! Waiting: the requests of one key on one replica queue FIFO behind an
+//! async mutex; only the head asks Redis, and when the answer is "not before
+//! t" it sleeps until t (on Redis's clock, as a duration), then asks again.
+//! Nobody polls: each request to Redis is at a moment a slot was due.
+//!
+//! Upstream holds are Redis keys too ([`HOLD`]): a 429 one replica sees
+//! holds the key for all, because every admission script reads the hold.
+//!
+//! Outage: a failed call marks the store down (logged once, the
+//! `quotagate_store_up` gauge, `/readyz`). Then, as configured, metered
+//! calls are answered 503 with `Retry-After` (fail closed), or each replica
+//! decides locally with `limit ÷ replicas` of every window. A watcher pings
+//! Redis every half second and switches back by itself when it answers.
+//!
+//! The hunting running-time ledger is shared the same way ([`ledger`]). A
+//! revealed lower limit is still applied per replica.
+
+mod ledger;
+
+pub use ledger::LedgerJournal;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use prometheus::IntGauge;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::{Mutex, OnceCell};
+
+use super::{encode_key, OnOutage, StoreError};
+use crate::admission::{Admitted, Limiter, Reason, Rejection};
+use crate::config::Config;
+use crate::metrics::StoreMetrics;
+use crate::policy::{Mode, Policy};
+use crate::quota::{QuotaKey, Window, WindowUse};
+
+/// Check every window of a key and record the call, or say when it could go.
+///
+/// KEYS: the log (sorted set), the hold. ARGV: guard µs, window count, then
+/// limit and length µs per window, then the new entry's member prefix (the
+/// member is the prefix and the admission's time).
+/// Returns `{1, now, 0, count per window...}` or `{0, free_at, binding, now}`
+/// where `binding` is the window's 1-based index, or -1 for the hold.
+const ADMIT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local guard = tonumber(ARGV[1])
+local n = tonumber(ARGV[2])
+local free = now
+local binding = 0
+local hold = tonumber(redis.call('GET', KEYS[2]) or '0')
+if hold > free then free = hold; binding = -1 end
+local longest = 0
+for i = 1, n do
+  local limit = tonumber(ARGV[1 + 2 * i])
+  local per = tonumber(ARGV[2 + 2 * i])
+  if per + guard > longest then longest = per + guard end
+  local e = redis.call('ZREVRANGE', KEYS[1], limit - 1, limit - 1, 'WITHSCORES')
+  if e[2] then
+    local f = tonumber(e[2]) + per + guard
+    if f > free then free = f; binding = i end
+  end
+end
+if free > now then return {0, free, binding, now} end
+-- The member names its time, so a replica can add its admissions back after
+-- Redis lost them without counting any twice; a taken microsecond moves on.
+while redis.call('ZADD', KEYS[1], 'NX', now, ARGV[3 + 2 * n] .. now) == 0 do now = now + 1 end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - longest))
+redis.call('PEXPIRE', KEYS[1], math.floor(longest / 1000) + 1)
+local out = {1, now, 0}
+for i = 1, n do
+  local per = tonumber(ARGV[2 + 2 * i])
+  out[3 + i] = redis.call('ZCOUNT', KEYS[1], '(' .. (now - per), '+inf')
+end
+return out
+";
+
+/// Hold a key for `ARGV[1]` µs from now (Redis's clock); a shorter hold
+/// never shortens a longer one. The hold key expires with the hold.
+const HOLD: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local wait = tonumber(ARGV[1])
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+if now + wait > cur then
+  redis.call('SET', KEYS[1], now + wait, 'PX', math.floor(wait / 1000) + 1)
+end
+return 1
+";
+
+/// How long a Redis call may take before the store counts as down.
+const TIMEOUT: Duration = Duration::from_millis(500);
+/// How often the watcher pings Redis while it is down.
+const PROBE_EVERY: Duration = Duration::from_millis(500);
+/// `Retry-After` of a call refused while failing closed.
+pub const FAIL_CLOSED_RETRY: Duration = Duration::from_secs(2);
+
+/// The requests of one key waiting on this replica.
+#[derive(Default)]
+struct KeyQueue {
+    head: Mutex<()>,
+    queued: std::sync::atomic::AtomicUsize,
+}
+
+/// Why a shared admission did not happen.
+#[derive(Debug)]
+pub enum Refusal {
+    /// The quota said no (or not in time).
+    Rejected(Rejection),
+    /// Redis is down and the config fails closed.
+    Down(StoreError),
+}
+
+pub struct RedisStore {
+    client: redis::Client,
+    conn: OnceCell<ConnectionManager>,
+    admit: redis::Script,
+    hold: redis::Script,
+    reserve: redis::Script,
+    settle: redis::Script,
+    /// Shared running-time reservations of this replica's queries in flight.
+    ledger: DashMap<u64, ledger::Shared>,
+    prefix: String,
+    guard_us: u64,
+    on_outage: OnOutage,
+    /// Every policy with each window's limit divided by the replicas.
+    local: Vec<Policy>,
+    replicas: u32,
+    up: AtomicBool,
+    queues: DashMap<QuotaKey, Arc<KeyQueue>>,
+    /// Members of the sorted sets: this replica's nonce and a counter.
+    nonce: u64,
+    next: AtomicU64,
+    url: String,
+    metrics: StoreMetrics,
+    clock: crate::quota::Clock,
+}
+
+impl RedisStore {
+    pub fn new(
+        config: &Config,
+        url: &str,
+        clock: crate::quota::Clock,
+        metrics: &crate::metrics::Metrics,
+    ) -> Result<Self, StoreError> {
+        let client =
+            redis::Client::open(url).map_err(|e| StoreError::Redis(format!("{}: {e}", redact(url))))?;
+        let replicas = config.store.replicas.get();
+        let local = config
+            .policies
+            .0
+            .iter()
+            .map(|p| {
+                let mut p = p.clone();
+                for w in &mut p.windows {
+                    let share = (w.limit.get() / replicas).max(1);
+                    w.limit = std::num::NonZeroU32::new(share).unwrap_or(std::num::NonZeroU32::MIN);
+                }
+                p
+            })
+            .collect();
+        let nonce = u64::try_from(super::sqlite::unix_now()).unwrap_or(0) ^ u64::from(std::process::id());
+        Ok(RedisStore {
+            client,
+            conn: OnceCell::new(),
+            admit: redis::Script::new(ADMIT),
+            hold: redis::Script::new(HOLD),
+            reserve: redis::Script::new(ledger::RESERVE),
+            settle: redis::Script::new(ledger::SETTLE),
+            ledger: DashMap::new(),
+            prefix: config.store.key_prefix.clone(),
+            guard_us: u64::try_from(config.guard.as_micros()).unwrap_or(u64::MAX),
+            on_outage: config.store.on_outage,
+            local,
+            replicas,
+            up: AtomicBool::new(true),
+            queues: DashMap::new(),
+            nonce,
+            next: AtomicU64::new(1),
+            url: redact(url),
+            metrics: metrics.store.clone(),
+            clock,
+        })
+    }
+
+    async fn conn(&self) -> Result<ConnectionManager, redis::RedisError> {
+        let conn = self
+            .conn
+            .get_or_try_init(|| async {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(TIMEOUT))
+                    .set_response_timeout(Some(TIMEOUT))
+                    .set_number_of_retries(1)
+                    .set_max_delay(Duration::from_millis(500));
+                ConnectionManager::new_with_config(self.client.clone(), config).await
+            })
+            .await?;
+        Ok(conn.clone())
+    }
+
+    fn key(&self, kind: &str, key: &QuotaKey) -> String {
+        format!("{}:{kind}:{}", self.prefix, encode_key(key))
+    }
+
+    fn set_up(&self, up: bool, why: &str) {
+        if self.up.swap(up, Ordering::SeqCst) == up {
+            return;
+        }
+        self.metrics.up.set(i64::from(up));
+        let local = !up && self.on_outage == OnOutage::Local;
+        self.metrics.local.set(i64::from(local));
+        if up {
+            tracing::warn!(url = %self.url, "the redis quota store is reachable again; shared limits apply");
+        } else if local {
+            tracing::error!(url = %self.url, error = why, replicas = self.replicas,
+                "the redis quota store is unreachable: deciding locally on limit ÷ replicas until it returns");
+        } else {
+            tracing::error!(url = %self.url, error = why,
+                "the redis quota store is unreachable: failing closed (503) until it returns");
+        }
+    }
+
+    pub(crate) fn failed(&self, e: &redis::RedisError) {
+        self.metrics.errors.inc();
+        self.set_up(false, &e.to_string());
+    }
+
+    /// Whether Redis answers now.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::SeqCst)
+    }
+
+    /// Ready unless Redis is down and the store fails closed.
+    pub fn ready(&self) -> bool {
+        self.is_up() || self.on_outage == OnOutage::Local
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let up = self.is_up();
+        let mode = match (up, self.on_outage) {
+            (true, _) => "shared",
+            (false, OnOutage::Local) => "local",
+            (false, OnOutage::FailClosed) => "fail-closed",
+        };
+        serde_json::json!({
+            "kind": "redis",
+            "url": self.url,
+            "reachable": up,
+            "mode": mode,
+            "replicas": self.replicas,
+            "on_outage": match self.on_outage { OnOutage::Local => "local", OnOutage::FailClosed => "fail-closed" },
+        })
+    }
+
+    /// Ping Redis while it is down, and switch back when it answers, until
+    /// `stop`. Before switching back, every call this replica admitted in
+    /// the open windows (alone, or through a Redis that may have lost it) is
+    /// added to the shared logs.
+    pub async fn watch(
+        self: Arc<Self>,
+        limiter: &Limiter,
+        policies: &[Policy],
+        stop: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(PROBE_EVERY) => {}
+                _ = &mut stop => return,
+            }
+            // Also connect once at start, so /readyz tells the truth early.
+            if self.is_up() && self.conn.initialized() {
+                continue;
+            }
+            let ping = async {
+                let mut c = self.conn().await?;
+                redis::cmd("PING").query_async::<String>(&mut c).await
+            };
+            match tokio::time::timeout(TIMEOUT * 2, ping).await {
+                Ok(Ok(_)) => {
+                    let mut caught_up = true;
+                    for (key, policy, times) in limiter.all_admissions() {
+                        let Some(policy) = policies.get(usize::from(policy)) else { continue };
+                        if let Err(e) = self.push_back(&key, policy, &times).await {
+                            self.metrics.errors.inc();
+                            tracing::warn!(error = %e, "could not add local admissions to redis; will retry");
+                            caught_up = false;
+                            break;
+                        }
+                    }
+                    if caught_up {
+                        self.set_up(true, "");
+                    }
+                }
+                Ok(Err(e)) => self.set_up(false, &e.to_string()),
+                Err(_) => self.set_up(false, "timed out"),
+            }
+        }
+    }
+
+    /// Admit a call for `key` under `policy`, waiting at most `max_wait`:
+    /// shared through Redis, or as configured while Redis is down.
+    pub async fn acquire(
+        &self,
+        limiter: &Limiter,
+        key: &QuotaKey,
+        policy: &Policy,
+        max_wait: Duration,
+        depth: &IntGauge,
+    ) -> Result<Admitted, Refusal> {
+        let started = tokio::time::Instant::now();
+        if self.is_up() {
+            match self.shared(limiter, key, policy, max_wait, depth).await {
+                Ok(result) => return result.map_err(Refusal::Rejected),
+                Err(e) => self.failed(&e),
+            }
+        }
+        match self.on_outage {
+            OnOutage::FailClosed => {
+                Err(Refusal::Down(StoreError::Redis(format!("{} is unreachable", self.url))))
+            }
+            OnOutage::Local => {
+                let local = self.local.get(usize::from(policy.id)).unwrap_or(policy);
+                let left = max_wait.saturating_sub(started.elapsed());
+                limiter.acquire(key, local, left, depth).await.map_err(Refusal::Rejected)
+            }
+        }
+    }
+
+    /// The shared path; `Err` only when Redis failed.
+    async fn shared(
+        &self,
+        limiter: &Limiter,
+        key: &QuotaKey,
+        policy: &Policy,
+        max_wait: Duration,
+        depth: &IntGauge,
+    ) -> Result<Result<Admitted, Rejection>, redis::RedisError> {
+        let started = tokio::time::Instant::now();
+        let queue = self.queues.entry(key.clone()).or_default().clone();
+        let ahead = queue.queued.fetch_add(1, Ordering::SeqCst);
+        let _place = Leave { queue: &queue, depth: depth.clone() };
+        depth.inc();
+        let give_up = |reason, wait| Rejection {
+            reason,
+            retry_after: wait,
+            window: None,
+            capped: false,
+            usage: Vec::new(),
+        };
+        if ahead >= policy.max_queue && policy.mode == Mode::Queue {
+            return Ok(Err(give_up(Reason::QueueFull, policy.max_wait)));
+        }
+        let head = if policy.mode == Mode::Reject {
+            queue.head.lock().await
+        } else {
+            match tokio::time::timeout(max_wait, queue.head.lock()).await {
+                Ok(head) => head,
+                Err(_) => return Ok(Err(give_up(Reason::Expired, max_wait))),
+            }
+        };
+        for attempt in 0.. {
+            let ticket = self.next.fetch_add(1, Ordering::Relaxed);
+            let answer = self.ask(key, policy).await?;
+            match answer {
+                Answer::Admitted { at_us, counts } => {
+                    drop(head);
+                    let usage = policy
+                        .windows
+                        .iter()
+                        .zip(counts)
+                        .map(|(w, used)| WindowUse { window: *w, used, reset: Duration::ZERO })
+                        .collect();
+                    let at = self.clock.from_unix(at_us.saturating_mul(1000));
+                    // This replica remembers its own admissions: it decides on
+                    // them while Redis is down, and adds them back when Redis
+                    // returns (they may have been lost with it).
+                    limiter.record(key, policy, at);
+                    return Ok(Ok(Admitted::shared(at, ticket, started.elapsed(), usage)));
+                }
+                Answer::NotBefore { wait, window } => {
+                    let waited = started.elapsed();
+                    let reason = if policy.mode == Mode::Reject {
+                        Some(Reason::NoSlot)
+                    } else if waited + wait > max_wait {
+                        Some(if attempt == 0 { Reason::WaitTooLong } else { Reason::Expired })
+                    } else {
+                        None
+                    };
+                    if let Some(reason) = reason {
+                        return Ok(Err(Rejection {
+                            reason,
+                            retry_after: wait,
+                            window,
+                            capped: false,
+                            usage: Vec::new(),
+                        }));
+                    }
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+        unreachable!("the loop returns")
+    }
+
+    async fn ask(&self, key: &QuotaKey, policy: &Policy) -> Result<Answer, redis::RedisError> {
+        let mut conn = self.conn().await?;
+        let mut call = self.admit.key(self.key("log", key));
+        call.key(self.key("hold", key)).arg(self.guard_us).arg(policy.windows.len());
+        for w in &policy.windows {
+            call.arg(w.limit.get()).arg(u64::try_from(w.per.as_micros()).unwrap_or(u64::MAX));
+        }
+        call.arg(self.member_prefix());
+        let reply: Vec<i64> = tokio::time::timeout(TIMEOUT * 2, call.invoke_async(&mut conn))
+            .await
+            .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "timed out")))??;
+        let get = |i: usize| reply.get(i).copied().unwrap_or(0);
+        Ok(if get(0) == 1 {
+            let counts = (0..policy.windows.len()).map(|i| u32::try_from(get(3 + i)).unwrap_or(0)).collect();
+            Answer::Admitted { at_us: get(1), counts }
+        } else {
+            let wait = Duration::from_micros(u64::try_from(get(1) - get(3)).unwrap_or(0));
+            let window: Option<Window> = usize::try_from(get(2))
+                .ok()
+                .and_then(|i| i.checked_sub(1))
+                .and_then(|i| policy.windows.get(i).copied());
+            Answer::NotBefore { wait, window }
+        })
+    }
+
+    fn member_prefix(&self) -> String {
+        format!("{:x}-T", self.nonce)
+    }
+
+    /// The member of an admission at clock reading `at`.
+    fn member(&self, at: u64) -> String {
+        format!("{}{}", self.member_prefix(), self.clock.to_unix(at) / 1000)
+    }
+
+    /// Add this replica's admissions (clock readings) to the shared log,
+    /// each under the member named by its time, so those Redis still holds
+    /// are left as they are.
+    async fn push_back(
+        &self,
+        key: &QuotaKey,
+        policy: &Policy,
+        times: &[u64],
+    ) -> Result<(), redis::RedisError> {
+        let mut conn = self.conn().await?;
+        let log = self.key("log", key);
+        let mut pipe = redis::pipe();
+        let zadd = pipe.cmd("ZADD").arg(&log).arg("NX");
+        for &at in times {
+            zadd.arg(self.clock.to_unix(at) / 1000).arg(self.member(at));
+        }
+        let longest = policy.windows.iter().map(|w| w.per).max().unwrap_or_default();
+        let ttl = u64::try_from(longest.as_millis()).unwrap_or(u64::MAX) + self.guard_us / 1000 + 1;
+        pipe.cmd("PEXPIRE").arg(&log).arg(ttl).ignore();
+        let _: (i64,) = tokio::time::timeout(TIMEOUT * 2, pipe.query_async(&mut conn))
+            .await
+            .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "timed out")))??;
+        Ok(())
+    }
+
+    /// Take back a shared admission whose call never reached the upstream.
+    pub fn refund(self: &Arc<Self>, key: &QuotaKey, admitted: &Admitted) {
+        if admitted.ticket() == 0 {
+            return;
+        }
+        let (this, log, member) = (self.clone(), self.key("log", key), self.member(admitted.at()));
+        tokio::spawn(async move {
+            if let Ok(mut c) = this.conn().await {
+                let _: Result<i64, _> = redis::cmd("ZREM").arg(log).arg(member).query_async(&mut c).await;
+            }
+        });
+    }
+
+    /// Drop the waiter records of keys nobody waits on.
+    pub fn sweep(&self) {
+        self.queues.retain(|_, q| Arc::strong_count(q) > 1 || q.queued.load(Ordering::SeqCst) > 0);
+    }
+
+    /// Hold `key` (its running time, when `runtime`) for every replica
+    /// until clock reading `until`.
+    pub fn hold_until(self: &Arc<Self>, key: &QuotaKey, until: u64, runtime: bool) {
+        let wait = Duration::from_nanos(until.saturating_sub(self.clock.now()));
+        if wait.is_zero() {
+            return;
+        }
+        if runtime {
+            self.hold_runtime(key, wait);
+        } else {
+            self.hold(key, wait);
+        }
+    }
+
+    /// What this replica does while Redis is down.
+    pub fn on_outage(&self) -> OnOutage {
+        self.on_outage
+    }
+
+    /// How many replicas share the store (the local share's divisor).
+    pub fn replicas(&self) -> u32 {
+        self.replicas
+    }
+
+    /// Hold `key` for every replica for `wait` from now.
+    pub fn hold(self: &Arc<Self>, key: &QuotaKey, wait: Duration) {
+        self.set_hold(self.key("hold", key), wait);
+    }
+
+    fn set_hold(self: &Arc<Self>, hold: String, wait: Duration) {
+        let this = self.clone();
+        let micros = u64::try_from(wait.as_micros()).unwrap_or(u64::MAX);
+        tokio::spawn(async move {
+            let Ok(mut c) = this.conn().await else { return };
+            let mut call = this.hold.key(hold);
+            call.arg(micros);
+            if let Err(e) = call.invoke_async::<i64>(&mut c).await {
+                this.failed(&e);
+            }
+        });
+    }
+}
+
+enum Answer {
+    Admitted { at_us: i64, counts: Vec<u32> },
+    NotBefore { wait: Duration, window: Option<Window> },
+}
+
+/// A request's place among a key's waiters on this replica, left on drop.
+struct Leave<'a> {
+    queue: &'a KeyQueue,
+    depth: IntGauge,
+}
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        self.queue.queued.fetch_sub(1, Ordering::SeqCst);
+        self.depth.dec();
+    }
+}
+
+/// A Redis URL with its password replaced, for logs and status.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_show() {
+        assert_eq!(redact("rediss://:s3cret@redis.example:6380/0"), "rediss://***@redis.example:6380/0");
+        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+    }
+}

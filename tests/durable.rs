@@ -1,0 +1,177 @@
+//! The embedded durable store, end to end: the real binary on a SQLite file
+//! in a temporary directory, in front of the emulator, killed with SIGKILL
+//! under load and started again (issue #7, case 1); and a file that is
+//! corrupt or cannot be written.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use support::emulator::{max_in_any_interval, Emulator, EmulatorConfig, QuotaRule};
+use support::process::GatewayProcess as Gateway;
+use support::{bearer, client};
+
+const WINDOW: Duration = Duration::from_secs(2);
+const LIMIT: u32 = 20;
+
+fn config(dir: &Path, upstream: &str, store: &str) -> PathBuf {
+    let path = dir.join("gateway.toml");
+    let text = format!(
+        r#"
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+# Covers the group commit before forwarding as well as the loopback hop.
+guard = "100ms"
+# No pruning during the test: every admission stays in the file.
+idle_sweep = "1h"
+access_log = false
+
+[[upstream]]
+name = "defender"
+url = "{upstream}"
+kind = "defender"
+route_prefixes = ["/api/"]
+
+[store]
+{store}
+
+[[policy]]
+name = "incidents"
+paths = ["/api/incidents", "/api/incidents/**"]
+windows = [{{ limit = {LIMIT}, per = "2s" }}]
+max_wait = "1s"
+max_queue = 1000
+"#
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn admissions_in(db: &Path) -> i64 {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    conn.query_row("SELECT count(*) FROM admissions", [], |r| r.get(0)).unwrap()
+}
+
+/// Issue #7, case 1: killed with SIGKILL under load and restarted against
+/// the same upstream, the gateway still respects every admission it made:
+/// no upstream 429 in the windows that follow, and the file holds one entry
+/// per call the upstream saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_under_load_then_restart_forgets_no_admission() {
+    let emu = Emulator::start(EmulatorConfig::new().quota(QuotaRule::new(
+        "incidents",
+        &["/api/incidents"],
+        &[(LIMIT, WINDOW)],
+    )))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.db");
+    let cfg =
+        config(dir.path(), &emu.url(), &format!("backend = \"sqlite\"\npath = {:?}", db.to_str().unwrap()));
+    let gw = Gateway::start(&cfg, dir.path()).unwrap();
+    let target = Arc::new(Mutex::new(gw.proxy.clone()));
+
+    // 3× the quota, sustained, from before the kill until well after the restart.
+    let http = client();
+    let rate = 3.0 * f64::from(LIMIT) / WINDOW.as_secs_f64();
+    let total = (rate * 7.0) as usize;
+    let start = tokio::time::Instant::now();
+    let mut load = Vec::new();
+    for i in 0..total {
+        let (http, target) = (http.clone(), target.clone());
+        load.push(tokio::spawn(async move {
+            tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate)).await;
+            let url = format!("http://{}/api/incidents", target.lock().unwrap());
+            let r = http.get(url).header("authorization", bearer("tenant-1", "app-1")).send().await;
+            r.map(|r| r.status().as_u16()).unwrap_or(0)
+        }));
+    }
+
+    // Kill in the middle of the second window, with the window full and calls queued.
+    tokio::time::sleep_until(start + Duration::from_millis(2500)).await;
+    gw.kill();
+    let seen_before = emu.accepted("incidents");
+    let in_file = admissions_in(&db);
+    assert!(seen_before >= LIMIT as usize, "the load filled a window before the kill ({seen_before})");
+    assert!(
+        in_file >= seen_before as i64,
+        "every call the upstream saw was on disk first: {in_file} rows, {seen_before} calls"
+    );
+
+    let gw = Gateway::start(&cfg, dir.path()).unwrap();
+    *target.lock().unwrap() = gw.proxy.clone();
+    // The restarted gateway knows the window's use at once.
+    let quota: serde_json::Value =
+        http.get(format!("http://{}/quota", gw.admin)).send().await.unwrap().json().await.unwrap();
+    let used = quota["tenants"][0]["keys"][0]["windows"][0]["used"].as_u64().unwrap_or(0);
+    assert!(used >= u64::from(LIMIT) / 2, "restored use {used} of {LIMIT}: {quota}");
+
+    let mut statuses = Vec::new();
+    for t in load {
+        statuses.push(t.await.unwrap());
+    }
+    assert_eq!(emu.throttled(), 0, "no upstream 429 before or after the restart");
+    let times = emu.accepted_times("incidents", "tenant-1");
+    assert!(max_in_any_interval(&times, WINDOW) <= LIMIT as usize);
+    assert!(times.len() >= 3 * LIMIT as usize, "the quota was used after the restart too: {}", times.len());
+    assert!(statuses.iter().all(|&s| s == 0 || s == 200 || s == 429), "{statuses:?}");
+    let in_file = admissions_in(&db);
+    assert!(in_file >= times.len() as i64, "{in_file} rows for {} calls", times.len());
+    gw.kill();
+}
+
+/// A state file that is not a database stops startup with a clear error
+/// naming the file; with `allow_start_empty` the gateway moves it aside,
+/// starts empty and says so in its log and in `/readyz`.
+#[tokio::test]
+async fn a_corrupt_file_stops_startup_unless_starting_empty_is_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.db");
+    std::fs::write(&db, vec![0x42; 16 * 1024]).unwrap();
+    let store = format!("backend = \"sqlite\"\npath = {:?}", db.to_str().unwrap());
+    let cfg = config(dir.path(), "http://127.0.0.1:9", &store);
+    let err = Gateway::start(&cfg, dir.path()).err().expect("a corrupt file stops startup");
+    assert!(err.contains("is corrupt") && err.contains("state.db"), "{err}");
+    assert!(err.contains("allow_start_empty"), "the error says how to go on: {err}");
+    assert_eq!(std::fs::read(&db).unwrap(), vec![0x42; 16 * 1024], "the file is left as it was");
+
+    let cfg = config(dir.path(), "http://127.0.0.1:9", &format!("{store}\nallow_start_empty = true"));
+    let gw = Gateway::start(&cfg, dir.path()).unwrap();
+    let ready: serde_json::Value =
+        client().get(format!("http://{}/readyz", gw.admin)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(ready["store"]["kind"], "sqlite");
+    assert_eq!(ready["store"]["durable"], true);
+    assert!(ready["store"]["degraded"].as_str().unwrap().contains("corrupt"), "{ready}");
+    let aside: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("state.db.corrupt-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "the corrupt file is kept aside");
+    assert_eq!(admissions_in(&db), 0);
+    gw.kill();
+}
+
+/// A path that cannot be created stops startup; allowed to start empty, the
+/// gateway runs on memory and `/readyz` says it is not durable.
+#[tokio::test]
+async fn an_unwritable_path_stops_startup_unless_starting_empty_is_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    // A regular file where the state directory should be: not creatable, even as root.
+    std::fs::write(dir.path().join("not-a-dir"), "x").unwrap();
+    let db = dir.path().join("not-a-dir").join("state.db");
+    let store = format!("backend = \"sqlite\"\npath = {:?}", db.to_str().unwrap());
+    let cfg = config(dir.path(), "http://127.0.0.1:9", &store);
+    let err = Gateway::start(&cfg, dir.path()).err().expect("an unwritable path stops startup");
+    assert!(err.contains("cannot be opened for writing") && err.contains("not-a-dir"), "{err}");
+
+    let cfg = config(dir.path(), "http://127.0.0.1:9", &format!("{store}\nallow_start_empty = true"));
+    let gw = Gateway::start(&cfg, dir.path()).unwrap();
+    let ready: serde_json::Value =
+        client().get(format!("http://{}/readyz", gw.admin)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(ready["store"]["durable"], false, "{ready}");
+    assert!(ready["store"]["degraded"].as_str().unwrap().contains("memory"), "{ready}");
+    gw.kill();
+}

@@ -1,0 +1,376 @@
+//! Several gateway processes on one real Redis (issue #7, cases 2 to 4):
+//! one exact quota between them, upstream holds shared, and Redis outages
+//! handled as configured. Each test starts its own `redis-server` on a free
+//! port.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use support::emulator::{max_in_any_interval, Emulator, EmulatorConfig, QuotaRule};
+use support::process::{GatewayProcess, Redis};
+use support::{bearer, client};
+
+/// One config file for every replica: the emulator upstream, Redis, `policy`.
+fn config(dir: &Path, upstream: &str, redis: &str, store: &str, policy: &str) -> PathBuf {
+    let path = dir.join("replica.toml");
+    let text = format!(
+        r#"
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+# Covers the hop to Redis and the loopback hop to the upstream.
+guard = "50ms"
+idle_sweep = "1s"
+access_log = false
+
+[[upstream]]
+name = "defender"
+url = "{upstream}"
+kind = "defender"
+route_prefixes = ["/api/"]
+
+[store]
+backend = "redis"
+url = "{redis}"
+{store}
+
+[[policy]]
+name = "incidents"
+paths = ["/api/incidents", "/api/incidents/**"]
+{policy}
+"#
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn replicas(n: usize, config: &Path, dir: &Path) -> Vec<GatewayProcess> {
+    (0..n).map(|_| GatewayProcess::start(config, dir).unwrap()).collect()
+}
+
+async fn get(url: String) -> reqwest::Response {
+    client().get(url).header("authorization", bearer("tenant-1", "app-1")).send().await.unwrap()
+}
+
+async fn ready(gw: &GatewayProcess) -> (u16, serde_json::Value) {
+    let r = client().get(gw.admin_url("/readyz")).send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+async fn metric(gw: &GatewayProcess, name: &str) -> f64 {
+    let text = client().get(gw.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
+    text.lines()
+        .find(|l| l.starts_with(name) && l.as_bytes().get(name.len()) == Some(&b' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// Wait (bounded) until `/readyz` of `gw` reports the store's `mode`.
+async fn until_mode(gw: &GatewayProcess, mode: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, body) = ready(gw).await;
+        if body["store"]["mode"] == mode {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "the store never reported mode {mode}: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Issue #7, case 2: three gateway processes on one Redis under 5× the
+/// quota: no upstream 429, never more than N in any window, and at least
+/// 95% of what the quota allows is admitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_under_five_times_the_quota_share_one_exact_quota() {
+    const LIMIT: u32 = 20;
+    const WINDOW: Duration = Duration::from_secs(1);
+    let redis = Redis::start();
+    let emu = Emulator::start(EmulatorConfig::new().quota(QuotaRule::new(
+        "incidents",
+        &["/api/incidents"],
+        &[(LIMIT, WINDOW)],
+    )))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        &emu.url(),
+        &redis.url(),
+        "replicas = 3",
+        "windows = [{ limit = 20, per = \"1s\" }]\nmax_wait = \"1500ms\"\nmax_queue = 1000",
+    );
+    let gws = replicas(3, &cfg, dir.path());
+    let rate = 5.0 * f64::from(LIMIT) / WINDOW.as_secs_f64();
+    let total = (rate * 5.0) as usize;
+    let start = tokio::time::Instant::now();
+    let mut load = Vec::new();
+    for i in 0..total {
+        let url = gws[i % gws.len()].url("/api/incidents");
+        load.push(tokio::spawn(async move {
+            tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate)).await;
+            get(url).await.status().as_u16()
+        }));
+    }
+    let mut statuses = Vec::new();
+    for t in load {
+        statuses.push(t.await.unwrap());
+    }
+    assert_eq!(emu.throttled(), 0, "the upstream never throttles");
+    assert!(statuses.iter().all(|&s| s == 200 || s == 429), "{statuses:?}");
+    let times = emu.accepted_times("incidents", "tenant-1");
+    assert!(max_in_any_interval(&times, WINDOW) <= LIMIT as usize);
+    let first = times[0];
+    let in_four = times.iter().filter(|&&t| t < first + 4 * WINDOW).count();
+    let best = 4 * LIMIT as usize;
+    assert!(in_four as f64 >= 0.95 * best as f64, "admitted {in_four} of {best} possible in four windows");
+}
+
+/// Issue #7, case 3: an upstream 429 that one replica sees holds the key on
+/// the others: they answer locally and send nothing upstream until it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_429_on_one_replica_holds_the_key_on_the_others() {
+    let redis = Redis::start();
+    let emu = Emulator::start(EmulatorConfig::new().quota(QuotaRule::new(
+        "incidents",
+        &["/api/incidents"],
+        &[(5, Duration::from_secs(10))],
+    )))
+    .await;
+    // Another tool spent the tenant's quota behind the gateways' backs.
+    emu.spend("incidents", "tenant-1", "app-1", 5);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        &emu.url(),
+        &redis.url(),
+        "",
+        "windows = [{ limit = 5, per = \"10s\" }]\nmode = \"reject\"",
+    );
+    let gws = replicas(2, &cfg, dir.path());
+    let first = get(gws[0].url("/api/incidents")).await;
+    assert_eq!(first.status(), 429);
+    assert_eq!(first.headers()["x-quotagate-throttled-by"], "upstream");
+    assert_eq!(emu.count(), 1);
+
+    // The hold reaches Redis just after the answer; the other replica then
+    // refuses locally, with the hold's remaining time.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let other = loop {
+        let r = get(gws[1].url("/api/incidents")).await;
+        if r.headers().get("x-quotagate-throttled-by").is_some_and(|v| v == "gateway") {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "the other replica never saw the hold");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(other.status(), 429);
+    let retry: u64 = other.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=10).contains(&retry), "Retry-After {retry}");
+    assert_eq!(emu.throttled(), 1, "only the first call met the upstream's throttle");
+}
+
+/// Issue #7, case 4, failing closed: with Redis killed mid-run, metered
+/// calls get a prompt 503 with `Retry-After` and a clear body (never a hang
+/// past the wait, never a call upstream), `/readyz` and the metrics show it,
+/// and the store recovers by itself when Redis returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_fails_closed_then_recovers_by_itself() {
+    let mut redis = Redis::start();
+    let emu = Emulator::start(EmulatorConfig::new()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        &emu.url(),
+        &redis.url(),
+        "on_outage = \"fail-closed\"",
+        "windows = [{ limit = 100, per = \"1s\" }]\nmax_wait = \"2s\"",
+    );
+    let gw = GatewayProcess::start(&cfg, dir.path()).unwrap();
+    assert_eq!(get(gw.url("/api/incidents")).await.status(), 200);
+    assert_eq!(until_mode(&gw, "shared").await["store"]["reachable"], true);
+
+    redis.kill();
+    let asked = Instant::now();
+    let r = get(gw.url("/api/incidents")).await;
+    assert!(asked.elapsed() < Duration::from_secs(3), "answered within the wait: {:?}", asked.elapsed());
+    assert_eq!(r.status(), 503);
+    assert!(r.headers()["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 1);
+    let body: serde_json::Value = r.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("quota store") && message.contains("unreachable"), "{message}");
+    assert_eq!(emu.count(), 1, "nothing was forwarded while failing closed");
+    let (status, body) = ready(&gw).await;
+    assert_eq!((status, &body["store"]["mode"]), (503, &serde_json::json!("fail-closed")), "{body}");
+    assert_eq!(metric(&gw, "quotagate_store_up").await, 0.0);
+
+    redis.restart();
+    until_mode(&gw, "shared").await;
+    assert_eq!(ready(&gw).await.0, 200);
+    assert_eq!(metric(&gw, "quotagate_store_up").await, 1.0);
+    assert_eq!(get(gw.url("/api/incidents")).await.status(), 200);
+    assert_eq!(emu.count(), 2);
+}
+
+/// Issue #7, case 4, falling back to local limits: with Redis down, each of
+/// two replicas admits at most half of the limit on its own, counting what
+/// it admitted through Redis before; the upstream never throttles, and when
+/// Redis returns (empty: it keeps nothing) the replicas add back what they
+/// admitted, so the window still holds every call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_falls_back_to_a_local_share_then_recovers() {
+    let mut redis = Redis::start();
+    let emu = Emulator::start(EmulatorConfig::new().quota(QuotaRule::new(
+        "incidents",
+        &["/api/incidents"],
+        &[(10, Duration::from_secs(8))],
+    )))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        &emu.url(),
+        &redis.url(),
+        "on_outage = \"local\"\nreplicas = 2",
+        "windows = [{ limit = 10, per = \"8s\" }]\nmode = \"reject\"",
+    );
+    let gws = replicas(2, &cfg, dir.path());
+    for gw in &gws {
+        until_mode(gw, "shared").await;
+    }
+    for i in 0..4 {
+        assert_eq!(get(gws[i % 2].url("/api/incidents")).await.status(), 200);
+    }
+    redis.kill();
+    let mut admitted = 0;
+    for i in 0..16 {
+        let asked = Instant::now();
+        let status = get(gws[i % 2].url("/api/incidents")).await.status().as_u16();
+        assert!(asked.elapsed() < Duration::from_secs(3), "no hang while Redis is down");
+        assert!(status == 200 || status == 429, "{status}");
+        admitted += usize::from(status == 200);
+    }
+    assert_eq!(admitted, 6, "each replica admits up to its share, 10 ÷ 2, counting its 2 before");
+    assert_eq!(emu.throttled(), 0);
+    for gw in &gws {
+        let (status, body) = ready(gw).await;
+        assert_eq!((status, &body["store"]["mode"]), (200, &serde_json::json!("local")), "{body}");
+        assert_eq!(metric(gw, "quotagate_store_local_fallback").await, 1.0);
+    }
+
+    redis.restart();
+    for gw in &gws {
+        until_mode(gw, "shared").await;
+        assert_eq!(metric(gw, "quotagate_store_local_fallback").await, 0.0);
+    }
+    // Back on a Redis that lost everything, the window still holds all ten calls.
+    let r = get(gws[0].url("/api/incidents")).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["x-quotagate-throttled-by"], "gateway");
+    assert_eq!((emu.accepted("incidents"), emu.throttled()), (10, 0));
+}
+
+/// The hunting running-time ledger lives in Redis too: two replicas
+/// saturating one tenant's running time never carry it past its budget,
+/// which one replica alone would spend whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_one_running_time_budget() {
+    use support::hunt::{body, query};
+    let hour = Duration::from_secs(4);
+    let budget = Duration::from_millis(1000);
+    let redis = Redis::start();
+    let emu = Emulator::start(EmulatorConfig::new().running_time(budget, hour)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hunting.toml");
+    let text = format!(
+        r#"
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+guard = "50ms"
+access_log = false
+
+[[upstream]]
+name = "defender"
+url = "{}"
+kind = "defender"
+route_prefixes = ["/api/"]
+
+[store]
+backend = "redis"
+url = "{}"
+replicas = 2
+
+[hunting]
+budgets = [{{ limit = "1000ms", per = "4s" }}]
+estimate = "40ms"
+
+[[policy]]
+name = "hunting"
+methods = ["POST"]
+paths = ["/api/advancedhunting/run"]
+windows = [{{ limit = 100000, per = "1s" }}]
+hunting = true
+max_wait = "30s"
+"#,
+        emu.url(),
+        redis.url()
+    );
+    std::fs::write(&path, text).unwrap();
+    let gws = replicas(2, &path, dir.path());
+    let until = Instant::now() + 2 * hour;
+    let mut clients = Vec::new();
+    for c in 0..6u64 {
+        let url = gws[(c % 2) as usize].url("/api/advancedhunting/run");
+        clients.push(tokio::spawn(async move {
+            let (http, auth) = (client(), bearer("tenant-1", &format!("tool-{c}")));
+            let mut statuses = Vec::new();
+            let mut i = c;
+            while Instant::now() < until {
+                i += 1;
+                let cost = [0.02, 0.04, 0.06][(i % 3) as usize];
+                let r =
+                    http.post(&url).header("authorization", &auth).body(body(&query(cost, ""))).send().await;
+                let Ok(r) = r else { continue };
+                statuses.push(r.status().as_u16());
+                let _ = r.bytes().await;
+            }
+            statuses
+        }));
+    }
+    let mut statuses = Vec::new();
+    for c in clients {
+        statuses.extend(c.await.unwrap());
+    }
+    assert_eq!(emu.throttled(), 0, "the upstream never throttles running time");
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    let charges = emu.charges("tenant-1");
+    let most = charges.max_in_any(hour);
+    assert!(most <= budget + Duration::from_millis(1), "{most:?} in one hour, budget {budget:?}");
+    assert!(most.as_secs_f64() >= 0.8 * budget.as_secs_f64(), "the budget is used: {most:?}");
+}
+
+/// A Redis that requires a password works with the password in the URL,
+/// which never shows in `/readyz`; a wrong one leaves the store down, and
+/// a store that fails closed answers 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_in_the_redis_url_works_and_stays_secret() {
+    let redis = Redis::start_with(Some("s3cret-pw"));
+    let emu = Emulator::start(EmulatorConfig::new()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = "windows = [{ limit = 100, per = \"1s\" }]";
+    let cfg = config(dir.path(), &emu.url(), &redis.url(), "", policy);
+    let gw = GatewayProcess::start(&cfg, dir.path()).unwrap();
+    assert_eq!(get(gw.url("/api/incidents")).await.status(), 200);
+    let body = until_mode(&gw, "shared").await;
+    assert_eq!(body["store"]["url"], format!("redis://***@127.0.0.1:{}", redis.port));
+    assert!(!body.to_string().contains("s3cret-pw"));
+    drop(gw);
+
+    let wrong = redis.url().replace("s3cret-pw", "wrong");
+    let cfg = config(dir.path(), &emu.url(), &wrong, "", policy);
+    let gw = GatewayProcess::start(&cfg, dir.path()).unwrap();
+    assert_eq!(get(gw.url("/api/incidents")).await.status(), 503);
+    until_mode(&gw, "fail-closed").await;
+    assert_eq!(emu.count(), 1);
+}

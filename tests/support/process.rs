@@ -1,0 +1,153 @@
+//! The real `quotagate` binary as a child process (SIGKILL when dropped),
+//! and a real `redis-server` on a free loopback port.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_quotagate");
+
+/// The gateway binary, killed (SIGKILL) when dropped.
+pub struct GatewayProcess {
+    child: Child,
+    pub proxy: String,
+    pub admin: String,
+}
+
+impl GatewayProcess {
+    /// Run `--config config` in `dir`; `Err` carries the exit status and stderr
+    /// when it stops before listening.
+    pub fn start(config: &Path, dir: &Path) -> Result<GatewayProcess, String> {
+        let mut child = Command::new(BIN)
+            .args(["--config", config.to_str().unwrap(), "--workers", "1"])
+            .current_dir(dir)
+            .env("RUST_LOG", "warn")
+            .env_remove("STATE_DIRECTORY")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Drain the log, so a full pipe never blocks the gateway.
+        let mut stderr = child.stderr.take().unwrap();
+        let log = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stderr.read_to_string(&mut text);
+            text
+        });
+        let mut proxy = None;
+        for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+            let line = line.unwrap();
+            let addr = line.rsplit("http://").next().unwrap().to_string();
+            if line.contains("proxy listening") {
+                proxy = Some(addr);
+            } else if line.contains("admin listening") {
+                return Ok(GatewayProcess { child, proxy: proxy.unwrap(), admin: addr });
+            }
+        }
+        let status = child.wait().unwrap();
+        Err(format!("{status}: {}", log.join().unwrap()))
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.proxy)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    /// SIGKILL: no shutdown, no flush, no checkpoint.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `redis-server` without persistence on a free loopback port.
+pub struct Redis {
+    child: Option<Child>,
+    pub port: u16,
+    password: Option<String>,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        Self::start_with(None)
+    }
+
+    /// A server that requires `password` (`requirepass`), if given.
+    pub fn start_with(password: Option<&str>) -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut r = Redis { child: None, port, password: password.map(Into::into) };
+        r.restart();
+        r
+    }
+
+    /// The URL, with the password when there is one.
+    pub fn url(&self) -> String {
+        match &self.password {
+            Some(p) => format!("redis://:{p}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
+    }
+
+    /// Start (again) on the same port, and wait until it answers PING.
+    pub fn restart(&mut self) {
+        let port = self.port.to_string();
+        let mut args = vec!["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"];
+        if let Some(p) = &self.password {
+            args.extend(["--requirepass", p]);
+        }
+        let child = Command::new("redis-server")
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (.ci/run installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.ping() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis-server on port {} did not answer", self.port);
+    }
+
+    fn ping(&self) -> bool {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else { return false };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+        if let Some(p) = &self.password {
+            let mut ok = [0u8; 5];
+            if s.write_all(format!("AUTH {p}\r\n").as_bytes()).is_err() || s.read_exact(&mut ok).is_err() {
+                return false;
+            }
+        }
+        let mut buf = [0u8; 7];
+        s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+    }
+
+    /// SIGKILL the server.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
