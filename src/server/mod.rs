@@ -211,19 +211,24 @@ impl Running {
         let _ = self.stop.send(true);
         let cut = tokio::time::sleep(drain + DRAIN_GRACE);
         tokio::pin!(cut);
-        loop {
+        let result = loop {
             tokio::select! {
                 next = self.tasks.join_next() => match next {
-                    Some(result) => result.map_err(io::Error::other)??,
-                    None => return Ok(()),
+                    Some(Ok(Ok(()))) => {}
+                    Some(Ok(Err(e))) => break Err(e),
+                    Some(Err(e)) => break Err(io::Error::other(e)),
+                    None => break Ok(()),
                 },
                 _ = &mut cut => {
                     tracing::warn!(tasks = self.tasks.len(), "drain time over: cutting what is still running");
                     self.tasks.abort_all();
                     while self.tasks.join_next().await.is_some() {}
-                    return Ok(());
+                    break Ok(());
                 }
             }
-        }
+        };
+        // Every admission and charge made is in the state file before exit.
+        self.gateway.store.flush().await;
+        result
     }
 }

@@ -171,6 +171,20 @@ pub struct Store {
 }
 
 impl Store {
+    /// Wait until everything journalled so far is committed to the state
+    /// file (a no-op without one). The gateway calls it as it stops.
+    pub async fn flush(&self) {
+        let Some(j) = &self.journal else { return };
+        let (ack, done) = oneshot::channel();
+        if j.send(Vec::new(), Some(ack)) {
+            match done.await {
+                Ok(Ok(())) => tracing::info!("the state file is flushed"),
+                Ok(Err(e)) => tracing::error!(error = %e, "the state file could not be flushed"),
+                Err(_) => tracing::error!("the state file's writer is gone: nothing more can be flushed"),
+            }
+        }
+    }
+
     /// No store: state lives in the limiters only.
     pub fn memory() -> Store {
         Store { kind: "memory", journal: None, path: None, degraded: None, redis: None }

@@ -19,9 +19,12 @@ pub struct TestGateway {
 /// Config text with every upstream at `upstream`, listeners on port 0, a
 /// 5 ms guard, followed by `rest` (policies, policy_defaults, listeners).
 /// Top-level keys at the start of `rest`, before its first table, go to the top.
+/// The quota store is memory unless `rest` has a `[store]` table, so a test
+/// that runs the binary leaves no state file behind for the next one.
 pub fn config_text(upstream: &str, rest: &str) -> String {
     let split = rest.find("\n[").map_or(rest.len(), |i| i + 1);
     let (top, rest) = rest.split_at(split);
+    let store = if rest.contains("[store]") { "" } else { "[store]\nbackend = \"memory\"\n" };
     format!(
         r#"
 {top}
@@ -49,6 +52,7 @@ kind = "graph"
 route_prefixes = ["/v1.0/", "/beta/"]
 
 {rest}
+{store}
 "#
     )
 }
