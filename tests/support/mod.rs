@@ -33,3 +33,24 @@ pub fn client() -> reqwest::Client {
         .build()
         .expect("client")
 }
+
+/// `text` with the paths of its `[tls]` certificate and key (if it has
+/// any) pointing at a certificate minted into `dir`, so a shipped example
+/// that names the operator's files validates here.
+pub fn with_test_tls(text: &str, dir: &std::path::Path) -> String {
+    if !text.contains("[tls]") {
+        return text.to_string();
+    }
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
+    text.lines()
+        .map(|l| match l.split_once('=') {
+            Some((k, _)) if k.trim() == "cert_file" => format!("cert_file = \"{}\"", cert_path.display()),
+            Some((k, _)) if k.trim() == "key_file" => format!("key_file = \"{}\"", key_path.display()),
+            _ => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
