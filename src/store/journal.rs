@@ -58,13 +58,13 @@ pub(super) fn open(
     runtime: &RuntimeLimiter,
     metrics: &crate::metrics::Metrics,
 ) -> Result<Store, StoreError> {
-    let opened = match sqlite::open(path) {
+    let opened = match sqlite::open(path, config.store.sync) {
         Err(StoreError::Corrupt { path: p, detail }) if config.store.allow_start_empty => {
             let aside = sqlite::set_aside(path)
                 .map_err(|e| StoreError::Unwritable { path: p.clone(), detail: e.to_string() })?;
             tracing::error!(path = %p, error = %detail, moved_to = %aside.display(),
                 "THE STATE FILE IS CORRUPT: starting EMPTY (allow_start_empty = true); usage recorded before is forgotten and the upstream may throttle");
-            sqlite::open(path)
+            sqlite::open(path, config.store.sync)
                 .map(|c| (c, Some(format!("started empty: the old file was corrupt ({detail})"))))
         }
         other => other.map(|c| (c, None)),

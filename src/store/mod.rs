@@ -48,6 +48,17 @@ pub enum Backend {
     Redis { url: String },
 }
 
+/// How hard each group commit of the SQLite file is pushed to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// fsync every commit (`synchronous = FULL`): survives a power loss.
+    Full,
+    /// Hand every commit to the OS before the call goes, fsync at
+    /// checkpoints (`synchronous = NORMAL` in WAL mode): survives the
+    /// process dying (`kill -9`), may lose the last commits to a power loss.
+    Normal,
+}
+
 /// What a replica does while Redis cannot be reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnOutage {
@@ -63,6 +74,8 @@ pub struct StoreConfig {
     pub backend: Backend,
     /// Start empty (and say so loudly) when the file is corrupt or unwritable.
     pub allow_start_empty: bool,
+    /// How hard each group commit of the SQLite file is pushed to disk.
+    pub sync: Durability,
     pub on_outage: OnOutage,
     /// Replicas sharing the Redis store; the local share during an outage.
     pub replicas: NonZeroU32,
@@ -75,6 +88,7 @@ impl Default for StoreConfig {
         StoreConfig {
             backend: Backend::Memory,
             allow_start_empty: false,
+            sync: Durability::Full,
             on_outage: OnOutage::FailClosed,
             replicas: NonZeroU32::MIN,
             key_prefix: "quotagate".into(),

@@ -1,5 +1,6 @@
 //! The embedded durable store: a journal of quota events in one SQLite file
-//! (WAL mode, `synchronous = FULL`), written by one thread in group commits.
+//! (WAL mode, `synchronous = FULL` unless configured `NORMAL`), written by
+//! one thread in group commits.
 //!
 //! Callers hand the writer a [`Job`] of events; the writer takes everything
 //! queued, writes it in one transaction, commits (one fsync of the WAL for
@@ -19,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rusqlite::{params, Connection, ErrorCode};
 use tokio::sync::oneshot;
 
-use super::StoreError;
+use super::{Durability, StoreError};
 
 /// Most jobs written in one transaction.
 const MAX_BATCH: usize = 4096;
@@ -103,7 +104,7 @@ fn classify(path: &Path, e: rusqlite::Error) -> StoreError {
 /// can be written. A file that is not a sound SQLite database is
 /// [`StoreError::Corrupt`]; one that cannot be created or written is
 /// [`StoreError::Unwritable`].
-pub fn open(path: &Path) -> Result<Connection, StoreError> {
+pub fn open(path: &Path, sync: Durability) -> Result<Connection, StoreError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Unwritable {
             path: path.display().to_string(),
@@ -118,7 +119,11 @@ pub fn open(path: &Path) -> Result<Connection, StoreError> {
         return Err(StoreError::Corrupt { path: path.display().to_string(), detail: check });
     }
     let _mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(fail)?;
-    conn.pragma_update(None, "synchronous", "FULL").map_err(fail)?;
+    let level = match sync {
+        Durability::Full => "FULL",
+        Durability::Normal => "NORMAL",
+    };
+    conn.pragma_update(None, "synchronous", level).map_err(fail)?;
     conn.execute_batch(SCHEMA).map_err(fail)?;
     conn.execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('opened', ?1)", params![unix_now().to_string()])
         .map_err(fail)?;
@@ -282,7 +287,7 @@ mod tests {
     fn a_batch_round_trips_and_expired_rows_are_pruned() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.db");
-        let mut conn = open(&path).unwrap();
+        let mut conn = open(&path, Durability::Full).unwrap();
         let k = "[null,\"t\",null]".to_string();
         let events = [
             Event::Admit { key: k.clone(), policy: 1, at: 100, expires: 1_000 },
@@ -299,7 +304,7 @@ mod tests {
         ];
         write(&mut conn, &events.iter().collect::<Vec<_>>()).unwrap();
         drop(conn);
-        let conn = open(&path).unwrap();
+        let conn = open(&path, Durability::Full).unwrap();
         let c = load(&conn, 60).unwrap();
         assert_eq!(c.admissions, vec![(k.clone(), 1, 100)]);
         assert_eq!(c.charges, vec![(k.clone(), 400, 25)]);
@@ -314,10 +319,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.db");
         std::fs::write(&path, vec![0x5a; 8192]).unwrap();
-        assert!(matches!(open(&path), Err(StoreError::Corrupt { .. })));
+        assert!(matches!(open(&path, Durability::Full), Err(StoreError::Corrupt { .. })));
         let aside = set_aside(&path).unwrap();
         assert!(aside.exists() && !path.exists());
-        let mut conn = open(&path).unwrap();
+        let mut conn = open(&path, Durability::Full).unwrap();
         let e = Event::Pending { id: 1, key: "k".into(), sent: 5, estimate: 9, expires: 100 };
         write(&mut conn, &[&e]).unwrap();
         assert_eq!(load(&conn, 50).unwrap().charges, vec![("k".to_string(), 50, 9)]);

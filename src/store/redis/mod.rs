@@ -12,10 +12,11 @@
 //! replicas made them**. The set carries a TTL of its longest window plus
 //! the guard, and older entries are trimmed by the script.
 //!
-//! Waiting: the requests of one key on one replica queue FIFO behind an
-//! async mutex; only the head asks Redis, and when the answer is "not before
-//! t" it sleeps until t (on Redis's clock, as a duration), then asks again.
-//! Nobody polls: each request to Redis is at a moment a slot was due.
+//! Waiting: while nobody on this replica waits for a key, its requests ask
+//! Redis at once, concurrently. One told "not before t" joins the key's
+//! FIFO queue on this replica (an async mutex); only the head asks Redis,
+//! and it sleeps until t (on Redis's clock, as a duration), then asks
+//! again. Nobody polls: each request to Redis is at a moment a slot was due.
 //!
 //! Upstream holds are Redis keys too ([`HOLD`]): a 429 one replica sees
 //! holds the key for all, because every admission script reads the hold.
@@ -258,6 +259,27 @@ impl RedisStore {
     ) -> Result<Result<Admitted, Rejection>, redis::RedisError> {
         let started = tokio::time::Instant::now();
         let queue = self.queues.entry(key.clone()).or_default().clone();
+        // While nobody on this replica waits for the key, ask at once: many
+        // asks may be in flight together, and Redis orders them.
+        if queue.queued.load(Ordering::SeqCst) == 0 || policy.mode == Mode::Reject {
+            match self.ask(key, policy).await? {
+                Answer::Admitted { at_us, counts } => {
+                    return Ok(Ok(self.admitted(limiter, key, policy, at_us, counts, started)));
+                }
+                Answer::NotBefore { wait, window } => {
+                    let reason = match policy.mode {
+                        Mode::Reject => Some(Reason::NoSlot),
+                        Mode::Queue if wait > max_wait => Some(Reason::WaitTooLong),
+                        Mode::Queue => None,
+                    };
+                    if let Some(reason) = reason {
+                        return Ok(Err(Rejection { reason, retry_after: wait, window, usage: Vec::new() }));
+                    }
+                }
+            }
+        }
+        // Otherwise wait in this replica's FIFO queue for the key; only its
+        // head asks Redis, at the moment the last answer named.
         let ahead = queue.queued.fetch_add(1, Ordering::SeqCst);
         let _place = Leave { queue: &queue, depth: depth.clone() };
         depth.inc();
@@ -265,42 +287,18 @@ impl RedisStore {
         if ahead >= policy.max_queue && policy.mode == Mode::Queue {
             return Ok(Err(give_up(Reason::QueueFull, policy.max_wait)));
         }
-        let head = if policy.mode == Mode::Reject {
-            queue.head.lock().await
-        } else {
-            match tokio::time::timeout(max_wait, queue.head.lock()).await {
-                Ok(head) => head,
-                Err(_) => return Ok(Err(give_up(Reason::Expired, max_wait))),
-            }
+        let left = max_wait.saturating_sub(started.elapsed());
+        let Ok(head) = tokio::time::timeout(left, queue.head.lock()).await else {
+            return Ok(Err(give_up(Reason::Expired, max_wait)));
         };
-        for attempt in 0.. {
-            let ticket = self.next.fetch_add(1, Ordering::Relaxed);
-            let answer = self.ask(key, policy).await?;
-            match answer {
+        loop {
+            match self.ask(key, policy).await? {
                 Answer::Admitted { at_us, counts } => {
                     drop(head);
-                    let usage = policy
-                        .windows
-                        .iter()
-                        .zip(counts)
-                        .map(|(w, used)| WindowUse { window: *w, used, reset: Duration::ZERO })
-                        .collect();
-                    let at = self.clock.from_unix(at_us.saturating_mul(1000));
-                    // This replica remembers its own admissions: it decides on
-                    // them while Redis is down, and adds them back when Redis
-                    // returns (they may have been lost with it).
-                    limiter.record(key, policy, at);
-                    return Ok(Ok(Admitted::shared(at, ticket, started.elapsed(), usage)));
+                    return Ok(Ok(self.admitted(limiter, key, policy, at_us, counts, started)));
                 }
                 Answer::NotBefore { wait, window } => {
-                    let waited = started.elapsed();
-                    let reason = if policy.mode == Mode::Reject {
-                        Some(Reason::NoSlot)
-                    } else if waited + wait > max_wait {
-                        Some(if attempt == 0 { Reason::WaitTooLong } else { Reason::Expired })
-                    } else {
-                        None
-                    };
+                    let reason = (started.elapsed() + wait > max_wait).then_some(Reason::Expired);
                     if let Some(reason) = reason {
                         return Ok(Err(Rejection { reason, retry_after: wait, window, usage: Vec::new() }));
                     }
@@ -308,7 +306,31 @@ impl RedisStore {
                 }
             }
         }
-        unreachable!("the loop returns")
+    }
+
+    /// A call Redis admitted at `at_us` (its clock), with each window's use.
+    fn admitted(
+        &self,
+        limiter: &Limiter,
+        key: &QuotaKey,
+        policy: &Policy,
+        at_us: i64,
+        counts: Vec<u32>,
+        started: tokio::time::Instant,
+    ) -> Admitted {
+        let usage = policy
+            .windows
+            .iter()
+            .zip(counts)
+            .map(|(w, used)| WindowUse { window: *w, used, reset: Duration::ZERO })
+            .collect();
+        let at = self.clock.from_unix(at_us.saturating_mul(1000));
+        // This replica remembers its own admissions: it decides on them while
+        // Redis is down, and adds them back when Redis returns (they may have
+        // been lost with it).
+        limiter.record(key, policy, at);
+        let ticket = self.next.fetch_add(1, Ordering::Relaxed);
+        Admitted::shared(at, ticket, started.elapsed(), usage)
     }
 
     async fn ask(&self, key: &QuotaKey, policy: &Policy) -> Result<Answer, redis::RedisError> {
