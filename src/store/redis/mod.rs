@@ -54,8 +54,8 @@ use crate::quota::{QuotaKey, Window, WindowUse};
 /// Check every window of a key and record the call, or say when it could go.
 ///
 /// KEYS: the log (sorted set), the hold. ARGV: guard µs, window count, then
-/// limit and length µs per window, then the new entry's member prefix (the
-/// member is the prefix and the admission's time).
+/// limit and length µs per window, then the new entry's member (unique:
+/// the replica's nonce and a counter).
 /// Returns `{1, now, 0, count per window...}` or `{0, free_at, binding, now}`
 /// where `binding` is the window's 1-based index, or -1 for the hold.
 const ADMIT: &str = r"
@@ -79,9 +79,7 @@ for i = 1, n do
   end
 end
 if free > now then return {0, free, binding, now} end
--- The member names its time, so a replica can add its admissions back after
--- Redis lost them without counting any twice; a taken microsecond moves on.
-while redis.call('ZADD', KEYS[1], 'NX', now, ARGV[3 + 2 * n] .. now) == 0 do now = now + 1 end
+redis.call('ZADD', KEYS[1], now, ARGV[3 + 2 * n])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - longest))
 redis.call('PEXPIRE', KEYS[1], math.floor(longest / 1000) + 1)
 local out = {1, now, 0}
@@ -151,6 +149,10 @@ pub struct RedisStore {
     url: String,
     metrics: StoreMetrics,
     clock: crate::quota::Clock,
+    /// When Redis was last found down (clock reading).
+    down_since: AtomicU64,
+    /// The epoch of Redis's data this replica last saw (0: none yet).
+    epoch: AtomicU64,
 }
 
 impl RedisStore {
@@ -197,6 +199,8 @@ impl RedisStore {
             url: redact(url),
             metrics: metrics.store.clone(),
             clock,
+            down_since: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
         })
     }
 
@@ -262,9 +266,10 @@ impl RedisStore {
         // While nobody on this replica waits for the key, ask at once: many
         // asks may be in flight together, and Redis orders them.
         if queue.queued.load(Ordering::SeqCst) == 0 || policy.mode == Mode::Reject {
-            match self.ask(key, policy).await? {
+            let ticket = self.next.fetch_add(1, Ordering::Relaxed);
+            match self.ask(key, policy, ticket).await? {
                 Answer::Admitted { at_us, counts } => {
-                    return Ok(Ok(self.admitted(limiter, key, policy, at_us, counts, started)));
+                    return Ok(Ok(self.admitted(limiter, key, policy, (at_us, ticket), counts, started)));
                 }
                 Answer::NotBefore { wait, window } => {
                     let reason = match policy.mode {
@@ -292,10 +297,11 @@ impl RedisStore {
             return Ok(Err(give_up(Reason::Expired, max_wait)));
         };
         loop {
-            match self.ask(key, policy).await? {
+            let ticket = self.next.fetch_add(1, Ordering::Relaxed);
+            match self.ask(key, policy, ticket).await? {
                 Answer::Admitted { at_us, counts } => {
                     drop(head);
-                    return Ok(Ok(self.admitted(limiter, key, policy, at_us, counts, started)));
+                    return Ok(Ok(self.admitted(limiter, key, policy, (at_us, ticket), counts, started)));
                 }
                 Answer::NotBefore { wait, window } => {
                     let reason = (started.elapsed() + wait > max_wait).then_some(Reason::Expired);
@@ -314,7 +320,7 @@ impl RedisStore {
         limiter: &Limiter,
         key: &QuotaKey,
         policy: &Policy,
-        at_us: i64,
+        (at_us, ticket): (i64, u64),
         counts: Vec<u32>,
         started: tokio::time::Instant,
     ) -> Admitted {
@@ -329,18 +335,17 @@ impl RedisStore {
         // Redis is down, and adds them back when Redis returns (they may have
         // been lost with it).
         limiter.record(key, policy, at);
-        let ticket = self.next.fetch_add(1, Ordering::Relaxed);
         Admitted::shared(at, ticket, started.elapsed(), usage)
     }
 
-    async fn ask(&self, key: &QuotaKey, policy: &Policy) -> Result<Answer, redis::RedisError> {
+    async fn ask(&self, key: &QuotaKey, policy: &Policy, ticket: u64) -> Result<Answer, redis::RedisError> {
         let mut conn = self.conn().await?;
         let mut call = self.admit.key(self.key("log", key));
         call.key(self.key("hold", key)).arg(self.guard_us).arg(policy.windows.len());
         for w in &policy.windows {
             call.arg(w.limit.get()).arg(u64::try_from(w.per.as_micros()).unwrap_or(u64::MAX));
         }
-        call.arg(self.member_prefix());
+        call.arg(self.member(ticket));
         let reply: Vec<i64> = tokio::time::timeout(TIMEOUT * 2, call.invoke_async(&mut conn))
             .await
             .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "timed out")))??;
@@ -358,13 +363,9 @@ impl RedisStore {
         })
     }
 
-    fn member_prefix(&self) -> String {
-        format!("{:x}-T", self.nonce)
-    }
-
-    /// The member of an admission at clock reading `at`.
-    fn member(&self, at: u64) -> String {
-        format!("{}{}", self.member_prefix(), self.clock.to_unix(at) / 1000)
+    /// The member of this replica's admission `ticket`.
+    fn member(&self, ticket: u64) -> String {
+        format!("{:x}-{ticket}", self.nonce)
     }
 
     /// Take back a shared admission whose call never reached the upstream.
@@ -372,7 +373,7 @@ impl RedisStore {
         if admitted.ticket() == 0 {
             return;
         }
-        let (this, log, member) = (self.clone(), self.key("log", key), self.member(admitted.at()));
+        let (this, log, member) = (self.clone(), self.key("log", key), self.member(admitted.ticket()));
         tokio::spawn(async move {
             if let Ok(mut c) = this.conn().await {
                 let _: Result<i64, _> = redis::cmd("ZREM").arg(log).arg(member).query_async(&mut c).await;

@@ -16,6 +16,9 @@ impl RedisStore {
         if self.up.swap(up, Ordering::SeqCst) == up {
             return;
         }
+        if !up {
+            self.down_since.store(self.clock.now(), Ordering::SeqCst);
+        }
         self.metrics.up.set(i64::from(up));
         let local = !up && self.on_outage == OnOutage::Local;
         self.metrics.local.set(i64::from(local));
@@ -88,9 +91,25 @@ impl RedisStore {
             };
             match tokio::time::timeout(TIMEOUT * 2, ping).await {
                 Ok(Ok(_)) => {
+                    // A Redis that lost its data (restarted without
+                    // persistence) gets every admission of the open windows
+                    // back; one that kept it, those made alone since the
+                    // outage began.
+                    let lost = match self.lost_data().await {
+                        Ok(lost) => lost,
+                        Err(e) => {
+                            self.set_up(false, &e.to_string());
+                            continue;
+                        }
+                    };
+                    let since = if lost { 0 } else { self.down_since.load(Ordering::SeqCst) };
                     let mut caught_up = true;
                     for (key, policy, times) in limiter.all_admissions() {
                         let Some(policy) = policies.get(usize::from(policy)) else { continue };
+                        let times: Vec<u64> = times.into_iter().filter(|&t| t >= since).collect();
+                        if times.is_empty() {
+                            continue;
+                        }
                         if let Err(e) = self.push_back(&key, policy, &times).await {
                             self.metrics.errors.inc();
                             tracing::warn!(error = %e, "could not add local admissions to redis; will retry");
@@ -108,6 +127,27 @@ impl RedisStore {
         }
     }
 
+    /// Whether Redis lost its data since this replica last looked: Redis
+    /// holds an epoch, made by the first replica to find it missing; a
+    /// replica that finds another epoch than the one it saw last knows the
+    /// data it saw went with the old one.
+    async fn lost_data(&self) -> Result<bool, redis::RedisError> {
+        let mut c = self.conn().await?;
+        let key = format!("{}:epoch", self.prefix);
+        let candidate = self.nonce ^ u64::try_from(crate::store::sqlite::unix_now()).unwrap_or(0);
+        let (current,): (u64,) = redis::pipe()
+            .cmd("SET")
+            .arg(&key)
+            .arg(candidate)
+            .arg("NX")
+            .ignore()
+            .cmd("GET")
+            .arg(&key)
+            .query_async(&mut c)
+            .await?;
+        Ok(self.epoch.swap(current, Ordering::SeqCst) != current)
+    }
+
     /// Add this replica's admissions (clock readings) to the shared log,
     /// each under the member named by its time, so those Redis still holds
     /// are left as they are.
@@ -122,7 +162,8 @@ impl RedisStore {
         let mut pipe = redis::pipe();
         let zadd = pipe.cmd("ZADD").arg(&log).arg("NX");
         for &at in times {
-            zadd.arg(self.clock.to_unix(at) / 1000).arg(self.member(at));
+            let us = self.clock.to_unix(at) / 1000;
+            zadd.arg(us).arg(format!("{:x}-L{us}", self.nonce));
         }
         let longest = policy.windows.iter().map(|w| w.per).max().unwrap_or_default();
         let ttl = u64::try_from(longest.as_millis()).unwrap_or(u64::MAX) + self.guard_us / 1000 + 1;
