@@ -25,6 +25,10 @@ use super::{Durability, StoreError};
 /// Most jobs written in one transaction.
 const MAX_BATCH: usize = 4096;
 
+/// Most expired rows of a table deleted between two batches, so pruning
+/// never holds the writer (and the calls waiting on it) for long.
+const PRUNE_CHUNK: usize = 2000;
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS admissions (
@@ -221,15 +225,26 @@ pub fn write(conn: &mut Connection, events: &[&Event]) -> rusqlite::Result<()> {
     tx.commit()
 }
 
-/// Delete every row that no longer counts at `now`.
-pub fn prune(conn: &Connection, now: i64) -> rusqlite::Result<usize> {
-    let mut n = 0;
-    n += conn.execute("DELETE FROM admissions WHERE expires <= ?1", [now])?;
-    n += conn.execute("DELETE FROM charges WHERE expires <= ?1", [now])?;
-    n += conn.execute("DELETE FROM pending WHERE expires <= ?1", [now])?;
-    n += conn.execute("DELETE FROM holds WHERE until <= ?1", [now])?;
-    n += conn.execute("DELETE FROM reveals WHERE expires <= ?1", [now])?;
-    Ok(n)
+/// Delete up to `chunk` rows of each table that no longer count at `now`.
+/// Returns how many went, and whether some table may hold more.
+pub fn prune(conn: &Connection, now: i64, chunk: usize) -> rusqlite::Result<(usize, bool)> {
+    let chunk = i64::try_from(chunk).unwrap_or(i64::MAX);
+    let (mut n, mut more) = (0, false);
+    for (table, column) in [
+        ("admissions", "expires"),
+        ("charges", "expires"),
+        ("pending", "expires"),
+        ("holds", "until"),
+        ("reveals", "expires"),
+    ] {
+        let sql = format!(
+            "DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} WHERE {column} <= ?1 LIMIT ?2)"
+        );
+        let gone = conn.execute(&sql, params![now, chunk])?;
+        more |= i64::try_from(gone).unwrap_or(i64::MAX) >= chunk;
+        n += gone;
+    }
+    Ok((n, more))
 }
 
 /// What the writer reports after each commit.
@@ -240,8 +255,11 @@ pub trait Observer: Send + 'static {
 /// The writer thread: group-commit every queued job, prune every `prune_every`.
 pub fn run(mut conn: Connection, jobs: mpsc::Receiver<Job>, prune_every: Duration, observer: impl Observer) {
     let mut pruned = Instant::now();
+    let mut pruning = false;
     loop {
-        let first = match jobs.recv_timeout(prune_every) {
+        // While a prune is under way, its next chunk waits only for queued jobs.
+        let idle = if pruning { Duration::ZERO } else { prune_every };
+        let first = match jobs.recv_timeout(idle) {
             Ok(job) => Some(job),
             Err(mpsc::RecvTimeoutError::Timeout) => None,
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -267,13 +285,21 @@ pub fn run(mut conn: Connection, jobs: mpsc::Receiver<Job>, prune_every: Duratio
                 }
             }
         }
-        if pruned.elapsed() >= prune_every {
+        if pruning || pruned.elapsed() >= prune_every {
             pruned = Instant::now();
-            match prune(&conn, unix_now()) {
-                Ok(n) => tracing::debug!(rows = n, "pruned expired rows from the state file"),
-                Err(e) => tracing::warn!(error = %e, "pruning the state file failed"),
+            match prune(&conn, unix_now(), PRUNE_CHUNK) {
+                Ok((n, more)) => {
+                    tracing::trace!(rows = n, "pruned expired rows from the state file");
+                    pruning = more;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "pruning the state file failed");
+                    pruning = false;
+                }
             }
-            let _ = conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)");
+            if !pruning {
+                let _ = conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)");
+            }
         }
     }
     let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
@@ -310,7 +336,8 @@ mod tests {
         assert_eq!(c.charges, vec![(k.clone(), 400, 25)]);
         assert_eq!(c.holds, vec![("call".to_string(), k.clone(), 1, 900)]);
         assert_eq!(c.reveals, vec![(k.clone(), 1, 60, 30)]);
-        assert_eq!(prune(&conn, 1_000).unwrap(), 3, "two admissions and the hold have expired");
+        assert_eq!(prune(&conn, 1_000, 1).unwrap(), (2, true), "one row a table at a time");
+        assert_eq!(prune(&conn, 1_000, 100).unwrap(), (1, false), "two admissions and the hold have expired");
         assert!(load(&conn, 1_000).unwrap().admissions.is_empty());
     }
 
