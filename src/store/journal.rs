@@ -184,3 +184,98 @@ fn restore(
     }
     n
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use prometheus::IntGauge;
+
+    use super::*;
+    use crate::admission::runtime::Demand;
+    use crate::metrics::Metrics;
+
+    fn config(path: &std::path::Path) -> Config {
+        let text = format!(
+            r#"
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+guard = "10ms"
+[[upstream]]
+name = "defender"
+url = "http://127.0.0.1:9"
+kind = "defender"
+[store]
+backend = "sqlite"
+path = {:?}
+[hunting]
+budgets = [{{ limit = "1h", per = "24h" }}]
+[[policy]]
+name = "hunting"
+paths = ["/api/advancedhunting/run"]
+windows = [{{ limit = 45, per = "1m" }}]
+hunting = true
+"#,
+            path.to_str().unwrap()
+        );
+        Config::from_toml(&text, "test").unwrap()
+    }
+
+    /// What a restart restores: the admissions, the metered charge of a
+    /// settled query, the estimate of a query still in flight, and holds.
+    #[tokio::test]
+    async fn a_restart_restores_admissions_charges_reservations_and_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(&dir.path().join("state.db"));
+        let policy = &config.policies.0[0];
+        let key = QuotaKey { policy: Some(0), tenant: "t".into(), app: Some("a".into()) };
+        let tenant = QuotaKey { policy: None, tenant: "t".into(), app: None };
+        let depth = IntGauge::new("d", "d").unwrap();
+        let demand = Demand {
+            budgets: &policy.budgets,
+            mode: crate::policy::Mode::Queue,
+            max_wait: Duration::from_secs(1),
+            max_queue: 10,
+            max_concurrent: None,
+            estimate: &config.hunting.estimator,
+        };
+        {
+            let (limiter, runtime) = (
+                Limiter::new(config.guard),
+                RuntimeLimiter::new(config.guard, config.hunting.estimator.clone()),
+            );
+            let store = Store::open(&config, &limiter, &runtime, &Metrics::default()).unwrap();
+            for _ in 0..2 {
+                let mut r = runtime.reserve(&tenant, &demand, &depth).await.unwrap();
+                let admitted = limiter.acquire(&key, policy, Duration::ZERO, &depth).await.unwrap();
+                store.admitted(&key, policy, &admitted, Some(&mut r)).await.unwrap();
+                r.sent();
+                // The first query is metered; the second is in flight when the process dies.
+                if runtime.snapshot()[0].in_flight == 2 {
+                    std::mem::forget(r);
+                } else {
+                    r.settle(Duration::from_secs(30));
+                }
+            }
+            limiter.hold(&key, Duration::from_secs(60));
+            store.held(&key, policy.id, limiter.hold_until(&key), false);
+            // A last admission, awaited, so everything queued before it is on disk.
+            let admitted = limiter.acquire(&key, policy, Duration::ZERO, &depth).await;
+            assert!(admitted.is_err(), "held");
+            let other = QuotaKey { tenant: "u".into(), ..key.clone() };
+            let admitted = limiter.acquire(&other, policy, Duration::ZERO, &depth).await.unwrap();
+            store.admitted(&other, policy, &admitted, None).await.unwrap();
+        }
+        let (limiter, runtime) =
+            (Limiter::new(config.guard), RuntimeLimiter::new(config.guard, config.hunting.estimator.clone()));
+        let _store = Store::open(&config, &limiter, &runtime, &Metrics::default()).unwrap();
+        assert_eq!(limiter.admissions(&key).len(), 2);
+        let held = limiter.held_for(&key).expect("the hold survives");
+        assert!(held > Duration::from_secs(55), "{held:?}");
+        let status = runtime.snapshot();
+        let charged = status[0].budgets[0].charged;
+        // 30 s metered, plus the estimate the query in flight reserved (30 s,
+        // learnt from the first).
+        assert_eq!(charged, Duration::from_secs(60), "{status:?}");
+    }
+}
