@@ -318,11 +318,11 @@ impl Metered<'_> {
             // Running time is the tenant's, whichever app spent it.
             (Kind::RunningTime, Some(key)) => {
                 gw.runtime.hold(key, wait);
-                gw.store.held(key, self.policy.key_id, gw.runtime.hold_until(key), true);
+                gw.store.held(key, self.policy.id, gw.runtime.hold_until(key), true);
             }
             (Kind::RunningTime | Kind::CallRate, _) => {
                 gw.limiter.hold(&self.key, wait);
-                gw.store.held(&self.key, self.policy.key_id, gw.limiter.hold_until(&self.key), false);
+                gw.store.held(&self.key, self.policy.id, gw.limiter.hold_until(&self.key), false);
             }
             (Kind::Concurrency, _) => {}
         }
@@ -332,7 +332,7 @@ impl Metered<'_> {
         if let Some((limit, per)) = throttle.revealed {
             let window = Window::new(std::num::NonZeroU32::new(limit).expect("parser returns non-zero"), per);
             if gw.limiter.reveal(&self.key, self.policy, window) {
-                gw.store.revealed(&self.key, self.policy.key_id, window);
+                gw.store.revealed(&self.key, self.policy.id, window);
                 self.metrics.revealed_limit.set(i64::from(limit));
                 tracing::warn!(policy = %self.policy.name, tenant = %self.tenant, limit,
                     window_s = per.as_secs_f64(), "the upstream revealed a lower limit than configured; using it");

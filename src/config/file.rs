@@ -102,6 +102,10 @@ pub struct StoreFile {
     /// Start empty, loudly, when the file is corrupt or cannot be written,
     /// instead of refusing to start.
     pub allow_start_empty: bool,
+    /// `full`: every group commit is fsynced (survives power loss); `normal`:
+    /// written to the OS before the call goes (survives `kill -9`), fsynced
+    /// at checkpoints.
+    pub sync: String,
     /// The Redis URL (`redis://` or `rediss://`, password allowed).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
@@ -119,6 +123,7 @@ impl Default for StoreFile {
             backend: "sqlite".into(),
             path: None,
             allow_start_empty: false,
+            sync: "full".into(),
             url: None,
             on_outage: "fail-closed".into(),
             replicas: 1,

@@ -265,8 +265,9 @@ impl Config {
             crate::store::Backend::Memory => writeln!(out, "store: memory (lost on restart)"),
             crate::store::Backend::Sqlite { path } => writeln!(
                 out,
-                "store: sqlite file {} (allow_start_empty {})",
+                "store: sqlite file {} (sync {:?}, allow_start_empty {})",
                 path.display(),
+                s.sync,
                 s.allow_start_empty
             ),
             crate::store::Backend::Redis { url } => writeln!(

@@ -18,7 +18,7 @@ use crate::admission::runtime::Estimator;
 use crate::hunting::{Hunting, LookbackMode};
 use crate::policy::{Mode, PathPattern, Policies, Policy, Timeouts};
 use crate::quota::{Budget, KeyScope, Window};
-use crate::store::{Backend, OnOutage, StoreConfig};
+use crate::store::{Backend, Durability, OnOutage, StoreConfig};
 use crate::upstream::route::{ApiKind, Upstream};
 
 /// Where a value sits in the file.
@@ -456,6 +456,14 @@ fn store(s: &StoreFile, p: &mut Problems) -> StoreConfig {
             OnOutage::FailClosed
         }
     };
+    let sync = match s.sync.as_str() {
+        "full" => Durability::Full,
+        "normal" => Durability::Normal,
+        other => {
+            p.push(&field.at("sync"), format!("`{other}` is not full or normal"));
+            Durability::Full
+        }
+    };
     let replicas = NonZeroU32::new(s.replicas).unwrap_or_else(|| {
         p.push(&field.at("replicas"), "must be at least 1");
         NonZeroU32::MIN
@@ -466,6 +474,7 @@ fn store(s: &StoreFile, p: &mut Problems) -> StoreConfig {
     StoreConfig {
         backend,
         allow_start_empty: s.allow_start_empty,
+        sync,
         on_outage,
         replicas,
         key_prefix: s.key_prefix.clone(),

@@ -15,23 +15,27 @@
 //!
 //! With `redis` the decision itself moves into Redis ([`redis`]).
 
+mod journal;
 pub mod redis;
 pub mod sqlite;
 
+pub use journal::Journal;
+
 use std::num::NonZeroU32;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-use crate::admission::runtime::{ChargeJournal, Reservation, RuntimeLimiter};
+use crate::admission::runtime::{Reservation, RuntimeLimiter};
 use crate::admission::{Admitted, Limiter, Share};
 use crate::config::Config;
 use crate::policy::Policy;
-use crate::quota::{Clock, QuotaKey, Window};
-use sqlite::{Event, Job};
+use crate::quota::{QuotaKey, Window};
+use journal::nanos;
+use sqlite::Event;
 
 /// Which backend holds the quota state.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +46,17 @@ pub enum Backend {
     Sqlite { path: PathBuf },
     /// A Redis server shared by several replicas.
     Redis { url: String },
+}
+
+/// How hard each group commit of the SQLite file is pushed to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// fsync every commit (`synchronous = FULL`): survives a power loss.
+    Full,
+    /// Hand every commit to the OS before the call goes, fsync at
+    /// checkpoints (`synchronous = NORMAL` in WAL mode): survives the
+    /// process dying (`kill -9`), may lose the last commits to a power loss.
+    Normal,
 }
 
 /// What a replica does while Redis cannot be reached.
@@ -59,6 +74,8 @@ pub struct StoreConfig {
     pub backend: Backend,
     /// Start empty (and say so loudly) when the file is corrupt or unwritable.
     pub allow_start_empty: bool,
+    /// How hard each group commit of the SQLite file is pushed to disk.
+    pub sync: Durability,
     pub on_outage: OnOutage,
     /// Replicas sharing the Redis store; the local share during an outage.
     pub replicas: NonZeroU32,
@@ -71,6 +88,7 @@ impl Default for StoreConfig {
         StoreConfig {
             backend: Backend::Memory,
             allow_start_empty: false,
+            sync: Durability::Full,
             on_outage: OnOutage::FailClosed,
             replicas: NonZeroU32::MIN,
             key_prefix: "quotagate".into(),
@@ -125,41 +143,6 @@ pub enum RuntimeRefusal {
     Down(StoreError),
 }
 
-/// The SQLite journal: a sender to the writer thread and the clock it converts with.
-pub struct Journal {
-    tx: Mutex<mpsc::Sender<Job>>,
-    clock: Clock,
-    next_pending: AtomicU64,
-    /// How long a call admission of each policy counts (longest window + guard).
-    call_horizon: Vec<i64>,
-    /// How long a charge counts (longest budget + guard).
-    charge_horizon: i64,
-}
-
-impl Journal {
-    fn send(&self, events: Vec<Event>, ack: Option<oneshot::Sender<Result<(), String>>>) -> bool {
-        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
-        tx.send(Job { events, ack }).is_ok()
-    }
-
-    fn unix(&self, at: u64) -> i64 {
-        self.clock.to_unix(at)
-    }
-}
-
-impl ChargeJournal for Journal {
-    fn charged(&self, key: &QuotaKey, pending: Option<u64>, end: u64, cost: u64) {
-        let end = self.unix(end);
-        let cost = i64::try_from(cost).unwrap_or(i64::MAX);
-        let expires = end.saturating_add(self.charge_horizon);
-        self.send(vec![Event::Charge { pending, key: encode_key(key), end, cost, expires }], None);
-    }
-
-    fn released(&self, pending: u64) {
-        self.send(vec![Event::Release { pending }], None);
-    }
-}
-
 /// The gateway's store.
 pub struct Store {
     kind: &'static str,
@@ -199,87 +182,13 @@ impl Store {
     ) -> Result<Store, StoreError> {
         match &config.store.backend {
             Backend::Memory => Ok(Store::memory()),
-            Backend::Sqlite { path } => Self::open_sqlite(config, path, limiter, runtime, metrics),
+            Backend::Sqlite { path } => journal::open(config, path, limiter, runtime, metrics),
             Backend::Redis { url } => {
                 let redis = Arc::new(redis::RedisStore::new(config, url, limiter.clock(), metrics)?);
                 runtime.set_journal(Arc::new(redis::LedgerJournal(redis.clone())));
                 Ok(Store { kind: "redis", journal: None, path: None, degraded: None, redis: Some(redis) })
             }
         }
-    }
-
-    fn open_sqlite(
-        config: &Config,
-        path: &std::path::Path,
-        limiter: &Limiter,
-        runtime: &RuntimeLimiter,
-        metrics: &crate::metrics::Metrics,
-    ) -> Result<Store, StoreError> {
-        let opened = match sqlite::open(path) {
-            Err(StoreError::Corrupt { path: p, detail }) if config.store.allow_start_empty => {
-                let aside = sqlite::set_aside(path)
-                    .map_err(|e| StoreError::Unwritable { path: p.clone(), detail: e.to_string() })?;
-                tracing::error!(path = %p, error = %detail, moved_to = %aside.display(),
-                    "THE STATE FILE IS CORRUPT: starting EMPTY (allow_start_empty = true); usage recorded before is forgotten and the upstream may throttle");
-                sqlite::open(path)
-                    .map(|c| (c, Some(format!("started empty: the old file was corrupt ({detail})"))))
-            }
-            other => other.map(|c| (c, None)),
-        };
-        let (conn, degraded) = match opened {
-            Ok(ok) => ok,
-            Err(e @ StoreError::Unwritable { .. }) if config.store.allow_start_empty => {
-                tracing::error!(error = %e,
-                    "THE STATE FILE CANNOT BE WRITTEN: running on memory only (allow_start_empty = true); usage will not survive a restart");
-                let mut store = Store::memory();
-                store.degraded = Some(format!("running in memory: {e}"));
-                store.path = Some(path.to_path_buf());
-                return Ok(store);
-            }
-            Err(e) => return Err(e),
-        };
-        let clock = limiter.clock();
-        let contents = sqlite::load(&conn, sqlite::unix_now())
-            .map_err(|e| StoreError::Corrupt { path: path.display().to_string(), detail: e.to_string() })?;
-        let restored = restore(config, &contents, clock, limiter, runtime);
-        tracing::info!(path = %path.display(), admissions = restored.0, charges = restored.1, holds = restored.2,
-            "restored quota state from the state file");
-        let guard = config.guard;
-        let call_horizon = config
-            .policies
-            .0
-            .iter()
-            .map(|p| nanos(p.windows.iter().map(|w| w.per).max().unwrap_or_default() + guard))
-            .collect();
-        let charge_horizon = nanos(
-            config.policies.0.iter().flat_map(|p| p.budgets.iter()).map(|b| b.per).max().unwrap_or_default()
-                + guard,
-        );
-        let (tx, rx) = mpsc::channel();
-        let observer = metrics.store_observer();
-        let prune_every = config.idle_sweep;
-        std::thread::Builder::new()
-            .name("quotagate-store".into())
-            .spawn(move || sqlite::run(conn, rx, prune_every, observer))
-            .map_err(|e| StoreError::Unwritable {
-                path: path.display().to_string(),
-                detail: e.to_string(),
-            })?;
-        let journal = Arc::new(Journal {
-            tx: Mutex::new(tx),
-            clock,
-            next_pending: AtomicU64::new(u64::try_from(sqlite::unix_now()).unwrap_or(1)),
-            call_horizon,
-            charge_horizon,
-        });
-        runtime.set_journal(journal.clone());
-        Ok(Store {
-            kind: "sqlite",
-            journal: Some(journal),
-            path: Some(path.to_path_buf()),
-            degraded,
-            redis: None,
-        })
     }
 
     /// The Redis store, when that is the backend.
@@ -461,69 +370,6 @@ impl Store {
     pub fn ready(&self) -> bool {
         self.redis.as_ref().is_none_or(|r| r.ready())
     }
-}
-
-fn nanos(d: Duration) -> i64 {
-    i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
-}
-
-/// Put the file's contents into the limiters; returns how many admissions,
-/// charges and holds were restored.
-fn restore(
-    config: &Config,
-    c: &sqlite::Contents,
-    clock: Clock,
-    limiter: &Limiter,
-    runtime: &RuntimeLimiter,
-) -> (usize, usize, usize) {
-    let policies = &config.policies.0;
-    let policy = |id: u16| policies.get(usize::from(id));
-    let hunting_budgets = policies.iter().find(|p| p.hunting).map(|p| p.budgets.clone()).unwrap_or_default();
-    let mut n = (0, 0, 0);
-    // Admissions, grouped by key (the rows come sorted by key).
-    let mut i = 0;
-    while i < c.admissions.len() {
-        let (key, pid, _) = &c.admissions[i];
-        let j = i + c.admissions[i..].iter().take_while(|(k, _, _)| k == key).count();
-        let times: Vec<u64> = c.admissions[i..j].iter().map(|(_, _, at)| clock.from_unix(*at)).collect();
-        if let (Some(qk), Some(p)) = (decode_key(key), policy(*pid)) {
-            let revealed = c
-                .reveals
-                .iter()
-                .filter(|(k, _, _, _)| k == key)
-                .filter_map(|(_, _, per, lim)| {
-                    Some(Window::new(NonZeroU32::new(*lim)?, Duration::from_nanos(u64::try_from(*per).ok()?)))
-                })
-                .min_by_key(|w| w.limit);
-            limiter.restore(&qk, p, &times, 0, revealed);
-            n.0 += times.len();
-        }
-        i = j;
-    }
-    let mut i = 0;
-    while i < c.charges.len() {
-        let key = &c.charges[i].0;
-        let j = i + c.charges[i..].iter().take_while(|(k, _, _)| k == key).count();
-        let charges: Vec<(u64, u64)> = c.charges[i..j]
-            .iter()
-            .map(|(_, end, cost)| (clock.from_unix(*end), u64::try_from(*cost).unwrap_or(0)))
-            .collect();
-        if let Some(qk) = decode_key(key) {
-            runtime.restore(&qk, &hunting_budgets, &charges, 0);
-            n.1 += charges.len();
-        }
-        i = j;
-    }
-    for (scope, key, pid, until) in &c.holds {
-        let (Some(qk), until) = (decode_key(key), clock.from_unix(*until)) else { continue };
-        match (scope.as_str(), policy(*pid)) {
-            ("runtime", _) => runtime.restore(&qk, &hunting_budgets, &[], until),
-            (_, Some(p)) => limiter.restore(&qk, p, &[], until, None),
-            _ => continue,
-        }
-        n.2 += 1;
-    }
-    n
 }
 
 #[cfg(test)]

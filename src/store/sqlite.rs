@@ -1,5 +1,6 @@
 //! The embedded durable store: a journal of quota events in one SQLite file
-//! (WAL mode, `synchronous = FULL`), written by one thread in group commits.
+//! (WAL mode, `synchronous = FULL` unless configured `NORMAL`), written by
+//! one thread in group commits.
 //!
 //! Callers hand the writer a [`Job`] of events; the writer takes everything
 //! queued, writes it in one transaction, commits (one fsync of the WAL for
@@ -19,10 +20,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rusqlite::{params, Connection, ErrorCode};
 use tokio::sync::oneshot;
 
-use super::StoreError;
+use super::{Durability, StoreError};
 
 /// Most jobs written in one transaction.
 const MAX_BATCH: usize = 4096;
+
+/// Most expired rows of a table deleted between two batches, so pruning
+/// never holds the writer (and the calls waiting on it) for long.
+const PRUNE_CHUNK: usize = 2000;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
@@ -103,7 +108,7 @@ fn classify(path: &Path, e: rusqlite::Error) -> StoreError {
 /// can be written. A file that is not a sound SQLite database is
 /// [`StoreError::Corrupt`]; one that cannot be created or written is
 /// [`StoreError::Unwritable`].
-pub fn open(path: &Path) -> Result<Connection, StoreError> {
+pub fn open(path: &Path, sync: Durability) -> Result<Connection, StoreError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Unwritable {
             path: path.display().to_string(),
@@ -118,7 +123,11 @@ pub fn open(path: &Path) -> Result<Connection, StoreError> {
         return Err(StoreError::Corrupt { path: path.display().to_string(), detail: check });
     }
     let _mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(fail)?;
-    conn.pragma_update(None, "synchronous", "FULL").map_err(fail)?;
+    let level = match sync {
+        Durability::Full => "FULL",
+        Durability::Normal => "NORMAL",
+    };
+    conn.pragma_update(None, "synchronous", level).map_err(fail)?;
     conn.execute_batch(SCHEMA).map_err(fail)?;
     conn.execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('opened', ?1)", params![unix_now().to_string()])
         .map_err(fail)?;
@@ -216,15 +225,26 @@ pub fn write(conn: &mut Connection, events: &[&Event]) -> rusqlite::Result<()> {
     tx.commit()
 }
 
-/// Delete every row that no longer counts at `now`.
-pub fn prune(conn: &Connection, now: i64) -> rusqlite::Result<usize> {
-    let mut n = 0;
-    n += conn.execute("DELETE FROM admissions WHERE expires <= ?1", [now])?;
-    n += conn.execute("DELETE FROM charges WHERE expires <= ?1", [now])?;
-    n += conn.execute("DELETE FROM pending WHERE expires <= ?1", [now])?;
-    n += conn.execute("DELETE FROM holds WHERE until <= ?1", [now])?;
-    n += conn.execute("DELETE FROM reveals WHERE expires <= ?1", [now])?;
-    Ok(n)
+/// Delete up to `chunk` rows of each table that no longer count at `now`.
+/// Returns how many went, and whether some table may hold more.
+pub fn prune(conn: &Connection, now: i64, chunk: usize) -> rusqlite::Result<(usize, bool)> {
+    let chunk = i64::try_from(chunk).unwrap_or(i64::MAX);
+    let (mut n, mut more) = (0, false);
+    for (table, column) in [
+        ("admissions", "expires"),
+        ("charges", "expires"),
+        ("pending", "expires"),
+        ("holds", "until"),
+        ("reveals", "expires"),
+    ] {
+        let sql = format!(
+            "DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} WHERE {column} <= ?1 LIMIT ?2)"
+        );
+        let gone = conn.execute(&sql, params![now, chunk])?;
+        more |= i64::try_from(gone).unwrap_or(i64::MAX) >= chunk;
+        n += gone;
+    }
+    Ok((n, more))
 }
 
 /// What the writer reports after each commit.
@@ -235,8 +255,11 @@ pub trait Observer: Send + 'static {
 /// The writer thread: group-commit every queued job, prune every `prune_every`.
 pub fn run(mut conn: Connection, jobs: mpsc::Receiver<Job>, prune_every: Duration, observer: impl Observer) {
     let mut pruned = Instant::now();
+    let mut pruning = false;
     loop {
-        let first = match jobs.recv_timeout(prune_every) {
+        // While a prune is under way, its next chunk waits only for queued jobs.
+        let idle = if pruning { Duration::ZERO } else { prune_every };
+        let first = match jobs.recv_timeout(idle) {
             Ok(job) => Some(job),
             Err(mpsc::RecvTimeoutError::Timeout) => None,
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -262,13 +285,21 @@ pub fn run(mut conn: Connection, jobs: mpsc::Receiver<Job>, prune_every: Duratio
                 }
             }
         }
-        if pruned.elapsed() >= prune_every {
+        if pruning || pruned.elapsed() >= prune_every {
             pruned = Instant::now();
-            match prune(&conn, unix_now()) {
-                Ok(n) => tracing::debug!(rows = n, "pruned expired rows from the state file"),
-                Err(e) => tracing::warn!(error = %e, "pruning the state file failed"),
+            match prune(&conn, unix_now(), PRUNE_CHUNK) {
+                Ok((n, more)) => {
+                    tracing::trace!(rows = n, "pruned expired rows from the state file");
+                    pruning = more;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "pruning the state file failed");
+                    pruning = false;
+                }
             }
-            let _ = conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)");
+            if !pruning {
+                let _ = conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)");
+            }
         }
     }
     let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
@@ -282,7 +313,7 @@ mod tests {
     fn a_batch_round_trips_and_expired_rows_are_pruned() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.db");
-        let mut conn = open(&path).unwrap();
+        let mut conn = open(&path, Durability::Full).unwrap();
         let k = "[null,\"t\",null]".to_string();
         let events = [
             Event::Admit { key: k.clone(), policy: 1, at: 100, expires: 1_000 },
@@ -299,13 +330,14 @@ mod tests {
         ];
         write(&mut conn, &events.iter().collect::<Vec<_>>()).unwrap();
         drop(conn);
-        let conn = open(&path).unwrap();
+        let conn = open(&path, Durability::Full).unwrap();
         let c = load(&conn, 60).unwrap();
         assert_eq!(c.admissions, vec![(k.clone(), 1, 100)]);
         assert_eq!(c.charges, vec![(k.clone(), 400, 25)]);
         assert_eq!(c.holds, vec![("call".to_string(), k.clone(), 1, 900)]);
         assert_eq!(c.reveals, vec![(k.clone(), 1, 60, 30)]);
-        assert_eq!(prune(&conn, 1_000).unwrap(), 3, "two admissions and the hold have expired");
+        assert_eq!(prune(&conn, 1_000, 1).unwrap(), (2, true), "one row a table at a time");
+        assert_eq!(prune(&conn, 1_000, 100).unwrap(), (1, false), "two admissions and the hold have expired");
         assert!(load(&conn, 1_000).unwrap().admissions.is_empty());
     }
 
@@ -314,10 +346,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.db");
         std::fs::write(&path, vec![0x5a; 8192]).unwrap();
-        assert!(matches!(open(&path), Err(StoreError::Corrupt { .. })));
+        assert!(matches!(open(&path, Durability::Full), Err(StoreError::Corrupt { .. })));
         let aside = set_aside(&path).unwrap();
         assert!(aside.exists() && !path.exists());
-        let mut conn = open(&path).unwrap();
+        let mut conn = open(&path, Durability::Full).unwrap();
         let e = Event::Pending { id: 1, key: "k".into(), sent: 5, estimate: 9, expires: 100 };
         write(&mut conn, &[&e]).unwrap();
         assert_eq!(load(&conn, 50).unwrap().charges, vec![("k".to_string(), 50, 9)]);

@@ -12,10 +12,11 @@
 //! replicas made them**. The set carries a TTL of its longest window plus
 //! the guard, and older entries are trimmed by the script.
 //!
-//! Waiting: the requests of one key on one replica queue FIFO behind an
-//! async mutex; only the head asks Redis, and when the answer is "not before
-//! t" it sleeps until t (on Redis's clock, as a duration), then asks again.
-//! Nobody polls: each request to Redis is at a moment a slot was due.
+//! Waiting: while nobody on this replica waits for a key, its requests ask
+//! Redis at once, concurrently. One told "not before t" joins the key's
+//! FIFO queue on this replica (an async mutex); only the head asks Redis,
+//! and it sleeps until t (on Redis's clock, as a duration), then asks
+//! again. Nobody polls: each request to Redis is at a moment a slot was due.
 //!
 //! Upstream holds are Redis keys too ([`HOLD`]): a 429 one replica sees
 //! holds the key for all, because every admission script reads the hold.
@@ -30,6 +31,7 @@
 //! revealed lower limit is still applied per replica.
 
 mod ledger;
+mod outage;
 
 pub use ledger::LedgerJournal;
 
@@ -52,8 +54,8 @@ use crate::quota::{QuotaKey, Window, WindowUse};
 /// Check every window of a key and record the call, or say when it could go.
 ///
 /// KEYS: the log (sorted set), the hold. ARGV: guard µs, window count, then
-/// limit and length µs per window, then the new entry's member prefix (the
-/// member is the prefix and the admission's time).
+/// limit and length µs per window, then the new entry's member (unique:
+/// the replica's nonce and a counter).
 /// Returns `{1, now, 0, count per window...}` or `{0, free_at, binding, now}`
 /// where `binding` is the window's 1-based index, or -1 for the hold.
 const ADMIT: &str = r"
@@ -77,9 +79,7 @@ for i = 1, n do
   end
 end
 if free > now then return {0, free, binding, now} end
--- The member names its time, so a replica can add its admissions back after
--- Redis lost them without counting any twice; a taken microsecond moves on.
-while redis.call('ZADD', KEYS[1], 'NX', now, ARGV[3 + 2 * n] .. now) == 0 do now = now + 1 end
+redis.call('ZADD', KEYS[1], now, ARGV[3 + 2 * n])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - longest))
 redis.call('PEXPIRE', KEYS[1], math.floor(longest / 1000) + 1)
 local out = {1, now, 0}
@@ -149,6 +149,10 @@ pub struct RedisStore {
     url: String,
     metrics: StoreMetrics,
     clock: crate::quota::Clock,
+    /// When Redis was last found down (clock reading).
+    down_since: AtomicU64,
+    /// The epoch of Redis's data this replica last saw (0: none yet).
+    epoch: AtomicU64,
 }
 
 impl RedisStore {
@@ -195,6 +199,8 @@ impl RedisStore {
             url: redact(url),
             metrics: metrics.store.clone(),
             clock,
+            down_since: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
         })
     }
 
@@ -215,102 +221,6 @@ impl RedisStore {
 
     fn key(&self, kind: &str, key: &QuotaKey) -> String {
         format!("{}:{kind}:{}", self.prefix, encode_key(key))
-    }
-
-    fn set_up(&self, up: bool, why: &str) {
-        if self.up.swap(up, Ordering::SeqCst) == up {
-            return;
-        }
-        self.metrics.up.set(i64::from(up));
-        let local = !up && self.on_outage == OnOutage::Local;
-        self.metrics.local.set(i64::from(local));
-        if up {
-            tracing::warn!(url = %self.url, "the redis quota store is reachable again; shared limits apply");
-        } else if local {
-            tracing::error!(url = %self.url, error = why, replicas = self.replicas,
-                "the redis quota store is unreachable: deciding locally on limit ÷ replicas until it returns");
-        } else {
-            tracing::error!(url = %self.url, error = why,
-                "the redis quota store is unreachable: failing closed (503) until it returns");
-        }
-    }
-
-    pub(crate) fn failed(&self, e: &redis::RedisError) {
-        self.metrics.errors.inc();
-        self.set_up(false, &e.to_string());
-    }
-
-    /// Whether Redis answers now.
-    pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::SeqCst)
-    }
-
-    /// Ready unless Redis is down and the store fails closed.
-    pub fn ready(&self) -> bool {
-        self.is_up() || self.on_outage == OnOutage::Local
-    }
-
-    pub fn status(&self) -> serde_json::Value {
-        let up = self.is_up();
-        let mode = match (up, self.on_outage) {
-            (true, _) => "shared",
-            (false, OnOutage::Local) => "local",
-            (false, OnOutage::FailClosed) => "fail-closed",
-        };
-        serde_json::json!({
-            "kind": "redis",
-            "url": self.url,
-            "reachable": up,
-            "mode": mode,
-            "replicas": self.replicas,
-            "on_outage": match self.on_outage { OnOutage::Local => "local", OnOutage::FailClosed => "fail-closed" },
-        })
-    }
-
-    /// Ping Redis while it is down, and switch back when it answers, until
-    /// `stop`. Before switching back, every call this replica admitted in
-    /// the open windows (alone, or through a Redis that may have lost it) is
-    /// added to the shared logs.
-    pub async fn watch(
-        self: Arc<Self>,
-        limiter: &Limiter,
-        policies: &[Policy],
-        stop: impl std::future::Future<Output = ()>,
-    ) {
-        tokio::pin!(stop);
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(PROBE_EVERY) => {}
-                _ = &mut stop => return,
-            }
-            // Also connect once at start, so /readyz tells the truth early.
-            if self.is_up() && self.conn.initialized() {
-                continue;
-            }
-            let ping = async {
-                let mut c = self.conn().await?;
-                redis::cmd("PING").query_async::<String>(&mut c).await
-            };
-            match tokio::time::timeout(TIMEOUT * 2, ping).await {
-                Ok(Ok(_)) => {
-                    let mut caught_up = true;
-                    for (key, policy, times) in limiter.all_admissions() {
-                        let Some(policy) = policies.get(usize::from(policy)) else { continue };
-                        if let Err(e) = self.push_back(&key, policy, &times).await {
-                            self.metrics.errors.inc();
-                            tracing::warn!(error = %e, "could not add local admissions to redis; will retry");
-                            caught_up = false;
-                            break;
-                        }
-                    }
-                    if caught_up {
-                        self.set_up(true, "");
-                    }
-                }
-                Ok(Err(e)) => self.set_up(false, &e.to_string()),
-                Err(_) => self.set_up(false, "timed out"),
-            }
-        }
     }
 
     /// Admit a call for `key` under `policy`, waiting at most `max_wait`:
@@ -353,6 +263,34 @@ impl RedisStore {
     ) -> Result<Result<Admitted, Rejection>, redis::RedisError> {
         let started = tokio::time::Instant::now();
         let queue = self.queues.entry(key.clone()).or_default().clone();
+        // While nobody on this replica waits for the key, ask at once: many
+        // asks may be in flight together, and Redis orders them.
+        if queue.queued.load(Ordering::SeqCst) == 0 || policy.mode == Mode::Reject {
+            let ticket = self.next.fetch_add(1, Ordering::Relaxed);
+            match self.ask(key, policy, ticket).await? {
+                Answer::Admitted { at_us, counts } => {
+                    return Ok(Ok(self.admitted(limiter, key, policy, (at_us, ticket), counts, started)));
+                }
+                Answer::NotBefore { wait, window } => {
+                    let reason = match policy.mode {
+                        Mode::Reject => Some(Reason::NoSlot),
+                        Mode::Queue if wait > max_wait => Some(Reason::WaitTooLong),
+                        Mode::Queue => None,
+                    };
+                    if let Some(reason) = reason {
+                        return Ok(Err(Rejection {
+                            reason,
+                            retry_after: wait,
+                            window,
+                            capped: false,
+                            usage: Vec::new(),
+                        }));
+                    }
+                }
+            }
+        }
+        // Otherwise wait in this replica's FIFO queue for the key; only its
+        // head asks Redis, at the moment the last answer named.
         let ahead = queue.queued.fetch_add(1, Ordering::SeqCst);
         let _place = Leave { queue: &queue, depth: depth.clone() };
         depth.inc();
@@ -366,42 +304,19 @@ impl RedisStore {
         if ahead >= policy.max_queue && policy.mode == Mode::Queue {
             return Ok(Err(give_up(Reason::QueueFull, policy.max_wait)));
         }
-        let head = if policy.mode == Mode::Reject {
-            queue.head.lock().await
-        } else {
-            match tokio::time::timeout(max_wait, queue.head.lock()).await {
-                Ok(head) => head,
-                Err(_) => return Ok(Err(give_up(Reason::Expired, max_wait))),
-            }
+        let left = max_wait.saturating_sub(started.elapsed());
+        let Ok(head) = tokio::time::timeout(left, queue.head.lock()).await else {
+            return Ok(Err(give_up(Reason::Expired, max_wait)));
         };
-        for attempt in 0.. {
+        loop {
             let ticket = self.next.fetch_add(1, Ordering::Relaxed);
-            let answer = self.ask(key, policy).await?;
-            match answer {
+            match self.ask(key, policy, ticket).await? {
                 Answer::Admitted { at_us, counts } => {
                     drop(head);
-                    let usage = policy
-                        .windows
-                        .iter()
-                        .zip(counts)
-                        .map(|(w, used)| WindowUse { window: *w, used, reset: Duration::ZERO })
-                        .collect();
-                    let at = self.clock.from_unix(at_us.saturating_mul(1000));
-                    // This replica remembers its own admissions: it decides on
-                    // them while Redis is down, and adds them back when Redis
-                    // returns (they may have been lost with it).
-                    limiter.record(key, policy, at);
-                    return Ok(Ok(Admitted::shared(at, ticket, started.elapsed(), usage)));
+                    return Ok(Ok(self.admitted(limiter, key, policy, (at_us, ticket), counts, started)));
                 }
                 Answer::NotBefore { wait, window } => {
-                    let waited = started.elapsed();
-                    let reason = if policy.mode == Mode::Reject {
-                        Some(Reason::NoSlot)
-                    } else if waited + wait > max_wait {
-                        Some(if attempt == 0 { Reason::WaitTooLong } else { Reason::Expired })
-                    } else {
-                        None
-                    };
+                    let reason = (started.elapsed() + wait > max_wait).then_some(Reason::Expired);
                     if let Some(reason) = reason {
                         return Ok(Err(Rejection {
                             reason,
@@ -415,17 +330,40 @@ impl RedisStore {
                 }
             }
         }
-        unreachable!("the loop returns")
     }
 
-    async fn ask(&self, key: &QuotaKey, policy: &Policy) -> Result<Answer, redis::RedisError> {
+    /// A call Redis admitted at `at_us` (its clock), with each window's use.
+    fn admitted(
+        &self,
+        limiter: &Limiter,
+        key: &QuotaKey,
+        policy: &Policy,
+        (at_us, ticket): (i64, u64),
+        counts: Vec<u32>,
+        started: tokio::time::Instant,
+    ) -> Admitted {
+        let usage = policy
+            .windows
+            .iter()
+            .zip(counts)
+            .map(|(w, used)| WindowUse { window: *w, used, reset: Duration::ZERO })
+            .collect();
+        let at = self.clock.from_unix(at_us.saturating_mul(1000));
+        // This replica remembers its own admissions: it decides on them while
+        // Redis is down, and adds them back when Redis returns (they may have
+        // been lost with it).
+        limiter.record(key, policy, at);
+        Admitted::shared(at, ticket, started.elapsed(), usage)
+    }
+
+    async fn ask(&self, key: &QuotaKey, policy: &Policy, ticket: u64) -> Result<Answer, redis::RedisError> {
         let mut conn = self.conn().await?;
         let mut call = self.admit.key(self.key("log", key));
         call.key(self.key("hold", key)).arg(self.guard_us).arg(policy.windows.len());
         for w in &policy.windows {
             call.arg(w.limit.get()).arg(u64::try_from(w.per.as_micros()).unwrap_or(u64::MAX));
         }
-        call.arg(self.member_prefix());
+        call.arg(self.member(ticket));
         let reply: Vec<i64> = tokio::time::timeout(TIMEOUT * 2, call.invoke_async(&mut conn))
             .await
             .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "timed out")))??;
@@ -443,38 +381,9 @@ impl RedisStore {
         })
     }
 
-    fn member_prefix(&self) -> String {
-        format!("{:x}-T", self.nonce)
-    }
-
-    /// The member of an admission at clock reading `at`.
-    fn member(&self, at: u64) -> String {
-        format!("{}{}", self.member_prefix(), self.clock.to_unix(at) / 1000)
-    }
-
-    /// Add this replica's admissions (clock readings) to the shared log,
-    /// each under the member named by its time, so those Redis still holds
-    /// are left as they are.
-    async fn push_back(
-        &self,
-        key: &QuotaKey,
-        policy: &Policy,
-        times: &[u64],
-    ) -> Result<(), redis::RedisError> {
-        let mut conn = self.conn().await?;
-        let log = self.key("log", key);
-        let mut pipe = redis::pipe();
-        let zadd = pipe.cmd("ZADD").arg(&log).arg("NX");
-        for &at in times {
-            zadd.arg(self.clock.to_unix(at) / 1000).arg(self.member(at));
-        }
-        let longest = policy.windows.iter().map(|w| w.per).max().unwrap_or_default();
-        let ttl = u64::try_from(longest.as_millis()).unwrap_or(u64::MAX) + self.guard_us / 1000 + 1;
-        pipe.cmd("PEXPIRE").arg(&log).arg(ttl).ignore();
-        let _: (i64,) = tokio::time::timeout(TIMEOUT * 2, pipe.query_async(&mut conn))
-            .await
-            .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "timed out")))??;
-        Ok(())
+    /// The member of this replica's admission `ticket`.
+    fn member(&self, ticket: u64) -> String {
+        format!("{:x}-{ticket}", self.nonce)
     }
 
     /// Take back a shared admission whose call never reached the upstream.
@@ -482,7 +391,7 @@ impl RedisStore {
         if admitted.ticket() == 0 {
             return;
         }
-        let (this, log, member) = (self.clone(), self.key("log", key), self.member(admitted.at()));
+        let (this, log, member) = (self.clone(), self.key("log", key), self.member(admitted.ticket()));
         tokio::spawn(async move {
             if let Ok(mut c) = this.conn().await {
                 let _: Result<i64, _> = redis::cmd("ZREM").arg(log).arg(member).query_async(&mut c).await;

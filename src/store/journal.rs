@@ -1,0 +1,288 @@
+//! The SQLite journal behind [`Store`]: opening the file (or starting empty
+//! when allowed), restoring what it holds into the limiters, and the handle
+//! that sends events to its writer thread ([`sqlite::run`]).
+
+use std::num::NonZeroU32;
+use std::sync::atomic::AtomicU64;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use super::sqlite::{self, Event, Job};
+use super::{decode_key, encode_key, Store, StoreError};
+use crate::admission::runtime::{ChargeJournal, RuntimeLimiter};
+use crate::admission::Limiter;
+use crate::config::Config;
+use crate::quota::{Clock, QuotaKey, Window};
+
+/// The SQLite journal: a sender to the writer thread and the clock it converts with.
+pub struct Journal {
+    tx: Mutex<mpsc::Sender<Job>>,
+    clock: Clock,
+    pub(super) next_pending: AtomicU64,
+    /// How long a call admission of each policy counts (longest window + guard).
+    pub(super) call_horizon: Vec<i64>,
+    /// How long a charge counts (longest budget + guard).
+    pub(super) charge_horizon: i64,
+}
+
+impl Journal {
+    pub(super) fn send(&self, events: Vec<Event>, ack: Option<oneshot::Sender<Result<(), String>>>) -> bool {
+        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        tx.send(Job { events, ack }).is_ok()
+    }
+
+    pub(super) fn unix(&self, at: u64) -> i64 {
+        self.clock.to_unix(at)
+    }
+}
+
+impl ChargeJournal for Journal {
+    fn charged(&self, key: &QuotaKey, pending: Option<u64>, end: u64, cost: u64) {
+        let end = self.unix(end);
+        let cost = i64::try_from(cost).unwrap_or(i64::MAX);
+        let expires = end.saturating_add(self.charge_horizon);
+        self.send(vec![Event::Charge { pending, key: encode_key(key), end, cost, expires }], None);
+    }
+
+    fn released(&self, pending: u64) {
+        self.send(vec![Event::Release { pending }], None);
+    }
+}
+
+pub(super) fn open(
+    config: &Config,
+    path: &std::path::Path,
+    limiter: &Limiter,
+    runtime: &RuntimeLimiter,
+    metrics: &crate::metrics::Metrics,
+) -> Result<Store, StoreError> {
+    let opened = match sqlite::open(path, config.store.sync) {
+        Err(StoreError::Corrupt { path: p, detail }) if config.store.allow_start_empty => {
+            let aside = sqlite::set_aside(path)
+                .map_err(|e| StoreError::Unwritable { path: p.clone(), detail: e.to_string() })?;
+            tracing::error!(path = %p, error = %detail, moved_to = %aside.display(),
+                "THE STATE FILE IS CORRUPT: starting EMPTY (allow_start_empty = true); usage recorded before is forgotten and the upstream may throttle");
+            sqlite::open(path, config.store.sync)
+                .map(|c| (c, Some(format!("started empty: the old file was corrupt ({detail})"))))
+        }
+        other => other.map(|c| (c, None)),
+    };
+    let (conn, degraded) = match opened {
+        Ok(ok) => ok,
+        Err(e @ StoreError::Unwritable { .. }) if config.store.allow_start_empty => {
+            tracing::error!(error = %e,
+                "THE STATE FILE CANNOT BE WRITTEN: running on memory only (allow_start_empty = true); usage will not survive a restart");
+            let mut store = Store::memory();
+            store.degraded = Some(format!("running in memory: {e}"));
+            store.path = Some(path.to_path_buf());
+            return Ok(store);
+        }
+        Err(e) => return Err(e),
+    };
+    let clock = limiter.clock();
+    let contents = sqlite::load(&conn, sqlite::unix_now())
+        .map_err(|e| StoreError::Corrupt { path: path.display().to_string(), detail: e.to_string() })?;
+    let restored = restore(config, &contents, clock, limiter, runtime);
+    tracing::info!(path = %path.display(), admissions = restored.0, charges = restored.1, holds = restored.2,
+        "restored quota state from the state file");
+    let guard = config.guard;
+    let call_horizon = config
+        .policies
+        .0
+        .iter()
+        .map(|p| nanos(p.windows.iter().map(|w| w.per).max().unwrap_or_default() + guard))
+        .collect();
+    let charge_horizon = nanos(
+        config.policies.0.iter().flat_map(|p| p.budgets.iter()).map(|b| b.per).max().unwrap_or_default()
+            + guard,
+    );
+    let (tx, rx) = mpsc::channel();
+    let observer = metrics.store_observer();
+    let prune_every = config.idle_sweep;
+    std::thread::Builder::new()
+        .name("quotagate-store".into())
+        .spawn(move || sqlite::run(conn, rx, prune_every, observer))
+        .map_err(|e| StoreError::Unwritable { path: path.display().to_string(), detail: e.to_string() })?;
+    let journal = Arc::new(Journal {
+        tx: Mutex::new(tx),
+        clock,
+        next_pending: AtomicU64::new(u64::try_from(sqlite::unix_now()).unwrap_or(1)),
+        call_horizon,
+        charge_horizon,
+    });
+    runtime.set_journal(journal.clone());
+    Ok(Store {
+        kind: "sqlite",
+        journal: Some(journal),
+        path: Some(path.to_path_buf()),
+        degraded,
+        redis: None,
+    })
+}
+
+pub(super) fn nanos(d: Duration) -> i64 {
+    i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
+}
+
+/// Put the file's contents into the limiters; returns how many admissions,
+/// charges and holds were restored.
+fn restore(
+    config: &Config,
+    c: &sqlite::Contents,
+    clock: Clock,
+    limiter: &Limiter,
+    runtime: &RuntimeLimiter,
+) -> (usize, usize, usize) {
+    let policies = &config.policies.0;
+    let policy = |id: u16| policies.get(usize::from(id));
+    let hunting_budgets = policies.iter().find(|p| p.hunting).map(|p| p.budgets.clone()).unwrap_or_default();
+    let mut n = (0, 0, 0);
+    // Admissions, grouped by key (the rows come sorted by key).
+    let mut i = 0;
+    while i < c.admissions.len() {
+        let (key, pid, _) = &c.admissions[i];
+        let j = i + c.admissions[i..].iter().take_while(|(k, _, _)| k == key).count();
+        let times: Vec<u64> = c.admissions[i..j].iter().map(|(_, _, at)| clock.from_unix(*at)).collect();
+        if let (Some(mut qk), Some(p)) = (decode_key(key), policy(*pid)) {
+            // Rows name their policy by position; its key keeps the id it runs under.
+            if qk.policy.is_some() {
+                qk.policy = Some(p.key_id);
+            }
+            let revealed = c
+                .reveals
+                .iter()
+                .filter(|(k, _, _, _)| k == key)
+                .filter_map(|(_, _, per, lim)| {
+                    Some(Window::new(NonZeroU32::new(*lim)?, Duration::from_nanos(u64::try_from(*per).ok()?)))
+                })
+                .min_by_key(|w| w.limit);
+            limiter.restore(&qk, p, &times, 0, revealed);
+            n.0 += times.len();
+        }
+        i = j;
+    }
+    let mut i = 0;
+    while i < c.charges.len() {
+        let key = &c.charges[i].0;
+        let j = i + c.charges[i..].iter().take_while(|(k, _, _)| k == key).count();
+        let charges: Vec<(u64, u64)> = c.charges[i..j]
+            .iter()
+            .map(|(_, end, cost)| (clock.from_unix(*end), u64::try_from(*cost).unwrap_or(0)))
+            .collect();
+        if let Some(qk) = decode_key(key) {
+            runtime.restore(&qk, &hunting_budgets, &charges, 0);
+            n.1 += charges.len();
+        }
+        i = j;
+    }
+    for (scope, key, pid, until) in &c.holds {
+        let (Some(qk), until) = (decode_key(key), clock.from_unix(*until)) else { continue };
+        match (scope.as_str(), policy(*pid)) {
+            ("runtime", _) => runtime.restore(&qk, &hunting_budgets, &[], until),
+            (_, Some(p)) => {
+                let qk = QuotaKey { policy: qk.policy.map(|_| p.key_id), ..qk };
+                limiter.restore(&qk, p, &[], until, None)
+            }
+            _ => continue,
+        }
+        n.2 += 1;
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use prometheus::IntGauge;
+
+    use super::*;
+    use crate::admission::runtime::Demand;
+    use crate::metrics::Metrics;
+
+    fn config(path: &std::path::Path) -> Config {
+        let text = format!(
+            r#"
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+guard = "10ms"
+[[upstream]]
+name = "defender"
+url = "http://127.0.0.1:9"
+kind = "defender"
+[store]
+backend = "sqlite"
+path = {:?}
+[hunting]
+budgets = [{{ limit = "1h", per = "24h" }}]
+[[policy]]
+name = "hunting"
+paths = ["/api/advancedhunting/run"]
+windows = [{{ limit = 45, per = "1m" }}]
+hunting = true
+"#,
+            path.to_str().unwrap()
+        );
+        Config::from_toml(&text, "test").unwrap()
+    }
+
+    /// What a restart restores: the admissions, the metered charge of a
+    /// settled query, the estimate of a query still in flight, and holds.
+    #[tokio::test]
+    async fn a_restart_restores_admissions_charges_reservations_and_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(&dir.path().join("state.db"));
+        let policy = &config.policies.0[0];
+        let key = QuotaKey { policy: Some(0), tenant: "t".into(), app: Some("a".into()) };
+        let tenant = QuotaKey { policy: None, tenant: "t".into(), app: None };
+        let depth = IntGauge::new("d", "d").unwrap();
+        let demand = Demand {
+            budgets: &policy.budgets,
+            mode: crate::policy::Mode::Queue,
+            max_wait: Duration::from_secs(1),
+            max_queue: 10,
+            max_concurrent: None,
+            estimate: &config.hunting.estimator,
+        };
+        {
+            let (limiter, runtime) = (
+                Limiter::new(config.guard),
+                RuntimeLimiter::new(config.guard, config.hunting.estimator.clone()),
+            );
+            let store = Store::open(&config, &limiter, &runtime, &Metrics::default()).unwrap();
+            for _ in 0..2 {
+                let mut r = runtime.reserve(&tenant, &demand, &depth).await.unwrap();
+                let admitted = limiter.acquire(&key, policy, Duration::ZERO, &depth).await.unwrap();
+                store.admitted(&key, policy, &admitted, Some(&mut r)).await.unwrap();
+                r.sent();
+                // The first query is metered; the second is in flight when the process dies.
+                if runtime.snapshot()[0].in_flight == 2 {
+                    std::mem::forget(r);
+                } else {
+                    r.settle(Duration::from_secs(30));
+                }
+            }
+            limiter.hold(&key, Duration::from_secs(60));
+            store.held(&key, policy.id, limiter.hold_until(&key), false);
+            // A last admission, awaited, so everything queued before it is on disk.
+            let admitted = limiter.acquire(&key, policy, Duration::ZERO, &depth).await;
+            assert!(admitted.is_err(), "held");
+            let other = QuotaKey { tenant: "u".into(), ..key.clone() };
+            let admitted = limiter.acquire(&other, policy, Duration::ZERO, &depth).await.unwrap();
+            store.admitted(&other, policy, &admitted, None).await.unwrap();
+        }
+        let (limiter, runtime) =
+            (Limiter::new(config.guard), RuntimeLimiter::new(config.guard, config.hunting.estimator.clone()));
+        let _store = Store::open(&config, &limiter, &runtime, &Metrics::default()).unwrap();
+        assert_eq!(limiter.admissions(&key).len(), 2);
+        let held = limiter.held_for(&key).expect("the hold survives");
+        assert!(held > Duration::from_secs(55), "{held:?}");
+        let status = runtime.snapshot();
+        let charged = status[0].budgets[0].charged;
+        // 30 s metered, plus the estimate the query in flight reserved (30 s,
+        // learnt from the first).
+        assert_eq!(charged, Duration::from_secs(60), "{status:?}");
+    }
+}

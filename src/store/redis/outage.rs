@@ -1,0 +1,176 @@
+//! The Redis store's health: noticing that Redis is down, saying so (log,
+//! metrics, `/readyz`), and switching back by itself once Redis answers,
+//! after adding back the admissions it may have lost.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::{RedisStore, PROBE_EVERY, TIMEOUT};
+use crate::admission::Limiter;
+use crate::policy::Policy;
+use crate::quota::QuotaKey;
+use crate::store::OnOutage;
+
+impl RedisStore {
+    fn set_up(&self, up: bool, why: &str) {
+        if self.up.swap(up, Ordering::SeqCst) == up {
+            return;
+        }
+        if !up {
+            self.down_since.store(self.clock.now(), Ordering::SeqCst);
+        }
+        self.metrics.up.set(i64::from(up));
+        let local = !up && self.on_outage == OnOutage::Local;
+        self.metrics.local.set(i64::from(local));
+        if up {
+            tracing::warn!(url = %self.url, "the redis quota store is reachable again; shared limits apply");
+        } else if local {
+            tracing::error!(url = %self.url, error = why, replicas = self.replicas,
+                "the redis quota store is unreachable: deciding locally on limit ÷ replicas until it returns");
+        } else {
+            tracing::error!(url = %self.url, error = why,
+                "the redis quota store is unreachable: failing closed (503) until it returns");
+        }
+    }
+
+    pub(crate) fn failed(&self, e: &redis::RedisError) {
+        self.metrics.errors.inc();
+        self.set_up(false, &e.to_string());
+    }
+
+    /// Whether Redis answers now.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::SeqCst)
+    }
+
+    /// Ready unless Redis is down and the store fails closed.
+    pub fn ready(&self) -> bool {
+        self.is_up() || self.on_outage == OnOutage::Local
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let up = self.is_up();
+        let mode = match (up, self.on_outage) {
+            (true, _) => "shared",
+            (false, OnOutage::Local) => "local",
+            (false, OnOutage::FailClosed) => "fail-closed",
+        };
+        serde_json::json!({
+            "kind": "redis",
+            "url": self.url,
+            "reachable": up,
+            "mode": mode,
+            "replicas": self.replicas,
+            "on_outage": match self.on_outage { OnOutage::Local => "local", OnOutage::FailClosed => "fail-closed" },
+        })
+    }
+
+    /// Ping Redis while it is down, and switch back when it answers, until
+    /// `stop`. Before switching back, every call this replica admitted in
+    /// the open windows (alone, or through a Redis that may have lost it) is
+    /// added to the shared logs.
+    pub async fn watch(
+        self: Arc<Self>,
+        limiter: &Limiter,
+        policies: &[Policy],
+        stop: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(PROBE_EVERY) => {}
+                _ = &mut stop => return,
+            }
+            // Also connect once at start, so /readyz tells the truth early.
+            if self.is_up() && self.conn.initialized() {
+                continue;
+            }
+            let ping = async {
+                let mut c = self.conn().await?;
+                redis::cmd("PING").query_async::<String>(&mut c).await
+            };
+            match tokio::time::timeout(TIMEOUT * 2, ping).await {
+                Ok(Ok(_)) => {
+                    // A Redis that lost its data (restarted without
+                    // persistence) gets every admission of the open windows
+                    // back; one that kept it, those made alone since the
+                    // outage began.
+                    let lost = match self.lost_data().await {
+                        Ok(lost) => lost,
+                        Err(e) => {
+                            self.set_up(false, &e.to_string());
+                            continue;
+                        }
+                    };
+                    let since = if lost { 0 } else { self.down_since.load(Ordering::SeqCst) };
+                    let mut caught_up = true;
+                    for (key, policy, times) in limiter.all_admissions() {
+                        let Some(policy) = policies.get(usize::from(policy)) else { continue };
+                        let times: Vec<u64> = times.into_iter().filter(|&t| t >= since).collect();
+                        if times.is_empty() {
+                            continue;
+                        }
+                        if let Err(e) = self.push_back(&key, policy, &times).await {
+                            self.metrics.errors.inc();
+                            tracing::warn!(error = %e, "could not add local admissions to redis; will retry");
+                            caught_up = false;
+                            break;
+                        }
+                    }
+                    if caught_up {
+                        self.set_up(true, "");
+                    }
+                }
+                Ok(Err(e)) => self.set_up(false, &e.to_string()),
+                Err(_) => self.set_up(false, "timed out"),
+            }
+        }
+    }
+
+    /// Whether Redis lost its data since this replica last looked: Redis
+    /// holds an epoch, made by the first replica to find it missing; a
+    /// replica that finds another epoch than the one it saw last knows the
+    /// data it saw went with the old one.
+    async fn lost_data(&self) -> Result<bool, redis::RedisError> {
+        let mut c = self.conn().await?;
+        let key = format!("{}:epoch", self.prefix);
+        let candidate = self.nonce ^ u64::try_from(crate::store::sqlite::unix_now()).unwrap_or(0);
+        let (current,): (u64,) = redis::pipe()
+            .cmd("SET")
+            .arg(&key)
+            .arg(candidate)
+            .arg("NX")
+            .ignore()
+            .cmd("GET")
+            .arg(&key)
+            .query_async(&mut c)
+            .await?;
+        Ok(self.epoch.swap(current, Ordering::SeqCst) != current)
+    }
+
+    /// Add this replica's admissions (clock readings) to the shared log,
+    /// each under the member named by its time, so those Redis still holds
+    /// are left as they are.
+    async fn push_back(
+        &self,
+        key: &QuotaKey,
+        policy: &Policy,
+        times: &[u64],
+    ) -> Result<(), redis::RedisError> {
+        let mut conn = self.conn().await?;
+        let log = self.key("log", key);
+        let mut pipe = redis::pipe();
+        let zadd = pipe.cmd("ZADD").arg(&log).arg("NX");
+        for &at in times {
+            let us = self.clock.to_unix(at) / 1000;
+            zadd.arg(us).arg(format!("{:x}-L{us}", self.nonce));
+        }
+        let longest = policy.windows.iter().map(|w| w.per).max().unwrap_or_default();
+        let ttl = u64::try_from(longest.as_millis()).unwrap_or(u64::MAX) + self.guard_us / 1000 + 1;
+        pipe.cmd("PEXPIRE").arg(&log).arg(ttl).ignore();
+        let _: (i64,) = tokio::time::timeout(TIMEOUT * 2, pipe.query_async(&mut conn))
+            .await
+            .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "timed out")))??;
+        Ok(())
+    }
+}
