@@ -374,3 +374,55 @@ async fn a_password_in_the_redis_url_works_and_stays_secret() {
     until_mode(&gw, "fail-closed").await;
     assert_eq!(emu.count(), 1);
 }
+
+/// A Redis behind TLS (`rediss://`), its certificate signed by a private CA
+/// that `[store] ca_file` names: the gateway shares its quota there; without
+/// the CA, the certificate is refused and the store fails closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_redis_works_with_its_ca_and_is_refused_without_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let (cert_path, key_path) = (dir.path().join("redis.pem"), dir.path().join("redis.key"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let server = std::process::Command::new("redis-server")
+        .args(["--port", "0", "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args(["--tls-port", &port.to_string(), "--tls-auth-clients", "no"])
+        .arg("--tls-cert-file")
+        .arg(&cert_path)
+        .arg("--tls-key-file")
+        .arg(&key_path)
+        .arg("--tls-ca-cert-file")
+        .arg(&cert_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server is installed (.ci/run installs it)");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _server = Kill(server);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "redis-server never listened on its TLS port");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let emu = Emulator::start(EmulatorConfig::new()).await;
+    let url = format!("rediss://127.0.0.1:{port}");
+    let policy = "windows = [{ limit = 100, per = \"1s\" }]";
+    let ca = format!("ca_file = \"{}\"", cert_path.display());
+    let gw = GatewayProcess::start(&config(dir.path(), &emu.url(), &url, &ca, policy), dir.path()).unwrap();
+    assert_eq!(get(gw.url("/api/incidents")).await.status(), 200);
+    until_mode(&gw, "shared").await;
+    drop(gw);
+
+    let untrusted =
+        GatewayProcess::start(&config(dir.path(), &emu.url(), &url, "", policy), dir.path()).unwrap();
+    assert_eq!(get(untrusted.url("/api/incidents")).await.status(), 503, "an unverified Redis is not used");
+    assert_eq!(emu.count(), 1);
+}

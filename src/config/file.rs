@@ -115,6 +115,10 @@ pub struct StoreFile {
     pub replicas: u32,
     /// Prefix of every Redis key.
     pub key_prefix: String,
+    /// For `rediss://`: a PEM file of the CA certificates Redis's
+    /// certificate is checked against, instead of the Web PKI roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
 }
 
 impl Default for StoreFile {
@@ -128,6 +132,7 @@ impl Default for StoreFile {
             on_outage: "fail-closed".into(),
             replicas: 1,
             key_prefix: "quotagate".into(),
+            ca_file: None,
         }
     }
 }

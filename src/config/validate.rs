@@ -471,6 +471,20 @@ fn store(s: &StoreFile, p: &mut Problems) -> StoreConfig {
     if s.key_prefix.is_empty() {
         p.push(&field.at("key_prefix"), "must not be empty");
     }
+    let ca_pem = s.ca_file.as_ref().and_then(|path| match std::fs::read(path) {
+        Ok(pem) if pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") => Some(pem),
+        Ok(_) => {
+            p.push(&field.at("ca_file"), format!("{path} holds no PEM certificate"));
+            None
+        }
+        Err(e) => {
+            p.push(&field.at("ca_file"), format!("cannot read {path}: {e}"));
+            None
+        }
+    });
+    if ca_pem.is_some() && !s.url.as_deref().is_some_and(|u| u.starts_with("rediss://")) {
+        p.push(&field.at("ca_file"), "is for a rediss:// (TLS) url only");
+    }
     StoreConfig {
         backend,
         allow_start_empty: s.allow_start_empty,
@@ -478,6 +492,7 @@ fn store(s: &StoreFile, p: &mut Problems) -> StoreConfig {
         on_outage,
         replicas,
         key_prefix: s.key_prefix.clone(),
+        ca_pem,
     }
 }
 

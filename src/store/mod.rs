@@ -81,6 +81,8 @@ pub struct StoreConfig {
     pub replicas: NonZeroU32,
     /// Prefix of every Redis key.
     pub key_prefix: String,
+    /// PEM CA certificates for a `rediss://` Redis; `None`: the Web PKI roots.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 impl Default for StoreConfig {
@@ -92,6 +94,7 @@ impl Default for StoreConfig {
             on_outage: OnOutage::FailClosed,
             replicas: NonZeroU32::MIN,
             key_prefix: "quotagate".into(),
+            ca_pem: None,
         }
     }
 }

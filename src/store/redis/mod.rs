@@ -162,8 +162,15 @@ impl RedisStore {
         clock: crate::quota::Clock,
         metrics: &crate::metrics::Metrics,
     ) -> Result<Self, StoreError> {
-        let client =
-            redis::Client::open(url).map_err(|e| StoreError::Redis(format!("{}: {e}", redact(url))))?;
+        let client = match &config.store.ca_pem {
+            // A private CA (rediss:// with [store] ca_file) instead of the Web PKI roots.
+            Some(pem) => redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates { client_tls: None, root_cert: Some(pem.clone()) },
+            ),
+            None => redis::Client::open(url),
+        }
+        .map_err(|e| StoreError::Redis(format!("{}: {e}", redact(url))))?;
         let replicas = config.store.replicas.get();
         let local = config
             .policies
