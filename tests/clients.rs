@@ -106,7 +106,7 @@ async fn assert_parsed_refused_and_retried(
     assert_eq!(refused["throttled_by"], "gateway", "{calls}");
     let retry_after: u64 = refused["retry_after"].as_str().unwrap().parse().unwrap();
     assert!((1..=2).contains(&retry_after), "whole seconds within the 2 s window: {calls}");
-    assert!(refused["seconds"].as_f64().unwrap() < 1.0, "rejected at once, not queued: {calls}");
+    assert!(refused["seconds"].as_f64().unwrap() < 1.5, "rejected at once, not queued: {calls}");
 
     // Default retry handler: it slept Retry-After and its retry was admitted.
     let retried = &calls["retried"];
