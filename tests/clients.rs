@@ -142,6 +142,40 @@ async fn the_graph_python_sdk_parses_results_and_handles_the_gateways_429() {
     assert_eq!(upstream_hunts(&emu, SDK_HUNT), 2, "the first call and the retried one");
 }
 
+/// Regression (issue #10): the Graph SDKs post hunting queries to the
+/// namespace-qualified action, which the built-in profile's `hunting` policy
+/// did not match, so they were forwarded unmetered and spent running time
+/// the gateway never saw. With the shipped `config/default.toml` (upstreams
+/// pointed at the emulator, memory store), the SDK's calls are metered as
+/// hunting and charged to the tenant's running-time ledger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_built_in_profile_meters_the_graph_sdks_hunting_calls() {
+    let emu = Emulator::start(EmulatorConfig::new()).await;
+    let text: String = quotagate::config::DEFAULT_TOML
+        .lines()
+        .map(|l| match l.split_once(" = ") {
+            Some(("listen" | "admin_listen", _)) => {
+                format!("{} = \"127.0.0.1:0\"", l.split_once(' ').unwrap().0)
+            }
+            Some(("url", v)) if v.starts_with("\"https://") => format!("url = \"{}\"", emu.url()),
+            Some(("backend", _)) => "backend = \"memory\"".to_string(),
+            _ => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let gw = TestGateway::start_with(&text).await;
+    let calls = run_client(&gw, "python3", "graph_sdk.py", "msgraph-sdk").await;
+    for call in ["first", "no_retry", "retried"] {
+        assert_eq!(calls[call]["outcome"], "ok", "45 calls a minute admit all three: {calls}");
+        assert_eq!(calls[call]["rows"], 3, "{calls}");
+    }
+    assert_eq!(upstream_hunts(&emu, SDK_HUNT), 3);
+    assert_eq!(gw.metric("quotagate_requests_total{decision=\"forwarded\",policy=\"hunting\"}").await, 3.0);
+    let quota: Value = reqwest::get(gw.admin_url("/quota")).await.unwrap().json().await.unwrap();
+    let ledgers = quota["running_time"].as_array().unwrap();
+    assert!(ledgers.iter().any(|l| l["tenant"] == "tenant-sdk"), "charged to the tenant's ledger: {quota}");
+}
+
 /// Issue #10, case 2: the Microsoft Graph JavaScript client
 /// (@microsoft/microsoft-graph-client) on Node, with its own RetryHandler.
 /// With retries off the gateway's 429 is a GraphError with `statusCode` 429.
