@@ -1,14 +1,16 @@
 //! Real client libraries against the real gateway: each test starts the
-//! emulator and the gateway in-process on port 0 and runs a published
-//! Microsoft Graph client library as a subprocess pointed at the gateway's
-//! base URL, then asserts on the JSON the script prints and on what the
-//! upstream saw. `.ci/run` installs the pinned libraries
-//! (`tests/clients/requirements.txt`, `tests/clients/package.json`).
+//! emulator and the gateway in-process on port 0 and runs a published client
+//! library as a subprocess pointed at the gateway's base URL, then asserts on
+//! the JSON the script prints and on what the upstream saw. `.ci/run`
+//! installs the pinned libraries (`tests/clients/requirements.txt`:
+//! msgraph-sdk and msticpy; `tests/clients/package.json`:
+//! @microsoft/microsoft-graph-client).
 //!
-//! Each script makes the same three hunting calls: one admitted (its rows
-//! parsed), one that meets the gateway's local 429 with the library's retry
-//! handler off (an error the caller inspects), and one that meets it with
-//! the default retry handler (which honours `Retry-After` and succeeds).
+//! The Graph clients make the same three hunting calls: one admitted (its
+//! rows parsed), one that meets the gateway's local 429 with the library's
+//! retry handler off (an error the caller inspects), and one that meets it
+//! with the default retry handler (which honours `Retry-After` and
+//! succeeds). msticpy, which never retries, makes the first two.
 //!
 //! What this does not cover: clients that hard-code Microsoft's host names
 //! (they reach the gateway as an HTTPS proxy, see `tests/forward_proxy.rs`).
@@ -32,21 +34,24 @@ const GRAPH_HUNT: &str = "/v1.0/security/runHuntingQuery";
 /// The emulator holding one Graph hunting call per 2 s, and the gateway in
 /// front of it enforcing the same window, rejecting (not queueing) over it.
 async fn start() -> (Emulator, TestGateway) {
+    start_on(&["/v1.0/security/"], &[GRAPH_HUNT, SDK_HUNT]).await
+}
+
+/// The same for hunting calls under `upstream_prefixes` (the emulator's
+/// rule) and the gateway's policy `paths`.
+async fn start_on(upstream_prefixes: &[&str], paths: &[&str]) -> (Emulator, TestGateway) {
     let window = Duration::from_secs(2);
-    let emu = Emulator::start(EmulatorConfig::new().quota(QuotaRule::new(
-        "graph-hunting",
-        &["/v1.0/security/"],
-        &[(1, window)],
-    )))
-    .await;
+    let rule = QuotaRule::new("hunting", upstream_prefixes, &[(1, window)]);
+    let emu = Emulator::start(EmulatorConfig::new().quota(rule)).await;
+    let paths = serde_json::to_string(paths).unwrap();
     let gw = TestGateway::start(
         &emu.url(),
         &format!(
             r#"
 [[policy]]
-name = "graph-hunting"
+name = "hunting"
 methods = ["POST"]
-paths = ["{GRAPH_HUNT}", "{SDK_HUNT}"]
+paths = {paths}
 windows = [{{ limit = 1, per = "2s" }}]
 hunting = true
 mode = "reject"
@@ -67,7 +72,9 @@ async fn run_client(gw: &TestGateway, program: &str, script: &str, installs: &st
         .env("NO_PROXY", "*")
         .env("GATEWAY", format!("http://{}", gw.proxy))
         .env("TOKEN", token("tenant-sdk", "app-sdk"))
+        .env("TENANT", "tenant-sdk")
         .env("QUERY", "DeviceProcessEvents | take 10 // cost=0.05 bytes=2500");
+    let started = std::time::Instant::now();
     let out: Output =
         tokio::task::spawn_blocking(move || c.output().expect("the client runs")).await.unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -77,7 +84,7 @@ async fn run_client(gw: &TestGateway, program: &str, script: &str, installs: &st
     );
     let calls: Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}\n{stderr}", String::from_utf8_lossy(&out.stdout)));
-    eprintln!("{script}: {calls}");
+    eprintln!("{script} ran for {:?}: {calls}", started.elapsed());
     calls
 }
 
@@ -117,7 +124,7 @@ async fn assert_parsed_refused_and_retried(
 
     assert_eq!(emu.throttled(), 0, "the upstream never throttled");
     assert_eq!(
-        gw.metric("quotagate_requests_total{decision=\"rejected\",policy=\"graph-hunting\"}").await,
+        gw.metric("quotagate_requests_total{decision=\"rejected\",policy=\"hunting\"}").await,
         2.0,
         "the no-retry call and the retry handler's first attempt"
     );
@@ -185,4 +192,42 @@ async fn the_graph_javascript_client_parses_results_and_handles_the_gateways_429
     let calls = run_client(&gw, "node", "graph_js.js", "node with tests/clients/node_modules (npm ci)").await;
     assert_parsed_refused_and_retried(&calls, "GraphError", &emu, &gw).await;
     assert_eq!(upstream_hunts(&emu, GRAPH_HUNT), 2, "the first call and the retried one");
+}
+
+/// Issue #10, case 3: msticpy's Defender driver (MDATPDriver, advanced
+/// hunting) with its connection string's `apiRoot` at the
+/// gateway. msticpy has no retry and reads `error.message` from any error
+/// body before raising: the gateway's Defender-shaped 429 gives it the
+/// message with the wait, and it raises its "API limit" error instead of
+/// crashing on the body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn msticpy_parses_results_and_reads_the_gateways_429_message() {
+    // msticpy 3.0.2 posts to the Defender for Endpoint path whichever
+    // Defender data environment it is given; either is metered as hunting.
+    const HUNT: &str = "/api/advancedqueries/run";
+    let (emu, gw) = start_on(&["/api/advanced"], &[HUNT, "/api/advancedhunting/run"]).await;
+    let calls = run_client(&gw, "python3", "msticpy_hunt.py", "msticpy").await;
+
+    let first = &calls["first"];
+    assert_eq!(first["outcome"], "ok", "{calls}");
+    assert_eq!(first["type"], "DataFrame", "{calls}");
+    assert_eq!(first["rows"], 3, "bytes=2500 pads the result to three rows: {calls}");
+    assert_eq!(first["first_x"], "row-00000000-", "{calls}");
+
+    let refused = &calls["refused"];
+    assert_eq!(refused["outcome"], "error", "{calls}");
+    assert_eq!(refused["error_type"], "ConnectionRefusedError", "msticpy's API-limit error: {calls}");
+    assert!(refused["error"].as_str().unwrap().contains("API limit"), "{calls}");
+    let logged = refused["logged"].as_array().unwrap();
+    assert!(
+        logged.iter().any(|m| {
+            let m = m.as_str().unwrap();
+            m.contains("enforced by quotagate") && m.contains("You can send requests again in")
+        }),
+        "msticpy logged the gateway's error.message: {calls}"
+    );
+
+    assert_eq!(upstream_hunts(&emu, HUNT), 1, "only the admitted call went upstream");
+    assert_eq!(emu.throttled(), 0);
+    assert_eq!(gw.metric("quotagate_requests_total{decision=\"rejected\",policy=\"hunting\"}").await, 1.0);
 }
