@@ -353,6 +353,12 @@ mod tests {
         assert_eq!(name("POST", 1, "/api/advancedqueries/run").as_deref(), Some("hunting-mde"));
         assert_eq!(name("POST", 0, "/api/advancedqueries/run").as_deref(), Some("hunting"));
         assert_eq!(name("POST", 2, "/v1.0/security/runHuntingQuery").as_deref(), Some("hunting"));
+        // Regression: the Graph SDKs post to the namespace-qualified action,
+        // which the built-in policy missed (forwarded unmetered).
+        let qualified = "/v1.0/security/microsoft.graph.security.runHuntingQuery";
+        assert_eq!(name("POST", 2, qualified).as_deref(), Some("hunting"));
+        let beta = "/beta/security/microsoft.graph.security.runHuntingQuery";
+        assert_eq!(name("POST", 2, beta).as_deref(), Some("hunting"));
         assert_eq!(name("GET", 0, "/api/incidents/42").as_deref(), Some("incidents"));
         assert_eq!(name("POST", 1, "/api/machines/m1/runliveresponse").as_deref(), Some("live-response"));
         assert_eq!(name("GET", 1, "/api/machines/m1").as_deref(), Some("mde-entities"));

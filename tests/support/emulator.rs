@@ -436,7 +436,11 @@ impl Route {
             "/api/advancedhunting/run" | "/api/advancedqueries/run" | "/api/v1.0/advancedqueries/run" => {
                 return Route::Hunt { graph: false }
             }
-            "/v1.0/security/runhuntingquery" | "/beta/security/runhuntingquery" => {
+            // The Graph SDKs call the action by its namespace-qualified name.
+            "/v1.0/security/runhuntingquery"
+            | "/beta/security/runhuntingquery"
+            | "/v1.0/security/microsoft.graph.security.runhuntingquery"
+            | "/beta/security/microsoft.graph.security.runhuntingquery" => {
                 return Route::Hunt { graph: true }
             }
             _ if lower == "/api/incidents" || lower.starts_with("/api/incidents/") => INCIDENTS,

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Quota-efficiency benchmark (docs/benchmarks.md): N clients at F times the
+# call quota for H scaled hours, through the gateway, straight to the
+# emulator with a Graph-SDK-style retry loop, and through nginx limit_req.
+# Needs nginx on PATH. Arguments pass through:
+#   bench/quota-efficiency.sh --clients 10 --factor 5 --hours 3 --hour-secs 12
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v nginx >/dev/null || { echo "nginx is missing: apt-get install -y nginx" >&2; exit 1; }
+exec cargo run --quiet --example quota_efficiency -- "$@"

@@ -1,0 +1,431 @@
+//! Quota-efficiency benchmark: how much of the tenant's upstream quota the
+//! gateway turns into answered calls, and at what cost to clients, against two
+//! references run in the same process on the same machine.
+//!
+//! N clients (10 by default) share one tenant and app and offer F times (5 by
+//! default) the call quota, half incident listings and half hunting queries
+//! whose cost the client cannot predict (10–200 ms, drawn at random). The
+//! upstream is the test emulator with the built-in profile's shape, scaled: a
+//! "minute" of 1 s and an "hour" of 12 s (`--hour-secs`), 10 calls per minute
+//! and 60 per hour for each API, and 2 s of hunting running time per hour
+//! (10 minutes in 60, scaled). Three modes, one after the other, each for H
+//! scaled hours (3 by default):
+//!
+//! - `gateway`: clients -> quotagate (queue, `max_wait` 2 s) -> emulator;
+//! - `direct`: clients -> emulator, with a Graph-SDK-style retry loop;
+//! - `nginx`: clients -> nginx `limit_req` at the hour's average rate (5 r/s
+//!   per API, burst 10 delayed, 429 on overflow) -> emulator.
+//!
+//! Every client handles a 429 like the Graph SDKs: sleep `Retry-After` (or,
+//! without one, 0.25 s doubling) and retry up to 3 times, then give up.
+//!
+//! Per scaled hour it prints: the share of each call quota the upstream
+//! accepted, the share of the running-time budget charged, upstream 429s,
+//! 429s the clients saw, calls they gave up on, answered calls, and the
+//! latency of answered calls (including queueing and retry sleeps).
+//!
+//! Run with `bench/quota-efficiency.sh` (it passes arguments through). What
+//! this does not measure: proxy throughput or overhead (see
+//! `docs/benchmarks.md`); everything shares one process and two cores.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+
+// The integration tests' emulator and in-process gateway; `emulator` finds
+// `hunt` as its `super::hunt`.
+#[allow(dead_code)]
+#[path = "../tests/support/emulator.rs"]
+mod emulator;
+#[allow(dead_code)]
+#[path = "../tests/support/gateway.rs"]
+mod gateway;
+#[allow(dead_code)]
+#[path = "../tests/support/hunt.rs"]
+mod hunt;
+
+use emulator::{Emulator, EmulatorConfig, QuotaRule};
+use gateway::TestGateway;
+
+const INCIDENTS: &str = "/api/incidents";
+const HUNT: &str = "/api/advancedhunting/run";
+const PER_MINUTE: u32 = 10;
+const PER_HOUR: u32 = 60;
+/// Running time per hour, as a share of the hour (10 minutes in 60).
+const RUNTIME_SHARE: f64 = 1.0 / 6.0;
+const TENANT: &str = "tenant-bench";
+
+#[derive(Clone, Copy)]
+struct Settings {
+    clients: usize,
+    factor: f64,
+    hours: u32,
+    hour: Duration,
+}
+
+impl Settings {
+    fn minute(&self) -> Duration {
+        self.hour / 12
+    }
+
+    fn runtime_budget(&self) -> Duration {
+        self.hour.mul_f64(RUNTIME_SHARE)
+    }
+
+    fn from_args() -> Settings {
+        let mut s = Settings { clients: 10, factor: 5.0, hours: 3, hour: Duration::from_secs(12) };
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        for pair in args.chunks(2) {
+            let value = pair.get(1).map(String::as_str).unwrap_or("");
+            match pair[0].as_str() {
+                "--clients" => s.clients = value.parse().expect("--clients N"),
+                "--factor" => s.factor = value.parse().expect("--factor F"),
+                "--hours" => s.hours = value.parse().expect("--hours H"),
+                "--hour-secs" => s.hour = Duration::from_secs_f64(value.parse().expect("--hour-secs S")),
+                other => panic!("unknown argument {other}: --clients N --factor F --hours H --hour-secs S"),
+            }
+        }
+        s
+    }
+}
+
+/// An unsigned v1.0 token for the benchmark's tenant and app.
+fn bearer() -> String {
+    let header = URL_SAFE_NO_PAD.encode(r#"{"alg":"none","typ":"JWT"}"#);
+    let payload = URL_SAFE_NO_PAD.encode(format!(r#"{{"tid":"{TENANT}","appid":"soc-app","ver":"1.0"}}"#));
+    format!("Bearer {header}.{payload}.sig")
+}
+
+/// A tiny deterministic generator: the same mix in every mode.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// What a client saw.
+#[derive(Default)]
+struct Seen {
+    /// (answered at, latency from first attempt) per answered call.
+    answered: Vec<(Instant, Duration)>,
+    /// Times a client was answered 429.
+    throttled: Vec<Instant>,
+    /// Times a client gave up on a call (4 attempts, or another error).
+    gave_up: Vec<Instant>,
+    /// Times a call was offered (its first attempt).
+    offered: Vec<Instant>,
+    /// Calls still unanswered when the run ended (sleeping before a retry, or queued).
+    unfinished: usize,
+}
+
+/// One client: offers its calls on a fixed schedule, each call in its own
+/// task, so a hunting query held back does not hold back its incident calls.
+async fn client_loop(base: String, id: u64, s: Settings, until: Instant, seen: Arc<Mutex<Seen>>) {
+    let http = reqwest::Client::builder().pool_max_idle_per_host(16).build().expect("client");
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ ((id + 1) * 0x1234_5678));
+    // Offered rate: factor × (both APIs' hourly quota), spread over the clients.
+    let quota_rate = 2.0 * f64::from(PER_HOUR) / s.hour.as_secs_f64();
+    let interval = Duration::from_secs_f64(s.clients as f64 / (s.factor * quota_rate));
+    let mut next = Instant::now() + interval.mul_f64((id as f64) / s.clients as f64);
+    let mut calls = Vec::new();
+    while next < until {
+        tokio::time::sleep_until(next.into()).await;
+        next += interval;
+        let hunt = rng.next() % 2 == 0;
+        let cost = [0.01, 0.02, 0.05, 0.1, 0.2][(rng.next() % 5) as usize];
+        calls.push(tokio::spawn(one_call(
+            http.clone(),
+            base.clone(),
+            hunt,
+            cost,
+            until + s.hour,
+            seen.clone(),
+        )));
+    }
+    for c in calls {
+        let _ = c.await;
+    }
+}
+
+/// One call with the Graph SDKs' retry policy: on 429 sleep `Retry-After`
+/// (else 0.25 s doubling) and retry up to 3 times.
+async fn one_call(
+    http: reqwest::Client,
+    base: String,
+    hunt: bool,
+    cost: f64,
+    end: Instant,
+    seen: Arc<Mutex<Seen>>,
+) {
+    let auth = bearer();
+    let started = Instant::now();
+    seen.lock().unwrap().offered.push(started);
+    let mut attempt = 0u32;
+    loop {
+        let req = if hunt {
+            let q = format!("DeviceProcessEvents | take 10 // cost={cost}");
+            http.post(format!("{base}{HUNT}")).body(serde_json::json!({ "Query": q }).to_string())
+        } else {
+            http.get(format!("{base}{INCIDENTS}?$top=100"))
+        };
+        let r = req.header("authorization", &auth).header("content-type", "application/json").send().await;
+        let Ok(r) = r else {
+            seen.lock().unwrap().gave_up.push(Instant::now());
+            return;
+        };
+        let status = r.status().as_u16();
+        let retry_after =
+            r.headers().get("retry-after").and_then(|v| v.to_str().ok()?.trim().parse::<f64>().ok());
+        let _ = r.bytes().await;
+        let at = Instant::now();
+        if status == 200 {
+            seen.lock().unwrap().answered.push((at, at - started));
+            return;
+        }
+        let give_up = status != 429 || attempt == 3;
+        {
+            let mut seen = seen.lock().unwrap();
+            if status == 429 {
+                seen.throttled.push(at);
+            }
+            if give_up {
+                seen.gave_up.push(at);
+            }
+        }
+        let delay = Duration::from_secs_f64(retry_after.unwrap_or(0.25 * f64::from(1u32 << attempt)));
+        if give_up {
+            return;
+        }
+        if at + delay >= end {
+            return; // the run is over before the retry would go: unfinished
+        }
+        attempt += 1;
+        tokio::time::sleep(delay).await;
+    }
+}
+
+fn emulator_config(s: &Settings) -> EmulatorConfig {
+    let windows = [(PER_MINUTE, s.minute()), (PER_HOUR, s.hour)];
+    EmulatorConfig::new()
+        .quota(QuotaRule::new("incidents", &[INCIDENTS], &windows))
+        .quota(QuotaRule::new("hunting", &[HUNT], &windows))
+        .running_time(s.runtime_budget(), s.hour)
+}
+
+fn gateway_rest(s: &Settings) -> String {
+    let ms = |d: Duration| format!("{}ms", d.as_millis());
+    let (minute, hour, budget) = (ms(s.minute()), ms(s.hour), ms(s.runtime_budget()));
+    format!(
+        r#"
+[hunting]
+budgets = [{{ limit = "{budget}", per = "{hour}" }}]
+estimate = "100ms"
+
+[[policy]]
+name = "incidents"
+paths = ["{INCIDENTS}", "{INCIDENTS}/**"]
+windows = [{{ limit = {PER_MINUTE}, per = "{minute}" }}, {{ limit = {PER_HOUR}, per = "{hour}" }}]
+mode = "queue"
+max_wait = "2s"
+
+[[policy]]
+name = "hunting"
+methods = ["POST"]
+paths = ["{HUNT}"]
+windows = [{{ limit = {PER_MINUTE}, per = "{minute}" }}, {{ limit = {PER_HOUR}, per = "{hour}" }}]
+hunting = true
+mode = "queue"
+max_wait = "2s"
+"#
+    )
+}
+
+/// nginx with `limit_req` per Authorization at the hour's average rate.
+fn start_nginx(dir: &Path, upstream: &str, port: u16, s: &Settings) -> Child {
+    let per_minute = (f64::from(PER_HOUR) * 60.0 / s.hour.as_secs_f64()).round() as u64;
+    let zone =
+        |name: &str| format!("limit_req_zone $http_authorization zone={name}:1m rate={per_minute}r/m;");
+    let conf = format!(
+        r#"worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  {inc}
+  {hunt}
+  limit_req_status 429;
+  upstream emulator {{ server {upstream}; keepalive 16; }}
+  server {{
+    listen 127.0.0.1:{port};
+    location /api/incidents {{
+      limit_req zone=incidents burst={PER_MINUTE};
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_pass http://emulator;
+    }}
+    location /api/advancedhunting/ {{
+      limit_req zone=hunting burst={PER_MINUTE};
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_pass http://emulator;
+    }}
+  }}
+}}
+"#,
+        dir = dir.display(),
+        inc = zone("incidents"),
+        hunt = zone("hunting"),
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf).expect("write nginx.conf");
+    Command::new("nginx")
+        .arg("-p")
+        .arg(dir)
+        .arg("-c")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("nginx starts (apt-get install nginx)")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+async fn wait_for_port(port: u16) {
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("nothing listens on {port}");
+}
+
+/// One mode's run: clients against `base` for the configured hours.
+async fn drive(base: &str, s: Settings) -> (Instant, Seen) {
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let start = Instant::now();
+    let until = start + s.hour * s.hours;
+    let tasks: Vec<_> = (0..s.clients as u64)
+        .map(|id| tokio::spawn(client_loop(base.to_string(), id, s, until, seen.clone())))
+        .collect();
+    for t in tasks {
+        // A client still waiting after the last hour is not counted further.
+        let _ = tokio::time::timeout_at((until + s.hour).into(), t).await;
+    }
+    let mut seen = std::mem::take(&mut *seen.lock().unwrap());
+    // Neither answered nor given up: queued, or sleeping before a retry.
+    seen.unfinished = seen.offered.len().saturating_sub(seen.answered.len() + seen.gave_up.len());
+    (start, seen)
+}
+
+fn percentile(mut v: Vec<Duration>, p: f64) -> Duration {
+    if v.is_empty() {
+        return Duration::ZERO;
+    }
+    v.sort();
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+fn report(mode: &str, emu: &Emulator, start: Instant, seen: &Seen, s: &Settings) {
+    let requests = emu.requests();
+    let charges = emu.charges(TENANT);
+    for h in 0..s.hours {
+        let from = start + s.hour * h;
+        let to = from + s.hour;
+        let inside = |t: Instant| t >= from && t < to;
+        let accepted = |prefix: &str| {
+            requests
+                .iter()
+                .filter(|r| inside(r.at) && r.status == 200 && r.path_and_query.starts_with(prefix))
+                .count()
+        };
+        let upstream_429 = requests.iter().filter(|r| inside(r.at) && r.status == 429).count();
+        let runtime = charges.between(from, to).as_secs_f64() / s.runtime_budget().as_secs_f64();
+        let answered: Vec<Duration> =
+            seen.answered.iter().filter(|(t, _)| inside(*t)).map(|(_, d)| *d).collect();
+        let mean = if answered.is_empty() {
+            0.0
+        } else {
+            answered.iter().map(Duration::as_secs_f64).sum::<f64>() / answered.len() as f64
+        };
+        println!(
+            "| {mode} | {h} | {} | {:.0}% | {:.0}% | {:.0}% | {upstream_429} | {} | {} | {} | {:.2} s | {:.2} s |",
+            seen.offered.iter().filter(|t| inside(**t)).count(),
+            100.0 * accepted(INCIDENTS) as f64 / f64::from(PER_HOUR),
+            100.0 * accepted(HUNT) as f64 / f64::from(PER_HOUR),
+            100.0 * runtime,
+            seen.throttled.iter().filter(|t| inside(**t)).count(),
+            seen.gave_up.iter().filter(|t| inside(**t)).count(),
+            answered.len(),
+            mean,
+            percentile(answered, 0.95).as_secs_f64(),
+        );
+    }
+    let upstream_429 = requests.iter().filter(|r| r.status == 429).count();
+    println!(
+        "| {mode} | all | {} | | | max {:.0}% in any hour | {upstream_429} | {} | {} | {} (+{} unfinished at the end) | | |",
+        seen.offered.len(),
+        100.0 * charges.max_in_any(s.hour).as_secs_f64() / s.runtime_budget().as_secs_f64(),
+        seen.throttled.len(),
+        seen.gave_up.len(),
+        seen.answered.len(),
+        seen.unfinished,
+    );
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let s = Settings::from_args();
+    println!(
+        "{} clients, {}x the call quota, {} scaled hours of {:?} (minute {:?}); per API {PER_MINUTE}/minute and {PER_HOUR}/hour; running time {:?}/hour",
+        s.clients,
+        s.factor,
+        s.hours,
+        s.hour,
+        s.minute(),
+        s.runtime_budget()
+    );
+    println!();
+    println!("| Mode | Hour | Calls offered | Incident calls used | Hunting calls used | Running time used | Upstream 429s | Client 429s | Gave up | Answered | Mean latency | p95 latency |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+
+    // The gateway.
+    let emu = Emulator::start(emulator_config(&s)).await;
+    let gw = TestGateway::start(&emu.url(), &gateway_rest(&s)).await;
+    let (start, seen) = drive(&format!("http://{}", gw.proxy), s).await;
+    report("gateway", &emu, start, &seen, &s);
+    drop(gw);
+    drop(emu);
+
+    // Direct, with the SDK-style retry loop.
+    let emu = Emulator::start(emulator_config(&s)).await;
+    let (start, seen) = drive(&emu.url(), s).await;
+    report("direct", &emu, start, &seen, &s);
+    drop(emu);
+
+    // nginx limit_req.
+    let emu = Emulator::start(emulator_config(&s)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let mut nginx = start_nginx(dir.path(), &emu.addr().to_string(), port, &s);
+    wait_for_port(port).await;
+    let (start, seen) = drive(&format!("http://127.0.0.1:{port}"), s).await;
+    report("nginx", &emu, start, &seen, &s);
+    // SIGTERM, not SIGKILL: the master then stops its worker too.
+    let _ = Command::new("kill").arg("-TERM").arg(nginx.id().to_string()).status();
+    let _ = nginx.wait();
+}
