@@ -152,12 +152,10 @@ fn main() {
         .replace("access_log = true", "access_log = false");
     std::fs::write(&config, text).unwrap();
     let (mut gateway, proxy) = start(
-        Command::new(env!("CARGO_BIN_EXE_quotagate")).args([
-            "--config",
-            config.to_str().unwrap(),
-            "--workers",
-            "1",
-        ]),
+        Command::new(env!("CARGO_BIN_EXE_quotagate"))
+            .args(["--config", config.to_str().unwrap(), "--workers", "1"])
+            // The built-in store is a state file: keep it in the temporary directory.
+            .env("STATE_DIRECTORY", dir.path()),
         |l| l.strip_prefix("quotagate: proxy listening on ").map(str::to_string),
     );
     let pid = gateway.id();
