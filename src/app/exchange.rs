@@ -128,15 +128,7 @@ impl Metered<'_> {
                     self.metrics.rejection(rejection.reason).inc();
                     return self.fail(GatewayError::RunningTime { tenant: self.tenant.clone(), rejection });
                 }
-                Err(RuntimeRefusal::Down(e)) => {
-                    outcome.decision = "rejected";
-                    self.metrics.rejected.inc();
-                    tracing::debug!(policy = %self.policy.name, error = %e, "quota store down: failing closed");
-                    return self.fail(GatewayError::StoreUnavailable {
-                        detail: "the shared quota store (Redis) is unreachable".into(),
-                        retry_after: crate::store::redis::FAIL_CLOSED_RETRY,
-                    });
-                }
+                Err(RuntimeRefusal::Down(e)) => return self.store_down(&e, outcome),
             };
             if let Some(r) = &reservation {
                 outcome.waited += r.waited;
@@ -148,16 +140,7 @@ impl Metered<'_> {
                 .await;
             let admitted = match acquired {
                 Ok(admitted) => admitted,
-                Err(Refusal::Down(e)) => {
-                    // Redis is down and the config fails closed: nothing is forwarded.
-                    outcome.decision = "rejected";
-                    self.metrics.rejected.inc();
-                    tracing::debug!(policy = %self.policy.name, error = %e, "quota store down: failing closed");
-                    return self.fail(GatewayError::StoreUnavailable {
-                        detail: "the shared quota store (Redis) is unreachable".into(),
-                        retry_after: crate::store::redis::FAIL_CLOSED_RETRY,
-                    });
-                }
+                Err(Refusal::Down(e)) => return self.store_down(&e, outcome),
                 Err(Refusal::Rejected(mut rejection)) => {
                     let usage = std::mem::take(&mut rejection.usage);
                     outcome.decision = "rejected";
@@ -399,6 +382,17 @@ impl Metered<'_> {
             }
             ApiKind::Graph => meter::graph(response, reservation, &report),
         }
+    }
+
+    /// Redis is down and the config fails closed: nothing is forwarded.
+    fn store_down(&self, e: &dyn std::fmt::Display, outcome: &mut Outcome) -> Response {
+        outcome.decision = "rejected";
+        self.metrics.rejected.inc();
+        tracing::debug!(policy = %self.policy.name, error = %e, "quota store down: failing closed");
+        self.fail(GatewayError::StoreUnavailable {
+            detail: "the shared quota store (Redis) is unreachable".into(),
+            retry_after: crate::store::redis::FAIL_CLOSED_RETRY,
+        })
     }
 
     fn upstream_failed(&self, e: UpstreamError, admitted: &Admitted) -> Response {
