@@ -197,6 +197,15 @@ impl KeyCell {
     }
 }
 
+/// `key`'s state in `keys`, created empty on first use; the read path takes
+/// no write lock.
+pub(crate) fn cell_of<C: Default>(keys: &DashMap<QuotaKey, Arc<C>>, key: &QuotaKey) -> Arc<C> {
+    if let Some(cell) = keys.get(key) {
+        return cell.clone();
+    }
+    keys.entry(key.clone()).or_default().clone()
+}
+
 /// Every key's admissions and waiters.
 pub struct Limiter {
     keys: DashMap<QuotaKey, Arc<KeyCell>>,
@@ -298,10 +307,7 @@ impl Limiter {
     }
 
     fn cell(&self, key: &QuotaKey) -> Arc<KeyCell> {
-        if let Some(cell) = self.keys.get(key) {
-            return cell.clone();
-        }
-        self.keys.entry(key.clone()).or_default().clone()
+        cell_of(&self.keys, key)
     }
 
     /// Admit a call for `key` under `policy`, waiting at most `max_wait`,

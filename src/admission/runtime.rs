@@ -218,10 +218,7 @@ impl RuntimeLimiter {
     }
 
     fn cell(&self, key: &QuotaKey) -> Arc<Cell> {
-        if let Some(cell) = self.keys.get(key) {
-            return cell.clone();
-        }
-        self.keys.entry(key.clone()).or_default().clone()
+        super::cell_of(&self.keys, key)
     }
 
     /// Reserve running time for one query of `key`, waiting at most
