@@ -175,3 +175,59 @@ async fn an_unwritable_path_stops_startup_unless_starting_empty_is_allowed() {
     assert!(ready["store"]["degraded"].as_str().unwrap().contains("memory"), "{ready}");
     gw.kill();
 }
+
+/// Rows name their policy, not its place in the config: after a reload that
+/// puts a new policy ahead of an existing one, and a restart on that config,
+/// each policy still holds exactly its own admissions.
+#[tokio::test]
+async fn admissions_keep_their_policy_across_a_reload_that_moves_it_and_a_restart() {
+    let emu = Emulator::start(EmulatorConfig::new()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.db");
+    let cfg = dir.path().join("gateway.toml");
+    let policy = |name: &str, path: &str, limit: u32| {
+        format!(
+            "[[policy]]\nname = \"{name}\"\npaths = [\"{path}\"]\nwindows = [{{ limit = {limit}, per = \"60s\" }}]\nmode = \"reject\"\n"
+        )
+    };
+    let write = |policies: &[String]| {
+        let text = format!(
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\naccess_log = false\n\
+             [[upstream]]\nname = \"defender\"\nurl = \"{}\"\nkind = \"defender\"\nroute_prefixes = [\"/api/\"]\n\
+             [store]\nbackend = \"sqlite\"\npath = {:?}\n{}",
+            emu.url(),
+            db.to_str().unwrap(),
+            policies.concat()
+        );
+        std::fs::write(&cfg, text).unwrap();
+    };
+    let http = client();
+    let call = |gw: &Gateway, path: &str| {
+        let request = http.get(gw.url(path)).header("authorization", bearer("tenant-moved", "app"));
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+
+    write(&[policy("incidents", "/api/incidents", 3)]);
+    let gw = Gateway::start(&cfg, dir.path()).unwrap();
+    for _ in 0..3 {
+        assert_eq!(call(&gw, "/api/incidents").await, 200);
+    }
+    assert_eq!(call(&gw, "/api/incidents").await, 429, "incidents is spent");
+
+    // A new policy now comes first: the positions of the two differ from
+    // what the first config gave them.
+    write(&[policy("machines", "/api/machines", 2), policy("incidents", "/api/incidents", 3)]);
+    gw.reload();
+    gw.until_generation(2).await;
+    for _ in 0..2 {
+        assert_eq!(call(&gw, "/api/machines").await, 200);
+    }
+    assert_eq!(call(&gw, "/api/machines").await, 429, "machines is spent");
+    assert_eq!(call(&gw, "/api/incidents").await, 429, "incidents still is");
+    gw.kill();
+
+    let gw = Gateway::start(&cfg, dir.path()).unwrap();
+    assert_eq!(call(&gw, "/api/incidents").await, 429, "incidents' three admissions came back to incidents");
+    assert_eq!(call(&gw, "/api/machines").await, 429, "machines' two came back to machines");
+    assert_eq!(emu.requests().len(), 5, "the upstream saw the five admitted calls only");
+}

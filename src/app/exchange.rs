@@ -260,7 +260,7 @@ impl Metered<'_> {
                 outcome.decision = "forwarded";
                 return Response::from_parts(head, Body::from(bytes));
             };
-            let wait = self.obey(&throttle, attempt);
+            let wait = self.obey(&throttle, attempt).await;
             // A policy that rejects rather than queues never waits, so never retries.
             let fits = self.policy.mode == Mode::Queue && started.elapsed() + wait <= self.max_wait;
             if replay.is_some() && attempt < self.policy.max_attempts && fits {
@@ -288,7 +288,7 @@ impl Metered<'_> {
     }
 
     /// Act on an upstream throttle; returns how long to wait before the next try.
-    fn obey(&self, throttle: &Throttle, attempt: u32) -> Duration {
+    async fn obey(&self, throttle: &Throttle, attempt: u32) -> Duration {
         let gw = &*self.worker.gateway;
         let config = &*self.view.config;
         self.metrics.throttle(throttle.kind).inc();
@@ -301,11 +301,11 @@ impl Metered<'_> {
             // Running time is the tenant's, whichever app spent it.
             (Kind::RunningTime, Some(key)) => {
                 gw.runtime.hold(key, wait);
-                gw.store.held(key, self.policy.id, gw.runtime.hold_until(key), true);
+                gw.store.held(key, self.policy, gw.runtime.hold_until(key), true).await;
             }
             (Kind::RunningTime | Kind::CallRate, _) => {
                 gw.limiter.hold(&self.key, wait);
-                gw.store.held(&self.key, self.policy.id, gw.limiter.hold_until(&self.key), false);
+                gw.store.held(&self.key, self.policy, gw.limiter.hold_until(&self.key), false).await;
             }
             (Kind::Concurrency, _) => {}
         }
@@ -315,7 +315,7 @@ impl Metered<'_> {
         if let Some((limit, per)) = throttle.revealed {
             let window = Window::new(std::num::NonZeroU32::new(limit).expect("parser returns non-zero"), per);
             if gw.limiter.reveal(&self.key, self.policy, window) {
-                gw.store.revealed(&self.key, self.policy.id, window);
+                gw.store.revealed(&self.key, self.policy, window);
                 self.metrics.revealed_limit.set(i64::from(limit));
                 tracing::warn!(policy = %self.policy.name, tenant = %self.tenant, limit,
                     window_s = per.as_secs_f64(), "the upstream revealed a lower limit than configured; using it");

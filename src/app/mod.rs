@@ -108,6 +108,7 @@ impl Gateway {
             };
         }
         self.guards.set(Arc::new(Guards::new(config.clients.all())));
+        self.store.set_policies(&config.policies);
         self.config.set(Arc::new(config));
     }
 }

@@ -137,8 +137,8 @@ pub async fn start_on(config: Config, workers: &[Handle]) -> io::Result<Running>
             {
                 let (redis, stopped, gw) = (redis.clone(), stopped.clone(), gateway.clone());
                 async move {
-                    let config = gw.config();
-                    redis.watch(&gw.limiter, &config.policies.0, stopping(stopped)).await;
+                    let policy_of = |id: u16| gw.config().policies.0.iter().find(|p| p.key_id == id).cloned();
+                    redis.watch(&gw.limiter, policy_of, stopping(stopped)).await;
                     Ok(())
                 }
             },

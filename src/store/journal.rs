@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 use super::sqlite::{self, Event, Job};
-use super::{decode_key, encode_key, Store, StoreError};
+use super::{PolicyNames, Store, StoreError};
 use crate::admission::runtime::{ChargeJournal, RuntimeLimiter};
 use crate::admission::Limiter;
 use crate::config::Config;
@@ -21,10 +21,11 @@ pub struct Journal {
     tx: Mutex<mpsc::Sender<Job>>,
     clock: Clock,
     pub(super) next_pending: AtomicU64,
-    /// How long a call admission of each policy counts (longest window + guard).
-    pub(super) call_horizon: Vec<i64>,
+    /// How long past its window an admission still counts.
+    pub(super) guard: Duration,
     /// How long a charge counts (longest budget + guard).
     pub(super) charge_horizon: i64,
+    names: Arc<PolicyNames>,
 }
 
 impl Journal {
@@ -43,7 +44,7 @@ impl ChargeJournal for Journal {
         let end = self.unix(end);
         let cost = i64::try_from(cost).unwrap_or(i64::MAX);
         let expires = end.saturating_add(self.charge_horizon);
-        self.send(vec![Event::Charge { pending, key: encode_key(key), end, cost, expires }], None);
+        self.send(vec![Event::Charge { pending, key: self.names.encode(key), end, cost, expires }], None);
     }
 
     fn released(&self, pending: u64) {
@@ -54,6 +55,7 @@ impl ChargeJournal for Journal {
 pub(super) fn open(
     config: &Config,
     path: &std::path::Path,
+    names: Arc<PolicyNames>,
     limiter: &Limiter,
     runtime: &RuntimeLimiter,
     metrics: &crate::metrics::Metrics,
@@ -75,6 +77,7 @@ pub(super) fn open(
             tracing::error!(error = %e,
                 "THE STATE FILE CANNOT BE WRITTEN: running on memory only (allow_start_empty = true); usage will not survive a restart");
             let mut store = Store::memory();
+            store.names = names;
             store.degraded = Some(format!("running in memory: {e}"));
             store.path = Some(path.to_path_buf());
             return Ok(store);
@@ -84,16 +87,10 @@ pub(super) fn open(
     let clock = limiter.clock();
     let contents = sqlite::load(&conn, sqlite::unix_now())
         .map_err(|e| StoreError::Corrupt { path: path.display().to_string(), detail: e.to_string() })?;
-    let restored = restore(config, &contents, clock, limiter, runtime);
+    let restored = restore(config, &names, &contents, clock, limiter, runtime);
     tracing::info!(path = %path.display(), admissions = restored.0, charges = restored.1, holds = restored.2,
         "restored quota state from the state file");
     let guard = config.guard;
-    let call_horizon = config
-        .policies
-        .0
-        .iter()
-        .map(|p| nanos(p.windows.iter().map(|w| w.per).max().unwrap_or_default() + guard))
-        .collect();
     let charge_horizon = nanos(
         config.policies.0.iter().flat_map(|p| p.budgets.iter()).map(|b| b.per).max().unwrap_or_default()
             + guard,
@@ -109,8 +106,9 @@ pub(super) fn open(
         tx: Mutex::new(tx),
         clock,
         next_pending: AtomicU64::new(u64::try_from(sqlite::unix_now()).unwrap_or(1)),
-        call_horizon,
+        guard,
         charge_horizon,
+        names: names.clone(),
     });
     runtime.set_journal(journal.clone());
     Ok(Store {
@@ -119,6 +117,7 @@ pub(super) fn open(
         path: Some(path.to_path_buf()),
         degraded,
         redis: None,
+        names,
     })
 }
 
@@ -130,13 +129,19 @@ pub(super) fn nanos(d: Duration) -> i64 {
 /// charges and holds were restored.
 fn restore(
     config: &Config,
+    names: &PolicyNames,
     c: &sqlite::Contents,
     clock: Clock,
     limiter: &Limiter,
     runtime: &RuntimeLimiter,
 ) -> (usize, usize, usize) {
     let policies = &config.policies.0;
-    let policy = |id: u16| policies.get(usize::from(id));
+    // Rows name their policy; its keys take the id it runs under now.
+    let policy = |name: &str| {
+        let id = names.id(name, &config.policies)?;
+        policies.iter().find(|p| p.key_id == id)
+    };
+    let decode = |key: &str| names.decode(key, &config.policies);
     let hunting_budgets = policies.iter().find(|p| p.hunting).map(|p| p.budgets.clone()).unwrap_or_default();
     let mut n = (0, 0, 0);
     // Admissions, grouped by key (the rows come sorted by key).
@@ -145,11 +150,7 @@ fn restore(
         let (key, pid, _) = &c.admissions[i];
         let j = i + c.admissions[i..].iter().take_while(|(k, _, _)| k == key).count();
         let times: Vec<u64> = c.admissions[i..j].iter().map(|(_, _, at)| clock.from_unix(*at)).collect();
-        if let (Some(mut qk), Some(p)) = (decode_key(key), policy(*pid)) {
-            // Rows name their policy by position; its key keeps the id it runs under.
-            if qk.policy.is_some() {
-                qk.policy = Some(p.key_id);
-            }
+        if let (Some(qk), Some(p)) = (decode(key), policy(pid)) {
             let revealed = c
                 .reveals
                 .iter()
@@ -171,20 +172,17 @@ fn restore(
             .iter()
             .map(|(_, end, cost)| (clock.from_unix(*end), u64::try_from(*cost).unwrap_or(0)))
             .collect();
-        if let Some(qk) = decode_key(key) {
+        if let Some(qk) = decode(key) {
             runtime.restore(&qk, &hunting_budgets, &charges, 0);
             n.1 += charges.len();
         }
         i = j;
     }
     for (scope, key, pid, until) in &c.holds {
-        let (Some(qk), until) = (decode_key(key), clock.from_unix(*until)) else { continue };
-        match (scope.as_str(), policy(*pid)) {
+        let (Some(qk), until) = (decode(key), clock.from_unix(*until)) else { continue };
+        match (scope.as_str(), policy(pid)) {
             ("runtime", _) => runtime.restore(&qk, &hunting_budgets, &[], until),
-            (_, Some(p)) => {
-                let qk = QuotaKey { policy: qk.policy.map(|_| p.key_id), ..qk };
-                limiter.restore(&qk, p, &[], until, None)
-            }
+            (_, Some(p)) => limiter.restore(&qk, p, &[], until, None),
             _ => continue,
         }
         n.2 += 1;
@@ -265,7 +263,7 @@ hunting = true
                 }
             }
             limiter.hold(&key, Duration::from_secs(60));
-            store.held(&key, policy.id, limiter.hold_until(&key), false);
+            store.held(&key, policy, limiter.hold_until(&key), false).await;
             // A last admission, awaited, so everything queued before it is on disk.
             let admitted = limiter.acquire(&key, policy, Duration::ZERO, &depth).await;
             assert!(admitted.is_err(), "held");

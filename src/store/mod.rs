@@ -16,10 +16,12 @@
 //! With `redis` the decision itself moves into Redis ([`redis`]).
 
 mod journal;
+mod names;
 pub mod redis;
 pub mod sqlite;
 
 pub use journal::Journal;
+pub use names::PolicyNames;
 
 use std::num::NonZeroU32;
 use std::path::PathBuf;
@@ -126,17 +128,6 @@ pub enum StoreError {
     Redis(String),
 }
 
-/// Encode a key for a row or a Redis key: `[policy, tenant, app]` in JSON.
-pub fn encode_key(key: &QuotaKey) -> String {
-    serde_json::json!([key.policy, &*key.tenant, key.app.as_deref()]).to_string()
-}
-
-/// The key a row names; `None` for a row this version cannot read.
-pub fn decode_key(text: &str) -> Option<QuotaKey> {
-    let (policy, tenant, app): (Option<u16>, String, Option<String>) = serde_json::from_str(text).ok()?;
-    Some(QuotaKey { policy, tenant: tenant.into(), app: app.map(Into::into) })
-}
-
 /// Why a hunting query's shared running time was not reserved.
 #[derive(Debug)]
 pub enum RuntimeRefusal {
@@ -154,9 +145,16 @@ pub struct Store {
     /// Why the store runs without what it should have (started empty).
     degraded: Option<String>,
     redis: Option<Arc<redis::RedisStore>>,
+    /// What rows and Redis keys call each policy ([`names`]).
+    names: Arc<PolicyNames>,
 }
 
 impl Store {
+    /// A reload changed the policies: name their keys by the new config.
+    pub fn set_policies(&self, policies: &crate::policy::Policies) {
+        self.names.set(policies);
+    }
+
     /// Wait until everything journalled so far is committed to the state
     /// file (a no-op without one). The gateway calls it as it stops.
     pub async fn flush(&self) {
@@ -173,7 +171,14 @@ impl Store {
 
     /// No store: state lives in the limiters only.
     pub fn memory() -> Store {
-        Store { kind: "memory", journal: None, path: None, degraded: None, redis: None }
+        Store {
+            kind: "memory",
+            journal: None,
+            path: None,
+            degraded: None,
+            redis: None,
+            names: Arc::new(PolicyNames::default()),
+        }
     }
 
     /// Open the configured store and restore into the limiters what it holds.
@@ -183,13 +188,22 @@ impl Store {
         runtime: &RuntimeLimiter,
         metrics: &crate::metrics::Metrics,
     ) -> Result<Store, StoreError> {
+        let names = Arc::new(PolicyNames::new(&config.policies));
         match &config.store.backend {
             Backend::Memory => Ok(Store::memory()),
-            Backend::Sqlite { path } => journal::open(config, path, limiter, runtime, metrics),
+            Backend::Sqlite { path } => journal::open(config, path, names, limiter, runtime, metrics),
             Backend::Redis { url } => {
-                let redis = Arc::new(redis::RedisStore::new(config, url, limiter.clock(), metrics)?);
+                let redis =
+                    Arc::new(redis::RedisStore::new(config, url, names.clone(), limiter.clock(), metrics)?);
                 runtime.set_journal(Arc::new(redis::LedgerJournal(redis.clone())));
-                Ok(Store { kind: "redis", journal: None, path: None, degraded: None, redis: Some(redis) })
+                Ok(Store {
+                    kind: "redis",
+                    journal: None,
+                    path: None,
+                    degraded: None,
+                    redis: Some(redis),
+                    names,
+                })
             }
         }
     }
@@ -283,10 +297,10 @@ impl Store {
     ) -> Result<(), StoreError> {
         let Some(j) = &self.journal else { return Ok(()) };
         let at = j.unix(admitted.at());
-        let horizon = j.call_horizon.get(usize::from(policy.id)).copied().unwrap_or(j.charge_horizon);
+        let horizon = nanos(policy.windows.iter().map(|w| w.per).max().unwrap_or_default() + j.guard);
         let mut events = vec![Event::Admit {
-            key: encode_key(key),
-            policy: policy.id,
+            key: self.names.encode(key),
+            policy: policy.name.clone(),
             at,
             expires: at.saturating_add(horizon),
         }];
@@ -296,7 +310,7 @@ impl Store {
                 let estimate = i64::try_from(r.estimate().as_nanos()).unwrap_or(i64::MAX);
                 events.push(Event::Pending {
                     id,
-                    key: encode_key(rkey),
+                    key: self.names.encode(rkey),
                     sent: at,
                     estimate,
                     expires: at.saturating_add(j.charge_horizon),
@@ -321,31 +335,34 @@ impl Store {
             r.refund(key, admitted);
         }
         if let Some(j) = &self.journal {
-            j.send(vec![Event::Refund { key: encode_key(key), at: j.unix(admitted.at()) }], None);
+            j.send(vec![Event::Refund { key: self.names.encode(key), at: j.unix(admitted.at()) }], None);
         }
     }
 
     /// The upstream holds `key` until clock reading `until`.
-    pub fn held(&self, key: &QuotaKey, policy: u16, until: u64, runtime: bool) {
+    pub async fn held(&self, key: &QuotaKey, policy: &Policy, until: u64, runtime: bool) {
         if let Some(r) = &self.redis {
-            r.hold_until(key, until, runtime);
+            r.hold_until(key, until, runtime).await;
         }
         if let Some(j) = &self.journal {
             let scope = if runtime { "runtime" } else { "call" };
-            j.send(vec![Event::Hold { scope, key: encode_key(key), policy, until: j.unix(until) }], None);
+            let (key, policy, until) = (self.names.encode(key), policy.name.clone(), j.unix(until));
+            j.send(vec![Event::Hold { scope, key, policy, until }], None);
         }
     }
 
     /// The upstream revealed a lower limit for `key`.
-    pub fn revealed(&self, key: &QuotaKey, policy: u16, window: Window) {
+    pub fn revealed(&self, key: &QuotaKey, policy: &Policy, window: Window) {
         if let Some(j) = &self.journal {
             let now = sqlite::unix_now();
             let per = nanos(window.per);
-            let horizon = j.call_horizon.iter().copied().max().unwrap_or(0).max(per);
+            // As long as any window of the policy counts, and the revealed one.
+            let longest = policy.windows.iter().map(|w| w.per).max().unwrap_or_default();
+            let horizon = nanos(longest + j.guard).max(per);
             j.send(
                 vec![Event::Reveal {
-                    key: encode_key(key),
-                    policy,
+                    key: self.names.encode(key),
+                    policy: policy.name.clone(),
                     per,
                     limit: window.limit.get(),
                     expires: now.saturating_add(horizon),
@@ -372,21 +389,5 @@ impl Store {
     /// Whether the store answers (always, except Redis failing closed while down).
     pub fn ready(&self) -> bool {
         self.redis.as_ref().is_none_or(|r| r.ready())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keys_round_trip() {
-        for key in [
-            QuotaKey { policy: Some(3), tenant: "t|\"x".into(), app: Some("a".into()) },
-            QuotaKey { policy: None, tenant: "t".into(), app: None },
-        ] {
-            assert_eq!(decode_key(&encode_key(&key)), Some(key));
-        }
-        assert_eq!(decode_key("nonsense"), None);
     }
 }

@@ -32,7 +32,7 @@ const PRUNE_CHUNK: usize = 2000;
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS admissions (
-    key TEXT NOT NULL, policy INTEGER NOT NULL, at INTEGER NOT NULL, expires INTEGER NOT NULL);
+    key TEXT NOT NULL, policy NOT NULL, at INTEGER NOT NULL, expires INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS admissions_key ON admissions (key, at);
 CREATE INDEX IF NOT EXISTS admissions_expires ON admissions (expires);
 CREATE TABLE IF NOT EXISTS charges (
@@ -42,19 +42,20 @@ CREATE TABLE IF NOT EXISTS pending (
     id INTEGER PRIMARY KEY, key TEXT NOT NULL, sent INTEGER NOT NULL, estimate INTEGER NOT NULL,
     expires INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS holds (
-    scope TEXT NOT NULL, key TEXT NOT NULL, policy INTEGER NOT NULL, until INTEGER NOT NULL,
+    scope TEXT NOT NULL, key TEXT NOT NULL, policy NOT NULL, until INTEGER NOT NULL,
     PRIMARY KEY (scope, key));
 CREATE TABLE IF NOT EXISTS reveals (
-    key TEXT NOT NULL, policy INTEGER NOT NULL, per INTEGER NOT NULL, lim INTEGER NOT NULL,
+    key TEXT NOT NULL, policy NOT NULL, per INTEGER NOT NULL, lim INTEGER NOT NULL,
     expires INTEGER NOT NULL, PRIMARY KEY (key, per));
 ";
 
-/// One journaled fact. Times are wall-clock UNIX nanoseconds; `key` is an
-/// encoded [`crate::quota::QuotaKey`].
+/// One journaled fact. Times are wall-clock UNIX nanoseconds; `key` is a
+/// [`crate::quota::QuotaKey`] encoded by [`super::PolicyNames`], and
+/// `policy` a policy's name.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// A call was admitted at `at`; it counts until `expires`.
-    Admit { key: String, policy: u16, at: i64, expires: i64 },
+    Admit { key: String, policy: String, at: i64, expires: i64 },
     /// The admission at `at` never reached the upstream.
     Refund { key: String, at: i64 },
     /// A hunting query was sent with this estimate reserved; until its
@@ -65,9 +66,9 @@ pub enum Event {
     /// The query in flight ended without a charge.
     Release { pending: u64 },
     /// The upstream holds `key` (`scope` "call" or "runtime") until `until`.
-    Hold { scope: &'static str, key: String, policy: u16, until: i64 },
+    Hold { scope: &'static str, key: String, policy: String, until: i64 },
     /// The upstream revealed a lower limit for `key`.
-    Reveal { key: String, policy: u16, per: i64, limit: u32, expires: i64 },
+    Reveal { key: String, policy: String, per: i64, limit: u32, expires: i64 },
 }
 
 /// Events for the writer, and whom to tell once they are on disk.
@@ -76,18 +77,19 @@ pub struct Job {
     pub ack: Option<oneshot::Sender<Result<(), String>>>,
 }
 
-/// What the file held for the open windows, read at startup.
+/// What the file held for the open windows, read at startup. A policy is
+/// named by its name, or as `#<position>` in a file of the earlier format.
 #[derive(Debug, Default, PartialEq)]
 pub struct Contents {
     /// `(key, policy, at)`.
-    pub admissions: Vec<(String, u16, i64)>,
+    pub admissions: Vec<(String, String, i64)>,
     /// `(key, end, cost)`; queries in flight at a crash appear here charged
     /// their estimate at the moment the file was read.
     pub charges: Vec<(String, i64, i64)>,
     /// `(scope, key, policy, until)`.
-    pub holds: Vec<(String, String, u16, i64)>,
+    pub holds: Vec<(String, String, String, i64)>,
     /// `(key, policy, per, limit)`.
-    pub reveals: Vec<(String, u16, i64, u32)>,
+    pub reveals: Vec<(String, String, i64, u32)>,
 }
 
 pub fn unix_now() -> i64 {
@@ -144,12 +146,22 @@ pub fn set_aside(path: &Path) -> std::io::Result<PathBuf> {
     Ok(aside)
 }
 
+/// A row's policy: its name, or `#<position>` where a file of the earlier
+/// format gave its position.
+fn policy(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<String> {
+    Ok(match r.get::<_, rusqlite::types::Value>(i)? {
+        rusqlite::types::Value::Text(name) => name,
+        rusqlite::types::Value::Integer(position) => format!("#{position}"),
+        other => return Err(rusqlite::Error::InvalidColumnType(i, "policy".into(), other.data_type())),
+    })
+}
+
 /// Everything in the file that still counts at `now`.
 pub fn load(conn: &Connection, now: i64) -> rusqlite::Result<Contents> {
     let mut c = Contents::default();
     let mut q = conn.prepare("SELECT key, policy, at FROM admissions WHERE expires > ?1 ORDER BY key, at")?;
     c.admissions =
-        q.query_map([now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?;
+        q.query_map([now], |r| Ok((r.get(0)?, policy(r, 1)?, r.get(2)?)))?.collect::<Result<_, _>>()?;
     let mut q =
         conn.prepare("SELECT key, end_at, cost FROM charges WHERE expires > ?1 ORDER BY key, end_at")?;
     c.charges = q.query_map([now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?;
@@ -161,11 +173,11 @@ pub fn load(conn: &Connection, now: i64) -> rusqlite::Result<Contents> {
     c.charges.extend(pending.into_iter().map(|(k, e)| (k, now, e)));
     let mut q = conn.prepare("SELECT scope, key, policy, until FROM holds WHERE until > ?1")?;
     c.holds = q
-        .query_map([now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+        .query_map([now], |r| Ok((r.get(0)?, r.get(1)?, policy(r, 2)?, r.get(3)?)))?
         .collect::<Result<_, _>>()?;
     let mut q = conn.prepare("SELECT key, policy, per, lim FROM reveals WHERE expires > ?1")?;
     c.reveals = q
-        .query_map([now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+        .query_map([now], |r| Ok((r.get(0)?, policy(r, 1)?, r.get(2)?, r.get(3)?)))?
         .collect::<Result<_, _>>()?;
     Ok(c)
 }
@@ -316,26 +328,26 @@ mod tests {
         let mut conn = open(&path, Durability::Full).unwrap();
         let k = "[null,\"t\",null]".to_string();
         let events = [
-            Event::Admit { key: k.clone(), policy: 1, at: 100, expires: 1_000 },
-            Event::Admit { key: k.clone(), policy: 1, at: 200, expires: 1_100 },
-            Event::Admit { key: k.clone(), policy: 1, at: 10, expires: 50 },
+            Event::Admit { key: k.clone(), policy: "incidents".into(), at: 100, expires: 1_000 },
+            Event::Admit { key: k.clone(), policy: "incidents".into(), at: 200, expires: 1_100 },
+            Event::Admit { key: k.clone(), policy: "incidents".into(), at: 10, expires: 50 },
             Event::Refund { key: k.clone(), at: 200 },
             Event::Pending { id: 7, key: k.clone(), sent: 300, estimate: 40, expires: 2_000 },
             Event::Pending { id: 8, key: k.clone(), sent: 300, estimate: 40, expires: 2_000 },
             Event::Charge { pending: Some(7), key: k.clone(), end: 400, cost: 25, expires: 2_000 },
             Event::Release { pending: 8 },
-            Event::Hold { scope: "call", key: k.clone(), policy: 1, until: 900 },
-            Event::Hold { scope: "call", key: k.clone(), policy: 1, until: 800 },
-            Event::Reveal { key: k.clone(), policy: 1, per: 60, limit: 30, expires: 2_000 },
+            Event::Hold { scope: "call", key: k.clone(), policy: "incidents".into(), until: 900 },
+            Event::Hold { scope: "call", key: k.clone(), policy: "incidents".into(), until: 800 },
+            Event::Reveal { key: k.clone(), policy: "incidents".into(), per: 60, limit: 30, expires: 2_000 },
         ];
         write(&mut conn, &events.iter().collect::<Vec<_>>()).unwrap();
         drop(conn);
         let conn = open(&path, Durability::Full).unwrap();
         let c = load(&conn, 60).unwrap();
-        assert_eq!(c.admissions, vec![(k.clone(), 1, 100)]);
+        assert_eq!(c.admissions, vec![(k.clone(), "incidents".to_string(), 100)]);
         assert_eq!(c.charges, vec![(k.clone(), 400, 25)]);
-        assert_eq!(c.holds, vec![("call".to_string(), k.clone(), 1, 900)]);
-        assert_eq!(c.reveals, vec![(k.clone(), 1, 60, 30)]);
+        assert_eq!(c.holds, vec![("call".to_string(), k.clone(), "incidents".to_string(), 900)]);
+        assert_eq!(c.reveals, vec![(k.clone(), "incidents".to_string(), 60, 30)]);
         assert_eq!(prune(&conn, 1_000, 1).unwrap(), (2, true), "one row a table at a time");
         assert_eq!(prune(&conn, 1_000, 100).unwrap(), (1, false), "two admissions and the hold have expired");
         assert!(load(&conn, 1_000).unwrap().admissions.is_empty());

@@ -58,6 +58,29 @@ impl GatewayProcess {
         format!("http://{}{path}", self.admin)
     }
 
+    /// SIGHUP: reload the config file.
+    pub fn reload(&self) {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    }
+
+    /// Wait until the admin API reports config generation `want` (the first
+    /// config is 1; each applied reload adds one).
+    pub async fn until_generation(&self, want: u64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let ready: serde_json::Value = match reqwest::get(self.admin_url("/readyz")).await {
+                Ok(r) => r.json().await.unwrap_or_default(),
+                Err(_) => serde_json::Value::Null,
+            };
+            if ready["config"]["generation"].as_u64() == Some(want) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "config generation {want} never came: {ready}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// SIGKILL: no shutdown, no flush, no checkpoint.
     pub fn kill(mut self) {
         self.child.kill().unwrap();

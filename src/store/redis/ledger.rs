@@ -166,8 +166,8 @@ impl RedisStore {
     }
 
     /// Hold `key`'s running time for every replica for `wait` from now.
-    pub fn hold_runtime(self: &Arc<Self>, key: &QuotaKey, wait: Duration) {
-        self.set_hold(self.key("rt-hold", key), wait);
+    pub async fn hold_runtime(&self, key: &QuotaKey, wait: Duration) {
+        self.set_hold(self.key("rt-hold", key), wait).await;
     }
 
     fn settle(self: &Arc<Self>, id: u64, cost: Option<u64>) {

@@ -44,7 +44,7 @@ use prometheus::IntGauge;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{Mutex, OnceCell};
 
-use super::{encode_key, OnOutage, StoreError};
+use super::{OnOutage, PolicyNames, StoreError};
 use crate::admission::{Admitted, Limiter, Reason, Rejection};
 use crate::config::Config;
 use crate::metrics::StoreMetrics;
@@ -136,10 +136,10 @@ pub struct RedisStore {
     /// Shared running-time reservations of this replica's queries in flight.
     ledger: DashMap<u64, ledger::Shared>,
     prefix: String,
+    /// Keys name their policy ([`super::names`]), so replicas agree.
+    names: Arc<PolicyNames>,
     guard_us: u64,
     on_outage: OnOutage,
-    /// Every policy with each window's limit divided by the replicas.
-    local: Vec<Policy>,
     replicas: u32,
     up: AtomicBool,
     queues: DashMap<QuotaKey, Arc<KeyQueue>>,
@@ -159,6 +159,7 @@ impl RedisStore {
     pub fn new(
         config: &Config,
         url: &str,
+        names: Arc<PolicyNames>,
         clock: crate::quota::Clock,
         metrics: &crate::metrics::Metrics,
     ) -> Result<Self, StoreError> {
@@ -172,19 +173,6 @@ impl RedisStore {
         }
         .map_err(|e| StoreError::Redis(format!("{}: {e}", redact(url))))?;
         let replicas = config.store.replicas.get();
-        let local = config
-            .policies
-            .0
-            .iter()
-            .map(|p| {
-                let mut p = p.clone();
-                for w in &mut p.windows {
-                    let share = (w.limit.get() / replicas).max(1);
-                    w.limit = std::num::NonZeroU32::new(share).unwrap_or(std::num::NonZeroU32::MIN);
-                }
-                p
-            })
-            .collect();
         let nonce = u64::try_from(super::sqlite::unix_now()).unwrap_or(0) ^ u64::from(std::process::id());
         Ok(RedisStore {
             client,
@@ -195,9 +183,9 @@ impl RedisStore {
             settle: redis::Script::new(ledger::SETTLE),
             ledger: DashMap::new(),
             prefix: config.store.key_prefix.clone(),
+            names,
             guard_us: u64::try_from(config.guard.as_micros()).unwrap_or(u64::MAX),
             on_outage: config.store.on_outage,
-            local,
             replicas,
             up: AtomicBool::new(true),
             queues: DashMap::new(),
@@ -227,7 +215,7 @@ impl RedisStore {
     }
 
     fn key(&self, kind: &str, key: &QuotaKey) -> String {
-        format!("{}:{kind}:{}", self.prefix, encode_key(key))
+        format!("{}:{kind}:{}", self.prefix, self.names.encode(key))
     }
 
     /// Admit a call for `key` under `policy`, waiting at most `max_wait`:
@@ -252,9 +240,14 @@ impl RedisStore {
                 Err(Refusal::Down(StoreError::Redis(format!("{} is unreachable", self.url))))
             }
             OnOutage::Local => {
-                let local = self.local.get(usize::from(policy.id)).unwrap_or(policy);
+                // This replica's share: every window's limit ÷ replicas.
+                let mut local = policy.clone();
+                for w in &mut local.windows {
+                    let share = (w.limit.get() / self.replicas).max(1);
+                    w.limit = std::num::NonZeroU32::new(share).unwrap_or(std::num::NonZeroU32::MIN);
+                }
                 let left = max_wait.saturating_sub(started.elapsed());
-                limiter.acquire(key, local, left, depth).await.map_err(Refusal::Rejected)
+                limiter.acquire(key, &local, left, depth).await.map_err(Refusal::Rejected)
             }
         }
     }
@@ -412,16 +405,17 @@ impl RedisStore {
     }
 
     /// Hold `key` (its running time, when `runtime`) for every replica
-    /// until clock reading `until`.
-    pub fn hold_until(self: &Arc<Self>, key: &QuotaKey, until: u64, runtime: bool) {
+    /// until clock reading `until`. Returns once Redis holds it (or failed),
+    /// so no other replica sends a call after the throttle is answered.
+    pub async fn hold_until(&self, key: &QuotaKey, until: u64, runtime: bool) {
         let wait = Duration::from_nanos(until.saturating_sub(self.clock.now()));
         if wait.is_zero() {
             return;
         }
         if runtime {
-            self.hold_runtime(key, wait);
+            self.hold_runtime(key, wait).await;
         } else {
-            self.hold(key, wait);
+            self.hold(key, wait).await;
         }
     }
 
@@ -436,21 +430,27 @@ impl RedisStore {
     }
 
     /// Hold `key` for every replica for `wait` from now.
-    pub fn hold(self: &Arc<Self>, key: &QuotaKey, wait: Duration) {
-        self.set_hold(self.key("hold", key), wait);
+    pub async fn hold(&self, key: &QuotaKey, wait: Duration) {
+        self.set_hold(self.key("hold", key), wait).await;
     }
 
-    fn set_hold(self: &Arc<Self>, hold: String, wait: Duration) {
-        let this = self.clone();
+    async fn set_hold(&self, hold: String, wait: Duration) {
+        // While Redis is down the hold lives in this replica's limiters only.
+        if !self.is_up() {
+            return;
+        }
         let micros = u64::try_from(wait.as_micros()).unwrap_or(u64::MAX);
-        tokio::spawn(async move {
-            let Ok(mut c) = this.conn().await else { return };
-            let mut call = this.hold.key(hold);
+        let set = async {
+            let mut c = self.conn().await?;
+            let mut call = self.hold.key(hold);
             call.arg(micros);
-            if let Err(e) = call.invoke_async::<i64>(&mut c).await {
-                this.failed(&e);
-            }
-        });
+            call.invoke_async::<i64>(&mut c).await
+        };
+        match tokio::time::timeout(TIMEOUT * 2, set).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => self.failed(&e),
+            Err(_) => self.failed(&redis::RedisError::from((redis::ErrorKind::Io, "timed out"))),
+        }
     }
 }
 

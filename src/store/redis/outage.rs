@@ -66,13 +66,13 @@ impl RedisStore {
     }
 
     /// Ping Redis while it is down, and switch back when it answers, until
-    /// `stop`. Before switching back, every call this replica admitted in
+    /// `stop`; `policy_of` finds a policy of the running config by key id. Before switching back, every call this replica admitted in
     /// the open windows (alone, or through a Redis that may have lost it) is
     /// added to the shared logs.
     pub async fn watch(
         self: Arc<Self>,
         limiter: &Limiter,
-        policies: &[Policy],
+        policy_of: impl Fn(u16) -> Option<Policy>,
         stop: impl std::future::Future<Output = ()>,
     ) {
         tokio::pin!(stop);
@@ -104,13 +104,14 @@ impl RedisStore {
                     };
                     let since = if lost { 0 } else { self.down_since.load(Ordering::SeqCst) };
                     let mut caught_up = true;
-                    for (key, policy, times) in limiter.all_admissions() {
-                        let Some(policy) = policies.get(usize::from(policy)) else { continue };
+                    for (key, key_id, times) in limiter.all_admissions() {
+                        // The policy the key runs under now (a reload may have moved it).
+                        let Some(policy) = policy_of(key_id) else { continue };
                         let times: Vec<u64> = times.into_iter().filter(|&t| t >= since).collect();
                         if times.is_empty() {
                             continue;
                         }
-                        if let Err(e) = self.push_back(&key, policy, &times).await {
+                        if let Err(e) = self.push_back(&key, &policy, &times).await {
                             self.metrics.errors.inc();
                             tracing::warn!(error = %e, "could not add local admissions to redis; will retry");
                             caught_up = false;
