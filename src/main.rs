@@ -253,9 +253,13 @@ impl Source {
     }
 }
 
-/// Reload on SIGHUP, and when the file changes (checked every second). A
-/// file that does not load, or changes what needs a restart, is refused with
-/// every problem logged; the running configuration stays.
+/// How long a changed config file must stay unchanged before it is read.
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// Reload on SIGHUP, and when the file changes (checked every second, read
+/// once it has been still for [`SETTLE`]). A file that does not load, or
+/// changes what needs a restart, is refused with every problem logged; the
+/// running configuration stays.
 async fn watch_config(source: Source, reloader: quotagate::server::Reloader) {
     #[cfg(unix)]
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
@@ -276,6 +280,13 @@ async fn watch_config(source: Source, reloader: quotagate::server::Reloader) {
             _ = every.tick() => {
                 let now = source.stamp();
                 if now == seen {
+                    continue;
+                }
+                // Read it only once it has stopped changing: a file written
+                // in place may be caught half written, and a half that
+                // parses would apply.
+                tokio::time::sleep(SETTLE).await;
+                if source.stamp() != now {
                     continue;
                 }
                 seen = now;

@@ -45,6 +45,51 @@ paths = ["/api/incidents", "/api/incidents/**"]
     path
 }
 
+/// A config file for hunting replicas: the emulator upstream, Redis with
+/// `store` added, the `[hunting]` table's `hunting`, and one hunting policy
+/// with `policy` added.
+fn hunting_config(
+    dir: &Path,
+    upstream: &str,
+    redis: &str,
+    store: &str,
+    hunting: &str,
+    policy: &str,
+) -> PathBuf {
+    let path = dir.join("hunting.toml");
+    let text = format!(
+        r#"
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+guard = "50ms"
+access_log = false
+
+[[upstream]]
+name = "defender"
+url = "{upstream}"
+kind = "defender"
+route_prefixes = ["/api/"]
+
+[store]
+backend = "redis"
+url = "{redis}"
+{store}
+
+[hunting]
+{hunting}
+
+[[policy]]
+name = "hunting"
+methods = ["POST"]
+paths = ["/api/advancedhunting/run"]
+hunting = true
+{policy}
+"#
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
 fn replicas(n: usize, config: &Path, dir: &Path) -> Vec<GatewayProcess> {
     (0..n).map(|_| GatewayProcess::start(config, dir).unwrap()).collect()
 }
@@ -275,41 +320,14 @@ async fn two_replicas_share_one_running_time_budget() {
     let redis = Redis::start();
     let emu = Emulator::start(EmulatorConfig::new().running_time(budget, hour)).await;
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("hunting.toml");
-    let text = format!(
-        r#"
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-guard = "50ms"
-access_log = false
-
-[[upstream]]
-name = "defender"
-url = "{}"
-kind = "defender"
-route_prefixes = ["/api/"]
-
-[store]
-backend = "redis"
-url = "{}"
-replicas = 2
-
-[hunting]
-budgets = [{{ limit = "1000ms", per = "4s" }}]
-estimate = "40ms"
-
-[[policy]]
-name = "hunting"
-methods = ["POST"]
-paths = ["/api/advancedhunting/run"]
-windows = [{{ limit = 100000, per = "1s" }}]
-hunting = true
-max_wait = "30s"
-"#,
-        emu.url(),
-        redis.url()
+    let path = hunting_config(
+        dir.path(),
+        &emu.url(),
+        &redis.url(),
+        "replicas = 2",
+        "budgets = [{ limit = \"1000ms\", per = \"4s\" }]\nestimate = \"40ms\"",
+        "windows = [{ limit = 100000, per = \"1s\" }]\nmax_wait = \"30s\"",
     );
-    std::fs::write(&path, text).unwrap();
     let gws = replicas(2, &path, dir.path());
     let until = Instant::now() + 2 * hour;
     let mut clients = Vec::new();
@@ -456,4 +474,113 @@ async fn a_reloaded_and_a_fresh_replica_share_one_key_whatever_the_policy_order(
         assert_eq!(r.headers()["x-quotagate-throttled-by"], "gateway");
     }
     assert_eq!(emu.count(), 3);
+}
+
+/// A hunting query that only a completion on another replica can make room
+/// for is woken by that completion (published through Redis), not by asking
+/// again on a timer: it starts right after, and Redis sees only a couple of
+/// its asks while it waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_waiting_on_another_replicas_completion_is_woken_by_it() {
+    use support::hunt::{body, query};
+    let redis = Redis::start();
+    let emu = Emulator::start(EmulatorConfig::new()).await;
+    let dir = tempfile::tempdir().unwrap();
+    // In flight, two estimates (1.6 s each) overflow the 3 s budget; once
+    // the first query is charged its 1.2 s, the second fits.
+    let path = hunting_config(
+        dir.path(),
+        &emu.url(),
+        &redis.url(),
+        "replicas = 2",
+        "budgets = [{ limit = \"3s\", per = \"60s\" }]\nestimate = \"1600ms\"",
+        "windows = [{ limit = 100, per = \"1s\" }]\nmax_wait = \"10s\"",
+    );
+    let gws = replicas(2, &path, dir.path());
+    let mut stats = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    let evalsha_calls = |c: &mut redis::Connection| -> u64 {
+        let info: String = redis::cmd("INFO").arg("commandstats").query(c).unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+            .and_then(|l| l.split(',').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let hunt = |gw: &GatewayProcess, cost: f64| {
+        let request = client()
+            .post(gw.url("/api/advancedhunting/run"))
+            .header("authorization", bearer("tenant-1", "app-1"))
+            .body(body(&query(cost, "")));
+        async move {
+            let r = request.send().await.unwrap();
+            let status = r.status().as_u16();
+            let _ = r.bytes().await;
+            (status, Instant::now())
+        }
+    };
+    let first = tokio::spawn(hunt(&gws[0], 1.2));
+    // The first query is running upstream, its estimate reserved in Redis.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while emu.requests().is_empty() {
+        assert!(Instant::now() < deadline, "the first query never reached the upstream");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query(&mut stats).unwrap();
+    let (second, second_done) = hunt(&gws[1], 0.05).await;
+    let (first, first_done) = first.await.unwrap();
+    assert_eq!((first, second), (200, 200));
+    let after = second_done.duration_since(first_done);
+    assert!(after < Duration::from_millis(400), "the second query ran {after:?} after the first ended");
+    let asks = evalsha_calls(&mut stats);
+    // Its call admission, its asks (one before, one after the completion),
+    // and both settles; asking every 250 ms through the first query's 1.2 s
+    // would add four or five more.
+    assert!(asks <= 6, "{asks} scripts ran while the second query waited");
+    assert_eq!(emu.throttled(), 0);
+}
+
+/// Running time a replica charged alone while Redis was down reaches the
+/// shared ledger when Redis returns (empty, here): another replica, which
+/// never saw that query, then refuses a query the budget has no room for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_time_charged_during_an_outage_is_added_back_to_redis() {
+    use support::hunt::{body, query};
+    let mut redis = Redis::start();
+    let emu = Emulator::start(EmulatorConfig::new()).await;
+    let dir = tempfile::tempdir().unwrap();
+    // Each replica's share in an outage is 0.5 s: a query estimated at
+    // 0.45 s is admitted alone, and runs 0.7 s.
+    let path = hunting_config(
+        dir.path(),
+        &emu.url(),
+        &redis.url(),
+        "replicas = 2\non_outage = \"local\"",
+        "budgets = [{ limit = \"1s\", per = \"60s\" }]\nestimate = \"450ms\"",
+        "windows = [{ limit = 100, per = \"1s\" }]\nmode = \"reject\"",
+    );
+    let gws = replicas(2, &path, dir.path());
+    for gw in &gws {
+        until_mode(gw, "shared").await;
+    }
+    let hunt = |gw: &GatewayProcess, cost: f64| {
+        client()
+            .post(gw.url("/api/advancedhunting/run"))
+            .header("authorization", bearer("tenant-1", "app-1"))
+            .body(body(&query(cost, "")))
+            .send()
+    };
+    redis.kill();
+    let alone = hunt(&gws[0], 0.7).await.unwrap();
+    assert_eq!(alone.status(), 200, "admitted on the local share");
+    let _ = alone.bytes().await;
+    until_mode(&gws[0], "local").await;
+
+    redis.restart();
+    until_mode(&gws[0], "shared").await;
+    // 0.7 s charged plus the next query's 0.45 s estimate exceed the 1 s budget.
+    let refused = hunt(&gws[1], 0.05).await.unwrap();
+    assert_eq!(refused.status(), 429, "the other replica knows the running time spent alone");
+    assert_eq!(refused.headers()["x-quotagate-throttled-by"], "gateway");
+    let retry: u64 = refused.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((50..=61).contains(&retry), "until the 0.7 s charge leaves the minute: {retry}");
+    assert_eq!(emu.requests().len(), 1, "only the query run alone reached the upstream");
 }

@@ -146,6 +146,10 @@ pub trait ChargeJournal: Send + Sync {
     fn released(&self, pending: u64);
 }
 
+/// A key, its longest budget, and its charges (`(end, cost)` as
+/// [`Ledger::charges`] gives them).
+pub type KeyCharges = (QuotaKey, Duration, Vec<(u64, u64)>);
+
 /// Every running-time key's ledger and waiters.
 pub struct RuntimeLimiter {
     keys: DashMap<QuotaKey, Arc<Cell>>,
@@ -382,6 +386,19 @@ impl RuntimeLimiter {
             .collect();
         out.sort_by(|a, b| (&a.key.tenant, &a.key.app).cmp(&(&b.key.tenant, &b.key.app)));
         out
+    }
+
+    /// Every key's longest budget and charges, for a shared store catching up.
+    pub fn all_charges(&self) -> Vec<KeyCharges> {
+        self.keys
+            .iter()
+            .filter_map(|e| {
+                let st = e.value().lock();
+                let longest = st.budgets.iter().map(|b| b.per).max()?;
+                let charges: Vec<(u64, u64)> = st.ledger.charges().collect();
+                (!charges.is_empty()).then(|| (e.key().clone(), longest, charges))
+            })
+            .collect()
     }
 
     /// Drop keys with nothing charged, reserved, queued or held.

@@ -125,6 +125,12 @@ impl Ledger {
         self.reservations.len()
     }
 
+    /// The charges still held: `(end, cost)` in clock readings and
+    /// nanoseconds, oldest first.
+    pub fn charges(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.charges.iter().map(|c| (c.end, c.cost))
+    }
+
     /// Whether nothing is charged or reserved.
     pub fn is_empty(&self) -> bool {
         self.charges.is_empty() && self.reservations.is_empty()

@@ -138,7 +138,17 @@ pub async fn start_on(config: Config, workers: &[Handle]) -> io::Result<Running>
                 let (redis, stopped, gw) = (redis.clone(), stopped.clone(), gateway.clone());
                 async move {
                     let policy_of = |id: u16| gw.config().policies.0.iter().find(|p| p.key_id == id).cloned();
-                    redis.watch(&gw.limiter, policy_of, stopping(stopped)).await;
+                    redis.watch(&gw.limiter, &gw.runtime, policy_of, stopping(stopped)).await;
+                    Ok(())
+                }
+            },
+            first,
+        );
+        tasks.spawn_on(
+            {
+                let (redis, stopped) = (redis.clone(), stopped.clone());
+                async move {
+                    redis.listen(stopping(stopped)).await;
                     Ok(())
                 }
             },

@@ -15,9 +15,15 @@
 //! A replica reserves locally first (its queue, its estimate, its cap on
 //! queries in flight), then in Redis; the settle, charge or release of its
 //! [`Reservation`] replaces the shared reservation by the charge
-//! ([`SETTLE`]). When only completions can free room, the head waiter asks
-//! again every [`UNKNOWN_RETRY`]: the completion may happen on another
-//! replica, which cannot wake it.
+//! ([`SETTLE`]), and publishes the key's name on the store's channel.
+//!
+//! Waiting: when the budgets free room at a known moment (charges ageing
+//! out, a hold ending), the head waiter sleeps until then. When only a
+//! completion can free room, which may happen on any replica, it waits for
+//! the channel to name its key ([`RedisStore::listen`] subscribes every
+//! replica), and asks again then. Should a message be lost (the subscription
+//! reconnecting), it asks again after [`UNHEARD_RETRY`] all the same; while
+//! no subscription is up, every [`UNKNOWN_RETRY`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,8 +34,12 @@ use crate::admission::Reason;
 use crate::policy::Mode;
 use crate::quota::{Budget, QuotaKey};
 
-/// How often a query waiting for a completion asks again.
+/// How often a query waiting for a completion asks again while this replica
+/// hears no completions (its subscription is down).
 pub const UNKNOWN_RETRY: Duration = Duration::from_millis(250);
+/// How long a query waiting for a completion waits for word of one before
+/// it asks again anyway.
+pub const UNHEARD_RETRY: Duration = Duration::from_secs(2);
 
 /// KEYS: charges, reservations, hold. ARGV: guard µs, estimate µs,
 /// reservation deadline µs, member, budget count, then limit and length µs
@@ -79,7 +89,8 @@ return {1, now}
 ";
 
 /// KEYS: charges, reservations. ARGV: the reservation's member, the
-/// charge's member (empty: no charge), the charges' TTL in ms.
+/// charge's member (empty: no charge), the charges' TTL in ms, the channel
+/// and the key's name to publish on it.
 pub(super) const SETTLE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -88,6 +99,7 @@ if ARGV[2] ~= '' then
   redis.call('ZADD', KEYS[1], now, ARGV[2])
   redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
 end
+redis.call('PUBLISH', ARGV[4], ARGV[5])
 return 1
 ";
 
@@ -120,19 +132,22 @@ impl RedisStore {
         let estimate = micros(reservation.estimate());
         let longest = demand.budgets.iter().map(|b| b.per).max().unwrap_or_default();
         let ttl_ms = u64::try_from(longest.as_millis()).unwrap_or(u64::MAX) + guard / 1000 + 1;
+        let name = self.names.encode(key);
         for attempt in 0.. {
+            // Listen for completions before asking, so none is missed between.
+            let settled = self.settled.entry(name.clone()).or_default().clone();
+            let completion = settled.notified();
+            tokio::pin!(completion);
+            completion.as_mut().enable();
             let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let member = format!("{:x}-R{id}:{estimate}", self.nonce);
-            let mut conn = self.conn().await?;
             let mut call = self.reserve.key(self.key("rt-charges", key));
             call.key(self.key("rt-reserved", key)).key(self.key("rt-hold", key));
             call.arg(guard).arg(estimate).arg(micros(deadline)).arg(&member).arg(demand.budgets.len());
             for b in demand.budgets {
                 call.arg(micros(b.limit)).arg(micros(b.per));
             }
-            let reply: Vec<i64> = tokio::time::timeout(super::TIMEOUT * 2, call.invoke_async(&mut conn))
-                .await
-                .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "timed out")))??;
+            let reply: Vec<i64> = self.invoke(&call).await?;
             let get = |i: usize| reply.get(i).copied().unwrap_or(0);
             let budget: Option<Budget> = usize::try_from(get(2))
                 .ok()
@@ -147,6 +162,7 @@ impl RedisStore {
                     return Ok(Ok(()));
                 }
                 0 => (Duration::from_micros(u64::try_from(get(1) - get(3)).unwrap_or(0)), true),
+                _ if self.listening() => (UNHEARD_RETRY.min(left), false),
                 _ => (UNKNOWN_RETRY.min(left), false),
             };
             let reason = if demand.mode == Mode::Reject {
@@ -160,7 +176,14 @@ impl RedisStore {
                 let retry_after = if known { wait } else { demand.max_wait };
                 return Ok(Err(RuntimeRejection { reason, retry_after, budget, held: get(2) == -1 }));
             }
-            tokio::time::sleep(wait).await;
+            if known {
+                tokio::time::sleep(wait).await;
+            } else {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = completion => {}
+                }
+            }
         }
         unreachable!("the loop returns")
     }
@@ -174,16 +197,67 @@ impl RedisStore {
         let Some((_, shared)) = self.ledger.remove(&id) else { return };
         let this = self.clone();
         tokio::spawn(async move {
-            let Ok(mut conn) = this.conn().await else { return };
             let charge = cost.map_or(String::new(), |c| format!("{:x}-C{id}:{c}", this.nonce));
             let mut call = this.settle.key(this.key("rt-charges", &shared.key));
             call.key(this.key("rt-reserved", &shared.key)).arg(&shared.member).arg(charge).arg(shared.ttl_ms);
-            if let Err(e) = call.invoke_async::<i64>(&mut conn).await {
+            call.arg(this.channel()).arg(this.names.encode(&shared.key));
+            if let Err(e) = this.invoke::<i64>(&call).await {
                 // The reservation stays until its deadline, then is charged
                 // its estimate: conservative.
                 this.failed(&e);
             }
         });
+    }
+}
+
+impl RedisStore {
+    /// The channel completions are published on.
+    fn channel(&self) -> String {
+        format!("{}:rt-settled", self.prefix)
+    }
+
+    /// Whether this replica hears completions now.
+    fn listening(&self) -> bool {
+        self.listening.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Hear every replica's completions and wake this replica's waiters of
+    /// each key named, until `stop`; resubscribe after a lost connection.
+    pub async fn listen(self: Arc<Self>, stop: impl std::future::Future<Output = ()>) {
+        use futures_util::StreamExt as _;
+        use std::sync::atomic::Ordering;
+        tokio::pin!(stop);
+        loop {
+            let subscribed = async {
+                let mut pubsub = self.client.get_async_pubsub().await?;
+                pubsub.subscribe(self.channel()).await?;
+                Ok::<_, redis::RedisError>(pubsub)
+            };
+            let pubsub = tokio::select! {
+                s = tokio::time::timeout(super::TIMEOUT * 2, subscribed) => s,
+                _ = &mut stop => return,
+            };
+            if let Ok(Ok(pubsub)) = pubsub {
+                self.listening.store(true, Ordering::SeqCst);
+                let mut messages = pubsub.into_on_message();
+                loop {
+                    let message = tokio::select! {
+                        m = messages.next() => m,
+                        _ = &mut stop => return,
+                    };
+                    let Some(message) = message else { break };
+                    let Ok(name) = message.get_payload::<String>() else { continue };
+                    if let Some(waiters) = self.settled.get(&name) {
+                        waiters.notify_waiters();
+                    }
+                }
+                self.listening.store(false, Ordering::SeqCst);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(super::PROBE_EVERY) => {}
+                _ = &mut stop => return,
+            }
+        }
     }
 }
 

@@ -135,6 +135,10 @@ pub struct RedisStore {
     settle: redis::Script,
     /// Shared running-time reservations of this replica's queries in flight.
     ledger: DashMap<u64, ledger::Shared>,
+    /// Running-time keys (by stored name) whose waiters await a completion.
+    settled: DashMap<String, Arc<tokio::sync::Notify>>,
+    /// Whether this replica hears completions ([`RedisStore::listen`]).
+    listening: AtomicBool,
     prefix: String,
     /// Keys name their policy ([`super::names`]), so replicas agree.
     names: Arc<PolicyNames>,
@@ -182,6 +186,8 @@ impl RedisStore {
             reserve: redis::Script::new(ledger::RESERVE),
             settle: redis::Script::new(ledger::SETTLE),
             ledger: DashMap::new(),
+            settled: DashMap::new(),
+            listening: AtomicBool::new(false),
             prefix: config.store.key_prefix.clone(),
             names,
             guard_us: u64::try_from(config.guard.as_micros()).unwrap_or(u64::MAX),
@@ -212,6 +218,26 @@ impl RedisStore {
             })
             .await?;
         Ok(conn.clone())
+    }
+
+    /// Run a script. A connection that dropped (Redis restarted, say) is
+    /// given one more try on a fresh one before it counts as an outage:
+    /// every script is idempotent for its members, so a repeat whose first
+    /// run did happen changes nothing.
+    async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        call: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, redis::RedisError> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let mut conn = self.conn().await?;
+            match tokio::time::timeout(TIMEOUT * 2, call.invoke_async(&mut conn)).await {
+                Ok(Err(e)) if tries == 1 && (e.is_connection_dropped() || e.is_io_error()) => continue,
+                Ok(result) => return result,
+                Err(_) => return Err(redis::RedisError::from((redis::ErrorKind::Io, "timed out"))),
+            }
+        }
     }
 
     fn key(&self, kind: &str, key: &QuotaKey) -> String {
@@ -357,16 +383,13 @@ impl RedisStore {
     }
 
     async fn ask(&self, key: &QuotaKey, policy: &Policy, ticket: u64) -> Result<Answer, redis::RedisError> {
-        let mut conn = self.conn().await?;
         let mut call = self.admit.key(self.key("log", key));
         call.key(self.key("hold", key)).arg(self.guard_us).arg(policy.windows.len());
         for w in &policy.windows {
             call.arg(w.limit.get()).arg(u64::try_from(w.per.as_micros()).unwrap_or(u64::MAX));
         }
         call.arg(self.member(ticket));
-        let reply: Vec<i64> = tokio::time::timeout(TIMEOUT * 2, call.invoke_async(&mut conn))
-            .await
-            .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "timed out")))??;
+        let reply: Vec<i64> = self.invoke(&call).await?;
         let get = |i: usize| reply.get(i).copied().unwrap_or(0);
         Ok(if get(0) == 1 {
             let counts = (0..policy.windows.len()).map(|i| u32::try_from(get(3 + i)).unwrap_or(0)).collect();
@@ -402,6 +425,7 @@ impl RedisStore {
     /// Drop the waiter records of keys nobody waits on.
     pub fn sweep(&self) {
         self.queues.retain(|_, q| Arc::strong_count(q) > 1 || q.queued.load(Ordering::SeqCst) > 0);
+        self.settled.retain(|_, n| Arc::strong_count(n) > 1);
     }
 
     /// Hold `key` (its running time, when `runtime`) for every replica
@@ -440,16 +464,10 @@ impl RedisStore {
             return;
         }
         let micros = u64::try_from(wait.as_micros()).unwrap_or(u64::MAX);
-        let set = async {
-            let mut c = self.conn().await?;
-            let mut call = self.hold.key(hold);
-            call.arg(micros);
-            call.invoke_async::<i64>(&mut c).await
-        };
-        match tokio::time::timeout(TIMEOUT * 2, set).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => self.failed(&e),
-            Err(_) => self.failed(&redis::RedisError::from((redis::ErrorKind::Io, "timed out"))),
+        let mut call = self.hold.key(hold);
+        call.arg(micros);
+        if let Err(e) = self.invoke::<i64>(&call).await {
+            self.failed(&e);
         }
     }
 }

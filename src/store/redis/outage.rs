@@ -1,11 +1,13 @@
 //! The Redis store's health: noticing that Redis is down, saying so (log,
 //! metrics, `/readyz`), and switching back by itself once Redis answers,
-//! after adding back the admissions it may have lost.
+//! after adding back the admissions and running-time charges it may have
+//! lost.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::{RedisStore, PROBE_EVERY, TIMEOUT};
+use crate::admission::runtime::RuntimeLimiter;
 use crate::admission::Limiter;
 use crate::policy::Policy;
 use crate::quota::QuotaKey;
@@ -66,12 +68,14 @@ impl RedisStore {
     }
 
     /// Ping Redis while it is down, and switch back when it answers, until
-    /// `stop`; `policy_of` finds a policy of the running config by key id. Before switching back, every call this replica admitted in
-    /// the open windows (alone, or through a Redis that may have lost it) is
-    /// added to the shared logs.
+    /// `stop`; `policy_of` finds a policy of the running config by key id.
+    /// Before switching back, every call this replica admitted and every
+    /// running time it charged in the open windows (alone, or through a
+    /// Redis that may have lost it) is added to the shared logs and ledgers.
     pub async fn watch(
         self: Arc<Self>,
         limiter: &Limiter,
+        runtime: &RuntimeLimiter,
         policy_of: impl Fn(u16) -> Option<Policy>,
         stop: impl std::future::Future<Output = ()>,
     ) {
@@ -116,6 +120,21 @@ impl RedisStore {
                             tracing::warn!(error = %e, "could not add local admissions to redis; will retry");
                             caught_up = false;
                             break;
+                        }
+                    }
+                    for (key, longest, charges) in runtime.all_charges() {
+                        if !caught_up {
+                            break;
+                        }
+                        let charges: Vec<(u64, u64)> =
+                            charges.into_iter().filter(|&(end, _)| end >= since).collect();
+                        if charges.is_empty() {
+                            continue;
+                        }
+                        if let Err(e) = self.push_back_charges(&key, longest, &charges).await {
+                            self.metrics.errors.inc();
+                            tracing::warn!(error = %e, "could not add local running-time charges to redis; will retry");
+                            caught_up = false;
                         }
                     }
                     if caught_up {
@@ -169,6 +188,35 @@ impl RedisStore {
         let longest = policy.windows.iter().map(|w| w.per).max().unwrap_or_default();
         let ttl = u64::try_from(longest.as_millis()).unwrap_or(u64::MAX) + self.guard_us / 1000 + 1;
         pipe.cmd("PEXPIRE").arg(&log).arg(ttl).ignore();
+        let _: (i64,) = tokio::time::timeout(TIMEOUT * 2, pipe.query_async(&mut conn))
+            .await
+            .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "timed out")))??;
+        Ok(())
+    }
+
+    /// Add this replica's running-time charges (`(end, cost)`: clock
+    /// readings and nanoseconds) to the key's shared ledger, each under the
+    /// member named by its time and cost, so a second catch-up adds nothing.
+    /// A charge whose query also holds a reservation in Redis (its settle
+    /// failed in the outage) counts twice until that reservation's deadline:
+    /// the error is on the safe side.
+    async fn push_back_charges(
+        &self,
+        key: &QuotaKey,
+        longest: std::time::Duration,
+        charges: &[(u64, u64)],
+    ) -> Result<(), redis::RedisError> {
+        let mut conn = self.conn().await?;
+        let ledger = self.key("rt-charges", key);
+        let mut pipe = redis::pipe();
+        let zadd = pipe.cmd("ZADD").arg(&ledger).arg("NX");
+        for &(end, cost) in charges {
+            let us = self.clock.to_unix(end) / 1000;
+            let cost = (cost / 1000).max(1);
+            zadd.arg(us).arg(format!("{:x}-L{us}:{cost}", self.nonce));
+        }
+        let ttl = u64::try_from(longest.as_millis()).unwrap_or(u64::MAX) + self.guard_us / 1000 + 1;
+        pipe.cmd("PEXPIRE").arg(&ledger).arg(ttl).ignore();
         let _: (i64,) = tokio::time::timeout(TIMEOUT * 2, pipe.query_async(&mut conn))
             .await
             .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "timed out")))??;
