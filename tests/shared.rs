@@ -77,10 +77,22 @@ fn arrivals<'a>(seen: &'a [SeenRequest], name: &str) -> Vec<&'a SeenRequest> {
 /// the heavy one gets every other slot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_light_client_is_never_stuck_behind_a_heavy_one() {
+    light_behind_heavy("").await;
+}
+
+/// The same with the quota in Redis: the replica orders its own waiters
+/// the same way, while Redis says when each slot frees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_light_client_is_never_stuck_behind_a_heavy_one_on_redis() {
+    let redis = support::process::Redis::start();
+    light_behind_heavy(&format!("[store]\nbackend = \"redis\"\nurl = \"{}\"\n", redis.url())).await;
+}
+
+async fn light_behind_heavy(store: &str) {
     let emu = Emulator::start(upstream(10, SEC)).await;
     let clients = client_toml("heavy", "") + &client_toml("light", "");
     // A 50 ms guard covers the jitter between admission and arrival, as in tests/quota.rs.
-    let text = config_text(&emu.url(), &gateway_toml("", 10, "1s", "2s", &clients))
+    let text = config_text(&emu.url(), &gateway_toml("", 10, "1s", "2s", &(clients + store)))
         .replace("guard = \"5ms\"", "guard = \"50ms\"");
     let gw = TestGateway::start_with(&text).await;
     let http = client();

@@ -96,7 +96,7 @@ impl Default for Share {
 
 /// What ranks a request: its arrival id, client, class and start tag.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Ticket {
+pub(crate) struct Ticket {
     pub id: u64,
     pub client: u16,
     pub class: Class,
@@ -121,7 +121,7 @@ impl Lane {
 
 /// Every client's lane in one key, and the key's virtual time.
 #[derive(Default)]
-pub(super) struct Lanes {
+pub(crate) struct Lanes {
     lanes: Vec<Lane>,
     vtime: u64,
 }
@@ -216,6 +216,11 @@ impl Lanes {
         for lane in &mut self.lanes {
             lane.log.prune(retention, now);
         }
+    }
+
+    /// Whether no lane holds an admission a cap or reserve still counts.
+    pub fn holds_nothing(&self) -> bool {
+        self.lanes.iter().all(|l| l.log.is_empty())
     }
 
     pub fn shrink(&mut self) {

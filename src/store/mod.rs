@@ -225,8 +225,8 @@ impl Store {
         depth: &prometheus::IntGauge,
     ) -> Result<Admitted, redis::Refusal> {
         match &self.redis {
-            // Replicas share the key's log in Redis, which orders its waiters first come first served.
-            Some(r) => r.acquire(limiter, key, policy, max_wait, depth).await,
+            // Replicas share the key's log in Redis; each orders its own waiters fairly.
+            Some(r) => r.acquire(limiter, key, policy, share, max_wait, depth).await,
             None => limiter
                 .acquire_as(key, policy, share, max_wait, depth)
                 .await

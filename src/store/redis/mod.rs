@@ -13,10 +13,11 @@
 //! the guard, and older entries are trimmed by the script.
 //!
 //! Waiting: while nobody on this replica waits for a key, its requests ask
-//! Redis at once, concurrently. One told "not before t" joins the key's
-//! FIFO queue on this replica (an async mutex); only the head asks Redis,
-//! and it sleeps until t (on Redis's clock, as a duration), then asks
-//! again. Nobody polls: each request to Redis is at a moment a slot was due.
+//! Redis at once, concurrently. Once some are told "not before t", they
+//! wait on this replica in the order of [`crate::admission::fair`] (reserved
+//! minimums, classes, weighted fair queuing, caps): only the one chosen asks
+//! Redis, sleeping until the time the last answer named ([`queue`]).
+//! Nobody polls: each request to Redis is at a moment a slot was due.
 //!
 //! Upstream holds are Redis keys too ([`HOLD`]): a 429 one replica sees
 //! holds the key for all, because every admission script reads the hold.
@@ -32,23 +33,24 @@
 
 mod ledger;
 mod outage;
+mod queue;
 
 pub use ledger::LedgerJournal;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
 use prometheus::IntGauge;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use tokio::sync::{Mutex, OnceCell};
+use tokio::sync::OnceCell;
 
 use super::{OnOutage, PolicyNames, StoreError};
-use crate::admission::{Admitted, Limiter, Reason, Rejection};
+use crate::admission::{Admitted, Limiter, Rejection, Share};
 use crate::config::Config;
 use crate::metrics::StoreMetrics;
-use crate::policy::{Mode, Policy};
+use crate::policy::Policy;
 use crate::quota::{QuotaKey, Window, WindowUse};
 
 /// Check every window of a key and record the call, or say when it could go.
@@ -110,13 +112,6 @@ const PROBE_EVERY: Duration = Duration::from_millis(500);
 /// `Retry-After` of a call refused while failing closed.
 pub const FAIL_CLOSED_RETRY: Duration = Duration::from_secs(2);
 
-/// The requests of one key waiting on this replica.
-#[derive(Default)]
-struct KeyQueue {
-    head: Mutex<()>,
-    queued: std::sync::atomic::AtomicUsize,
-}
-
 /// Why a shared admission did not happen.
 #[derive(Debug)]
 pub enum Refusal {
@@ -146,7 +141,7 @@ pub struct RedisStore {
     on_outage: OnOutage,
     replicas: u32,
     up: AtomicBool,
-    queues: DashMap<QuotaKey, Arc<KeyQueue>>,
+    queues: DashMap<QuotaKey, Arc<queue::KeyQueue>>,
     /// Members of the sorted sets: this replica's nonce and a counter.
     nonce: u64,
     next: AtomicU64,
@@ -251,12 +246,13 @@ impl RedisStore {
         limiter: &Limiter,
         key: &QuotaKey,
         policy: &Policy,
+        share: &Share,
         max_wait: Duration,
         depth: &IntGauge,
     ) -> Result<Admitted, Refusal> {
         let started = tokio::time::Instant::now();
         if self.is_up() {
-            match self.shared(limiter, key, policy, max_wait, depth).await {
+            match self.shared(limiter, key, policy, share, max_wait, depth).await {
                 Ok(result) => return result.map_err(Refusal::Rejected),
                 Err(e) => self.failed(&e),
             }
@@ -273,87 +269,7 @@ impl RedisStore {
                     w.limit = std::num::NonZeroU32::new(share).unwrap_or(std::num::NonZeroU32::MIN);
                 }
                 let left = max_wait.saturating_sub(started.elapsed());
-                limiter.acquire(key, &local, left, depth).await.map_err(Refusal::Rejected)
-            }
-        }
-    }
-
-    /// The shared path; `Err` only when Redis failed.
-    async fn shared(
-        &self,
-        limiter: &Limiter,
-        key: &QuotaKey,
-        policy: &Policy,
-        max_wait: Duration,
-        depth: &IntGauge,
-    ) -> Result<Result<Admitted, Rejection>, redis::RedisError> {
-        let started = tokio::time::Instant::now();
-        let queue = self.queues.entry(key.clone()).or_default().clone();
-        // While nobody on this replica waits for the key, ask at once: many
-        // asks may be in flight together, and Redis orders them.
-        if queue.queued.load(Ordering::SeqCst) == 0 || policy.mode == Mode::Reject {
-            let ticket = self.next.fetch_add(1, Ordering::Relaxed);
-            match self.ask(key, policy, ticket).await? {
-                Answer::Admitted { at_us, counts } => {
-                    return Ok(Ok(self.admitted(limiter, key, policy, (at_us, ticket), counts, started)));
-                }
-                Answer::NotBefore { wait, window } => {
-                    let reason = match policy.mode {
-                        Mode::Reject => Some(Reason::NoSlot),
-                        Mode::Queue if wait > max_wait => Some(Reason::WaitTooLong),
-                        Mode::Queue => None,
-                    };
-                    if let Some(reason) = reason {
-                        return Ok(Err(Rejection {
-                            reason,
-                            retry_after: wait,
-                            window,
-                            capped: false,
-                            usage: Vec::new(),
-                        }));
-                    }
-                }
-            }
-        }
-        // Otherwise wait in this replica's FIFO queue for the key; only its
-        // head asks Redis, at the moment the last answer named.
-        let ahead = queue.queued.fetch_add(1, Ordering::SeqCst);
-        let _place = Leave { queue: &queue, depth: depth.clone() };
-        depth.inc();
-        let give_up = |reason, wait| Rejection {
-            reason,
-            retry_after: wait,
-            window: None,
-            capped: false,
-            usage: Vec::new(),
-        };
-        if ahead >= policy.max_queue && policy.mode == Mode::Queue {
-            return Ok(Err(give_up(Reason::QueueFull, policy.max_wait)));
-        }
-        let left = max_wait.saturating_sub(started.elapsed());
-        let Ok(head) = tokio::time::timeout(left, queue.head.lock()).await else {
-            return Ok(Err(give_up(Reason::Expired, max_wait)));
-        };
-        loop {
-            let ticket = self.next.fetch_add(1, Ordering::Relaxed);
-            match self.ask(key, policy, ticket).await? {
-                Answer::Admitted { at_us, counts } => {
-                    drop(head);
-                    return Ok(Ok(self.admitted(limiter, key, policy, (at_us, ticket), counts, started)));
-                }
-                Answer::NotBefore { wait, window } => {
-                    let reason = (started.elapsed() + wait > max_wait).then_some(Reason::Expired);
-                    if let Some(reason) = reason {
-                        return Ok(Err(Rejection {
-                            reason,
-                            retry_after: wait,
-                            window,
-                            capped: false,
-                            usage: Vec::new(),
-                        }));
-                    }
-                    tokio::time::sleep(wait).await;
-                }
+                limiter.acquire_as(key, &local, share, left, depth).await.map_err(Refusal::Rejected)
             }
         }
     }
@@ -424,7 +340,7 @@ impl RedisStore {
 
     /// Drop the waiter records of keys nobody waits on.
     pub fn sweep(&self) {
-        self.queues.retain(|_, q| Arc::strong_count(q) > 1 || q.queued.load(Ordering::SeqCst) > 0);
+        self.queues.retain(|_, q| Arc::strong_count(q) > 1 || !q.is_idle());
         self.settled.retain(|_, n| Arc::strong_count(n) > 1);
     }
 
@@ -475,19 +391,6 @@ impl RedisStore {
 enum Answer {
     Admitted { at_us: i64, counts: Vec<u32> },
     NotBefore { wait: Duration, window: Option<Window> },
-}
-
-/// A request's place among a key's waiters on this replica, left on drop.
-struct Leave<'a> {
-    queue: &'a KeyQueue,
-    depth: IntGauge,
-}
-
-impl Drop for Leave<'_> {
-    fn drop(&mut self) {
-        self.queue.queued.fetch_sub(1, Ordering::SeqCst);
-        self.depth.dec();
-    }
 }
 
 /// A Redis URL with its password replaced, for logs and status.

@@ -1,0 +1,263 @@
+//! The waiters of one key on one replica, in the order the memory store
+//! gives them ([`crate::admission::fair`]): reserved minimums, priority
+//! classes, weighted fair queuing between clients, caps.
+//!
+//! *When* a call may go is Redis's answer, shared by every replica; *who*
+//! goes next among this replica's waiters is decided here. While nobody on
+//! this replica waits for the key, a request asks Redis at once (many may
+//! be in flight together; Redis orders them). Once some wait, only the one
+//! the order chooses asks, and when Redis answers "not before t" it sleeps
+//! until t, then the order is decided again: a more urgent request that
+//! arrived meanwhile goes at t in its place. Nobody polls.
+//!
+//! Caps and reserved minimums count this replica's admissions of each
+//! client: with several replicas, a client's cap applies on each replica it
+//! calls.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use prometheus::IntGauge;
+use tokio::sync::Notify;
+
+use super::{Answer, RedisStore};
+use crate::admission::fair::{Lanes, Ticket};
+use crate::admission::{Admitted, Limiter, Reason, Rejection, Share};
+use crate::policy::{Mode, Policy};
+use crate::quota::{QuotaKey, Retention};
+
+struct Waiter {
+    ticket: Ticket,
+    wake: Arc<Notify>,
+}
+
+#[derive(Default)]
+struct Waiting {
+    lanes: Lanes,
+    retention: Retention,
+    waiters: Vec<Waiter>,
+    next_id: u64,
+    /// The waiter asking Redis, or sleeping until the time it named.
+    asking: Option<u64>,
+}
+
+impl Waiting {
+    fn tickets(&self) -> impl Iterator<Item = &Ticket> + Clone {
+        self.waiters.iter().map(|w| &w.ticket)
+    }
+
+    /// Wake the waiter the order chooses now, unless one is asking.
+    fn wake_next(&self, policy: &Policy, guard: Duration, now: u64) {
+        if self.asking.is_some() {
+            return;
+        }
+        if let Some((next, _)) = self.lanes.pick(self.tickets(), &policy.windows, guard, now) {
+            if let Some(w) = self.waiters.iter().find(|w| w.ticket.id == next) {
+                w.wake.notify_one();
+            }
+        }
+    }
+
+    /// Take `id` out of the queue (admitted, or gone).
+    fn leave(&mut self, id: u64) {
+        self.waiters.retain(|w| w.ticket.id != id);
+        if self.asking == Some(id) {
+            self.asking = None;
+        }
+        if self.waiters.is_empty() {
+            self.lanes.idle();
+        }
+    }
+}
+
+/// One key's waiters on this replica, and its clients' lanes.
+#[derive(Default)]
+pub(super) struct KeyQueue(Mutex<Waiting>);
+
+impl KeyQueue {
+    fn lock(&self) -> MutexGuard<'_, Waiting> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the queue holds nothing worth keeping: no waiter, and no
+    /// client admission that a cap or reserve still counts.
+    pub(super) fn is_idle(&self) -> bool {
+        let st = self.lock();
+        st.waiters.is_empty() && st.lanes.holds_nothing()
+    }
+}
+
+/// A queued request's place; leaving it (a client that went away, an
+/// error) takes the request out and hands the turn on.
+struct Place<'a> {
+    queue: &'a KeyQueue,
+    id: u64,
+    policy: &'a Policy,
+    guard: Duration,
+    clock: crate::quota::Clock,
+    depth: IntGauge,
+}
+
+impl Place<'_> {
+    /// Leave the queue and hand the turn on; `admitted` records the call
+    /// (its tag and time) in its client's lane first.
+    fn leave(&self, admitted: Option<(&Share, u64, &Admitted)>) {
+        let mut st = self.queue.lock();
+        if let Some((share, start, admitted)) = admitted {
+            let retention = st.retention;
+            st.lanes.admitted(share.client, start, admitted.at(), retention);
+        }
+        st.leave(self.id);
+        st.wake_next(self.policy, self.guard, self.clock.now());
+    }
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        // Leaving twice is harmless: the second finds nothing to remove.
+        self.leave(None);
+        self.depth.dec();
+    }
+}
+
+fn rejection(reason: Reason, retry_after: Duration, window: Option<crate::quota::Window>) -> Rejection {
+    Rejection { reason, retry_after, window, capped: false, usage: Vec::new() }
+}
+
+impl RedisStore {
+    /// The shared path; `Err` only when Redis failed.
+    pub(super) async fn shared(
+        &self,
+        limiter: &Limiter,
+        key: &QuotaKey,
+        policy: &Policy,
+        share: &Share,
+        max_wait: Duration,
+        depth: &IntGauge,
+    ) -> Result<Result<Admitted, Rejection>, redis::RedisError> {
+        let started = tokio::time::Instant::now();
+        let guard = Duration::from_micros(self.guard_us);
+        let queue = self.queues.entry(key.clone()).or_default().clone();
+        let (ticket, before, alone) = {
+            let mut st = queue.lock();
+            st.retention = st.retention.union(Retention::for_windows(&policy.windows, guard));
+            let retention = st.retention;
+            st.lanes.prune(retention, self.clock.now());
+            let (start, before) = st.lanes.tag(share);
+            st.next_id += 1;
+            let ticket = Ticket { id: st.next_id, client: share.client, class: share.class, start };
+            (ticket, before, st.waiters.is_empty() && st.asking.is_none())
+        };
+        let untag = || queue.lock().lanes.untag(share.client, before);
+        // While nobody here waits for the key, ask at once.
+        if alone || policy.mode == Mode::Reject {
+            let capped =
+                queue.lock().lanes.cap_free(share.client, &policy.windows, guard, self.clock.now(), 0);
+            if capped.at <= self.clock.now() {
+                let number = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                match self.ask(key, policy, number).await {
+                    Ok(Answer::Admitted { at_us, counts }) => {
+                        let admitted = self.admitted(limiter, key, policy, (at_us, number), counts, started);
+                        let mut st = queue.lock();
+                        let retention = st.retention;
+                        st.lanes.admitted(share.client, ticket.start, admitted.at(), retention);
+                        return Ok(Ok(admitted));
+                    }
+                    Ok(Answer::NotBefore { wait, window }) => {
+                        let reason = match policy.mode {
+                            Mode::Reject => Some(Reason::NoSlot),
+                            Mode::Queue if wait > max_wait => Some(Reason::WaitTooLong),
+                            Mode::Queue => None,
+                        };
+                        if let Some(reason) = reason {
+                            untag();
+                            return Ok(Err(rejection(reason, wait, window)));
+                        }
+                    }
+                    Err(e) => {
+                        untag();
+                        return Err(e);
+                    }
+                }
+            } else if policy.mode == Mode::Reject {
+                untag();
+                let wait = Duration::from_nanos(capped.at - self.clock.now());
+                return Ok(Err(Rejection { capped: true, ..rejection(Reason::NoSlot, wait, capped.window) }));
+            }
+        }
+        // Wait among this replica's waiters for the key.
+        let wake = Arc::new(Notify::new());
+        {
+            let mut st = queue.lock();
+            if st.waiters.len() >= policy.max_queue {
+                drop(st);
+                untag();
+                return Ok(Err(rejection(Reason::QueueFull, policy.max_wait, None)));
+            }
+            st.waiters.push(Waiter { ticket, wake: wake.clone() });
+        }
+        depth.inc();
+        let place =
+            Place { queue: &queue, id: ticket.id, policy, guard, clock: self.clock, depth: depth.clone() };
+        let deadline = started + max_wait;
+        loop {
+            let now = self.clock.now();
+            // Whose turn it is: `Some(at)` when it is this request's from `at`.
+            let turn = {
+                let mut st = queue.lock();
+                let retention = st.retention;
+                st.lanes.prune(retention, now);
+                let chosen = st.lanes.pick(st.tickets(), &policy.windows, guard, now);
+                match chosen {
+                    Some((c, at)) if c == ticket.id && st.asking.is_none_or(|a| a == ticket.id) => {
+                        if at <= now {
+                            st.asking = Some(ticket.id);
+                        }
+                        Some(at)
+                    }
+                    _ => {
+                        st.wake_next(policy, guard, now);
+                        None
+                    }
+                }
+            };
+            match turn {
+                Some(at) if at <= now => {
+                    let number = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    match self.ask(key, policy, number).await? {
+                        Answer::Admitted { at_us, counts } => {
+                            let admitted =
+                                self.admitted(limiter, key, policy, (at_us, number), counts, started);
+                            place.leave(Some((share, ticket.start, &admitted)));
+                            return Ok(Ok(admitted));
+                        }
+                        Answer::NotBefore { wait, window } => {
+                            if started.elapsed() + wait > max_wait {
+                                return Ok(Err(rejection(Reason::Expired, wait, window)));
+                            }
+                            tokio::time::sleep(wait).await;
+                            queue.lock().asking = None;
+                        }
+                    }
+                }
+                // Its turn, once its client's cap frees.
+                Some(at) => {
+                    let until = self.clock.instant(at).min(deadline);
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(until) => {}
+                        _ = wake.notified() => {}
+                    }
+                }
+                None => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(deadline) => {}
+                        _ = wake.notified() => {}
+                    }
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(Err(rejection(Reason::Expired, max_wait, None)));
+            }
+        }
+    }
+}
