@@ -177,21 +177,12 @@ impl RedisStore {
         policy: &Policy,
         times: &[u64],
     ) -> Result<(), redis::RedisError> {
-        let mut conn = self.conn().await?;
-        let log = self.key("log", key);
-        let mut pipe = redis::pipe();
-        let zadd = pipe.cmd("ZADD").arg(&log).arg("NX");
-        for &at in times {
-            let us = self.clock.to_unix(at) / 1000;
-            zadd.arg(us).arg(format!("{:x}-L{us}", self.nonce));
-        }
         let longest = policy.windows.iter().map(|w| w.per).max().unwrap_or_default();
-        let ttl = u64::try_from(longest.as_millis()).unwrap_or(u64::MAX) + self.guard_us / 1000 + 1;
-        pipe.cmd("PEXPIRE").arg(&log).arg(ttl).ignore();
-        let _: (i64,) = tokio::time::timeout(TIMEOUT * 2, pipe.query_async(&mut conn))
-            .await
-            .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "timed out")))??;
-        Ok(())
+        let entries = times.iter().map(|&at| {
+            let us = self.clock.to_unix(at) / 1000;
+            (us, format!("{:x}-L{us}", self.nonce))
+        });
+        self.add_missing(self.key("log", key), entries, longest).await
     }
 
     /// Add this replica's running-time charges (`(end, cost)`: clock
@@ -206,17 +197,29 @@ impl RedisStore {
         longest: std::time::Duration,
         charges: &[(u64, u64)],
     ) -> Result<(), redis::RedisError> {
-        let mut conn = self.conn().await?;
-        let ledger = self.key("rt-charges", key);
-        let mut pipe = redis::pipe();
-        let zadd = pipe.cmd("ZADD").arg(&ledger).arg("NX");
-        for &(end, cost) in charges {
+        let entries = charges.iter().map(|&(end, cost)| {
             let us = self.clock.to_unix(end) / 1000;
-            let cost = (cost / 1000).max(1);
-            zadd.arg(us).arg(format!("{:x}-L{us}:{cost}", self.nonce));
+            (us, format!("{:x}-L{us}:{}", self.nonce, (cost / 1000).max(1)))
+        });
+        self.add_missing(self.key("rt-charges", key), entries, longest).await
+    }
+
+    /// Add `(score, member)` entries the sorted set `set` lacks, and keep it
+    /// for `longest` plus the guard.
+    async fn add_missing(
+        &self,
+        set: String,
+        entries: impl Iterator<Item = (i64, String)>,
+        longest: std::time::Duration,
+    ) -> Result<(), redis::RedisError> {
+        let mut conn = self.conn().await?;
+        let mut pipe = redis::pipe();
+        let zadd = pipe.cmd("ZADD").arg(&set).arg("NX");
+        for (score, member) in entries {
+            zadd.arg(score).arg(member);
         }
         let ttl = u64::try_from(longest.as_millis()).unwrap_or(u64::MAX) + self.guard_us / 1000 + 1;
-        pipe.cmd("PEXPIRE").arg(&ledger).arg(ttl).ignore();
+        pipe.cmd("PEXPIRE").arg(&set).arg(ttl).ignore();
         let _: (i64,) = tokio::time::timeout(TIMEOUT * 2, pipe.query_async(&mut conn))
             .await
             .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "timed out")))??;
