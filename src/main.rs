@@ -201,9 +201,12 @@ async fn run(
     workers: &quotagate::server::Workers,
     source: Option<Source>,
 ) -> std::io::Result<()> {
+    // Watch from before the listeners are announced: a SIGHUP or a change
+    // right after startup is not missed (nor does a SIGHUP kill the process).
+    let watch = source.map(Watch::new);
     let running = quotagate::server::start_on(config, workers.handles()).await?;
-    if let Some(source) = source {
-        tokio::spawn(watch_config(source, running.reloader.clone()));
+    if let Some(watch) = watch {
+        tokio::spawn(watch_config(watch, running.reloader.clone()));
     }
     let config = running.gateway.config();
     for (addr, spec) in running.proxy_addrs.iter().zip(&config.listeners) {
@@ -253,6 +256,26 @@ impl Source {
     }
 }
 
+/// The config file and what tells of its changes, set up at startup.
+struct Watch {
+    source: Source,
+    /// The file's stamp when the watch began.
+    seen: Option<(std::time::SystemTime, u64)>,
+    #[cfg(unix)]
+    hangup: Option<tokio::signal::unix::Signal>,
+}
+
+impl Watch {
+    fn new(source: Source) -> Self {
+        Watch {
+            seen: source.stamp(),
+            #[cfg(unix)]
+            hangup: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok(),
+            source,
+        }
+    }
+}
+
 /// How long a changed config file must stay unchanged before it is read.
 const SETTLE: std::time::Duration = std::time::Duration::from_millis(300);
 
@@ -260,11 +283,11 @@ const SETTLE: std::time::Duration = std::time::Duration::from_millis(300);
 /// once it has been still for [`SETTLE`]). A file that does not load, or
 /// changes what needs a restart, is refused with every problem logged; the
 /// running configuration stays.
-async fn watch_config(source: Source, reloader: quotagate::server::Reloader) {
+async fn watch_config(watch: Watch, reloader: quotagate::server::Reloader) {
+    let Watch { source, mut seen, .. } = watch;
     #[cfg(unix)]
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut hangup = watch.hangup;
     let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
-    let mut seen = source.stamp();
     loop {
         #[cfg(unix)]
         let hup = async {

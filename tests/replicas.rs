@@ -584,3 +584,44 @@ async fn running_time_charged_during_an_outage_is_added_back_to_redis() {
     assert!((50..=61).contains(&retry), "until the 0.7 s charge leaves the minute: {retry}");
     assert_eq!(emu.requests().len(), 1, "only the query run alone reached the upstream");
 }
+
+/// A lower limit one replica learns from the upstream's 429 message binds
+/// every replica: the upstream's 3 a second (the config says 10) is kept
+/// from the first throttle on, whichever replica the calls reach.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_revealed_to_one_replica_binds_the_others() {
+    let redis = Redis::start();
+    let emu = Emulator::start(EmulatorConfig::new().quota(QuotaRule::new(
+        "incidents",
+        &["/api/incidents"],
+        &[(3, Duration::from_secs(1))],
+    )))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        &emu.url(),
+        &redis.url(),
+        "",
+        "windows = [{ limit = 10, per = \"1s\" }]\nmax_wait = \"10s\"\nmax_queue = 100",
+    );
+    let gws = replicas(2, &cfg, dir.path());
+    let mut calls = Vec::new();
+    for i in 0..15 {
+        calls.push(tokio::spawn(get(gws[i % 2].url("/api/incidents"))));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for c in calls {
+        assert_eq!(c.await.unwrap().status(), 200);
+    }
+    let seen: Vec<_> = emu.requests().iter().map(|r| (r.at, r.status)).collect();
+    let t0 = seen[0].0;
+    let seen: Vec<_> = seen.iter().map(|(t, s)| (t.duration_since(t0).as_millis(), s)).collect();
+    assert!(
+        emu.throttled() <= 1,
+        "learnt once for both replicas, throttled {} times: {seen:?}",
+        emu.throttled()
+    );
+    let times = emu.accepted_times("incidents", "tenant-1");
+    assert!(max_in_any_interval(&times, Duration::from_secs(1)) <= 3);
+}

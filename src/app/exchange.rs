@@ -315,7 +315,7 @@ impl Metered<'_> {
         if let Some((limit, per)) = throttle.revealed {
             let window = Window::new(std::num::NonZeroU32::new(limit).expect("parser returns non-zero"), per);
             if gw.limiter.reveal(&self.key, self.policy, window) {
-                gw.store.revealed(&self.key, self.policy, window);
+                gw.store.revealed(&self.key, self.policy, window).await;
                 self.metrics.revealed_limit.set(i64::from(limit));
                 tracing::warn!(policy = %self.policy.name, tenant = %self.tenant, limit,
                     window_s = per.as_secs_f64(), "the upstream revealed a lower limit than configured; using it");

@@ -39,6 +39,11 @@ use crate::quota::{QuotaKey, Window};
 use journal::nanos;
 use sqlite::Event;
 
+/// How long a limit the upstream revealed is kept after it was last seen:
+/// the service's limits change rarely, and forgetting one walks into its
+/// throttle again.
+pub const REVEALED_FOR: Duration = Duration::from_secs(24 * 3600);
+
 /// Which backend holds the quota state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Backend {
@@ -352,13 +357,15 @@ impl Store {
     }
 
     /// The upstream revealed a lower limit for `key`.
-    pub fn revealed(&self, key: &QuotaKey, policy: &Policy, window: Window) {
+    pub async fn revealed(&self, key: &QuotaKey, policy: &Policy, window: Window) {
+        if let Some(r) = &self.redis {
+            r.reveal(key, policy, window).await;
+        }
         if let Some(j) = &self.journal {
             let now = sqlite::unix_now();
             let per = nanos(window.per);
-            // As long as any window of the policy counts, and the revealed one.
             let longest = policy.windows.iter().map(|w| w.per).max().unwrap_or_default();
-            let horizon = nanos(longest + j.guard).max(per);
+            let horizon = nanos((longest + j.guard).max(REVEALED_FOR)).max(per);
             j.send(
                 vec![Event::Reveal {
                     key: self.names.encode(key),

@@ -28,8 +28,9 @@
 //! decides locally with `limit ÷ replicas` of every window. A watcher pings
 //! Redis every half second and switches back by itself when it answers.
 //!
-//! The hunting running-time ledger is shared the same way ([`ledger`]). A
-//! revealed lower limit is still applied per replica.
+//! A lower limit the upstream revealed (in a 429's message) is kept in Redis
+//! too ([`REVEAL`]) and applied by the admission script for every replica.
+//! The hunting running-time ledger is shared the same way ([`ledger`]).
 
 mod ledger;
 mod outage;
@@ -55,11 +56,14 @@ use crate::quota::{QuotaKey, Window, WindowUse};
 
 /// Check every window of a key and record the call, or say when it could go.
 ///
-/// KEYS: the log (sorted set), the hold. ARGV: guard µs, window count, then
-/// limit and length µs per window, then the new entry's member (unique:
-/// the replica's nonce and a counter).
+/// KEYS: the log (sorted set), the hold, the revealed limits (a hash of
+/// window length µs to limit). ARGV: guard µs, window count, then limit and
+/// length µs per window, then the new entry's member (unique: the
+/// replica's nonce and a counter). A revealed limit lowers the window of
+/// its length, or adds one ([`crate::quota::tightened`]).
 /// Returns `{1, now, 0, count per window...}` or `{0, free_at, binding, now}`
-/// where `binding` is the window's 1-based index, or -1 for the hold.
+/// where `binding` is the window's 1-based index (past the configured ones:
+/// a revealed window), or -1 for the hold.
 const ADMIT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -69,10 +73,24 @@ local free = now
 local binding = 0
 local hold = tonumber(redis.call('GET', KEYS[2]) or '0')
 if hold > free then free = hold; binding = -1 end
+local wins = {}
+for i = 1, n do wins[i] = {tonumber(ARGV[1 + 2 * i]), tonumber(ARGV[2 + 2 * i])} end
+local revealed = redis.call('HGETALL', KEYS[3])
+for j = 1, #revealed, 2 do
+  local per, limit = tonumber(revealed[j]), tonumber(revealed[j + 1])
+  local found = false
+  for i = 1, #wins do
+    if wins[i][2] == per then
+      found = true
+      if limit < wins[i][1] then wins[i][1] = limit end
+    end
+  end
+  if not found then wins[#wins + 1] = {limit, per} end
+end
 local longest = 0
-for i = 1, n do
-  local limit = tonumber(ARGV[1 + 2 * i])
-  local per = tonumber(ARGV[2 + 2 * i])
+for i = 1, #wins do
+  local limit = wins[i][1]
+  local per = wins[i][2]
   if per + guard > longest then longest = per + guard end
   local e = redis.call('ZREVRANGE', KEYS[1], limit - 1, limit - 1, 'WITHSCORES')
   if e[2] then
@@ -90,6 +108,16 @@ for i = 1, n do
   out[3 + i] = redis.call('ZCOUNT', KEYS[1], '(' .. (now - per), '+inf')
 end
 return out
+";
+
+/// Lower a key's limit for windows of `ARGV[1]` µs to `ARGV[2]` (never
+/// raising one already lower), kept `ARGV[3]` ms. KEYS: the revealed limits.
+const REVEAL: &str = r"
+local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+local limit = tonumber(ARGV[2])
+if cur == 0 or limit < cur then redis.call('HSET', KEYS[1], ARGV[1], limit) end
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
+return 1
 ";
 
 /// Hold a key for `ARGV[1]` µs from now (Redis's clock); a shorter hold
@@ -126,6 +154,7 @@ pub struct RedisStore {
     conn: OnceCell<ConnectionManager>,
     admit: redis::Script,
     hold: redis::Script,
+    reveal: redis::Script,
     reserve: redis::Script,
     settle: redis::Script,
     /// Shared running-time reservations of this replica's queries in flight.
@@ -178,6 +207,7 @@ impl RedisStore {
             conn: OnceCell::new(),
             admit: redis::Script::new(ADMIT),
             hold: redis::Script::new(HOLD),
+            reveal: redis::Script::new(REVEAL),
             reserve: redis::Script::new(ledger::RESERVE),
             settle: redis::Script::new(ledger::SETTLE),
             ledger: DashMap::new(),
@@ -300,7 +330,8 @@ impl RedisStore {
 
     async fn ask(&self, key: &QuotaKey, policy: &Policy, ticket: u64) -> Result<Answer, redis::RedisError> {
         let mut call = self.admit.key(self.key("log", key));
-        call.key(self.key("hold", key)).arg(self.guard_us).arg(policy.windows.len());
+        call.key(self.key("hold", key)).key(self.key("revealed", key));
+        call.arg(self.guard_us).arg(policy.windows.len());
         for w in &policy.windows {
             call.arg(w.limit.get()).arg(u64::try_from(w.per.as_micros()).unwrap_or(u64::MAX));
         }
@@ -367,6 +398,24 @@ impl RedisStore {
     /// How many replicas share the store (the local share's divisor).
     pub fn replicas(&self) -> u32 {
         self.replicas
+    }
+
+    /// Lower `key`'s limit for every replica to what the upstream revealed,
+    /// for [`super::REVEALED_FOR`] (or longer, for a longer window).
+    pub async fn reveal(&self, key: &QuotaKey, policy: &Policy, window: crate::quota::Window) {
+        if !self.is_up() {
+            return;
+        }
+        let windows = policy.windows.iter().map(|w| w.per);
+        let longest = windows.chain([window.per, super::REVEALED_FOR]).max().unwrap_or_default();
+        let ttl_ms = u64::try_from(longest.as_millis()).unwrap_or(u64::MAX) + self.guard_us / 1000 + 1;
+        let mut call = self.reveal.key(self.key("revealed", key));
+        call.arg(u64::try_from(window.per.as_micros()).unwrap_or(u64::MAX))
+            .arg(window.limit.get())
+            .arg(ttl_ms);
+        if let Err(e) = self.invoke::<i64>(&call).await {
+            self.failed(&e);
+        }
     }
 
     /// Hold `key` for every replica for `wait` from now.
