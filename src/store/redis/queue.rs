@@ -137,23 +137,23 @@ impl RedisStore {
     ) -> Result<Result<Admitted, Rejection>, redis::RedisError> {
         let started = tokio::time::Instant::now();
         let guard = Duration::from_micros(self.guard_us);
-        let queue = self.queues.entry(key.clone()).or_default().clone();
-        let (ticket, before, alone) = {
+        let queue = crate::admission::cell_of(&self.queues, key);
+        let now = self.clock.now();
+        let (ticket, before, alone, capped) = {
             let mut st = queue.lock();
             st.retention = st.retention.union(Retention::for_windows(&policy.windows, guard));
             let retention = st.retention;
-            st.lanes.prune(retention, self.clock.now());
+            st.lanes.prune(retention, now);
             let (start, before) = st.lanes.tag(share);
             st.next_id += 1;
             let ticket = Ticket { id: st.next_id, client: share.client, class: share.class, start };
-            (ticket, before, st.waiters.is_empty() && st.asking.is_none())
+            let capped = st.lanes.cap_free(share.client, &policy.windows, guard, now, 0);
+            (ticket, before, st.waiters.is_empty() && st.asking.is_none(), capped)
         };
         let untag = || queue.lock().lanes.untag(share.client, before);
         // While nobody here waits for the key, ask at once.
         if alone || policy.mode == Mode::Reject {
-            let capped =
-                queue.lock().lanes.cap_free(share.client, &policy.windows, guard, self.clock.now(), 0);
-            if capped.at <= self.clock.now() {
+            if capped.at <= now {
                 let number = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 match self.ask(key, policy, number).await {
                     Ok(Answer::Admitted { at_us, counts }) => {
@@ -181,7 +181,7 @@ impl RedisStore {
                 }
             } else if policy.mode == Mode::Reject {
                 untag();
-                let wait = Duration::from_nanos(capped.at - self.clock.now());
+                let wait = Duration::from_nanos(capped.at - now);
                 return Ok(Err(Rejection { capped: true, ..rejection(Reason::NoSlot, wait, capped.window) }));
             }
         }
