@@ -6,8 +6,8 @@
 //! Properties:
 //! - it is a throttle exactly when the status is 429, or 503/504 with a usable
 //!   `Retry-After`;
-//! - the wait it reads is at most [`MAX_WAIT`] (a day, the longest window the
-//!   service has), and at least the header's when there is one;
+//! - the wait it reads is at most `MAX_RETRY_AFTER` (a day, the longest
+//!   window the service has), and at least the header's when there is one;
 //! - a revealed limit is positive, over a window longer than zero and no
 //!   longer than a day;
 //! - the Defender/Graph JSON envelope does not change what a message says:
@@ -23,10 +23,7 @@ use http_body_util::BodyExt as _;
 use quotagate::admission::rejection::whole_seconds;
 use quotagate::error::GatewayError;
 use quotagate::upstream::route::ApiKind;
-use quotagate::upstream::throttle::{parse, retry_after_header};
-
-/// The longest wait the parser may report.
-const MAX_WAIT: Duration = Duration::from_secs(86_400);
+use quotagate::upstream::throttle::{parse, retry_after_header, MAX_RETRY_AFTER as MAX_WAIT};
 
 pub fn check(data: &[u8]) {
     if data.len() < 5 {
