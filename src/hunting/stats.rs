@@ -7,8 +7,8 @@
 //! lexer fed chunk by chunk: it keeps a bounded stack of containers and the
 //! key each object is at, never the document, so a 100 MB result costs the
 //! same as a small one and `Stats` is found wherever it stands. Keys match
-//! case-insensitively; unknown keys, other orders and any whitespace are
-//! fine. It does not validate JSON: malformed input yields what could be
+//! case-insensitively once their escapes are decoded; unknown keys, other
+//! orders and any whitespace are fine. It does not validate JSON: malformed input yields what could be
 //! read, never a panic.
 
 /// What the response says about its own cost.
@@ -58,6 +58,21 @@ enum Frame {
     Array,
 }
 
+/// Where a string is in an escape sequence.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Escape {
+    #[default]
+    None,
+    /// Just after a backslash.
+    Backslash,
+    /// `n` hex digits into a `\uXXXX` escape, and their value so far.
+    Unicode { n: u8, value: u16 },
+}
+
+/// What an escaped character that is not ASCII becomes in a token: a byte
+/// no key has, so such a key matches none (every key looked for is ASCII).
+const NOT_ASCII: u8 = 0xff;
+
 /// An incremental scanner; feed it the body's chunks in order.
 #[derive(Debug, Default)]
 pub struct Scanner {
@@ -66,7 +81,7 @@ pub struct Scanner {
     deep: usize,
     expecting_key: bool,
     in_string: bool,
-    escaped: bool,
+    escape: Escape,
     string_is_key: bool,
     in_number: bool,
     token: Vec<u8>,
@@ -131,11 +146,45 @@ impl Scanner {
     }
 
     fn string_byte(&mut self, b: u8) {
-        if self.escaped {
-            self.escaped = false;
-            self.push(b);
-        } else if b == b'\\' {
-            self.escaped = true;
+        match self.escape {
+            Escape::None => {}
+            Escape::Backslash => {
+                self.escape = Escape::None;
+                let decoded = match b {
+                    b'u' => {
+                        self.escape = Escape::Unicode { n: 0, value: 0 };
+                        return;
+                    }
+                    b'b' => 0x08,
+                    b'f' => 0x0c,
+                    b'n' => b'\n',
+                    b'r' => b'\r',
+                    b't' => b'\t',
+                    // `\"`, `\\`, `\/` (and what JSON does not allow) stand for themselves.
+                    other => other,
+                };
+                self.push(decoded);
+                return;
+            }
+            Escape::Unicode { n, value } => {
+                let Some(digit) = char::from(b).to_digit(16) else {
+                    // Not JSON: end the escape and read the byte as it is.
+                    self.escape = Escape::None;
+                    self.push(NOT_ASCII);
+                    return self.string_byte(b);
+                };
+                let value = value << 4 | digit as u16;
+                if n < 3 {
+                    self.escape = Escape::Unicode { n: n + 1, value };
+                } else {
+                    self.escape = Escape::None;
+                    self.push(u8::try_from(value).ok().filter(u8::is_ascii).unwrap_or(NOT_ASCII));
+                }
+                return;
+            }
+        }
+        if b == b'\\' {
+            self.escape = Escape::Backslash;
         } else if b == b'"' {
             self.in_string = false;
             if self.string_is_key && self.deep == 0 {
@@ -242,6 +291,19 @@ mod tests {
     fn an_unfinished_stats_is_not_complete() {
         let s = scan(&[br#"{"Stats": {"ExecutionTime": 2.5, "dataset_st"#]);
         assert_eq!(s, Stats { execution_time: Some(2.5), rows: None, complete: false });
+    }
+
+    /// Regression (found by the `stats` fuzz target): an escape stood for
+    /// the letter after the backslash, so the key `"Sta\ts"` (with a tab)
+    /// was taken for `Stats`; a `\u` escape never matched.
+    #[test]
+    fn escapes_in_keys_are_decoded() {
+        assert_eq!(scan(&[br#"{"Sta\ts":[]}"#]), Stats::default());
+        let s = scan(&[br#"{"St\u0061ts":{"Execution\u0054ime":3,"x\"y":1}}"#]);
+        assert_eq!(s, Stats { execution_time: Some(3.0), rows: None, complete: true });
+        // A non-ASCII character, or a broken escape, matches no key.
+        assert_eq!(scan(&[br#"{"Stat\u0161":{"ExecutionTime":3}}"#]), Stats::default());
+        assert_eq!(scan(&[br#"{"Stats\u12":{"ExecutionTime":3}}"#]), Stats::default());
     }
 
     #[test]

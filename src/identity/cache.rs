@@ -29,7 +29,14 @@ impl IdentityCache {
     /// The identity of a request's bearer token, as [`super::identity_from_headers`] reads it.
     pub fn identify(&self, headers: &HeaderMap) -> Result<Identity, TokenError> {
         let token = bearer_token(headers)?;
-        let Some(payload) = token.split('.').nth(1) else { return identity_from_token(token) };
+        // Only a token of three parts is a JWT: one that merely shares a
+        // cached token's payload (`h.p`, `h.p.s.x`) is refused as it would be uncached.
+        let mut parts = token.split('.');
+        let (Some(_), Some(payload), Some(_), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return identity_from_token(token);
+        };
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(who) = map.get(payload) {
             return Ok(who.clone());
@@ -74,5 +81,22 @@ mod tests {
         assert_eq!(cache.identify(&bad), Err(TokenError::MissingClaim("tid")));
         assert_eq!(cache.identify(&bad), Err(TokenError::MissingClaim("tid")));
         assert_eq!(cache.identify(&HeaderMap::new()), Err(TokenError::Missing));
+    }
+
+    /// Regression (found by the `jwt` fuzz target): a token that only shared
+    /// a cached token's payload (`h.p`, `h.p.s.extra`) was taken as that
+    /// token, where the decoder refuses it as not a JWT.
+    #[test]
+    fn a_cached_payload_does_not_make_a_malformed_token_valid() {
+        let cache = IdentityCache::new(4);
+        let payload = URL_SAFE_NO_PAD.encode(r#"{"tid":"t","appid":"a"}"#);
+        let bearer = |token: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(AUTHORIZATION, format!("Bearer {token}").parse().unwrap());
+            h
+        };
+        assert!(cache.identify(&bearer(&format!("h.{payload}.s"))).is_ok());
+        assert_eq!(cache.identify(&bearer(&format!("h.{payload}.s.extra"))), Err(TokenError::NotJwt));
+        assert_eq!(cache.identify(&bearer(&format!("h.{payload}"))), Err(TokenError::NotJwt));
     }
 }

@@ -63,7 +63,14 @@ pub fn identity_from_token(token: &str) -> Result<Identity, TokenError> {
         .decode(payload)
         .or_else(|_| URL_SAFE.decode(payload))
         .map_err(|_| TokenError::BadPayload)?;
-    let claims: Claims = serde_json::from_slice(&bytes).map_err(|_| TokenError::BadPayload)?;
+    // serde_json skips the claims it does not read without checking them,
+    // and would fill `Claims` from an array by position: the payload must be
+    // UTF-8 (JSON) and an object (a JWT claims set), whatever else it holds.
+    let text = std::str::from_utf8(&bytes).map_err(|_| TokenError::BadPayload)?;
+    if !text.trim_start_matches([' ', '\t', '\n', '\r']).starts_with('{') {
+        return Err(TokenError::BadPayload);
+    }
+    let claims: Claims = serde_json::from_str(text).map_err(|_| TokenError::BadPayload)?;
     let tenant = claims.tid.filter(|t| !t.is_empty()).ok_or(TokenError::MissingClaim("tid"))?;
     let v2 = claims.ver.as_deref() == Some("2.0");
     let app = if v2 { claims.azp.or(claims.appid) } else { claims.appid.or(claims.azp) };
@@ -119,6 +126,20 @@ mod tests {
         assert_eq!(identity_from_token(&token("[1,2]")), Err(TokenError::BadPayload));
         assert_eq!(identity_from_token(&token(r#"{"appid":"a"}"#)), Err(TokenError::MissingClaim("tid")));
         assert_eq!(identity_from_token(&token(r#"{"tid":"t"}"#)), Err(TokenError::MissingClaim("appid")));
+    }
+
+    /// Regression: a payload whose unread claims were not UTF-8 (found by the
+    /// `jwt` fuzz target), or a JSON array read as the claims by position
+    /// (found in review), was accepted, though neither is a claims set.
+    #[test]
+    fn only_a_json_object_is_a_claims_set() {
+        let raw = |payload: &[u8]| format!("h.{}.s", URL_SAFE_NO_PAD.encode(payload));
+        assert_eq!(
+            identity_from_token(&raw(b"{\"tid\":\"t\",\"appid\":\"a\",\"x\":\"\xa1\"}")),
+            Err(TokenError::BadPayload)
+        );
+        assert_eq!(identity_from_token(&token(r#"["t","a",null,null]"#)), Err(TokenError::BadPayload));
+        assert!(identity_from_token(&token(" \n{\"tid\":\"t\",\"appid\":\"a\"}")).is_ok());
     }
 
     #[test]

@@ -14,6 +14,15 @@ use std::time::{Duration, SystemTime};
 
 use http::{HeaderMap, StatusCode};
 
+/// The longest window the service has (running time per day).
+const LONGEST_WINDOW: Duration = Duration::from_secs(86_400);
+
+/// The longest wait a throttle is read as: a day. A longer `Retry-After` or
+/// message (a bogus number, a date far ahead, a skewed clock) is read as a
+/// day, so that one answer cannot hold a key, in memory and in the state
+/// file, for years.
+pub const MAX_RETRY_AFTER: Duration = LONGEST_WINDOW;
+
 /// What kind of limit the upstream says was hit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -69,24 +78,28 @@ pub fn parse(status: StatusCode, headers: &HeaderMap, body: &[u8], now: SystemTi
     let retry_after = match (header, from_body) {
         (Some(a), Some(b)) => Some(a.max(b)),
         (a, b) => a.or(b),
-    };
+    }
+    .map(|wait| wait.min(MAX_RETRY_AFTER));
     let revealed = after_phrase(&lower, "maximum allowed ").and_then(|rest| {
         let (n, rest) = rest.split_once(" per ")?;
         let n: u32 = n.trim().parse().ok()?;
         let window = timespan(rest.split(|c: char| c.is_whitespace() || c == ',').next()?)?;
-        (n > 0 && !window.is_zero()).then_some((n, window))
+        // A window the service does not have is not a limit to apply.
+        (n > 0 && !window.is_zero() && window <= LONGEST_WINDOW).then_some((n, window))
     });
     Some(Throttle { kind, retry_after, revealed, message: json_message })
 }
 
-/// `Retry-After`: integer or fractional seconds, or an HTTP date.
+/// `Retry-After`: integer or fractional seconds, or an HTTP date; at most
+/// [`MAX_RETRY_AFTER`].
 pub fn retry_after_header(value: &str, now: SystemTime) -> Option<Duration> {
     let value = value.trim();
     if let Ok(secs) = value.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::try_from_secs_f64(secs).ok()).flatten();
+        return (secs.is_finite() && secs >= 0.0)
+            .then(|| Duration::from_secs_f64(secs.min(MAX_RETRY_AFTER.as_secs_f64())));
     }
     let at = httpdate::parse_http_date(value).ok()?;
-    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO).min(MAX_RETRY_AFTER))
 }
 
 /// Capped exponential back-off with jitter, for a throttle without a time:
@@ -123,7 +136,8 @@ fn number_then_unit(text: &str) -> Option<Duration> {
     } else {
         1.0
     };
-    Duration::try_from_secs_f64(n * scale).ok()
+    let secs = n * scale;
+    secs.is_finite().then(|| Duration::from_secs_f64(secs.min(MAX_RETRY_AFTER.as_secs_f64())))
 }
 
 /// A TimeSpan ("00:12:30", "1.00:00:00") or a number with a unit.
@@ -181,6 +195,26 @@ mod tests {
         assert_eq!(retry_after_header("-1", now), None);
         assert_eq!(retry_after_header("soon", now), None);
         assert_eq!(retry_after_header("NaN", now), None);
+    }
+
+    /// Regression (found by the `throttle` fuzz target): `Retry-After: 6e6`,
+    /// or a date years ahead, was read as that long, and held the key (and
+    /// the state file's record of it) for months or years.
+    #[test]
+    fn waits_and_windows_past_a_day_are_not_believed() {
+        let now = httpdate::parse_http_date("Fri, 27 Nov 2026 10:00:00 GMT").unwrap();
+        assert_eq!(retry_after_header("6e6", now), Some(MAX_RETRY_AFTER));
+        assert_eq!(retry_after_header("1e300", now), Some(MAX_RETRY_AFTER));
+        assert_eq!(retry_after_header("Sat, 27 Nov 2077 10:00:00 GMT", now), Some(MAX_RETRY_AFTER));
+        assert_eq!(retry_after_header("86400", now), Some(Duration::from_secs(86_400)));
+        let t = t429(None, r#"{"error":{"message":"You can send requests again in 99999999 hours."}}"#);
+        assert_eq!(t.retry_after, Some(MAX_RETRY_AFTER));
+        let t = t429(None, "You can run queries again in 9999.00:00:00.");
+        assert_eq!(t.retry_after, Some(MAX_RETRY_AFTER));
+        let t = t429(None, "You can send requests again in 100000000000000000000000000000 seconds.");
+        assert_eq!(t.retry_after, Some(MAX_RETRY_AFTER));
+        assert_eq!(t429(None, "Maximum allowed 1 per 2.00:00:00").revealed, None);
+        assert_eq!(t429(None, "Maximum allowed 1 per 1.00:00:00").revealed, Some((1, LONGEST_WINDOW)));
     }
 
     #[test]
