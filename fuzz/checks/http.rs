@@ -56,8 +56,7 @@ use super::emulator::{Emulator, EmulatorConfig, Fault, QuotaRule};
 /// The configured upstream hosts: the only ones the emulator may see.
 const HOSTS: [&str; 3] =
     ["api.security.microsoft.com", "api.securitycenter.microsoft.com", "graph.microsoft.com"];
-/// The keyed client's API key, and its SHA-256.
-const KEY: &str = "fuzz-key";
+/// The SHA-256 of the keyed client's API key, `fuzz-key`.
 const KEY_SHA256: &str = "231e9b2f757db8d48ecd0711b60135e1cc57a3a807be9dc12638856f17a7872c";
 /// Longest a connection may take to be answered and closed.
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -212,7 +211,6 @@ pub fn check(data: &[u8]) {
         {
             assert!(!r.headers.contains_key(name), "forwarded `{name}`: {r:?}");
         }
-        assert!(r.headers.values().all(|v| !v.as_bytes().windows(KEY.len()).any(|w| w == KEY.as_bytes())));
     }
     if !input.starts_with(H2_PREFACE) {
         responses(&input, &out, mode & 3 == 2);
