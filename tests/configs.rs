@@ -45,6 +45,19 @@ fn the_benchmark_config_meters_everything_on_the_benchmark_ports() {
 }
 
 #[test]
+fn the_rejection_benchmark_config_rejects_one_path_at_once_and_never_the_other() {
+    let c = Config::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/rejection.toml")).unwrap();
+    assert_eq!(c.listeners[0].addr.to_string(), "127.0.0.1:18103");
+    assert_eq!(c.upstreams[0].authority.as_str(), "127.0.0.1:18101");
+    let exhausted = c.policies.find(&http::Method::GET, 0, "/api/incidents").expect("metered");
+    // One call an hour: once it is spent, every slot lies past the wait, so the answer is at once.
+    assert_eq!(exhausted.windows.iter().map(|w| w.limit.get()).min(), Some(1));
+    assert!(exhausted.windows.iter().all(|w| w.per > exhausted.max_wait));
+    let open = c.policies.find(&http::Method::GET, 0, "/api/alerts").expect("metered");
+    assert!(open.windows.iter().all(|w| w.limit.get() > 1_000_000_000), "never rejects");
+}
+
+#[test]
 fn the_regional_example_gives_the_legacy_and_regional_hosts_their_own_listeners() {
     let c =
         Config::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("config/examples/regional-and-legacy.toml"))

@@ -8,7 +8,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::emulator::{Emulator, EmulatorConfig};
+use support::emulator::{Emulator, EmulatorConfig, Fault};
 use support::gateway::TestGateway;
 use support::hunt::{self, body, query};
 use support::{bearer, client};
@@ -283,6 +283,37 @@ async fn stats_last_is_still_metered() {
     let l = quota(&gw).await;
     let charged = ledger(&l, "g")["budgets"][0]["charged_seconds"].as_f64().unwrap();
     assert!((charged - wall).abs() < 0.001, "charged {charged}, header {wall}");
+}
+
+/// An upstream that resets before `Stats` aborts the client's transfer at
+/// once, and the reservation ends by the documented rule. Regression (found
+/// by the soak, `bench/soak.sh`): the held-back prefix and the error were
+/// replayed by a body that claimed to end after the prefix, so hyper ended
+/// the response there and the client, told the upstream's Content-Length,
+/// waited for the rest until its own timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_reset_before_stats_aborts_the_transfer() {
+    let emu = Emulator::start(EmulatorConfig::new()).await;
+    let gw = TestGateway::start(&emu.url(), &hunting_config(r#"[{ limit = "10m", per = "1h" }]"#, "")).await;
+    emu.set_fault(Fault::ResetMidBody);
+    // The timeout only bounds a hang; an aborted transfer fails at once.
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    let r = http
+        .post(gw.url(HUNT))
+        .header("authorization", bearer("t", "a"))
+        .body(body(&query(0.01, "")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "the upstream's status, sent before its reset");
+    let err = r.bytes().await.expect_err("an aborted body, never a whole one");
+    assert!(!err.is_timeout(), "the transfer hung instead of aborting: {err:#}");
+    let l = quota(&gw).await;
+    let l = ledger(&l, "t");
+    assert_eq!(l["in_flight"], 0);
+    assert_eq!(l["budgets"][0]["reserved_seconds"].as_f64().unwrap(), 0.0);
+    assert_eq!(l["budgets"][0]["charged_seconds"].as_f64().unwrap(), 0.04, "the estimate, by rule");
+    assert_eq!(gw.metric("quotagate_hunting_unmetered_total{policy=\"hunting\"}").await, 1.0);
 }
 
 /// Issue #3, case 6: the 30-day lookback, in both modes.

@@ -144,7 +144,7 @@ pub async fn defender(
         scanning = Some(Scanning { scanner, reservation, report });
     }
     let inner = (!ended && prefix.back().is_none_or(Result::is_ok)).then_some(body);
-    Response::from_parts(head, Body::new(MeterBody { prefix, inner, scanning }))
+    Response::from_parts(head, Body::new(MeterBody { prefix, inner, scanning, paused: false }))
 }
 
 /// Meter a Graph hunting response: the wall time until its headers.
@@ -183,6 +183,8 @@ struct MeterBody {
     prefix: VecDeque<Result<Bytes, axum::Error>>,
     inner: Option<Body>,
     scanning: Option<Scanning>,
+    /// Whether the server had its turn to send what came before a held error.
+    paused: bool,
 }
 
 impl MeterBody {
@@ -203,6 +205,16 @@ impl http_body::Body for MeterBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
         let this = self.get_mut();
+        if this.prefix.front().is_some_and(Result::is_err) && !this.paused {
+            // The upstream failed while its body was held back. Give the
+            // server one turn to flush the head and the held bytes: an error
+            // polled in the same pass closes the connection with them unsent,
+            // and the client would get no status at all instead of the
+            // upstream's status and an aborted body.
+            this.paused = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
         if let Some(next) = this.prefix.pop_front() {
             return Poll::Ready(Some(next.map(Frame::data)));
         }
@@ -249,12 +261,64 @@ impl http_body::Body for MeterBody {
             .iter()
             .map(|c| c.as_ref().map_or(0, |b| u64::try_from(b.len()).unwrap_or(u64::MAX)))
             .sum();
-        let rest = self.inner.as_ref().map_or_else(|| SizeHint::with_exact(0), http_body::Body::size_hint);
+        // A prefix that ends in the upstream's error is not a whole body: its
+        // length must not be announced as exact, or hyper takes the held
+        // bytes for the end of the response, never polls the error, and the
+        // client, told the upstream's longer Content-Length, waits for the
+        // rest on a connection kept alive.
+        let fails = self.prefix.iter().any(Result::is_err);
+        let rest = match &self.inner {
+            Some(inner) => inner.size_hint(),
+            None if fails => SizeHint::new(),
+            None => SizeHint::with_exact(0),
+        };
         let mut hint = SizeHint::new();
         hint.set_lower(rest.lower().saturating_add(held));
         if let Some(upper) = rest.upper() {
             hint.set_upper(upper.saturating_add(held));
         }
         hint
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(chunks: Vec<Result<Bytes, axum::Error>>) -> MeterBody {
+        MeterBody { prefix: chunks.into(), inner: None, scanning: None, paused: false }
+    }
+
+    fn reset() -> axum::Error {
+        axum::Error::new(std::io::Error::from(std::io::ErrorKind::ConnectionReset))
+    }
+
+    #[test]
+    fn a_whole_held_body_has_an_exact_length() {
+        let body = held(vec![Ok(Bytes::from_static(b"{\"Stats\":{}}"))]);
+        assert_eq!(http_body::Body::size_hint(&body).exact(), Some(12));
+    }
+
+    /// Regression (found by the soak, `bench/soak.sh`): a hunting response
+    /// whose upstream reset before `Stats` claimed to end after the held
+    /// prefix, so hyper ended the response there and the client hung.
+    #[test]
+    fn a_held_body_that_fails_has_no_exact_length() {
+        let body = held(vec![Ok(Bytes::from_static(&[b'x'; 1000])), Err(reset())]);
+        let hint = http_body::Body::size_hint(&body);
+        assert_eq!((hint.lower(), hint.upper()), (1000, None));
+    }
+
+    /// The held bytes, then one pending turn (woken at once) for the server
+    /// to flush them with the head, then the upstream's error.
+    #[test]
+    fn a_held_error_comes_after_one_turn_to_flush() {
+        let mut body = held(vec![Ok(Bytes::from_static(b"{\"Schema\"")), Err(reset())]);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut poll = || http_body::Body::poll_frame(Pin::new(&mut body), &mut cx);
+        assert!(matches!(poll(), Poll::Ready(Some(Ok(f))) if f.data_ref().is_some_and(|d| d.len() == 9)));
+        assert!(poll().is_pending());
+        assert!(matches!(poll(), Poll::Ready(Some(Err(_)))));
+        assert!(matches!(poll(), Poll::Ready(None)));
     }
 }
