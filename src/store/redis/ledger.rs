@@ -141,8 +141,8 @@ impl RedisStore {
             completion.as_mut().enable();
             let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let member = format!("{:x}-R{id}:{estimate}", self.nonce);
-            let mut call = self.reserve.key(self.key("rt-charges", key));
-            call.key(self.key("rt-reserved", key)).key(self.key("rt-hold", key));
+            let mut call = self.reserve.key(self.named("rt-charges", &name));
+            call.key(self.named("rt-reserved", &name)).key(self.named("rt-hold", &name));
             call.arg(guard).arg(estimate).arg(micros(deadline)).arg(&member).arg(demand.budgets.len());
             for b in demand.budgets {
                 call.arg(micros(b.limit)).arg(micros(b.per));

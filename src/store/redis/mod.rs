@@ -266,7 +266,13 @@ impl RedisStore {
     }
 
     fn key(&self, kind: &str, key: &QuotaKey) -> String {
-        format!("{}:{kind}:{}", self.prefix, self.names.encode(key))
+        self.named(kind, &self.names.encode(key))
+    }
+
+    /// The Redis key of `kind` for a quota key already encoded as `name`
+    /// (a request naming several kinds encodes its key once).
+    fn named(&self, kind: &str, name: &str) -> String {
+        format!("{}:{kind}:{name}", self.prefix)
     }
 
     /// Admit a call for `key` under `policy`, waiting at most `max_wait`:
@@ -329,8 +335,9 @@ impl RedisStore {
     }
 
     async fn ask(&self, key: &QuotaKey, policy: &Policy, ticket: u64) -> Result<Answer, redis::RedisError> {
-        let mut call = self.admit.key(self.key("log", key));
-        call.key(self.key("hold", key)).key(self.key("revealed", key));
+        let name = self.names.encode(key);
+        let mut call = self.admit.key(self.named("log", &name));
+        call.key(self.named("hold", &name)).key(self.named("revealed", &name));
         call.arg(self.guard_us).arg(policy.windows.len());
         for w in &policy.windows {
             call.arg(w.limit.get()).arg(u64::try_from(w.per.as_micros()).unwrap_or(u64::MAX));
