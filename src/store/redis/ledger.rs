@@ -69,7 +69,7 @@ for i = 1, n do
   if per + guard > longest then longest = per + guard end
   local room = limit - reserved - est
   if room < 0 then return {2, 0, i} end
-  local live = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. (now - per - guard), '+inf', 'WITHSCORES')
+  local live = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. string.format('%.0f', now - per - guard), '+inf', 'WITHSCORES')
   local sum = 0
   for j = 1, #live, 2 do sum = sum + cost(live[j]) end
   local j = 1
@@ -82,7 +82,7 @@ for i = 1, n do
 end
 if at > now then return {0, at, decided, now} end
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[4])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - longest))
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. string.format('%.0f', now - longest))
 redis.call('PEXPIRE', KEYS[1], math.floor(longest / 1000) + 1)
 redis.call('PEXPIRE', KEYS[2], math.floor(tonumber(ARGV[3]) / 1000) + 1)
 return {1, now}

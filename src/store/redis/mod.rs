@@ -13,7 +13,8 @@
 //! the guard, and older entries are trimmed by the script.
 //!
 //! Waiting: while nobody on this replica waits for a key, its requests ask
-//! Redis at once, concurrently. Once some are told "not before t", they
+//! Redis at once; those asking together share one run of the script
+//! ([`batch`]). Once some are told "not before t", they
 //! wait on this replica in the order of [`crate::admission::fair`] (reserved
 //! minimums, classes, weighted fair queuing, caps): only the one chosen asks
 //! Redis, sleeping until the time the last answer named ([`queue`]).
@@ -32,6 +33,7 @@
 //! too ([`REVEAL`]) and applied by the admission script for every replica.
 //! The hunting running-time ledger is shared the same way ([`ledger`]).
 
+mod batch;
 mod ledger;
 mod outage;
 mod queue;
@@ -54,25 +56,35 @@ use crate::metrics::StoreMetrics;
 use crate::policy::Policy;
 use crate::quota::{QuotaKey, Window, WindowUse};
 
-/// Check every window of a key and record the call, or say when it could go.
+/// Check every window of a key and record calls, or say when one could go.
 ///
 /// KEYS: the log (sorted set), the hold, the revealed limits (a hash of
-/// window length µs to limit). ARGV: guard µs, window count, then limit and
-/// length µs per window, then the new entry's member (unique: the
-/// replica's nonce and a counter). A revealed limit lowers the window of
-/// its length, or adds one ([`crate::quota::tightened`]).
-/// Returns `{1, now, 0, count per window...}` or `{0, free_at, binding, now}`
-/// where `binding` is the window's 1-based index (past the configured ones:
-/// a revealed window), or -1 for the hold.
+/// window length µs to limit). ARGV: guard µs, window count `n`, then limit
+/// and length µs per window, then the new entries' members (each unique:
+/// the replica's nonce and a counter), in the order their calls asked. A
+/// revealed limit lowers the window of its length, or adds one
+/// ([`crate::quota::tightened`]).
+///
+/// The members are admitted one after another at Redis's `now`, each by the
+/// rule of one admission: member `j` (0-based) goes when, in every window
+/// `(N, W)`, the admission `N` places before it, which is the old entry of
+/// rank `N - 1 - j` from the newest (or one of this run's own members when
+/// `j >= N`), is at least `W + guard` old. The first member refused stops
+/// the run; the members after it are refused with it.
+///
+/// Returns `{m, now, free, binding, count per window...}`: the first `m`
+/// members were admitted at `now` (the counts are each window's use with
+/// them); when `m` is short of the members, `free` is the earliest time the
+/// next one could go, and `binding` the window that decides it (1-based;
+/// past the configured ones: a revealed window), or -1 for the hold.
+/// Scores and bounds are whole microseconds, printed with `%.0f`: Lua's
+/// default number format keeps 14 digits, not the 16 of a time.
 const ADMIT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local guard = tonumber(ARGV[1])
 local n = tonumber(ARGV[2])
-local free = now
-local binding = 0
-local hold = tonumber(redis.call('GET', KEYS[2]) or '0')
-if hold > free then free = hold; binding = -1 end
+local k = #ARGV - 2 - 2 * n
 local wins = {}
 for i = 1, n do wins[i] = {tonumber(ARGV[1 + 2 * i]), tonumber(ARGV[2 + 2 * i])} end
 local revealed = redis.call('HGETALL', KEYS[3])
@@ -87,25 +99,51 @@ for j = 1, #revealed, 2 do
   end
   if not found then wins[#wins + 1] = {limit, per} end
 end
+local m = k
+local free, binding = now, 0
+local hold = tonumber(redis.call('GET', KEYS[2]) or '0')
+if hold > now then m = 0; free = hold; binding = -1 end
 local longest = 0
+local old = {}
 for i = 1, #wins do
-  local limit = wins[i][1]
-  local per = wins[i][2]
+  local limit, per = wins[i][1], wins[i][2]
   if per + guard > longest then longest = per + guard end
-  local e = redis.call('ZREVRANGE', KEYS[1], limit - 1, limit - 1, 'WITHSCORES')
-  if e[2] then
-    local f = tonumber(e[2]) + per + guard
+  local lo = math.max(limit - k, 0)
+  old[i] = {lo, redis.call('ZREVRANGE', KEYS[1], lo, limit - 1, 'WITHSCORES')}
+  local j = 0
+  while j < m do
+    local r = limit - 1 - j
+    if r < 0 then break end
+    local s = old[i][2][2 * (r - lo) + 2]
+    if s and tonumber(s) + per + guard > now then break end
+    j = j + 1
+  end
+  m = j
+end
+if m < k then
+  for i = 1, #wins do
+    local limit, per = wins[i][1], wins[i][2]
+    local r = limit - 1 - m
+    local f = now
+    if r < 0 then
+      f = now + per + guard
+    else
+      local s = old[i][2][2 * (r - old[i][1]) + 2]
+      if s then f = tonumber(s) + per + guard end
+    end
     if f > free then free = f; binding = i end
   end
 end
-if free > now then return {0, free, binding, now} end
-redis.call('ZADD', KEYS[1], now, ARGV[3 + 2 * n])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - longest))
+local out = {m, now, free, binding}
+if m == 0 then return out end
+local add = {}
+for j = 1, m do add[2 * j - 1] = now; add[2 * j] = ARGV[2 + 2 * n + j] end
+redis.call('ZADD', KEYS[1], unpack(add))
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. string.format('%.0f', now - longest))
 redis.call('PEXPIRE', KEYS[1], math.floor(longest / 1000) + 1)
-local out = {1, now, 0}
 for i = 1, n do
   local per = tonumber(ARGV[2 + 2 * i])
-  out[3 + i] = redis.call('ZCOUNT', KEYS[1], '(' .. (now - per), '+inf')
+  out[4 + i] = redis.call('ZCOUNT', KEYS[1], '(' .. string.format('%.0f', now - per), '+inf')
 end
 return out
 ";
@@ -278,7 +316,7 @@ impl RedisStore {
     /// Admit a call for `key` under `policy`, waiting at most `max_wait`:
     /// shared through Redis, or as configured while Redis is down.
     pub async fn acquire(
-        &self,
+        self: &Arc<Self>,
         limiter: &Limiter,
         key: &QuotaKey,
         policy: &Policy,
@@ -334,28 +372,38 @@ impl RedisStore {
         Admitted::shared(at, ticket, started.elapsed(), usage)
     }
 
-    async fn ask(&self, key: &QuotaKey, policy: &Policy, ticket: u64) -> Result<Answer, redis::RedisError> {
-        let name = self.names.encode(key);
-        let mut call = self.admit.key(self.named("log", &name));
-        call.key(self.named("hold", &name)).key(self.named("revealed", &name));
-        call.arg(self.guard_us).arg(policy.windows.len());
-        for w in &policy.windows {
+    /// Run the admission script for the calls numbered `numbers` (in the
+    /// order they asked) on the key encoded as `name`.
+    async fn ask_many(
+        &self,
+        name: &str,
+        windows: &[Window],
+        numbers: &[u64],
+    ) -> Result<Outcome, redis::RedisError> {
+        let mut call = self.admit.key(self.named("log", name));
+        call.key(self.named("hold", name)).key(self.named("revealed", name));
+        call.arg(self.guard_us).arg(windows.len());
+        for w in windows {
             call.arg(w.limit.get()).arg(u64::try_from(w.per.as_micros()).unwrap_or(u64::MAX));
         }
-        call.arg(self.member(ticket));
+        for &number in numbers {
+            call.arg(self.member(number));
+        }
         let reply: Vec<i64> = self.invoke(&call).await?;
         let get = |i: usize| reply.get(i).copied().unwrap_or(0);
-        Ok(if get(0) == 1 {
-            let counts = (0..policy.windows.len()).map(|i| u32::try_from(get(3 + i)).unwrap_or(0)).collect();
-            Answer::Admitted { at_us: get(1), counts }
-        } else {
-            let wait = Duration::from_micros(u64::try_from(get(1) - get(3)).unwrap_or(0));
-            let window: Option<Window> = usize::try_from(get(2))
-                .ok()
-                .and_then(|i| i.checked_sub(1))
-                .and_then(|i| policy.windows.get(i).copied());
-            Answer::NotBefore { wait, window }
+        Ok(Outcome {
+            admitted: usize::try_from(get(0)).unwrap_or(0),
+            now_us: get(1),
+            free_us: get(2),
+            binding: get(3),
+            counts: (0..windows.len()).map(|i| u32::try_from(get(4 + i)).unwrap_or(0)).collect(),
         })
+    }
+
+    /// Ask Redis for one call numbered `number`.
+    async fn ask(&self, key: &QuotaKey, policy: &Policy, number: u64) -> Result<Answer, redis::RedisError> {
+        let outcome = self.ask_many(&self.names.encode(key), &policy.windows, &[number]).await?;
+        Ok(outcome.answer(0, &policy.windows))
     }
 
     /// The member of this replica's admission `ticket`.
@@ -368,10 +416,15 @@ impl RedisStore {
         if admitted.ticket() == 0 {
             return;
         }
-        let (this, log, member) = (self.clone(), self.key("log", key), self.member(admitted.ticket()));
+        self.take_back(self.key("log", key), vec![self.member(admitted.ticket())]);
+    }
+
+    /// Remove `members` from the call log `log`, in the background.
+    fn take_back(self: &Arc<Self>, log: String, members: Vec<String>) {
+        let this = self.clone();
         tokio::spawn(async move {
             if let Ok(mut c) = this.conn().await {
-                let _: Result<i64, _> = redis::cmd("ZREM").arg(log).arg(member).query_async(&mut c).await;
+                let _: Result<i64, _> = redis::cmd("ZREM").arg(log).arg(members).query_async(&mut c).await;
             }
         });
     }
@@ -447,6 +500,35 @@ impl RedisStore {
 enum Answer {
     Admitted { at_us: i64, counts: Vec<u32> },
     NotBefore { wait: Duration, window: Option<Window> },
+}
+
+/// One run of [`ADMIT`]: the first `admitted` of its members went at
+/// `now_us`; the next could go at `free_us`, decided by window `binding`.
+struct Outcome {
+    admitted: usize,
+    now_us: i64,
+    free_us: i64,
+    binding: i64,
+    /// Each configured window's use with the admitted members.
+    counts: Vec<u32>,
+}
+
+impl Outcome {
+    /// The answer for the run's member `j` (0-based, in asking order).
+    fn answer(&self, j: usize, windows: &[Window]) -> Answer {
+        if j < self.admitted {
+            // Member j saw its window hold the members before it, not those after.
+            let after = u32::try_from(self.admitted - 1 - j).unwrap_or(u32::MAX);
+            let counts = self.counts.iter().map(|c| c.saturating_sub(after)).collect();
+            return Answer::Admitted { at_us: self.now_us, counts };
+        }
+        let wait = Duration::from_micros(u64::try_from(self.free_us - self.now_us).unwrap_or(0));
+        let window = usize::try_from(self.binding)
+            .ok()
+            .and_then(|i| i.checked_sub(1))
+            .and_then(|i| windows.get(i).copied());
+        Answer::NotBefore { wait, window }
+    }
 }
 
 /// A Redis URL with its password replaced, for logs and status.

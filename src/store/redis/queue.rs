@@ -20,6 +20,7 @@ use std::time::Duration;
 use prometheus::IntGauge;
 use tokio::sync::Notify;
 
+use super::batch::Batch;
 use super::{Answer, RedisStore};
 use crate::admission::fair::{Lanes, Ticket};
 use crate::admission::{Admitted, Limiter, Reason, Rejection, Share};
@@ -70,13 +71,17 @@ impl Waiting {
     }
 }
 
-/// One key's waiters on this replica, and its clients' lanes.
+/// One key's waiters on this replica, its clients' lanes, and the asks
+/// on their way to Redis together.
 #[derive(Default)]
-pub(super) struct KeyQueue(Mutex<Waiting>);
+pub(super) struct KeyQueue {
+    waiting: Mutex<Waiting>,
+    pub(super) batch: Batch,
+}
 
 impl KeyQueue {
     fn lock(&self) -> MutexGuard<'_, Waiting> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Whether the queue holds nothing worth keeping: no waiter, and no
@@ -127,7 +132,7 @@ fn rejection(reason: Reason, retry_after: Duration, window: Option<crate::quota:
 impl RedisStore {
     /// The shared path; `Err` only when Redis failed.
     pub(super) async fn shared(
-        &self,
+        self: &Arc<Self>,
         limiter: &Limiter,
         key: &QuotaKey,
         policy: &Policy,
@@ -155,7 +160,7 @@ impl RedisStore {
         if alone || policy.mode == Mode::Reject {
             if capped.at <= now {
                 let number = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                match self.ask(key, policy, number).await {
+                match self.ask_batched(&queue, key, &policy.windows, number).await {
                     Ok(Answer::Admitted { at_us, counts }) => {
                         let admitted = self.admitted(limiter, key, policy, (at_us, number), counts, started);
                         let mut st = queue.lock();

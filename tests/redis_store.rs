@@ -1,0 +1,113 @@
+//! The Redis store in-process, against a real `redis-server` of its own:
+//! many requests of one key asking at once go to Redis in few script runs,
+//! and still admit exactly what the quota allows.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use quotagate::admission::runtime::{Estimator, RuntimeLimiter};
+use quotagate::admission::{Limiter, Share};
+use quotagate::config::Config;
+use quotagate::metrics::Metrics;
+use quotagate::quota::QuotaKey;
+use quotagate::store::redis::Refusal;
+use quotagate::store::Store;
+use support::process::Redis;
+
+fn evalsha_calls(c: &mut redis::Connection) -> u64 {
+    let info: String = redis::cmd("INFO").arg("commandstats").query(c).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|l| l.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_on_one_key_is_admitted_exactly_in_few_script_runs() {
+    const ASKS: usize = 300;
+    let redis = Redis::start();
+    let config = Config::from_toml(
+        &format!(
+            r#"
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+guard = "50ms"
+
+[[upstream]]
+name = "defender"
+url = "http://127.0.0.1:9"
+kind = "defender"
+route_prefixes = ["/api/"]
+
+[store]
+backend = "redis"
+url = "{}"
+
+[[policy]]
+name = "incidents"
+paths = ["/api/incidents"]
+mode = "reject"
+windows = [{{ limit = 60, per = "30s" }}, {{ limit = 25, per = "10s" }}]
+"#,
+            redis.url()
+        ),
+        "test",
+    )
+    .unwrap();
+    let limiter = Arc::new(Limiter::new(config.guard));
+    let estimator = Estimator { default: Duration::from_secs(1), percentile: 95, samples: 10 };
+    let runtime = RuntimeLimiter::new(config.guard, estimator);
+    let metrics = Metrics::new(1);
+    let store = Arc::new(Store::open(&config, &limiter, &runtime, &metrics).unwrap());
+    let policy = Arc::new(config.policies.0.iter().find(|p| p.name == "incidents").unwrap().clone());
+    let key = QuotaKey { policy: None, tenant: "tenant-1".into(), app: Some("app-1".into()) };
+    let depth = prometheus::IntGauge::new("depth", "queued").unwrap();
+    let mut stats = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+
+    let started = tokio::time::Instant::now();
+    let asks: Vec<_> = (0..ASKS)
+        .map(|_| {
+            let (store, limiter, policy, key, depth) =
+                (store.clone(), limiter.clone(), policy.clone(), key.clone(), depth.clone());
+            tokio::spawn(async move {
+                store.acquire(&limiter, &key, &policy, &Share::default(), Duration::ZERO, &depth).await
+            })
+        })
+        .collect();
+    let mut admitted = Vec::new();
+    let mut refused = Vec::new();
+    for ask in asks {
+        match ask.await.unwrap() {
+            Ok(a) => admitted.push(a),
+            Err(Refusal::Rejected(r)) => refused.push(r),
+            Err(Refusal::Down(e)) => panic!("redis counted as down: {e}"),
+        }
+    }
+    let elapsed = started.elapsed();
+
+    // Exactly the 10 s window's 25, whatever the batching.
+    assert_eq!(admitted.len(), 25, "admitted");
+    assert_eq!(refused.len(), ASKS - 25);
+    // The rate-limit headers count each admission in its window: 1 to 25, once each.
+    let mut used: Vec<u32> = admitted.iter().map(|a| a.usage[1].used).collect();
+    used.sort_unstable();
+    assert_eq!(used, (1..=25).collect::<Vec<u32>>());
+    // Every refusal names the 10 s window and the time its first slot
+    // frees: 10 s and the guard after the burst, less the time spent since.
+    for r in &refused {
+        assert_eq!(r.window.map(|w| w.per), Some(Duration::from_secs(10)), "{r:?}");
+        assert!(r.retry_after <= Duration::from_millis(10_050), "{r:?}");
+        assert!(r.retry_after + elapsed >= Duration::from_millis(10_050), "{r:?} after {elapsed:?}");
+    }
+    let log: u64 = redis::cmd("EVAL")
+        .arg("local n = 0 for _, k in ipairs(redis.call('KEYS', 'quotagate:log:*')) do n = n + redis.call('ZCARD', k) end return n")
+        .arg(0)
+        .query(&mut stats)
+        .unwrap();
+    assert_eq!(log, 25, "the shared log holds the admissions");
+    // Asks pending together share a script run.
+    let runs = evalsha_calls(&mut stats);
+    assert!(runs * 4 <= ASKS as u64, "{runs} script runs for {ASKS} asks");
+}
