@@ -231,3 +231,69 @@ async fn admissions_keep_their_policy_across_a_reload_that_moves_it_and_a_restar
     assert_eq!(call(&gw, "/api/machines").await, 429, "machines' two came back to machines");
     assert_eq!(emu.requests().len(), 5, "the upstream saw the five admitted calls only");
 }
+
+/// A reload that lengthens a running-time budget lengthens how long the
+/// state file keeps the charges made after it: a restart then still counts
+/// a charge the first config's budget would have let expire.
+#[tokio::test]
+async fn charges_made_after_a_reload_count_for_the_reloaded_budget_across_a_restart() {
+    use support::hunt::{body, query};
+    let emu = Emulator::start(EmulatorConfig::new()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.db");
+    let cfg = dir.path().join("gateway.toml");
+    let write = |per: &str| {
+        let text = format!(
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\naccess_log = false\nguard = \"50ms\"\n\
+             [[upstream]]\nname = \"defender\"\nurl = \"{}\"\nkind = \"defender\"\nroute_prefixes = [\"/api/\"]\n\
+             [store]\nbackend = \"sqlite\"\npath = {:?}\n\
+             [hunting]\nbudgets = [{{ limit = \"2s\", per = \"{per}\" }}]\nestimate = \"1s\"\n\
+             [[policy]]\nname = \"hunting\"\nmethods = [\"POST\"]\npaths = [\"/api/advancedhunting/run\"]\n\
+             hunting = true\nwindows = [{{ limit = 100, per = \"1s\" }}]\nmode = \"reject\"\n",
+            emu.url(),
+            db.to_str().unwrap(),
+        );
+        std::fs::write(&cfg, text).unwrap();
+    };
+    let http = client();
+    let hunt = |gw: &Gateway, cost: f64| {
+        let request = http
+            .post(gw.url("/api/advancedhunting/run"))
+            .header("authorization", bearer("tenant-rt", "app"))
+            .body(body(&query(cost, "")));
+        async move {
+            let r = request.send().await.unwrap();
+            let status = r.status().as_u16();
+            let _ = r.bytes().await;
+            status
+        }
+    };
+    let horizons = || -> Vec<i64> {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        let mut q = conn.prepare("SELECT expires - end_at FROM charges").unwrap();
+        q.query_map([], |r| r.get(0)).unwrap().collect::<Result<_, _>>().unwrap()
+    };
+
+    write("1s");
+    let gw = Gateway::start(&cfg, dir.path()).unwrap();
+    write("60s");
+    gw.reload();
+    gw.until_generation(2).await;
+    assert_eq!(hunt(&gw, 1.5).await, 200);
+    // The charge is committed with the next group commit.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while horizons().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the charge never reached the state file");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(horizons(), vec![60_050_000_000], "kept for the reloaded budget and the guard");
+    gw.kill();
+
+    // Past the first config's budget of a second, the restarted gateway
+    // still counts the 1.5 s: a query's 1 s estimate does not fit in the
+    // 0.5 s left of the 2 s budget.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let gw = Gateway::start(&cfg, dir.path()).unwrap();
+    assert_eq!(hunt(&gw, 1.0).await, 429, "the restored charge leaves 0.5 s");
+    assert_eq!(emu.requests().len(), 1, "the upstream ran the first query only");
+}

@@ -3,7 +3,7 @@
 //! that sends events to its writer thread ([`sqlite::run`]).
 
 use std::num::NonZeroU32;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
@@ -23,8 +23,9 @@ pub struct Journal {
     pub(super) next_pending: AtomicU64,
     /// How long past its window an admission still counts.
     pub(super) guard: Duration,
-    /// How long a charge counts (longest budget + guard).
-    pub(super) charge_horizon: i64,
+    /// How long a charge counts (longest budget of the running config +
+    /// guard); a reload that lengthens a budget lengthens it.
+    charge_horizon: AtomicI64,
     names: Arc<PolicyNames>,
 }
 
@@ -37,13 +38,28 @@ impl Journal {
     pub(super) fn unix(&self, at: u64) -> i64 {
         self.clock.to_unix(at)
     }
+
+    /// How long a running-time charge made now counts.
+    pub(super) fn charge_horizon(&self) -> i64 {
+        self.charge_horizon.load(Ordering::Relaxed)
+    }
+
+    /// Follow the budgets of a reloaded config.
+    pub(super) fn set_charge_horizon(&self, policies: &crate::policy::Policies) {
+        self.charge_horizon.store(horizon(policies, self.guard), Ordering::Relaxed);
+    }
+}
+
+/// How long a charge counts: the longest budget of `policies`, and the guard.
+fn horizon(policies: &crate::policy::Policies, guard: Duration) -> i64 {
+    nanos(policies.0.iter().flat_map(|p| p.budgets.iter()).map(|b| b.per).max().unwrap_or_default() + guard)
 }
 
 impl ChargeJournal for Journal {
     fn charged(&self, key: &QuotaKey, pending: Option<u64>, end: u64, cost: u64) {
         let end = self.unix(end);
         let cost = i64::try_from(cost).unwrap_or(i64::MAX);
-        let expires = end.saturating_add(self.charge_horizon);
+        let expires = end.saturating_add(self.charge_horizon());
         self.send(vec![Event::Charge { pending, key: self.names.encode(key), end, cost, expires }], None);
     }
 
@@ -91,10 +107,7 @@ pub(super) fn open(
     tracing::info!(path = %path.display(), admissions = restored.0, charges = restored.1, holds = restored.2,
         "restored quota state from the state file");
     let guard = config.guard;
-    let charge_horizon = nanos(
-        config.policies.0.iter().flat_map(|p| p.budgets.iter()).map(|b| b.per).max().unwrap_or_default()
-            + guard,
-    );
+    let charge_horizon = horizon(&config.policies, guard);
     let (tx, rx) = mpsc::channel();
     let observer = metrics.store_observer();
     let prune_every = config.idle_sweep;
@@ -107,7 +120,7 @@ pub(super) fn open(
         clock,
         next_pending: AtomicU64::new(u64::try_from(sqlite::unix_now()).unwrap_or(1)),
         guard,
-        charge_horizon,
+        charge_horizon: AtomicI64::new(charge_horizon),
         names: names.clone(),
     });
     runtime.set_journal(journal.clone());

@@ -155,9 +155,13 @@ pub struct Store {
 }
 
 impl Store {
-    /// A reload changed the policies: name their keys by the new config.
+    /// A reload changed the policies: name their keys, and keep charges,
+    /// by the new config.
     pub fn set_policies(&self, policies: &crate::policy::Policies) {
         self.names.set(policies);
+        if let Some(j) = &self.journal {
+            j.set_charge_horizon(policies);
+        }
     }
 
     /// Wait until everything journalled so far is committed to the state
@@ -318,7 +322,7 @@ impl Store {
                     key: self.names.encode(rkey),
                     sent: at,
                     estimate,
-                    expires: at.saturating_add(j.charge_horizon),
+                    expires: at.saturating_add(j.charge_horizon()),
                 });
                 r.set_pending(id);
             }
