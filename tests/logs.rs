@@ -127,3 +127,32 @@ key_sha256 = "KEY_HASH"
     assert_eq!(access[0]["fields"]["running_time_s"], 0.01, "{:?}", access[0]);
     assert!(access.iter().any(|a| a["fields"]["attempts"] == 2), "a retried call says so: {access:?}");
 }
+
+/// Text logs written to a pipe or a file carry no terminal colour codes,
+/// which would otherwise litter files and journals.
+#[test]
+fn text_logs_to_a_pipe_have_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    // The built-in defaults, on ports of its own (its state file in `dir`).
+    let mut child = Command::new(env!("CARGO_BIN_EXE_quotagate"))
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .current_dir(dir.path())
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
+        .env_remove("STATE_DIRECTORY")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let listening = BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .any(|l| l.contains("admin listening"));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut logs = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut logs).unwrap();
+    assert!(listening, "the gateway did not start:\n{logs}");
+    assert!(logs.contains("admin listening"), "the startup lines are logged:\n{logs}");
+    assert!(!logs.contains('\u{1b}'), "colour codes in:\n{logs:?}");
+}

@@ -195,12 +195,19 @@ impl Running {
     /// Serve until `shutdown` resolves, then drain (see [`Running::stop`]).
     pub async fn serve_until(mut self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
         tokio::select! {
-            _ = shutdown => {}
+            _ = shutdown => self.stop().await,
+            // Every task serves until the stop: one that ends first is a fault.
             Some(result) = self.tasks.join_next() => {
-                result.map_err(io::Error::other)??;
+                let why = match result {
+                    Ok(Ok(())) => "it returned".to_string(),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) => e.to_string(),
+                };
+                tracing::error!(error = %why, "a listener or housekeeping task ended before shutdown: stopping");
+                self.stop().await?;
+                Err(io::Error::other(format!("a listener or housekeeping task ended before shutdown: {why}")))
             }
         }
-        self.stop().await
     }
 
     /// Stop gracefully within the configured drain time: stop accepting;
