@@ -4,6 +4,7 @@
 # emulator with a Graph-SDK-style retry loop, and through nginx limit_req.
 # Needs nginx on PATH. Arguments pass through:
 #   bench/quota-efficiency.sh --clients 10 --factor 5 --hours 3 --hour-secs 12
+#   bench/quota-efficiency.sh --modes gateway --probe 5   # where the running time goes
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v nginx >/dev/null || { echo "nginx is missing: apt-get install -y nginx" >&2; exit 1; }

@@ -24,6 +24,13 @@
 //! 429s the clients saw, calls they gave up on, answered calls, and the
 //! latency of answered calls (including queueing and retry sleeps).
 //!
+//! `--modes gateway,direct,nginx` picks the modes (all three by default).
+//! `--probe MS` samples the gateway's running-time ledger (`/quota`) every MS
+//! milliseconds and prints, per scaled hour, where the budget was: charged,
+//! reserved for queries in flight, or free, and whether a query was waiting
+//! while it was free; then the metered costs' distribution and the upstream
+//! 429s by cause. `--percentile P` sets the gateway's `estimate_percentile`.
+//!
 //! Run with `bench/quota-efficiency.sh` (it passes arguments through). What
 //! this does not measure: proxy throughput or overhead (see
 //! `docs/benchmarks.md`); everything shares one process and two cores.
@@ -67,6 +74,15 @@ struct Settings {
     hour: Duration,
 }
 
+/// Which modes run, in order, and how often the gateway's running-time
+/// ledger is sampled (`--probe MS`, gateway mode only).
+struct Plan {
+    modes: Vec<String>,
+    probe: Option<Duration>,
+    /// The gateway's `[hunting] estimate_percentile`, when not the default.
+    percentile: Option<u8>,
+}
+
 impl Settings {
     fn minute(&self) -> Duration {
         self.hour / 12
@@ -76,8 +92,13 @@ impl Settings {
         self.hour.mul_f64(RUNTIME_SHARE)
     }
 
-    fn from_args() -> Settings {
+    fn from_args() -> (Settings, Plan) {
         let mut s = Settings { clients: 10, factor: 5.0, hours: 3, hour: Duration::from_secs(12) };
+        let mut plan = Plan {
+            modes: vec!["gateway".into(), "direct".into(), "nginx".into()],
+            probe: None,
+            percentile: None,
+        };
         let args: Vec<String> = std::env::args().skip(1).collect();
         for pair in args.chunks(2) {
             let value = pair.get(1).map(String::as_str).unwrap_or("");
@@ -86,10 +107,15 @@ impl Settings {
                 "--factor" => s.factor = value.parse().expect("--factor F"),
                 "--hours" => s.hours = value.parse().expect("--hours H"),
                 "--hour-secs" => s.hour = Duration::from_secs_f64(value.parse().expect("--hour-secs S")),
-                other => panic!("unknown argument {other}: --clients N --factor F --hours H --hour-secs S"),
+                "--modes" => plan.modes = value.split(',').map(str::to_string).collect(),
+                "--probe" => plan.probe = Some(Duration::from_millis(value.parse().expect("--probe MS"))),
+                "--percentile" => plan.percentile = Some(value.parse().expect("--percentile P")),
+                other => panic!(
+                    "unknown argument {other}: --clients N --factor F --hours H --hour-secs S --modes gateway,direct,nginx --probe MS --percentile P"
+                ),
             }
         }
-        s
+        (s, plan)
     }
 }
 
@@ -221,14 +247,16 @@ fn emulator_config(s: &Settings) -> EmulatorConfig {
         .running_time(s.runtime_budget(), s.hour)
 }
 
-fn gateway_rest(s: &Settings) -> String {
+fn gateway_rest(s: &Settings, percentile: Option<u8>) -> String {
     let ms = |d: Duration| format!("{}ms", d.as_millis());
     let (minute, hour, budget) = (ms(s.minute()), ms(s.hour), ms(s.runtime_budget()));
+    let percentile = percentile.map_or(String::new(), |p| format!("estimate_percentile = {p}"));
     format!(
         r#"
 [hunting]
 budgets = [{{ limit = "{budget}", per = "{hour}" }}]
 estimate = "100ms"
+{percentile}
 
 [[policy]]
 name = "incidents"
@@ -387,9 +415,117 @@ fn report(mode: &str, emu: &Emulator, start: Instant, seen: &Seen, s: &Settings)
     );
 }
 
+/// One reading of the gateway's running-time ledger for the benchmark's tenant.
+struct Sample {
+    at: Instant,
+    /// Metered running time counted in the window, in seconds.
+    charged: f64,
+    /// Estimates of queries in flight, in seconds.
+    reserved: f64,
+    in_flight: u64,
+    queued: u64,
+    /// What the next query would reserve, in seconds.
+    estimate: f64,
+}
+
+/// Read `/quota` every `every` until `until`.
+async fn probe(admin: String, every: Duration, until: Instant) -> Vec<Sample> {
+    let http = reqwest::Client::new();
+    let mut out = Vec::new();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    while Instant::now() < until {
+        tick.tick().await;
+        let Ok(r) = http.get(format!("{admin}/quota")).send().await else { continue };
+        let Ok(v) = r.json::<serde_json::Value>().await else { continue };
+        let at = Instant::now();
+        let Some(k) = v["running_time"].as_array().and_then(|a| a.iter().find(|k| k["tenant"] == TENANT))
+        else {
+            continue;
+        };
+        let b = &k["budgets"][0];
+        out.push(Sample {
+            at,
+            charged: b["charged_seconds"].as_f64().unwrap_or(0.0),
+            reserved: b["reserved_seconds"].as_f64().unwrap_or(0.0),
+            in_flight: k["in_flight"].as_u64().unwrap_or(0),
+            queued: k["queued"].as_u64().unwrap_or(0),
+            estimate: k["estimate_seconds"].as_f64().unwrap_or(0.0),
+        });
+    }
+    out
+}
+
+/// Where each hour's running time went, from the probe's samples (each
+/// weighs the same): the budget's share charged, reserved and free; how
+/// often a query was queued, and how often one was queued while the free
+/// room held the estimate (a query that should have started).
+fn report_probe(
+    samples: &[Sample],
+    charges: &emulator::Charges,
+    refused: (usize, usize, usize),
+    start: Instant,
+    s: &Settings,
+) {
+    let budget = s.runtime_budget().as_secs_f64();
+    let costs: Vec<f64> = charges.0.iter().map(|(_, c)| c.as_secs_f64()).collect();
+    let mean_cost = costs.iter().sum::<f64>() / costs.len().max(1) as f64;
+    println!();
+    println!("| Hour | Samples | Charged | Reserved | In flight (mean) | Free | Free, queue waiting | Queue empty | Queued, estimate fits | Estimate | Upstream level at the samples |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for h in 0..s.hours {
+        let from = start + s.hour * h;
+        let to = from + s.hour;
+        let in_hour: Vec<&Sample> = samples.iter().filter(|x| x.at >= from && x.at < to).collect();
+        let n = in_hour.len().max(1) as f64;
+        let pct = |f: &dyn Fn(&Sample) -> f64| 100.0 * in_hour.iter().map(|x| f(x)).sum::<f64>() / n / budget;
+        let share = |f: &dyn Fn(&Sample) -> bool| 100.0 * in_hour.iter().filter(|x| f(x)).count() as f64 / n;
+        let free = |x: &Sample| (budget - x.charged - x.reserved).max(0.0);
+        let waiting: Vec<&&Sample> = in_hour.iter().filter(|x| x.queued > 0).collect();
+        let free_waiting =
+            100.0 * waiting.iter().map(|x| free(x)).sum::<f64>() / waiting.len().max(1) as f64 / budget;
+        // The upstream's own trailing-hour level at the sample times.
+        let level = 100.0
+            * in_hour.iter().map(|x| charges.in_window(x.at, s.hour).as_secs_f64()).sum::<f64>()
+            / n
+            / budget;
+        println!(
+            "| {h} | {} | {:.1}% | {:.1}% | {:.2} | {:.1}% | {:.1}% | {:.1}% | {:.1}% | {:.0} ms | {:.1}% |",
+            in_hour.len(),
+            pct(&|x| x.charged),
+            pct(&|x| x.reserved),
+            in_hour.iter().map(|x| x.in_flight as f64).sum::<f64>() / n,
+            pct(&free),
+            free_waiting,
+            share(&|x| x.queued == 0),
+            share(&|x| x.queued > 0 && free(x) + 1e-9 >= x.estimate),
+            1000.0 * in_hour.iter().map(|x| x.estimate).sum::<f64>() / n,
+            level,
+        );
+    }
+    println!();
+    println!(
+        "Upstream 429s: {} on incidents; on hunting {} for the call rate, {} for running time",
+        refused.0, refused.1, refused.2
+    );
+    let mut sorted = costs.clone();
+    sorted.sort_by(f64::total_cmp);
+    let q =
+        |p: f64| sorted.get(((sorted.len().max(1) - 1) as f64 * p).round() as usize).copied().unwrap_or(0.0);
+    println!();
+    println!(
+        "Metered costs: {} queries, mean {:.0} ms, p50 {:.0} ms, p95 {:.0} ms, max {:.0} ms",
+        costs.len(),
+        1000.0 * mean_cost,
+        1000.0 * q(0.5),
+        1000.0 * q(0.95),
+        1000.0 * q(1.0),
+    );
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let s = Settings::from_args();
+    let (s, plan) = Settings::from_args();
     println!(
         "{} clients, {}x the call quota, {} scaled hours of {:?} (minute {:?}); per API {PER_MINUTE}/minute and {PER_HOUR}/hour; running time {:?}/hour",
         s.clients,
@@ -402,30 +538,58 @@ async fn main() {
     println!();
     println!("| Mode | Hour | Calls offered | Incident calls used | Hunting calls used | Running time used | Upstream 429s | Client 429s | Gave up | Answered | Mean latency | p95 latency |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
-
-    // The gateway.
-    let emu = Emulator::start(emulator_config(&s)).await;
-    let gw = TestGateway::start(&emu.url(), &gateway_rest(&s)).await;
-    let (start, seen) = drive(&format!("http://{}", gw.proxy), s).await;
-    report("gateway", &emu, start, &seen, &s);
-    drop(gw);
-    drop(emu);
-
-    // Direct, with the SDK-style retry loop.
-    let emu = Emulator::start(emulator_config(&s)).await;
-    let (start, seen) = drive(&emu.url(), s).await;
-    report("direct", &emu, start, &seen, &s);
-    drop(emu);
-
-    // nginx limit_req.
-    let emu = Emulator::start(emulator_config(&s)).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let mut nginx = start_nginx(dir.path(), &emu.addr().to_string(), port, &s);
-    wait_for_port(port).await;
-    let (start, seen) = drive(&format!("http://127.0.0.1:{port}"), s).await;
-    report("nginx", &emu, start, &seen, &s);
-    // SIGTERM, not SIGKILL: the master then stops its worker too.
-    let _ = Command::new("kill").arg("-TERM").arg(nginx.id().to_string()).status();
-    let _ = nginx.wait();
+    let mut probed = None;
+    for mode in &plan.modes {
+        match mode.as_str() {
+            // The gateway.
+            "gateway" => {
+                let emu = Emulator::start(emulator_config(&s)).await;
+                let gw = TestGateway::start(&emu.url(), &gateway_rest(&s, plan.percentile)).await;
+                let sampler = plan.probe.map(|every| {
+                    let until = Instant::now() + s.hour * s.hours;
+                    tokio::spawn(probe(format!("http://{}", gw.admin), every, until))
+                });
+                let (start, seen) = drive(&format!("http://{}", gw.proxy), s).await;
+                report("gateway", &emu, start, &seen, &s);
+                if let Some(sampler) = sampler {
+                    let requests = emu.requests();
+                    // A hunting call its call rule admitted and still refused: running time.
+                    let refused = |p: &str, admitted: bool| {
+                        requests
+                            .iter()
+                            .filter(|r| {
+                                r.status == 429 && r.path_and_query.starts_with(p) && r.admitted == admitted
+                            })
+                            .count()
+                    };
+                    let refused = (refused(INCIDENTS, false), refused(HUNT, false), refused(HUNT, true));
+                    probed = Some((sampler.await.expect("probe"), emu.charges(TENANT), refused, start));
+                }
+                drop(gw);
+            }
+            // Direct, with the SDK-style retry loop.
+            "direct" => {
+                let emu = Emulator::start(emulator_config(&s)).await;
+                let (start, seen) = drive(&emu.url(), s).await;
+                report("direct", &emu, start, &seen, &s);
+            }
+            // nginx limit_req.
+            "nginx" => {
+                let emu = Emulator::start(emulator_config(&s)).await;
+                let dir = tempfile::tempdir().expect("tempdir");
+                let port = free_port();
+                let mut nginx = start_nginx(dir.path(), &emu.addr().to_string(), port, &s);
+                wait_for_port(port).await;
+                let (start, seen) = drive(&format!("http://127.0.0.1:{port}"), s).await;
+                report("nginx", &emu, start, &seen, &s);
+                // SIGTERM, not SIGKILL: the master then stops its worker too.
+                let _ = Command::new("kill").arg("-TERM").arg(nginx.id().to_string()).status();
+                let _ = nginx.wait();
+            }
+            other => panic!("unknown mode {other}: gateway, direct or nginx"),
+        }
+    }
+    if let Some((samples, charges, refused, start)) = probed {
+        report_probe(&samples, &charges, refused, start, &s);
+    }
 }

@@ -41,7 +41,10 @@
 //! The bound is tight: [`Ledger::fit`] returns the earliest moment at which
 //! the charges still counted leave room for the estimate, so no running time
 //! is left unused beyond the guard, except while reservations stand for
-//! costs not yet known. When reservations alone leave no room, only a
+//! costs not yet known, and the room smaller than the next query's estimate:
+//! a query whose cost nobody knows cannot safely have it, so up to one
+//! estimate of the budget may stand free while a query waits (measured in
+//! `docs/benchmarks.md`). When reservations alone leave no room, only a
 //! completion can free it: the ledger cannot say when ([`Fit::Unknown`]).
 
 use std::collections::VecDeque;
