@@ -229,10 +229,27 @@ async fn a_python_requests_script_is_metered_queued_and_throttled_like_base_url_
         "{message}"
     );
 
-    // The next call waits in the queue until the base-URL call leaves the window.
+    // The next call waits in the queue until the base-URL call leaves the
+    // window: it reaches the upstream two seconds after that call did (how
+    // long it queued depends on how long the script took to get there).
     assert_eq!(calls[2]["status"], 200, "{calls:?}");
     let waited = calls[2]["seconds"].as_f64().unwrap();
-    assert!(waited > 1.0, "queued about two seconds less the time already gone, waited {waited}");
+    assert!(waited > 0.1, "queued, not sent at once: waited {waited}");
+    let arrivals: Vec<_> = s
+        .emu
+        .requests()
+        .iter()
+        .filter(|r| r.path_and_query.to_ascii_lowercase().contains("hunting"))
+        .map(|r| r.at)
+        .collect();
+    assert_eq!(arrivals.len(), 3);
+    // Admissions are 2 s and the guard apart; arrivals, within the time
+    // each took from the gateway to the upstream.
+    let gap = arrivals[2] - arrivals[0];
+    assert!(
+        gap >= Duration::from_millis(1950),
+        "the third call went {gap:?} after the first, inside its 2 s window"
+    );
 
     let (hunts, leaked) = s.upstream_hunts();
     assert_eq!(hunts, 3, "the base-URL call and the two admitted script calls");
