@@ -8,6 +8,11 @@
 # tables; exits 1 when a criterion fails. Arguments pass through:
 #   bench/soak.sh                      # 10 minutes
 #   bench/soak.sh --minutes 2          # --rate R --sample-secs S --warmup-percent P
+#   bench/soak.sh --store redis --tls --forward-proxy
+# --store redis runs its own redis-server (on a free port, killed for 4 s
+# every minute; --on-outage fail-closed|local), --tls serves the proxy
+# listener over HTTPS, --forward-proxy sends a third of the calls through
+# the HTTPS forward proxy to the Microsoft host names.
 # Runs the gateway at $QUOTAGATE_BIN, by default the release build it makes.
 set -euo pipefail
 cd "$(dirname "$0")/.."

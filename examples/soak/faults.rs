@@ -11,7 +11,8 @@
 //! | 50 s | the file is replaced with 12 and 60, modification time and length as before, then SIGHUP | reload on the signal |
 //!
 //! Client disconnects (while queued, and while a response streams) are
-//! played by the clients themselves ([`crate::traffic::client`]).
+//! played by the clients themselves ([`crate::traffic::client`]); with
+//! `--store redis`, Redis outages by [`crate::outage`].
 
 use std::time::{Duration, Instant};
 
@@ -38,7 +39,6 @@ impl Played {
 /// Play the schedule from `start` until `until`.
 pub async fn play(emu: &Emulator, gw: &Gateway, admin: &Admin, start: Instant, until: Instant) -> Played {
     let mut played = Played::default();
-    let upstream = emu.url();
     let mut cycle = 0u32;
     loop {
         let base = start + Duration::from_secs(60 * u64::from(cycle));
@@ -73,7 +73,7 @@ pub async fn play(emu: &Emulator, gw: &Gateway, admin: &Admin, start: Instant, u
         if !wait_until(at(35.0), until).await {
             break;
         }
-        let applied = reload(gw, admin, &upstream, TIGHT, false).await;
+        let applied = reload(gw, admin, TIGHT, false).await;
         played.reloads.push(("file changed", applied));
         played.note(
             start,
@@ -94,7 +94,7 @@ pub async fn play(emu: &Emulator, gw: &Gateway, admin: &Admin, start: Instant, u
         if !wait_until(at(50.0), until).await {
             break;
         }
-        let applied = reload(gw, admin, &upstream, NORMAL, true).await;
+        let applied = reload(gw, admin, NORMAL, true).await;
         played.reloads.push(("SIGHUP", applied));
         played.note(
             start,
@@ -107,7 +107,7 @@ pub async fn play(emu: &Emulator, gw: &Gateway, admin: &Admin, start: Instant, u
 }
 
 /// Sleep until `at`; false (at once) when `at` is past `until`.
-async fn wait_until(at: Instant, until: Instant) -> bool {
+pub async fn wait_until(at: Instant, until: Instant) -> bool {
     if at >= until {
         return false;
     }
@@ -120,11 +120,11 @@ async fn wait_until(at: Instant, until: Instant) -> bool {
 /// file half-written); with `hangup`, the new file keeps the old one's
 /// modification time, so only the SIGHUP that follows can apply it.
 /// Returns whether the running generation moved within 5 s.
-async fn reload(gw: &Gateway, admin: &Admin, upstream: &str, limits: Limits, hangup: bool) -> bool {
+async fn reload(gw: &Gateway, admin: &Admin, limits: Limits, hangup: bool) -> bool {
     let before = admin.generation().await.unwrap_or(0);
     let modified = std::fs::metadata(&gw.config).and_then(|m| m.modified()).ok();
     let aside = gw.config.with_extension("toml.new");
-    if std::fs::write(&aside, config_text(upstream, limits)).is_err() {
+    if std::fs::write(&aside, config_text(&gw.setup, limits)).is_err() {
         return false;
     }
     if hangup {

@@ -4,6 +4,7 @@
 //! signals sent with `kill` (the crate forbids `unsafe`, so no `libc`).
 
 use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -30,13 +31,55 @@ pub const TIGHT: Limits = Limits { per_minute: 10, per_hour: 50 };
 /// Running time per tenant per scaled hour (10 minutes in 60).
 pub const RUNTIME_BUDGET: Duration = Duration::from_secs(2);
 
+/// What the gateway is run with besides its limits: the soak's options.
+#[derive(Clone, Debug)]
+pub struct Setup {
+    /// The emulator, plain HTTP (it plays its faults only there).
+    pub upstream: SocketAddr,
+    /// `[store] backend = "redis"` at this URL, with this `on_outage`;
+    /// `None`: the default SQLite store in the state directory.
+    pub redis: Option<(String, String)>,
+    /// `[tls]` on the proxy listener: certificate and key files.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// `[forward_proxy]` on a port of its own, its local CA in this directory.
+    pub forward_proxy: Option<PathBuf>,
+}
+
+/// The Microsoft hosts the upstreams are named by when the forward proxy
+/// is on: `CONNECT` to them (on 443) is intercepted.
+pub const DEFENDER_HOST: &str = "api.security.microsoft.com";
+pub const GRAPH_HOST: &str = "graph.microsoft.com";
+
 /// The gateway's configuration: the emulator as both upstreams, scaled
-/// windows, the default (SQLite) store in the state directory.
-pub fn config_text(upstream: &str, incidents: Limits) -> String {
+/// windows, and the store, TLS and forward proxy of `setup`. With the
+/// forward proxy the upstreams are named by their Microsoft hosts, on plain
+/// HTTP to the emulator's address (`connect_to`): the clients' `CONNECT
+/// api.security.microsoft.com:443` is intercepted, and the emulator's
+/// faults still reach the gateway.
+pub fn config_text(setup: &Setup, incidents: Limits) -> String {
     let ms = |d: Duration| format!("{}ms", d.as_millis());
     let (minute, hour, budget) = (ms(MINUTE), ms(HOUR), ms(RUNTIME_BUDGET));
     let Limits { per_minute, per_hour } = incidents;
     let Limits { per_minute: hunt_minute, per_hour: hunt_hour } = NORMAL;
+    let emu = setup.upstream;
+    let (defender, graph, connect_to) = match setup.forward_proxy {
+        Some(_) => (
+            format!("http://{DEFENDER_HOST}"),
+            format!("http://{GRAPH_HOST}"),
+            format!("connect_to = \"{emu}\"\n"),
+        ),
+        None => (format!("http://{emu}"), format!("http://{emu}"), String::new()),
+    };
+    let mut extra = String::new();
+    if let Some((url, on_outage)) = &setup.redis {
+        extra += &format!("\n[store]\nbackend = \"redis\"\nurl = \"{url}\"\non_outage = \"{on_outage}\"\n");
+    }
+    if let Some((cert, key)) = &setup.tls {
+        extra += &format!("\n[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n", cert.display(), key.display());
+    }
+    if let Some(ca_dir) = &setup.forward_proxy {
+        extra += &format!("\n[forward_proxy]\nlisten = \"127.0.0.1:0\"\nca_dir = \"{}\"\n", ca_dir.display());
+    }
     format!(
         r#"# quotagate soak: scaled windows (a "minute" of {minute}, an "hour" of {hour}).
 listen = "127.0.0.1:0"
@@ -45,19 +88,19 @@ guard = "50ms"
 idle_sweep = "2s"
 drain = "5s"
 max_body_bytes = 1048576
-
+{extra}
 [[upstream]]
 name = "defender"
-url = "{upstream}"
+url = "{defender}"
 kind = "defender"
 route_prefixes = ["/api/"]
-
+{connect_to}
 [[upstream]]
 name = "graph"
-url = "{upstream}"
+url = "{graph}"
 kind = "graph"
 route_prefixes = ["/v1.0/"]
-
+{connect_to}
 [hunting]
 budgets = [{{ limit = "{budget}", per = "{hour}" }}]
 estimate = "100ms"
@@ -87,19 +130,25 @@ windows = [{{ limit = {per_minute}, per = "{minute}" }}, {{ limit = {per_hour}, 
 /// The gateway binary, killed if still running when dropped.
 pub struct Gateway {
     child: Child,
+    /// The proxy listener's address (`host:port`), HTTP or HTTPS as `setup.tls` says.
     pub proxy: String,
+    /// The forward proxy's address, when it is on.
+    pub forward: Option<String>,
     pub admin: String,
     pub config: PathBuf,
     pub log: PathBuf,
+    /// What its config was written from; a reload keeps it.
+    pub setup: Setup,
 }
 
 impl Gateway {
-    /// Run `bin --config dir/quotagate.toml` with `STATE_DIRECTORY=dir`,
-    /// its log (`RUST_LOG=info`, the access log included) in `dir/gateway.log`.
-    pub fn start(bin: &Path, dir: &Path, config: &str) -> Result<Gateway, String> {
+    /// Run `bin --config dir/quotagate.toml` (written from `setup` with the
+    /// [`NORMAL`] limits) with `STATE_DIRECTORY=dir`, its log
+    /// (`RUST_LOG=info`, the access log included) in `dir/gateway.log`.
+    pub fn start(bin: &Path, dir: &Path, setup: Setup) -> Result<Gateway, String> {
         let path = dir.join("quotagate.toml");
         let log = dir.join("gateway.log");
-        std::fs::write(&path, config).map_err(|e| format!("write config: {e}"))?;
+        std::fs::write(&path, config_text(&setup, NORMAL)).map_err(|e| format!("write config: {e}"))?;
         let stderr = std::fs::File::create(&log).map_err(|e| format!("create log: {e}"))?;
         let mut child = Command::new(bin)
             .arg("--config")
@@ -112,17 +161,24 @@ impl Gateway {
             .spawn()
             .map_err(|e| format!("{}: {e} (build it with cargo build --release)", bin.display()))?;
         let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
-        let mut proxy = None;
+        let (mut proxy, mut forward) = (None, None);
         for line in lines.by_ref() {
             let line = line.map_err(|e| e.to_string())?;
-            let addr = line.rsplit("http://").next().unwrap_or_default().to_string();
-            if line.contains("proxy listening") {
+            // `... listening on http://ADDR`, `https://ADDR`, or `http://ADDR (HTTPS_PROXY)`.
+            let after = line.rsplit("://").next().unwrap_or_default();
+            let addr = after.split(' ').next().unwrap_or_default().to_string();
+            if line.contains("forward proxy listening") {
+                forward = Some(addr);
+            } else if line.contains("proxy listening") {
                 proxy = Some(addr);
             } else if line.contains("admin listening") {
                 // Keep reading stdout, so a full pipe never blocks the gateway.
                 std::thread::spawn(move || lines.for_each(drop));
                 let proxy = proxy.ok_or("admin announced before the proxy")?;
-                return Ok(Gateway { child, proxy, admin: addr, config: path, log });
+                if setup.forward_proxy.is_some() && forward.is_none() {
+                    return Err("the forward proxy was not announced".into());
+                }
+                return Ok(Gateway { child, proxy, forward, admin: addr, config: path, log, setup });
             }
         }
         let status = child.wait().map_err(|e| e.to_string())?;
@@ -197,6 +253,15 @@ impl Admin {
     pub async fn generation(&self) -> Option<u64> {
         let v: Value = serde_json::from_str(&self.get("/readyz").await?).ok()?;
         v["config"]["generation"].as_u64()
+    }
+
+    /// `/readyz`: its status, and the quota store's part of its body
+    /// (`reachable`; for Redis `mode`: `shared`, `local` or `fail-closed`).
+    pub async fn store(&self) -> Option<(u16, Value)> {
+        let r = self.http.get(format!("{}/readyz", self.base)).send().await.ok()?;
+        let status = r.status().as_u16();
+        let v: Value = serde_json::from_str(&r.text().await.ok()?).ok()?;
+        Some((status, v["store"].clone()))
     }
 }
 

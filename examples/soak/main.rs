@@ -41,6 +41,23 @@
 //!   refused);
 //! - no panic in the gateway's log, and a clean exit on SIGTERM.
 //!
+//! Options put more of the gateway under the same load and faults:
+//!
+//! - `--store redis`: the quota store is Redis, a `redis-server` the soak
+//!   starts on a free port without persistence ([`redis_server`]) and kills once a
+//!   minute for 4 s ([`outage`]), with `on_outage = "fail-closed"`
+//!   (`--on-outage local` for the other mode). Checked besides: every 503
+//!   falls within an outage and carries `Retry-After` (with `local`: no
+//!   503 at all), `/readyz` reported each outage, and the store came back
+//!   to `shared` by itself after each within 15 s;
+//! - `--tls`: the proxy listener serves HTTPS with a self-signed
+//!   certificate the clients trust ([`tls`]);
+//! - `--forward-proxy`: the gateway's HTTPS forward proxy is on, and every
+//!   third call goes through it to `https://api.security.microsoft.com` or
+//!   `https://graph.microsoft.com` (`CONNECT`, trusting the local CA).
+//!   Checked besides: every `CONNECT` was intercepted, none refused or
+//!   failed, and both routes' calls ended as above.
+//!
 //! It exits 1 when a criterion fails, keeping the temporary directory
 //! (config, state file, log) for a look. Run it with `bench/soak.sh`.
 
@@ -54,7 +71,10 @@ mod hunt;
 
 mod faults;
 mod gateway;
+mod outage;
+mod redis_server;
 mod report;
+mod tls;
 mod traffic;
 
 use std::path::PathBuf;
@@ -62,8 +82,9 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use emulator::{Emulator, EmulatorConfig, QuotaRule};
-use gateway::{Admin, Gateway, NORMAL, RUNTIME_BUDGET};
-use traffic::{Recorder, APPS, GRAPH_HUNT, HUNT, INCIDENTS, TENANTS};
+use gateway::{Admin, Gateway, Setup, NORMAL, RUNTIME_BUDGET};
+use redis_server::RedisServer;
+use traffic::{Recorder, Route, APPS, GRAPH_HUNT, HUNT, INCIDENTS, TENANTS};
 
 /// The scaled clock.
 mod scale {
@@ -79,7 +100,18 @@ pub struct Settings {
     pub bin: PathBuf,
     pub sample: Duration,
     pub warmup_percent: f64,
+    /// `--store redis`: the Redis store, with its outages.
+    pub redis: bool,
+    /// `--on-outage`: `fail-closed` (the default here) or `local`.
+    pub on_outage: String,
+    /// `--tls`: HTTPS on the proxy listener.
+    pub tls: bool,
+    /// `--forward-proxy`: a third of the calls through the forward proxy.
+    pub forward_proxy: bool,
 }
+
+const USAGE: &str = "--minutes N --rate R --bin PATH --sample-secs S --warmup-percent P \
+                     --store sqlite|redis --on-outage fail-closed|local --tls --forward-proxy";
 
 impl Settings {
     fn from_args() -> Settings {
@@ -91,19 +123,39 @@ impl Settings {
             bin,
             sample: Duration::from_secs(2),
             warmup_percent: 20.0,
+            redis: false,
+            on_outage: "fail-closed".into(),
+            tls: false,
+            forward_proxy: false,
         };
-        let args: Vec<String> = std::env::args().skip(1).collect();
-        for pair in args.chunks(2) {
-            let value = pair.get(1).map(String::as_str).unwrap_or("");
-            match pair[0].as_str() {
-                "--minutes" => s.minutes = value.parse().expect("--minutes N"),
-                "--rate" => s.rate = value.parse().expect("--rate CALLS_PER_SECOND"),
-                "--bin" => s.bin = value.into(),
-                "--sample-secs" => s.sample = Duration::from_secs_f64(value.parse().expect("--sample-secs S")),
-                "--warmup-percent" => s.warmup_percent = value.parse().expect("--warmup-percent P"),
-                other => panic!(
-                    "unknown argument {other}: --minutes N --rate R --bin PATH --sample-secs S --warmup-percent P"
-                ),
+        let mut args = std::env::args().skip(1);
+        while let Some(flag) = args.next() {
+            let mut value = || args.next().unwrap_or_default();
+            match flag.as_str() {
+                "--minutes" => s.minutes = value().parse().expect("--minutes N"),
+                "--rate" => s.rate = value().parse().expect("--rate CALLS_PER_SECOND"),
+                "--bin" => s.bin = value().into(),
+                "--sample-secs" => {
+                    s.sample = Duration::from_secs_f64(value().parse().expect("--sample-secs S"))
+                }
+                "--warmup-percent" => s.warmup_percent = value().parse().expect("--warmup-percent P"),
+                "--store" => {
+                    s.redis = match value().as_str() {
+                        "redis" => true,
+                        "sqlite" => false,
+                        other => panic!("--store {other}: sqlite or redis"),
+                    }
+                }
+                "--on-outage" => {
+                    s.on_outage = value();
+                    assert!(
+                        ["fail-closed", "local"].contains(&s.on_outage.as_str()),
+                        "--on-outage fail-closed|local"
+                    );
+                }
+                "--tls" => s.tls = true,
+                "--forward-proxy" => s.forward_proxy = true,
+                other => panic!("unknown argument {other}: {USAGE}"),
             }
         }
         s
@@ -201,13 +253,56 @@ fn emulator_config() -> EmulatorConfig {
         .running_time(RUNTIME_BUDGET, scale::HOUR)
 }
 
+/// The routes the clients send by: the proxy listener (HTTP, or HTTPS
+/// trusting `cert_pem`), and the forward proxy when it is on (trusting the
+/// local CA it made in `ca_dir`).
+fn routes(gw: &Gateway, cert_pem: Option<&str>, ca_dir: &std::path::Path) -> Result<Vec<Route>, String> {
+    let builder = || reqwest::Client::builder().pool_max_idle_per_host(64);
+    let trust =
+        |pem: &str| reqwest::Certificate::from_pem(pem.as_bytes()).map_err(|e| format!("certificate: {e}"));
+    let mut base = builder();
+    if let Some(pem) = cert_pem {
+        base = base.add_root_certificate(trust(pem)?);
+    }
+    let scheme = if cert_pem.is_some() { "https" } else { "http" };
+    let base = base.build().map_err(|e| format!("client: {e}"))?;
+    let mut routes = vec![Route::base_url(base, format!("{scheme}://{}", gw.proxy))];
+    if let Some(forward) = &gw.forward {
+        let ca = std::fs::read_to_string(ca_dir.join("ca.pem")).map_err(|e| format!("the local CA: {e}"))?;
+        let proxy = reqwest::Proxy::https(format!("http://{forward}")).map_err(|e| format!("proxy: {e}"))?;
+        let http = builder().proxy(proxy).add_root_certificate(trust(&ca)?).build();
+        routes.push(Route::forward_proxy(http.map_err(|e| format!("client: {e}"))?));
+    }
+    Ok(routes)
+}
+
+/// Start Redis (when asked), write the listener's certificate (when
+/// asked), start the gateway, and make the clients' routes to it.
+async fn setup(
+    s: &Settings,
+    dir: &std::path::Path,
+    emu: &Emulator,
+) -> Result<(Option<RedisServer>, Gateway, Vec<Route>), String> {
+    let redis = if s.redis { Some(RedisServer::start(dir).await?) } else { None };
+    let cert = if s.tls { Some(tls::self_signed(dir)?) } else { None };
+    let setup = Setup {
+        upstream: emu.addr(),
+        redis: redis.as_ref().map(|r| (r.url(), s.on_outage.clone())),
+        tls: cert.as_ref().map(|c| (c.cert_file.clone(), c.key_file.clone())),
+        forward_proxy: s.forward_proxy.then(|| dir.join("ca")),
+    };
+    let gw = Gateway::start(&s.bin, dir, setup)?;
+    let routes = routes(&gw, cert.as_ref().map(|c| c.cert_pem.as_str()), &dir.join("ca"))?;
+    Ok((redis, gw, routes))
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> ExitCode {
     let s = Settings::from_args();
     let dir = tempfile::tempdir().expect("tempdir");
     let emu = Emulator::start(emulator_config()).await;
-    let mut gw = match Gateway::start(&s.bin, dir.path(), &gateway::config_text(&emu.url(), NORMAL)) {
-        Ok(gw) => gw,
+    let (mut redis, mut gw, routes) = match setup(&s, dir.path(), &emu).await {
+        Ok(started) => started,
         Err(e) => {
             eprintln!("soak: {e}");
             return ExitCode::from(2);
@@ -224,18 +319,30 @@ async fn main() -> ExitCode {
         gw.proxy,
         dir.path().display()
     );
-    let http = reqwest::Client::builder().pool_max_idle_per_host(64).build().expect("client");
+    if let Some(r) = &redis {
+        let pid = r.pid().unwrap_or(0);
+        println!("soak: Redis store at {} (redis-server pid {pid}), on_outage = {}", r.url(), s.on_outage);
+    }
+    let names: Vec<&str> = routes.iter().map(|r| r.name).collect();
+    let scheme = if s.tls { "HTTPS" } else { "HTTP" };
+    println!("soak: routes: {} (proxy listener over {scheme})", names.join(", "));
     let start = Instant::now();
     let until = start + s.duration();
     let rec = Recorder::new(start);
-    let base = format!("http://{}", gw.proxy);
     let per_client = s.rate / (TENANTS * APPS) as f64;
     let clients: Vec<_> = (0..TENANTS * APPS)
-        .map(|i| tokio::spawn(traffic::client(i, http.clone(), base.clone(), per_client, until, rec.clone())))
+        .map(|i| tokio::spawn(traffic::client(i, routes.clone(), per_client, until, rec.clone())))
         .collect();
-    let (played, mut samples) = tokio::join!(
+    let outages = async {
+        match redis.as_mut() {
+            Some(r) => outage::play(r, &admin, start, until).await,
+            None => Vec::new(),
+        }
+    };
+    let (played, mut samples, outages) = tokio::join!(
         faults::play(&emu, &gw, &admin, start, until),
         sample_until(&gw, &admin, start, until, s.sample),
+        outages,
     );
     for c in clients {
         let _ = c.await;
@@ -244,10 +351,18 @@ async fn main() -> ExitCode {
     let residue = settle(&admin).await;
     samples.extend(sample(&gw, &admin, start).await);
     let reloads_refused = r#"quotagate_config_reloads_total{result="refused""#;
-    let refused = admin.metrics().await.map_or(f64::NAN, |m| m.sum(reloads_refused));
+    let metrics = admin.metrics().await;
+    let refused = metrics.as_ref().map_or(f64::NAN, |m| m.sum(reloads_refused));
+    let connects = ["intercepted", "tunnelled", "refused", "failed"].map(|outcome| {
+        let series = format!(r#"quotagate_forward_proxy_connects_total{{outcome="{outcome}""#);
+        metrics.as_ref().map_or(f64::NAN, |m| m.sum(&series))
+    });
     let tally = rec.take();
     let upstream = emu.requests();
     let exit = gw.stop(Duration::from_secs(15));
+    if let Some(r) = redis.as_mut() {
+        r.kill();
+    }
     let log = std::fs::read_to_string(&gw.log).unwrap_or_default();
     let run = report::Run {
         s: &s,
@@ -259,6 +374,9 @@ async fn main() -> ExitCode {
         played,
         residue,
         refused_reloads: refused,
+        outages,
+        connects,
+        routes: names,
         exit,
         log,
     };

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use crate::emulator::SeenRequest;
 use crate::faults::Played;
+use crate::outage::{Outage, RECOVERY};
 use crate::traffic::{Ending, Tally};
 use crate::{Residue, Sample, Settings};
 
@@ -46,6 +47,13 @@ pub struct Run<'a> {
     pub residue: Residue,
     /// `quotagate_config_reloads_total{result="refused"}` at the end.
     pub refused_reloads: f64,
+    /// The Redis outages played (`--store redis`).
+    pub outages: Vec<Outage>,
+    /// `quotagate_forward_proxy_connects_total` at the end: intercepted,
+    /// tunnelled, refused, failed.
+    pub connects: [f64; 4],
+    /// The routes the clients sent by.
+    pub routes: Vec<&'static str>,
     pub exit: Option<ExitStatus>,
     pub log: String,
 }
@@ -138,8 +146,15 @@ impl Run<'_> {
 
     fn endings(&self) {
         println!();
-        println!("| How requests ended | Count |");
-        println!("|---|---|");
+        // One column per route when there are several.
+        let several = self.routes.len() > 1;
+        if several {
+            println!("| How requests ended | Count | {} |", self.routes.join(" | "));
+            println!("|---|---|{}", "---|".repeat(self.routes.len()));
+        } else {
+            println!("| How requests ended | Count |");
+            println!("|---|---|");
+        }
         for (ending, n) in &self.tally.endings {
             let name = match ending {
                 Ending::Answered(status) => format!("answered {status}"),
@@ -150,7 +165,16 @@ impl Run<'_> {
                 Ending::NoAnswer => "no answer (transport error)".into(),
                 Ending::Hung => "no answer within 30 s".into(),
             };
-            println!("| {name} | {n} |");
+            if several {
+                let by: Vec<String> = self
+                    .routes
+                    .iter()
+                    .map(|r| self.tally.by_route.get(&(*r, *ending)).copied().unwrap_or(0).to_string())
+                    .collect();
+                println!("| {name} | {n} | {} |", by.join(" | "));
+            } else {
+                println!("| {name} | {n} |");
+            }
         }
         println!("| (of the answers) 429s passed on from the upstream | {} |", self.tally.upstream_throttled);
         if !self.tally.samples.is_empty() {
@@ -171,10 +195,114 @@ impl Run<'_> {
         }
         let list: Vec<String> = kinds.iter().map(|(k, n)| format!("{k} ×{n}")).collect();
         println!("Faults played: {}", list.join("; "));
+        if self.outages.is_empty() {
+            return;
+        }
+        println!();
+        println!("| Redis outage | Killed at | Up again at | `/readyz` while down | Store `shared` again | 503s answered |");
+        println!("|---|---|---|---|---|---|");
+        for (i, o) in self.outages.iter().enumerate() {
+            let (from, to) = self.outage_window(o);
+            let down =
+                o.seen_down.as_ref().map_or("not seen".into(), |(st, mode)| format!("{st}, mode {mode}"));
+            let back = match (&o.restart_error, o.recovered) {
+                (Some(e), _) => format!("restart failed: {e}"),
+                (None, Some(t)) => {
+                    format!("{:.1} s after", t.saturating_duration_since(o.restarted).as_secs_f64())
+                }
+                (None, None) => format!("not within {} s", RECOVERY.as_secs()),
+            };
+            let unavailable = self.tally.unavailable.iter().filter(|t| (from..=to).contains(*t)).count();
+            println!(
+                "| {} | {:.1} s | {:.1} s | {down} | {back} | {unavailable} |",
+                i + 1,
+                self.since_start(o.killed),
+                self.since_start(o.restarted),
+            );
+        }
+    }
+
+    fn since_start(&self, at: Instant) -> f64 {
+        at.saturating_duration_since(self.start).as_secs_f64()
+    }
+
+    /// The seconds since the start during which an answer may say the
+    /// store is unavailable: from the kill until 2 s after the store was
+    /// `shared` again (an answer is recorded once its body is read).
+    fn outage_window(&self, o: &Outage) -> (f64, f64) {
+        let back = o.recovered.unwrap_or(o.restarted + RECOVERY);
+        (self.since_start(o.killed), self.since_start(back) + 2.0)
     }
 
     fn count(&self, pred: impl Fn(&Ending) -> bool) -> u64 {
         self.tally.endings.iter().filter(|(e, _)| pred(e)).map(|(_, n)| n).sum()
+    }
+
+    /// The Redis outages: answered as `on_outage` documents, and the store
+    /// back to `shared` by itself after each.
+    fn redis_rows(&self, rows: &mut Vec<(&str, String, bool)>) {
+        let fail_closed = self.s.on_outage == "fail-closed";
+        let unavailable = &self.tally.unavailable;
+        let outside = unavailable
+            .iter()
+            .filter(|t| {
+                !self.outages.iter().any(|o| {
+                    let (from, to) = self.outage_window(o);
+                    (from..=to).contains(*t)
+                })
+            })
+            .count();
+        let expected_mode = if fail_closed { "fail-closed" } else { "local" };
+        let reported = self
+            .outages
+            .iter()
+            .filter(|o| {
+                o.seen_down.as_ref().is_some_and(|(status, mode)| {
+                    mode == expected_mode && *status == if fail_closed { 503 } else { 200 }
+                })
+            })
+            .count();
+        let (measured, ok) = if fail_closed {
+            (
+                format!(
+                    "{} answers 503 with Retry-After, {outside} of them outside an outage; /readyz 503 `fail-closed` in {reported} of {} outages",
+                    unavailable.len(),
+                    self.outages.len()
+                ),
+                !unavailable.is_empty() && outside == 0,
+            )
+        } else {
+            (
+                format!(
+                    "{} answers 503; /readyz 200 `local` in {reported} of {} outages",
+                    unavailable.len(),
+                    self.outages.len()
+                ),
+                unavailable.is_empty(),
+            )
+        };
+        rows.push((
+            "Redis outages answered as documented",
+            measured,
+            ok && !self.outages.is_empty() && reported == self.outages.len(),
+        ));
+        let recovery: Vec<f64> = self
+            .outages
+            .iter()
+            .filter(|o| o.restart_error.is_none())
+            .filter_map(|o| Some(o.recovered?.saturating_duration_since(o.restarted).as_secs_f64()))
+            .collect();
+        let slowest = recovery.iter().copied().fold(0.0, f64::max);
+        rows.push((
+            "Store recovered after each Redis fault",
+            format!(
+                "`shared` again after {} of {} restarts, at most {slowest:.1} s after Redis answered (limit {} s)",
+                recovery.len(),
+                self.outages.len(),
+                RECOVERY.as_secs()
+            ),
+            !self.outages.is_empty() && recovery.len() == self.outages.len(),
+        ));
     }
 
     fn criteria(&self) -> bool {
@@ -274,6 +402,29 @@ impl Run<'_> {
             ),
             reset_met > 0 && status(504) > 0 && status(502) > 0 && upstream_429 > 0 && waiting > 0 && streaming > 0,
         ));
+        if self.s.redis {
+            self.redis_rows(&mut rows);
+        }
+        if self.s.forward_proxy {
+            let [intercepted, tunnelled, refused, failed] = self.connects;
+            let answered = |route: &str| -> u64 {
+                let ended = self.tally.by_route.iter().filter(|((r, _), _)| *r == route);
+                ended.filter(|((_, e), _)| matches!(e, Ending::Answered(_))).map(|(_, n)| n).sum()
+            };
+            let counts: Vec<String> = self.routes.iter().map(|r| format!("{r} {}", answered(r))).collect();
+            rows.push((
+                "Forward proxy intercepted every CONNECT",
+                format!(
+                    "CONNECTs intercepted {intercepted:.0}, tunnelled {tunnelled:.0}, refused {refused:.0}, failed {failed:.0}; answers by route: {}",
+                    counts.join(", ")
+                ),
+                intercepted > 0.0
+                    && tunnelled == 0.0
+                    && refused == 0.0
+                    && failed == 0.0
+                    && self.routes.iter().all(|r| answered(r) > 0),
+            ));
+        }
         let reloads = &self.played.reloads;
         let applied = reloads.iter().filter(|(_, ok)| *ok).count();
         let hup = reloads.iter().filter(|(t, _)| *t == "SIGHUP").count();

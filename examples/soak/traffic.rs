@@ -6,6 +6,11 @@
 //! is whole, or cut because the upstream reset mid-body), a deliberate
 //! abandonment, or no answer (a transport error before the status line, or
 //! the client's own 30 s timeout). The last is what the soak must never see.
+//!
+//! A call goes by one of two [`Route`]s: to the proxy listener's address
+//! (base-URL mode, over HTTPS with `--tls`), or, with `--forward-proxy`, to
+//! the Microsoft hosts through the forward proxy, as a script with
+//! `HTTPS_PROXY` and the local CA trusted sends it.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -27,6 +32,36 @@ pub const TENANTS: usize = 3;
 pub const APPS: usize = 2;
 /// A client's patience: past this the request counts as unanswered.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where a client sends its calls, and through which HTTP client.
+#[derive(Clone)]
+pub struct Route {
+    pub name: &'static str,
+    http: reqwest::Client,
+    /// Where Defender paths (and unmetered downloads) go.
+    defender: String,
+    /// Where Graph paths go.
+    graph: String,
+}
+
+impl Route {
+    /// Base-URL mode: every path to the proxy listener at `base`.
+    pub fn base_url(http: reqwest::Client, base: String) -> Route {
+        Route { name: "base URL", http, defender: base.clone(), graph: base }
+    }
+
+    /// Through the forward proxy: `https://api.security.microsoft.com` and
+    /// `https://graph.microsoft.com`, with `http` sending `CONNECT` to the
+    /// proxy and trusting its local CA.
+    pub fn forward_proxy(http: reqwest::Client) -> Route {
+        Route {
+            name: "forward proxy",
+            http,
+            defender: format!("https://{}", crate::gateway::DEFENDER_HOST),
+            graph: format!("https://{}", crate::gateway::GRAPH_HOST),
+        }
+    }
+}
 
 /// An unsigned v1.0 token.
 pub fn bearer(tenant: &str, app: &str) -> String {
@@ -103,9 +138,10 @@ impl Call {
         }
     }
 
-    pub fn request(&self, http: &reqwest::Client, base: &str, auth: &str) -> reqwest::RequestBuilder {
-        let hunt = |path: &str, query: String| {
-            http.post(format!("{base}{path}"))
+    pub fn request(&self, route: &Route, auth: &str) -> reqwest::RequestBuilder {
+        let (http, base) = (&route.http, &route.defender);
+        let hunt = |url: String, query: String| {
+            http.post(url)
                 .header("content-type", "application/json")
                 .body(serde_json::json!({ "Query": query }).to_string())
         };
@@ -114,9 +150,9 @@ impl Call {
             Call::Incidents => http.get(format!("{base}{INCIDENTS}?$top=10")),
             Call::Hunt { cost, bytes, stats_first } => {
                 let stats = if *stats_first { "" } else { "stats=last" };
-                hunt(HUNT, query(*cost, &format!("bytes={bytes} {stats}")))
+                hunt(format!("{base}{HUNT}"), query(*cost, &format!("bytes={bytes} {stats}")))
             }
-            Call::GraphHunt { cost } => hunt(GRAPH_HUNT, query(*cost, "")),
+            Call::GraphHunt { cost } => hunt(format!("{}{GRAPH_HUNT}", route.graph), query(*cost, "")),
             Call::Bytes(n) => http.get(format!("{base}{BYTES}/{n}")),
         };
         req.header("authorization", auth).timeout(CLIENT_TIMEOUT)
@@ -174,7 +210,13 @@ impl Call {
                     }
                 }
             }
-            502..=504 => {
+            503 => {
+                // The quota store is unavailable (a Redis outage failing closed).
+                json()?["error"]["message"].as_str().ok_or("503 without a message")?;
+                let retry_after = header("retry-after").and_then(|v| v.parse::<u64>().ok());
+                retry_after.map(drop).ok_or("503 without a Retry-After in seconds".into())
+            }
+            502 | 504 => {
                 json()?["error"]["message"].as_str().map(drop).ok_or(format!("{status} without a message"))
             }
             _ => Err(format!("unexpected status {status}")),
@@ -205,6 +247,11 @@ pub enum Ending {
 #[derive(Default)]
 pub struct Tally {
     pub endings: BTreeMap<Ending, u64>,
+    /// The same, per route.
+    pub by_route: BTreeMap<(&'static str, Ending), u64>,
+    /// When each 503 (quota store unavailable) was answered, in seconds
+    /// since the start.
+    pub unavailable: Vec<f64>,
     /// Requests sent per second of the run.
     pub sent_per_second: BTreeMap<u64, u64>,
     pub upstream_throttled: u64,
@@ -216,11 +263,18 @@ pub struct Tally {
 pub struct Recorder {
     start: Instant,
     tally: Arc<Mutex<Tally>>,
+    /// The route of the calls recorded through this copy.
+    route: &'static str,
 }
 
 impl Recorder {
     pub fn new(start: Instant) -> Recorder {
-        Recorder { start, tally: Arc::default() }
+        Recorder { start, tally: Arc::default(), route: "" }
+    }
+
+    /// This recorder, for calls sent by `route`.
+    pub fn via(&self, route: &Route) -> Recorder {
+        Recorder { route: route.name, ..self.clone() }
     }
 
     pub fn take(&self) -> Tally {
@@ -233,12 +287,17 @@ impl Recorder {
     }
 
     fn ended(&self, ending: Ending, note: Option<String>) {
+        let at = self.start.elapsed().as_secs_f64();
         let mut t = self.tally.lock().unwrap();
+        *t.by_route.entry((self.route, ending)).or_default() += 1;
+        if ending == Ending::Answered(503) {
+            t.unavailable.push(at);
+        }
         let n = t.endings.entry(ending).or_default();
         *n += 1;
         if let (Some(note), true) = (note, *n <= 5) {
-            let at = self.start.elapsed().as_secs_f64();
-            t.samples.push(format!("at {at:.1} s, {ending:?}: {note}"));
+            let route = self.route;
+            t.samples.push(format!("at {at:.1} s, {ending:?} ({route}): {note}"));
         }
     }
 
@@ -248,9 +307,9 @@ impl Recorder {
 }
 
 /// Send `call` and read the whole answer.
-pub async fn one(http: reqwest::Client, base: String, auth: String, call: Call, rec: Recorder) {
+pub async fn one(route: Route, auth: String, call: Call, rec: Recorder) {
     rec.sent();
-    let response = match call.request(&http, &base, &auth).send().await {
+    let response = match call.request(&route, &auth).send().await {
         Ok(r) => r,
         Err(e) => {
             let ending = if e.is_timeout() { Ending::Hung } else { Ending::NoAnswer };
@@ -281,16 +340,9 @@ async fn finish(call: &Call, response: reqwest::Response, rec: &Recorder) {
 
 /// Send `call` and walk away after `patience` unless the status line came
 /// first; then read the answer like [`one`].
-pub async fn impatient(
-    http: reqwest::Client,
-    base: String,
-    auth: String,
-    call: Call,
-    patience: Duration,
-    rec: Recorder,
-) {
+pub async fn impatient(route: Route, auth: String, call: Call, patience: Duration, rec: Recorder) {
     rec.sent();
-    let response = match tokio::time::timeout(patience, call.request(&http, &base, &auth).send()).await {
+    let response = match tokio::time::timeout(patience, call.request(&route, &auth).send()).await {
         Err(_) => return rec.ended(Ending::AbandonedWaiting, None),
         Ok(Ok(r)) => r,
         Ok(Err(e)) => return rec.ended(Ending::NoAnswer, Some(format!("{call:?}: {e:#}"))),
@@ -300,9 +352,9 @@ pub async fn impatient(
 
 /// Send `call` (a large result) and drop the response after its first
 /// chunk; an answer that is not a 200 is read and checked like [`one`].
-pub async fn drop_mid_stream(http: reqwest::Client, base: String, auth: String, call: Call, rec: Recorder) {
+pub async fn drop_mid_stream(route: Route, auth: String, call: Call, rec: Recorder) {
     rec.sent();
-    let mut response = match call.request(&http, &base, &auth).send().await {
+    let mut response = match call.request(&route, &auth).send().await {
         Ok(r) => r,
         Err(e) => {
             let ending = if e.is_timeout() { Ending::Hung } else { Ending::NoAnswer };
@@ -328,8 +380,9 @@ pub async fn drop_mid_stream(http: reqwest::Client, base: String, auth: String, 
 /// Every 20th call gives up after 0.1–1.5 s unless answered by then (most
 /// are queued at that point), every 50th drops a large result after its
 /// first bytes (a Defender hunting result metered as it streams, or an
-/// unmetered download). Returns when every call has ended.
-pub async fn client(i: usize, http: reqwest::Client, base: String, rate: f64, until: Instant, rec: Recorder) {
+/// unmetered download). With a second route (the forward proxy), every
+/// third call goes by it. Returns when every call has ended.
+pub async fn client(i: usize, routes: Vec<Route>, rate: f64, until: Instant, rec: Recorder) {
     let auth = bearer(&tenant(i), &app(i));
     let mut rng = Rng::new(i as u64 + 1);
     let interval = Duration::from_secs_f64(1.0 / rate);
@@ -340,7 +393,8 @@ pub async fn client(i: usize, http: reqwest::Client, base: String, rate: f64, un
         tokio::time::sleep_until(next.into()).await;
         next += interval;
         n += 1;
-        let (http, base, auth, rec) = (http.clone(), base.clone(), auth.clone(), rec.clone());
+        let route = routes[if n % 3 == 1 { routes.len() - 1 } else { 0 }].clone();
+        let (auth, rec) = (auth.clone(), rec.via(&route));
         if n % 20 == 0 {
             let call = if rng.chance(50) {
                 Call::Incidents
@@ -348,16 +402,16 @@ pub async fn client(i: usize, http: reqwest::Client, base: String, rate: f64, un
                 Call::Hunt { cost: 0.2, bytes: 0, stats_first: true }
             };
             let patience = Duration::from_millis(100 + rng.next() % 1400);
-            calls.spawn(impatient(http, base, auth, call, patience, rec));
+            calls.spawn(impatient(route, auth, call, patience, rec));
         } else if n % 50 == 25 {
             let call = if rng.chance(50) {
                 Call::Hunt { cost: 0.02, bytes: 4_000_000, stats_first: false }
             } else {
                 Call::Bytes(8_000_000)
             };
-            calls.spawn(drop_mid_stream(http, base, auth, call, rec));
+            calls.spawn(drop_mid_stream(route, auth, call, rec));
         } else {
-            calls.spawn(one(http, base, auth, Call::draw(&mut rng), rec));
+            calls.spawn(one(route, auth, Call::draw(&mut rng), rec));
         }
         while calls.try_join_next().is_some() {}
     }
