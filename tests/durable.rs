@@ -22,8 +22,9 @@ fn config(dir: &Path, upstream: &str, store: &str) -> PathBuf {
         r#"
 listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
-# Covers the group commit before forwarding as well as the loopback hop.
-guard = "100ms"
+# Covers the group commit (an fsync) before forwarding as well as the
+# loopback hop, on a busy machine with a slow disk.
+guard = "200ms"
 # No pruning during the test: every admission stays in the file.
 idle_sweep = "1h"
 access_log = false
@@ -60,6 +61,7 @@ fn admissions_in(db: &Path) -> i64 {
 /// per call the upstream saw.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_under_load_then_restart_forgets_no_admission() {
+    let _one_at_a_time = support::timing_exclusive().await;
     let emu = Emulator::start(EmulatorConfig::new().quota(QuotaRule::new(
         "incidents",
         &["/api/incidents"],

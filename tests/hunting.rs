@@ -105,6 +105,7 @@ fn saturate(
 /// more than the budget, and each full hour uses at least 95% of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_demand_for_three_hours_uses_the_budget_without_upstream_429s() {
+    let _one_at_a_time = support::timing_exclusive().await;
     let hour = Duration::from_secs(4);
     let budget = Duration::from_millis(1600);
     let emu = Emulator::start(
@@ -146,6 +147,7 @@ async fn over_demand_for_three_hours_uses_the_budget_without_upstream_429s() {
 /// and a light tenant is not slowed by the saturated ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_tenants_each_keep_their_own_budget() {
+    let _one_at_a_time = support::timing_exclusive().await;
     let hour = Duration::from_secs(2);
     let budget = Duration::from_millis(500);
     let emu = Emulator::start(EmulatorConfig::new().running_time(budget, hour)).await;

@@ -129,6 +129,7 @@ async fn until_mode(gw: &GatewayProcess, mode: &str) -> serde_json::Value {
 /// 95% of what the quota allows is admitted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_under_five_times_the_quota_share_one_exact_quota() {
+    let _one_at_a_time = support::timing_exclusive().await;
     const LIMIT: u32 = 20;
     const WINDOW: Duration = Duration::from_secs(1);
     let redis = Redis::start();
@@ -176,6 +177,7 @@ async fn three_replicas_under_five_times_the_quota_share_one_exact_quota() {
 /// the others: they answer locally and send nothing upstream until it ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_429_on_one_replica_holds_the_key_on_the_others() {
+    let _one_at_a_time = support::timing_exclusive().await;
     let redis = Redis::start();
     let emu = Emulator::start(EmulatorConfig::new().quota(QuotaRule::new(
         "incidents",
@@ -314,6 +316,7 @@ async fn redis_outage_falls_back_to_a_local_share_then_recovers() {
 /// which one replica alone would spend whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_share_one_running_time_budget() {
+    let _one_at_a_time = support::timing_exclusive().await;
     use support::hunt::{body, query};
     let hour = Duration::from_secs(4);
     let budget = Duration::from_millis(1000);
@@ -482,6 +485,7 @@ async fn a_reloaded_and_a_fresh_replica_share_one_key_whatever_the_policy_order(
 /// its asks while it waits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_query_waiting_on_another_replicas_completion_is_woken_by_it() {
+    let _one_at_a_time = support::timing_exclusive().await;
     use support::hunt::{body, query};
     let redis = Redis::start();
     let emu = Emulator::start(EmulatorConfig::new()).await;
@@ -543,6 +547,7 @@ async fn a_query_waiting_on_another_replicas_completion_is_woken_by_it() {
 /// never saw that query, then refuses a query the budget has no room for.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn running_time_charged_during_an_outage_is_added_back_to_redis() {
+    let _one_at_a_time = support::timing_exclusive().await;
     use support::hunt::{body, query};
     let mut redis = Redis::start();
     let emu = Emulator::start(EmulatorConfig::new()).await;
@@ -594,6 +599,7 @@ async fn running_time_charged_during_an_outage_is_added_back_to_redis() {
 /// from the first throttle on, whichever replica the calls reach.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_limit_revealed_to_one_replica_binds_the_others() {
+    let _one_at_a_time = support::timing_exclusive().await;
     let redis = Redis::start();
     let emu = Emulator::start(EmulatorConfig::new().quota(QuotaRule::new(
         "incidents",

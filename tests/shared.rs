@@ -77,6 +77,7 @@ fn arrivals<'a>(seen: &'a [SeenRequest], name: &str) -> Vec<&'a SeenRequest> {
 /// the heavy one gets every other slot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_light_client_is_never_stuck_behind_a_heavy_one() {
+    let _one_at_a_time = support::timing_exclusive().await;
     light_behind_heavy("").await;
 }
 
@@ -84,6 +85,7 @@ async fn a_light_client_is_never_stuck_behind_a_heavy_one() {
 /// the same way, while Redis says when each slot frees.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_light_client_is_never_stuck_behind_a_heavy_one_on_redis() {
+    let _one_at_a_time = support::timing_exclusive().await;
     let redis = support::process::Redis::start();
     light_behind_heavy(&format!("[store]\nbackend = \"redis\"\nurl = \"{}\"\n", redis.url())).await;
 }
@@ -154,6 +156,7 @@ async fn futures_join<T: Send + 'static>(tasks: Vec<tokio::task::JoinHandle<T>>)
 /// Issue #6, case 2: weights 3:1 under saturation share the slots 3:1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weights_three_to_one_share_a_saturated_key_three_to_one() {
+    let _one_at_a_time = support::timing_exclusive().await;
     // Exactness is case 1's and tests/quota.rs's business: here an upstream
     // throttle (arrival jitter of 260 concurrent calls on a loaded machine)
     // would only hold the key and blur the ratio, so the emulator allows more.
@@ -188,6 +191,7 @@ async fn weights_three_to_one_share_a_saturated_key_three_to_one() {
 /// window, even alone, and another client finds the rest free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cap_holds_and_leaves_the_rest_to_others() {
+    let _one_at_a_time = support::timing_exclusive().await;
     // The emulator allows more than the gateway, so arrival jitter on a loaded
     // machine never turns into an upstream hold; the cap is checked on arrivals.
     let emu = Emulator::start(upstream(16, SEC)).await;
@@ -224,6 +228,7 @@ async fn a_cap_holds_and_leaves_the_rest_to_others() {
 /// client's backlog while it has demand.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reserved_minimum_holds_against_a_heavier_client() {
+    let _one_at_a_time = support::timing_exclusive().await;
     let emu = Emulator::start(upstream(8, SEC)).await;
     let clients = client_toml("hog", "weight = 10") + &client_toml("reserved", "reserved_percent = 50");
     let text = config_text(&emu.url(), &gateway_toml("", 4, "1s", "8s", &clients))
@@ -261,6 +266,7 @@ async fn a_reserved_minimum_holds_against_a_heavier_client() {
 /// client's class and by the per-request header config allows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interactive_requests_overtake_queued_batch_ones() {
+    let _one_at_a_time = support::timing_exclusive().await;
     let emu = Emulator::start(upstream(1, Duration::from_millis(500))).await;
     let clients =
         client_toml("batch", "priority = \"batch\"") + &client_toml("ui", "priority = \"interactive\"");
@@ -314,6 +320,7 @@ async fn interactive_requests_overtake_queued_batch_ones() {
 /// with an honest `Retry-After`; another client is unaffected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_is_cut_by_its_guard_and_others_are_unaffected() {
+    let _one_at_a_time = support::timing_exclusive().await;
     let emu = Emulator::start(upstream(1000, SEC)).await;
     let clients = client_toml("looping", "guard_per_second = 5\nguard_burst = 5") + &client_toml("calm", "");
     let gw = TestGateway::start(&emu.url(), &gateway_toml("", 100, "1s", "5s", &clients)).await;

@@ -54,3 +54,14 @@ pub fn with_test_tls(text: &str, dir: &std::path::Path) -> String {
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+/// Held for their whole run by the tests whose assertions rest on arrival
+/// times (no upstream 429 behind a short guard, slots taken at the exact
+/// moment they free), so that within one test binary they run one at a
+/// time. Each of them runs a gateway, an emulator and its load generators
+/// on two cores; two such floods at once delay arrivals past the guards
+/// the tests use, which would be the machine's fault, not the gateway's.
+pub async fn timing_exclusive() -> tokio::sync::MutexGuard<'static, ()> {
+    static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    ONE_AT_A_TIME.lock().await
+}
