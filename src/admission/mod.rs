@@ -27,7 +27,6 @@ use std::borrow::Cow;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use dashmap::DashMap;
 use prometheus::IntGauge;
 use tokio::sync::Notify;
 
@@ -36,7 +35,7 @@ use rejection::Drain;
 pub use rejection::{Reason, Rejection};
 
 use crate::policy::{Mode, Policies, Policy};
-use crate::quota::{tightened, AdmissionLog, Binding, Clock, QuotaKey, Retention, Window, WindowUse};
+use crate::quota::{tightened, AdmissionLog, Binding, Clock, KeyMap, QuotaKey, Retention, Window, WindowUse};
 use fair::{Lanes, Ticket};
 use place::Place;
 
@@ -199,7 +198,7 @@ impl KeyCell {
 
 /// `key`'s state in `keys`, created empty on first use; the read path takes
 /// no write lock.
-pub(crate) fn cell_of<C: Default>(keys: &DashMap<QuotaKey, Arc<C>>, key: &QuotaKey) -> Arc<C> {
+pub(crate) fn cell_of<C: Default>(keys: &KeyMap<Arc<C>>, key: &QuotaKey) -> Arc<C> {
     if let Some(cell) = keys.get(key) {
         return cell.clone();
     }
@@ -208,7 +207,7 @@ pub(crate) fn cell_of<C: Default>(keys: &DashMap<QuotaKey, Arc<C>>, key: &QuotaK
 
 /// Every key's admissions and waiters.
 pub struct Limiter {
-    keys: DashMap<QuotaKey, Arc<KeyCell>>,
+    keys: KeyMap<Arc<KeyCell>>,
     clock: Clock,
     guard: Duration,
     drain: Drain,
@@ -221,7 +220,7 @@ impl Limiter {
 
     /// A limiter on a given clock (the gateway shares one with the store).
     pub fn with_clock(guard: Duration, clock: Clock) -> Self {
-        Limiter { keys: DashMap::new(), clock, guard, drain: Drain::default() }
+        Limiter { keys: KeyMap::default(), clock, guard, drain: Drain::default() }
     }
 
     /// The gateway is stopping: from now on a call whose slot comes later

@@ -31,7 +31,6 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use dashmap::DashMap;
 use prometheus::IntGauge;
 use tokio::sync::Notify;
 
@@ -39,7 +38,7 @@ use super::rejection::Drain;
 use super::Reason;
 use crate::policy::Mode;
 use crate::quota::ledger::nanos;
-use crate::quota::{Budget, BudgetUse, Clock, Fit, Ledger, QuotaKey};
+use crate::quota::{Budget, BudgetUse, Clock, Fit, KeyMap, Ledger, QuotaKey};
 
 /// How a key's queries are admitted: the budgets of the policy, and the
 /// gateway's estimate settings.
@@ -152,7 +151,7 @@ pub type KeyCharges = (QuotaKey, Duration, Vec<(u64, u64)>);
 
 /// Every running-time key's ledger and waiters.
 pub struct RuntimeLimiter {
-    keys: DashMap<QuotaKey, Arc<Cell>>,
+    keys: KeyMap<Arc<Cell>>,
     clock: Clock,
     guard: Duration,
     estimator: Estimator,
@@ -168,7 +167,7 @@ impl RuntimeLimiter {
     /// A limiter on a given clock (the gateway shares one with the store).
     pub fn with_clock(guard: Duration, estimator: Estimator, clock: Clock) -> Self {
         RuntimeLimiter {
-            keys: DashMap::new(),
+            keys: KeyMap::default(),
             clock,
             guard,
             estimator,

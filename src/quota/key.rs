@@ -3,6 +3,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use dashmap::DashMap;
+
 use crate::identity::Identity;
 
 /// The scope of a policy's key, set per policy in config.
@@ -39,6 +41,12 @@ impl fmt::Display for KeyScope {
         })
     }
 }
+
+/// A concurrent map from quota keys, as every limiter and queue keeps them.
+/// Looked up on every metered request, so hashed with foldhash rather than
+/// SipHash; its seeds are random per process, and a key's parts are the
+/// tenant and app the caller's token names.
+pub type KeyMap<V> = DashMap<QuotaKey, V, foldhash::fast::RandomState>;
 
 /// One quota log: the policy (when the scope includes it), the tenant, and the app.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -10,6 +10,6 @@ pub mod ledger;
 pub mod window;
 
 pub use clock::Clock;
-pub use key::{KeyScope, QuotaKey};
+pub use key::{KeyMap, KeyScope, QuotaKey};
 pub use ledger::{Budget, BudgetUse, Fit, Ledger};
 pub use window::{tightened, AdmissionLog, Binding, Retention, Window, WindowUse};

@@ -54,7 +54,7 @@ use crate::admission::{Admitted, Limiter, Rejection, Share};
 use crate::config::Config;
 use crate::metrics::StoreMetrics;
 use crate::policy::Policy;
-use crate::quota::{QuotaKey, Window, WindowUse};
+use crate::quota::{KeyMap, QuotaKey, Window, WindowUse};
 
 /// Check every window of a key and record calls, or say when one could go.
 ///
@@ -208,7 +208,7 @@ pub struct RedisStore {
     on_outage: OnOutage,
     replicas: u32,
     up: AtomicBool,
-    queues: DashMap<QuotaKey, Arc<queue::KeyQueue>>,
+    queues: KeyMap<Arc<queue::KeyQueue>>,
     /// Members of the sorted sets: this replica's nonce and a counter.
     nonce: u64,
     next: AtomicU64,
@@ -257,7 +257,7 @@ impl RedisStore {
             on_outage: config.store.on_outage,
             replicas,
             up: AtomicBool::new(true),
-            queues: DashMap::new(),
+            queues: KeyMap::default(),
             nonce,
             next: AtomicU64::new(1),
             url: redact(url),
