@@ -8,4 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v nginx >/dev/null || { echo "nginx is missing: apt-get install -y nginx" >&2; exit 1; }
+# The gateway runs as the release binary at $QUOTAGATE_BIN, by default the
+# build this makes; the clients and the emulator in the example's process.
+cargo build --release --quiet --bin quotagate
+export QUOTAGATE_BIN="${QUOTAGATE_BIN:-${CARGO_TARGET_DIR:-target}/release/quotagate}"
 exec cargo run --quiet --example quota_efficiency -- "$@"

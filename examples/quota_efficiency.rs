@@ -31,9 +31,11 @@
 //! while it was free; then the metered costs' distribution and the upstream
 //! 429s by cause. `--percentile P` sets the gateway's `estimate_percentile`.
 //!
-//! Run with `bench/quota-efficiency.sh` (it passes arguments through). What
+//! Run with `bench/quota-efficiency.sh` (it passes arguments through; it
+//! builds the release gateway, which runs as a process of its own). What
 //! this does not measure: proxy throughput or overhead (see
-//! `docs/benchmarks.md`); everything shares one process and two cores.
+//! `docs/benchmarks.md`); the clients and the emulator share one process,
+//! and everything shares two cores.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -43,8 +45,8 @@ use std::time::{Duration, Instant};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 
-// The integration tests' emulator and in-process gateway; `emulator` finds
-// `hunt` as its `super::hunt`.
+// The integration tests' emulator, their gateway config text and their
+// gateway child process; `emulator` finds `hunt` as its `super::hunt`.
 #[allow(dead_code)]
 #[path = "../tests/support/emulator.rs"]
 mod emulator;
@@ -54,9 +56,12 @@ mod gateway;
 #[allow(dead_code)]
 #[path = "../tests/support/hunt.rs"]
 mod hunt;
+#[allow(dead_code)]
+#[path = "../tests/support/process.rs"]
+mod process;
 
 use emulator::{Emulator, EmulatorConfig, QuotaRule};
-use gateway::TestGateway;
+use process::GatewayProcess;
 
 const INCIDENTS: &str = "/api/incidents";
 const HUNT: &str = "/api/advancedhunting/run";
@@ -546,12 +551,18 @@ async fn main() {
             // The gateway.
             "gateway" => {
                 let emu = Emulator::start(emulator_config(&s)).await;
-                // The guard covers the time from admission to the upstream's
-                // count; the clients, the emulator and the gateway share one
-                // process on a busy machine, so 5 ms is too little.
+                // The release binary in a process of its own, as deployed
+                // ($QUOTAGATE_BIN, which the script builds). The guard covers
+                // the time from admission to the upstream's count; the
+                // clients and the emulator share one process on a busy
+                // machine, so 5 ms is too little.
                 let text = gateway::config_text(&emu.url(), &gateway_rest(&s, plan.percentile))
                     .replace("guard = \"5ms\"", &format!("guard = \"{}ms\"", GUARD.as_millis()));
-                let gw = TestGateway::start_with(&text).await;
+                let dir = tempfile::tempdir().expect("tempdir");
+                let config = dir.path().join("quotagate.toml");
+                std::fs::write(&config, text).expect("write the gateway's config");
+                let gw = GatewayProcess::start(&config, dir.path())
+                    .unwrap_or_else(|e| panic!("the gateway did not start: {e}"));
                 let sampler = plan.probe.map(|every| {
                     let until = Instant::now() + s.hour * s.hours;
                     tokio::spawn(probe(format!("http://{}", gw.admin), every, until))

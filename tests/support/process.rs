@@ -7,7 +7,17 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_quotagate");
+/// The gateway binary: the one Cargo built for the integration tests; in a
+/// benchmark that includes this file (Cargo names no binary to an example),
+/// `$QUOTAGATE_BIN`, by default the release build.
+fn bin() -> std::path::PathBuf {
+    match option_env!("CARGO_BIN_EXE_quotagate") {
+        Some(path) => path.into(),
+        None => {
+            std::env::var_os("QUOTAGATE_BIN").map_or_else(|| "target/release/quotagate".into(), Into::into)
+        }
+    }
+}
 
 /// The gateway binary, killed (SIGKILL) when dropped.
 pub struct GatewayProcess {
@@ -20,7 +30,7 @@ impl GatewayProcess {
     /// Run `--config config` in `dir`; `Err` carries the exit status and stderr
     /// when it stops before listening.
     pub fn start(config: &Path, dir: &Path) -> Result<GatewayProcess, String> {
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(bin())
             .args(["--config", config.to_str().unwrap(), "--workers", "1"])
             .current_dir(dir)
             .env("RUST_LOG", "warn")
