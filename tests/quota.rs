@@ -137,10 +137,12 @@ mode = "reject"
 async fn queue_mode_is_fifo_bounded_and_frees_the_place_of_a_client_that_leaves() {
     let _one_at_a_time = support::timing_exclusive().await;
     let emu = Emulator::start(incidents_upstream(1, 400 * Duration::from_millis(1))).await;
-    let gw = Arc::new(
-        TestGateway::start(
-            &emu.url(),
-            r#"
+    // A 50 ms guard: each waiter goes the moment the call before it is
+    // 400 ms + 50 ms old, and the upstream counts it only if the call before
+    // it arrived no more than 50 ms after its admission.
+    let text = support::gateway::config_text(
+        &emu.url(),
+        r#"
 [[policy]]
 name = "incidents"
 paths = ["/api/incidents"]
@@ -148,9 +150,9 @@ windows = [{ limit = 1, per = "400ms" }]
 max_queue = 3
 max_wait = "5s"
 "#,
-        )
-        .await,
-    );
+    )
+    .replace("guard = \"5ms\"", "guard = \"50ms\"");
+    let gw = Arc::new(TestGateway::start_with(&text).await);
     let http = client();
     let send = |seq: usize| {
         let req =
@@ -174,7 +176,7 @@ max_wait = "5s"
         .unwrap();
     assert!(started.elapsed() < Duration::from_millis(200));
     assert_eq!(full.status(), 429);
-    assert_eq!(full.headers()["retry-after"], "2", "three waiters ahead, one slot per 0.4 s");
+    assert_eq!(full.headers()["retry-after"], "2", "three waiters ahead, one slot per 0.45 s");
     let body: serde_json::Value = full.json().await.unwrap();
     assert!(body["error"]["message"].as_str().unwrap().contains("queue"), "{body}");
 
@@ -189,7 +191,10 @@ max_wait = "5s"
     for pair in times.windows(2) {
         let gap = pair[1] - pair[0];
         assert!(gap >= Duration::from_millis(400), "slots are 400 ms apart, got {gap:?}");
-        assert!(gap < Duration::from_millis(480), "a waiter goes when its slot frees, got {gap:?}");
+        assert!(
+            gap < Duration::from_millis(530),
+            "a waiter goes when its slot frees (at 450 ms), got {gap:?}"
+        );
     }
 
     // A waiter that disconnects frees its place: the one behind it takes its slot.
