@@ -91,8 +91,10 @@ async fn sigkill_under_load_then_restart_forgets_no_admission() {
         }));
     }
 
-    // Kill in the middle of the second window, with the window full and calls queued.
-    tokio::time::sleep_until(start + Duration::from_millis(2500)).await;
+    // Kill while the second window's slots are being taken (the first
+    // window's 20 calls, admitted over 0.67 s, free them from 2.2 s: the
+    // window and the guard), with calls queued: 15 of them admitted by then.
+    tokio::time::sleep_until(start + Duration::from_millis(2700)).await;
     gw.kill();
     let seen_before = emu.accepted("incidents");
     let in_file = admissions_in(&db);

@@ -303,3 +303,56 @@ max_wait = "10s"
     assert!(started.elapsed() >= Duration::from_millis(1900), "the patient caller waited for the slot");
     assert_eq!(emu.throttled(), 0);
 }
+
+/// A call whose body comes slowly is counted from the moment it leaves for
+/// the upstream, not from its admission: the body of a call that may be
+/// retried is read after the admission, and the upstream counts the call
+/// when it arrives, so a waiter behind it must wait for the window to age
+/// from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_body_comes_slowly_is_counted_from_when_it_leaves() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _one_at_a_time = support::timing_exclusive().await;
+    let emu = Emulator::start(incidents_upstream(1, SEC)).await;
+    let gw = TestGateway::start(
+        &emu.url(),
+        r#"
+[[policy]]
+name = "incidents"
+paths = ["/api/incidents"]
+windows = [{ limit = 1, per = "1s" }]
+max_wait = "5s"
+"#,
+    )
+    .await;
+    // The slow client: its head now, the rest of its 10-byte body 400 ms later.
+    let mut slow = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    let head = format!(
+        "POST /api/incidents HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\nContent-Type: application/json\r\nContent-Length: 10\r\nConnection: close\r\n\r\n{{\"a\":",
+        bearer("t", "a")
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The next call queues for the slot meanwhile.
+    let (http, url, auth) = (client(), gw.url("/api/incidents"), bearer("t", "a"));
+    let next =
+        tokio::spawn(
+            async move { http.get(url).header("authorization", auth).send().await.unwrap().status() },
+        );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    slow.write_all(b"12345}").await.unwrap();
+    let mut answer = String::new();
+    slow.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(next.await.unwrap(), 200);
+
+    let times = emu.accepted_times("incidents", "t");
+    assert_eq!(emu.throttled(), 0, "the upstream never counted two calls in one second");
+    assert_eq!(times.len(), 2);
+    let gap = times[1] - times[0];
+    assert!(gap >= SEC, "the second call arrived {gap:?} after the first");
+    assert!(
+        gap < SEC + Duration::from_millis(150),
+        "and went as soon as the window aged from the first's departure: {gap:?}"
+    );
+}

@@ -212,6 +212,13 @@ impl Lanes {
         }
     }
 
+    /// The client's admission recorded at `at` left for the upstream at `now`.
+    pub fn restamp(&mut self, client: u16, at: u64, now: u64) {
+        if let Some(lane) = self.lanes.iter_mut().find(|l| l.client == client) {
+            lane.log.restamp(at, now);
+        }
+    }
+
     pub fn prune(&mut self, retention: Retention, now: u64) {
         for lane in &mut self.lanes {
             lane.log.prune(retention, now);

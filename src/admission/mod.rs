@@ -43,6 +43,11 @@ use place::Place;
 /// still holds on, to absorb timer lateness.
 const TIMER_SLACK: Duration = Duration::from_millis(50);
 
+/// A call that leaves for the upstream less than this after its admission
+/// keeps its admission time in the log: the guard absorbs so little. A later
+/// one is restamped ([`Limiter::released`]).
+const RELEASE_SLACK: Duration = Duration::from_millis(1);
+
 /// A queued request: its ticket and how to wake it.
 struct Waiter {
     ticket: Ticket,
@@ -105,7 +110,14 @@ impl KeyState {
             }
         }
         let usage = self.log.usage(windows, guard, at);
-        Admitted { waited: Duration::from_nanos(at - start), usage, at, client: ticket.client, ticket: 0 }
+        Admitted {
+            waited: Duration::from_nanos(at - start),
+            usage,
+            at,
+            stamp: at,
+            client: ticket.client,
+            ticket: 0,
+        }
     }
 
     /// Wake the queued request `id`.
@@ -164,6 +176,9 @@ pub struct Admitted {
     pub waited: Duration,
     pub usage: Vec<WindowUse>,
     at: u64,
+    /// Where the key's log has it now: `at`, or the moment its call left
+    /// ([`Limiter::released`]).
+    stamp: u64,
     client: u16,
     /// The shared store's name for the admission (Redis), 0 when local.
     ticket: u64,
@@ -173,7 +188,7 @@ impl Admitted {
     /// A call admitted at clock reading `at` by a shared store, which knows
     /// it as `ticket`.
     pub fn shared(at: u64, ticket: u64, waited: Duration, usage: Vec<WindowUse>) -> Self {
-        Admitted { waited, usage, at, client: 0, ticket }
+        Admitted { waited, usage, at, stamp: at, client: 0, ticket }
     }
 
     /// The shared store's name for the admission; 0 when it was decided locally.
@@ -444,9 +459,31 @@ impl Limiter {
     pub fn refund(&self, key: &QuotaKey, admitted: &Admitted) {
         let Some(cell) = self.keys.get(key).map(|c| c.clone()) else { return };
         let mut st = cell.lock();
-        if st.log.refund(admitted.at) {
-            st.lanes.refund(admitted.client, admitted.at);
+        if st.log.refund(admitted.stamp) {
+            st.lanes.refund(admitted.client, admitted.stamp);
             st.nudge();
+        }
+    }
+
+    /// The call of `admitted` leaves for the upstream now. When that is
+    /// [`RELEASE_SLACK`] or more after its admission (its body was read, its
+    /// admission committed to the state file), its entry in `key`'s log
+    /// moves to now: the upstream counts the call when it arrives, so the
+    /// windows age it from here, and the guard has only the trip to the
+    /// upstream to cover. Shared (Redis) admissions live in Redis and stay.
+    pub fn released(&self, key: &QuotaKey, admitted: &mut Admitted) {
+        if admitted.ticket != 0 {
+            return;
+        }
+        let now = self.clock.now();
+        if now < admitted.stamp.saturating_add(crate::quota::ledger::nanos(RELEASE_SLACK)) {
+            return;
+        }
+        let Some(cell) = self.keys.get(key).map(|c| c.clone()) else { return };
+        let mut st = cell.lock();
+        if st.log.restamp(admitted.stamp, now) {
+            st.lanes.restamp(admitted.client, admitted.stamp, now);
+            admitted.stamp = now;
         }
     }
 

@@ -255,3 +255,37 @@ async fn draining_turns_away_at_once_only_the_waiters_whose_slot_comes_too_late(
     let r = limiter.acquire(&key("t"), &p, p.max_wait, &g).await.unwrap_err();
     assert_eq!(r.reason, Reason::Draining);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_call_released_late_is_aged_from_its_release() {
+    let limiter = Arc::new(Limiter::new(Duration::ZERO));
+    let p = policy(Mode::Queue, 1, Duration::from_secs(10), 10, Duration::from_secs(60));
+    let g = gauge();
+    let t0 = Instant::now();
+    let mut first = limiter.acquire(&key("t"), &p, p.max_wait, &g).await.unwrap();
+    // A waiter queues for the slot, due at 10 s as things stand.
+    let waiter = {
+        let (limiter, p, g) = (limiter.clone(), p.clone(), g.clone());
+        tokio::spawn(async move { limiter.acquire(&key("t"), &p, p.max_wait, &g).await })
+    };
+    tokio::task::yield_now().await;
+    // The first call leaves 3 s after its admission (its body came slowly).
+    tokio::time::advance(Duration::from_secs(3)).await;
+    limiter.released(&key("t"), &mut first);
+    let mut second = waiter.await.unwrap().unwrap();
+    assert_eq!(t0.elapsed(), Duration::from_secs(13), "the window ages the first call from its release");
+    assert_eq!(second.waited, Duration::from_secs(13));
+    // The second leaves 1 s late too; then it is refunded (its connection
+    // failed): the refund finds it where it was moved, and frees the slot.
+    tokio::time::advance(Duration::from_secs(1)).await;
+    limiter.released(&key("t"), &mut second);
+    let refused = limiter.acquire(&key("t"), &p, Duration::ZERO, &g).await.unwrap_err();
+    assert_eq!(
+        refused.retry_after,
+        Duration::from_secs(10),
+        "10 s from its release, not 9 from its admission"
+    );
+    limiter.refund(&key("t"), &second);
+    let third = limiter.acquire(&key("t"), &p, Duration::ZERO, &g).await.unwrap();
+    assert_eq!(third.waited, Duration::ZERO);
+}

@@ -109,7 +109,8 @@ impl Metered<'_> {
         let (parts, body) = req.into_parts();
         // A small body is kept for a replay, a larger one streamed once. It is
         // read only once the call is admitted: a queued request's body waits
-        // in its connection, not in the gateway's memory.
+        // in its connection, not in the gateway's memory. The windows count
+        // the call from when it leaves (`Limiter::released`), after that read.
         let keep = keep_for_replay(&parts, &body, config.retry_body_bytes);
         let mut stream = Some(body);
         let mut replay: Option<bytes::Bytes> = None;
@@ -138,7 +139,7 @@ impl Metered<'_> {
                 .store
                 .acquire(&gw.limiter, &self.key, self.policy, &self.share, budget, &self.metrics.depth)
                 .await;
-            let admitted = match acquired {
+            let mut admitted = match acquired {
                 Ok(admitted) => admitted,
                 Err(Refusal::Down(e)) => return self.store_down(&e, outcome),
                 Err(Refusal::Rejected(mut rejection)) => {
@@ -192,6 +193,9 @@ impl Metered<'_> {
             }
             // A streamed body is sent once: only a kept one is ever retried.
             let body = replay.clone().map_or_else(|| stream.take().unwrap_or_default(), Body::from);
+            // The call leaves now: a body read or a commit since the admission
+            // must not eat into the guard.
+            gw.limiter.released(&self.key, &mut admitted);
             let sent = Instant::now();
             if let Some(r) = reservation.as_mut() {
                 r.sent();

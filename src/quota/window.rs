@@ -20,6 +20,16 @@
 //!   `d_min ≤ d_i ≤ d_min + g`, its arrival times also keep `N` per any `W`,
 //!   because `(a_{i+N} + d_{i+N}) − (a_i + d_i) ≥ W + g − g = W`.
 //!
+//! An entry is stamped with the moment its call leaves for the upstream,
+//! not the moment it was admitted, when the two differ: between them the
+//! gateway may read the request's body or commit the admission to the state
+//! file. [`AdmissionLog::restamp`] moves the entry then, so `d_i` is only the
+//! trip to the upstream. Moving an entry later only delays the admissions
+//! after it; the spacing above still holds as long as every call leaves
+//! within `W + g` of its admission (an admission decided meanwhile sees the
+//! entry at its admission time, which it could only have counted as free
+//! `W + g` after it).
+//!
 //! The bound is also tight: `next_free` is the earliest time at which one more
 //! admission keeps the property, so no capacity is left unused beyond the
 //! guard (a share of `g / (W + g)`).
@@ -195,6 +205,25 @@ impl AdmissionLog {
         }
     }
 
+    /// Move the admission recorded at `at` to `now`, when its call leaves
+    /// for the upstream (see the module doc). Returns whether one was found.
+    /// The log stays in time order: the entry goes after every entry up to
+    /// `now`.
+    pub fn restamp(&mut self, at: u64, now: u64) -> bool {
+        if now <= at {
+            return false;
+        }
+        match self.times.iter().rposition(|&t| t == at) {
+            Some(i) => {
+                self.times.remove(i);
+                let to = self.times.partition_point(|&t| t <= now);
+                self.times.insert(to, now);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Forget the entries that can no longer constrain any admission at or after `now`.
     pub fn prune(&mut self, retention: Retention, now: u64) {
         while self.times.len() > retention.cap {
@@ -283,6 +312,22 @@ mod tests {
             best = best.max(hi - lo + 1);
         }
         best
+    }
+
+    #[test]
+    fn a_restamped_entry_moves_to_its_place_in_time_order() {
+        let mut log = AdmissionLog::default();
+        let retention = Retention { horizon: u64::MAX, cap: 10 };
+        for at in [1, 2, 3, 5] {
+            log.record(at, retention);
+        }
+        assert!(log.restamp(2, 4));
+        assert_eq!(log.times, [1, 3, 4, 5]);
+        assert!(log.restamp(1, 7), "past every other entry");
+        assert_eq!(log.times, [3, 4, 5, 7]);
+        assert!(!log.restamp(6, 8), "no entry at 6");
+        assert!(!log.restamp(7, 7), "not later: unchanged");
+        assert_eq!(log.times, [3, 4, 5, 7]);
     }
 
     #[test]
