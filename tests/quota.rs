@@ -139,7 +139,7 @@ async fn queue_mode_is_fifo_bounded_and_frees_the_place_of_a_client_that_leaves(
     let emu = Emulator::start(incidents_upstream(1, 400 * Duration::from_millis(1))).await;
     // A 50 ms guard: each waiter goes the moment the call before it is
     // 400 ms + 50 ms old, and the upstream counts it only if the call before
-    // it arrived no more than 50 ms after its admission.
+    // it arrived no more than 50 ms after it left the gateway.
     let text = support::gateway::config_text(
         &emu.url(),
         r#"
