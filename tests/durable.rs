@@ -301,3 +301,54 @@ async fn charges_made_after_a_reload_count_for_the_reloaded_budget_across_a_rest
     assert_eq!(hunt(&gw, 1.0).await, 429, "the restored charge leaves 0.5 s");
     assert_eq!(emu.requests().len(), 1, "the upstream ran the first query only");
 }
+
+/// A call whose body comes slowly is counted from when it leaves: the
+/// state file moves its admission there too, so a restart restores the
+/// window as the upstream counts it.
+#[tokio::test]
+async fn a_call_that_leaves_late_is_kept_in_the_file_at_its_departure() {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let emu = Emulator::start(EmulatorConfig::new()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.db");
+    let cfg =
+        config(dir.path(), &emu.url(), &format!("backend = \"sqlite\"\npath = {:?}", db.to_str().unwrap()));
+    let gw = Gateway::start(&cfg, dir.path()).unwrap();
+    let unix_now = || SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as i64;
+    // The head now (the call is admitted at once), the rest of its body 600 ms later.
+    let mut slow = tokio::net::TcpStream::connect(&gw.proxy).await.unwrap();
+    let head = format!(
+        "POST /api/incidents HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\nContent-Type: application/json\r\nContent-Length: 10\r\nConnection: close\r\n\r\n{{\"a\":",
+        bearer("tenant-1", "app-1")
+    );
+    let headed = unix_now();
+    slow.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let bodied = unix_now();
+    slow.write_all(b"12345}").await.unwrap();
+    let mut answer = String::new();
+    slow.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // The move is committed with the writer's next batch, not waited for.
+    let at_in_file = || -> i64 {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.query_row("SELECT at FROM admissions", [], |r| r.get(0)).unwrap()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut at = at_in_file();
+    while at < headed + 500_000_000 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        at = at_in_file();
+    }
+    let ms = |ns: i64| ns as f64 / 1e6;
+    assert!(
+        at >= bodied - 50_000_000,
+        "the file has the call {:.0} ms after its head was sent; its body came {:.0} ms after",
+        ms(at - headed),
+        ms(bodied - headed)
+    );
+    assert_eq!(admissions_in(&db), 1);
+    gw.kill();
+}

@@ -635,3 +635,57 @@ async fn a_limit_revealed_to_one_replica_binds_the_others() {
     let times = emu.accepted_times("incidents", "tenant-1");
     assert!(max_in_any_interval(&times, Duration::from_secs(1)) <= 3);
 }
+
+/// A call whose body comes slowly leaves one replica well after Redis
+/// admitted it. The upstream counts it when it arrives, so a waiter on the
+/// other replica must wait for the window to age from its departure, which
+/// the first replica writes to Redis before the call goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_body_comes_slowly_holds_the_other_replicas_from_when_it_leaves() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _one_at_a_time = support::timing_exclusive().await;
+    const SEC: Duration = Duration::from_secs(1);
+    let redis = Redis::start();
+    let emu = Emulator::start(EmulatorConfig::new().quota(QuotaRule::new(
+        "incidents",
+        &["/api/incidents"],
+        &[(1, SEC)],
+    )))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        &emu.url(),
+        &redis.url(),
+        "",
+        "windows = [{ limit = 1, per = \"1s\" }]\nmax_wait = \"5s\"",
+    );
+    let gws = replicas(2, &cfg, dir.path());
+    // The slow client, on the first replica: its head now, the rest of its
+    // 10-byte body 400 ms later.
+    let mut slow = tokio::net::TcpStream::connect(&gws[0].proxy).await.unwrap();
+    let head = format!(
+        "POST /api/incidents HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\nContent-Type: application/json\r\nContent-Length: 10\r\nConnection: close\r\n\r\n{{\"a\":",
+        bearer("tenant-1", "app-1")
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A call on the second replica waits for the slot meanwhile.
+    let next = tokio::spawn(get(gws[1].url("/api/incidents")));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    slow.write_all(b"12345}").await.unwrap();
+    let mut answer = String::new();
+    slow.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(next.await.unwrap().status(), 200);
+
+    let times = emu.accepted_times("incidents", "tenant-1");
+    assert_eq!(emu.throttled(), 0, "the upstream never counted two calls in one second");
+    assert_eq!(times.len(), 2);
+    let gap = times[1] - times[0];
+    assert!(gap >= SEC, "the second call arrived {gap:?} after the first");
+    assert!(
+        gap < SEC + Duration::from_millis(250),
+        "and went once the window aged from the first's departure: {gap:?}"
+    );
+}

@@ -115,6 +115,7 @@ impl KeyState {
             usage,
             at,
             stamp: at,
+            decided: at,
             client: ticket.client,
             ticket: 0,
         }
@@ -179,6 +180,10 @@ pub struct Admitted {
     /// Where the key's log has it now: `at`, or the moment its call left
     /// ([`Limiter::released`]).
     stamp: u64,
+    /// When this replica learnt of the admission (clock reading): `at`, or
+    /// for a shared one, when the store's answer came back. Lateness is
+    /// measured from here, free of any skew to the store's clock.
+    decided: u64,
     client: u16,
     /// The shared store's name for the admission (Redis), 0 when local.
     ticket: u64,
@@ -186,9 +191,9 @@ pub struct Admitted {
 
 impl Admitted {
     /// A call admitted at clock reading `at` by a shared store, which knows
-    /// it as `ticket`.
-    pub fn shared(at: u64, ticket: u64, waited: Duration, usage: Vec<WindowUse>) -> Self {
-        Admitted { waited, usage, at, stamp: at, client: 0, ticket }
+    /// it as `ticket`; this replica heard so at clock reading `decided`.
+    pub fn shared(at: u64, decided: u64, ticket: u64, waited: Duration, usage: Vec<WindowUse>) -> Self {
+        Admitted { waited, usage, at, stamp: at, decided, client: 0, ticket }
     }
 
     /// The shared store's name for the admission; 0 when it was decided locally.
@@ -199,6 +204,12 @@ impl Admitted {
     /// The clock reading of the admission.
     pub fn at(&self) -> u64 {
         self.at
+    }
+
+    /// Where the key's log has the admission now: [`Admitted::at`], or the
+    /// moment its call left when [`Limiter::released`] moved it.
+    pub fn stamp(&self) -> u64 {
+        self.stamp
     }
 }
 
@@ -466,25 +477,33 @@ impl Limiter {
     }
 
     /// The call of `admitted` leaves for the upstream now. When that is
-    /// [`RELEASE_SLACK`] or more after its admission (its body was read, its
-    /// admission committed to the state file), its entry in `key`'s log
-    /// moves to now: the upstream counts the call when it arrives, so the
-    /// windows age it from here, and the guard has only the trip to the
-    /// upstream to cover. Shared (Redis) admissions live in Redis and stay.
-    pub fn released(&self, key: &QuotaKey, admitted: &mut Admitted) {
-        if admitted.ticket != 0 {
-            return;
-        }
+    /// [`RELEASE_SLACK`] or more after its admission was decided (its body
+    /// was read, its admission committed to the state file, the store's
+    /// answer travelled back), its entry in `key`'s log moves to now: the
+    /// upstream counts the call when it arrives, so the windows age it from
+    /// here, and the guard has only the trip to the upstream to cover.
+    ///
+    /// Returns whether the call left late: its local entry moved (and
+    /// [`Admitted::stamp`] with it), or, for a shared admission, the store
+    /// must move its own entry too ([`crate::store::Store::released`]).
+    pub fn released(&self, key: &QuotaKey, admitted: &mut Admitted) -> bool {
         let now = self.clock.now();
-        if now < admitted.stamp.saturating_add(crate::quota::ledger::nanos(RELEASE_SLACK)) {
-            return;
+        if now < admitted.decided.saturating_add(crate::quota::ledger::nanos(RELEASE_SLACK)) {
+            return false;
         }
-        let Some(cell) = self.keys.get(key).map(|c| c.clone()) else { return };
-        let mut st = cell.lock();
-        if st.log.restamp(admitted.stamp, now) {
-            st.lanes.restamp(admitted.client, admitted.stamp, now);
+        let moved = self.keys.get(key).map(|c| c.clone()).is_some_and(|cell| {
+            let mut st = cell.lock();
+            // A shared admission's local copy (kept for outages) has no lane.
+            let moved = st.log.restamp(admitted.stamp, now);
+            if moved && admitted.ticket == 0 {
+                st.lanes.restamp(admitted.client, admitted.stamp, now);
+            }
+            moved
+        });
+        if moved {
             admitted.stamp = now;
         }
+        moved || admitted.ticket != 0
     }
 
     /// Apply a limit the upstream revealed (lower than configured) to `key`

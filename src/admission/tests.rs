@@ -271,7 +271,8 @@ async fn a_call_released_late_is_aged_from_its_release() {
     tokio::task::yield_now().await;
     // The first call leaves 3 s after its admission (its body came slowly).
     tokio::time::advance(Duration::from_secs(3)).await;
-    limiter.released(&key("t"), &mut first);
+    assert!(limiter.released(&key("t"), &mut first), "it left late");
+    assert_eq!(first.stamp() - first.at(), 3_000_000_000);
     let mut second = waiter.await.unwrap().unwrap();
     assert_eq!(t0.elapsed(), Duration::from_secs(13), "the window ages the first call from its release");
     assert_eq!(second.waited, Duration::from_secs(13));
@@ -286,6 +287,31 @@ async fn a_call_released_late_is_aged_from_its_release() {
         "10 s from its release, not 9 from its admission"
     );
     limiter.refund(&key("t"), &second);
-    let third = limiter.acquire(&key("t"), &p, Duration::ZERO, &g).await.unwrap();
+    let mut third = limiter.acquire(&key("t"), &p, Duration::ZERO, &g).await.unwrap();
     assert_eq!(third.waited, Duration::ZERO);
+    // A call that leaves within the slack keeps its admission time.
+    assert!(!limiter.released(&key("t"), &mut third), "it left at once");
+    assert_eq!(third.stamp(), third.at());
+}
+
+/// A shared store's admission is late from when this replica heard of it,
+/// whatever the store's clock said; its local copy moves with it.
+#[tokio::test(start_paused = true)]
+async fn a_shared_admission_is_late_from_when_its_answer_came() {
+    let limiter = Limiter::new(Duration::ZERO);
+    let p = policy(Mode::Queue, 1, Duration::from_secs(10), 10, Duration::from_secs(60));
+    let now = limiter.clock.now();
+    // The store's clock is 5 s behind this replica's; its answer came just now.
+    let at = now - 5_000_000_000;
+    limiter.record(&key("t"), &p, at);
+    let mut early = Admitted::shared(at, now, 7, Duration::ZERO, Vec::new());
+    assert!(!limiter.released(&key("t"), &mut early), "not late: it leaves as the answer comes");
+    tokio::time::advance(Duration::from_millis(300)).await;
+    let mut late = Admitted::shared(at, now, 7, Duration::ZERO, Vec::new());
+    assert!(limiter.released(&key("t"), &mut late), "300 ms after the answer");
+    assert_eq!(late.stamp(), now + 300_000_000, "the local copy moved to the departure");
+    // A shared admission with no local copy is late all the same.
+    let mut unknown = Admitted::shared(at, now, 8, Duration::ZERO, Vec::new());
+    assert!(limiter.released(&key("u"), &mut unknown));
+    assert_eq!(unknown.stamp(), at);
 }

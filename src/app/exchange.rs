@@ -193,9 +193,11 @@ impl Metered<'_> {
             }
             // A streamed body is sent once: only a kept one is ever retried.
             let body = replay.clone().map_or_else(|| stream.take().unwrap_or_default(), Body::from);
-            // The call leaves now: a body read or a commit since the admission
-            // must not eat into the guard.
-            gw.limiter.released(&self.key, &mut admitted);
+            // The call leaves now: a body read, a commit or the store's answer
+            // on its way back since the admission must not eat into the guard.
+            if gw.limiter.released(&self.key, &mut admitted) {
+                gw.store.released(&self.key, self.policy, &admitted).await;
+            }
             let sent = Instant::now();
             if let Some(r) = reservation.as_mut() {
                 r.sent();

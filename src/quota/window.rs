@@ -28,7 +28,8 @@
 //! after it; the spacing above still holds as long as every call leaves
 //! within `W + g` of its admission (an admission decided meanwhile sees the
 //! entry at its admission time, which it could only have counted as free
-//! `W + g` after it).
+//! `W + g` after it). The Redis store moves its members the same way, and
+//! the state file its rows ([`crate::store::Store::released`]).
 //!
 //! The bound is also tight: `next_free` is the earliest time at which one more
 //! admission keeps the property, so no capacity is left unused beyond the

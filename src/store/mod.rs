@@ -338,13 +338,36 @@ impl Store {
         }
     }
 
+    /// The call of `admitted` left late, and [`Limiter::released`] moved
+    /// its local entry: move the stored one too. Redis is told before the
+    /// call goes, since other replicas decide on it; the state file is told
+    /// in the next group commit, not waited for, since only a restart reads
+    /// it (a crash before that commit restores the admission time, the
+    /// earlier and so less conservative one, by at most the call's delay).
+    ///
+    /// [`Limiter::released`]: crate::admission::Limiter::released
+    pub async fn released(&self, key: &QuotaKey, policy: &Policy, admitted: &Admitted) {
+        if let Some(r) = &self.redis {
+            r.released(key, policy, admitted).await;
+        }
+        if let Some(j) = &self.journal {
+            if admitted.stamp() != admitted.at() {
+                let horizon = nanos(policy.windows.iter().map(|w| w.per).max().unwrap_or_default() + j.guard);
+                let to = j.unix(admitted.stamp());
+                let (key, at) = (self.names.encode(key), j.unix(admitted.at()));
+                j.send(vec![Event::Restamp { key, at, to, expires: to.saturating_add(horizon) }], None);
+            }
+        }
+    }
+
     /// The admission never reached the upstream.
     pub fn refunded(&self, key: &QuotaKey, admitted: &Admitted) {
         if let Some(r) = &self.redis {
             r.refund(key, admitted);
         }
         if let Some(j) = &self.journal {
-            j.send(vec![Event::Refund { key: self.names.encode(key), at: j.unix(admitted.at()) }], None);
+            // Where the file has it: moved to its departure if it left late.
+            j.send(vec![Event::Refund { key: self.names.encode(key), at: j.unix(admitted.stamp()) }], None);
         }
     }
 

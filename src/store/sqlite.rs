@@ -58,6 +58,9 @@ pub enum Event {
     Admit { key: String, policy: String, at: i64, expires: i64 },
     /// The admission at `at` never reached the upstream.
     Refund { key: String, at: i64 },
+    /// The call admitted at `at` left for the upstream at `to`, and counts
+    /// from there until `expires`.
+    Restamp { key: String, at: i64, to: i64, expires: i64 },
     /// A hunting query was sent with this estimate reserved; until its
     /// charge or release replaces it, a restart charges the estimate.
     Pending { id: u64, key: String, sent: i64, estimate: i64, expires: i64 },
@@ -191,6 +194,10 @@ pub fn write(conn: &mut Connection, events: &[&Event]) -> rusqlite::Result<()> {
         let mut refund = tx.prepare_cached(
             "DELETE FROM admissions WHERE rowid IN (SELECT rowid FROM admissions WHERE key = ?1 AND at = ?2 LIMIT 1)",
         )?;
+        let mut restamp = tx.prepare_cached(
+            "UPDATE admissions SET at = ?3, expires = ?4
+             WHERE rowid IN (SELECT rowid FROM admissions WHERE key = ?1 AND at = ?2 LIMIT 1)",
+        )?;
         let mut pending = tx.prepare_cached(
             "INSERT OR REPLACE INTO pending (id, key, sent, estimate, expires) VALUES (?1, ?2, ?3, ?4, ?5)",
         )?;
@@ -212,6 +219,9 @@ pub fn write(conn: &mut Connection, events: &[&Event]) -> rusqlite::Result<()> {
                 }
                 Event::Refund { key, at } => {
                     refund.execute(params![key, at])?;
+                }
+                Event::Restamp { key, at, to, expires } => {
+                    restamp.execute(params![key, at, to, expires])?;
                 }
                 Event::Pending { id, key, sent, estimate, expires } => {
                     pending.execute(params![*id as i64, key, sent, estimate, expires])?;
@@ -351,6 +361,33 @@ mod tests {
         assert_eq!(prune(&conn, 1_000, 1).unwrap(), (2, true), "one row a table at a time");
         assert_eq!(prune(&conn, 1_000, 100).unwrap(), (1, false), "two admissions and the hold have expired");
         assert!(load(&conn, 1_000).unwrap().admissions.is_empty());
+    }
+
+    #[test]
+    fn a_restamped_admission_is_restored_at_its_departure_and_refunded_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let mut conn = open(&path, Durability::Full).unwrap();
+        let k = "[null,\"t\",null]".to_string();
+        let events = [
+            Event::Admit { key: k.clone(), policy: "incidents".into(), at: 100, expires: 1_000 },
+            Event::Admit { key: k.clone(), policy: "incidents".into(), at: 100, expires: 1_000 },
+            Event::Admit { key: k.clone(), policy: "incidents".into(), at: 200, expires: 1_100 },
+            // One of the two admissions at 100 left at 400, counting until 1_300.
+            Event::Restamp { key: k.clone(), at: 100, to: 400, expires: 1_300 },
+            // The one at 200 left at 250, then its upstream refused the connection.
+            Event::Restamp { key: k.clone(), at: 200, to: 250, expires: 1_150 },
+            Event::Refund { key: k.clone(), at: 250 },
+            // Nothing was admitted at 150: nothing moves.
+            Event::Restamp { key: k.clone(), at: 150, to: 500, expires: 1_400 },
+        ];
+        write(&mut conn, &events.iter().collect::<Vec<_>>()).unwrap();
+        drop(conn);
+        let conn = open(&path, Durability::Full).unwrap();
+        let c = load(&conn, 60).unwrap();
+        let at = |t| (k.clone(), "incidents".to_string(), t);
+        assert_eq!(c.admissions, vec![at(100), at(400)]);
+        assert_eq!(load(&conn, 1_000).unwrap().admissions, vec![at(400)], "it counts from its departure");
     }
 
     #[test]

@@ -11,6 +11,9 @@
 //! **no interval of length `W` holds more than `N` admissions, whichever
 //! replicas made them**. The set carries a TTL of its longest window plus
 //! the guard, and older entries are trimmed by the script.
+//! A call that leaves its replica late (its body read after the admission)
+//! has its member moved to its departure first ([`RESTAMP`]), as
+//! [`crate::quota::AdmissionLog::restamp`] does locally.
 //!
 //! Waiting: while nobody on this replica waits for a key, its requests ask
 //! Redis at once; those asking together share one run of the script
@@ -171,6 +174,20 @@ end
 return 1
 ";
 
+/// Move the member `ARGV[1]` of the call log `KEYS[1]` to now (Redis's
+/// clock): its call left this replica only now. The log then lives at
+/// least `ARGV[2]` ms more, its longest window and guard from the move.
+/// A member already trimmed or refunded stays absent (`XX`).
+const RESTAMP: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local moved = redis.call('ZADD', KEYS[1], 'XX', 'CH', now, ARGV[1])
+if moved > 0 and redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return moved
+";
+
 /// How long a Redis call may take before the store counts as down.
 const TIMEOUT: Duration = Duration::from_millis(500);
 /// How often the watcher pings Redis while it is down.
@@ -191,6 +208,7 @@ pub struct RedisStore {
     client: redis::Client,
     conn: OnceCell<ConnectionManager>,
     admit: redis::Script,
+    restamp: redis::Script,
     hold: redis::Script,
     reveal: redis::Script,
     reserve: redis::Script,
@@ -244,6 +262,7 @@ impl RedisStore {
             client,
             conn: OnceCell::new(),
             admit: redis::Script::new(ADMIT),
+            restamp: redis::Script::new(RESTAMP),
             hold: redis::Script::new(HOLD),
             reveal: redis::Script::new(REVEAL),
             reserve: redis::Script::new(ledger::RESERVE),
@@ -369,7 +388,7 @@ impl RedisStore {
         // Redis is down, and adds them back when Redis returns (they may have
         // been lost with it).
         limiter.record(key, policy, at);
-        Admitted::shared(at, ticket, started.elapsed(), usage)
+        Admitted::shared(at, self.clock.now(), ticket, started.elapsed(), usage)
     }
 
     /// Run the admission script for the calls numbered `numbers` (in the
@@ -409,6 +428,25 @@ impl RedisStore {
     /// The member of this replica's admission `ticket`.
     fn member(&self, ticket: u64) -> String {
         format!("{:x}-{ticket}", self.nonce)
+    }
+
+    /// The call of a shared admission leaves late ([`Limiter::released`]):
+    /// move its entry in Redis to now before it goes, so that every replica
+    /// ages it from its departure. While Redis is down, or if the move
+    /// fails (the store is then marked down), the call goes anyway: its
+    /// admission stands, and only the guard covers the delay.
+    pub async fn released(&self, key: &QuotaKey, policy: &Policy, admitted: &Admitted) {
+        if admitted.ticket() == 0 || !self.is_up() {
+            return;
+        }
+        let longest = policy.windows.iter().map(|w| w.per).max().unwrap_or_default()
+            + Duration::from_micros(self.guard_us);
+        let mut call = self.restamp.key(self.key("log", key));
+        call.arg(self.member(admitted.ticket()))
+            .arg(u64::try_from(longest.as_millis()).unwrap_or(u64::MAX) + 1);
+        if let Err(e) = self.invoke::<i64>(&call).await {
+            self.failed(&e);
+        }
     }
 
     /// Take back a shared admission whose call never reached the upstream.
