@@ -308,7 +308,6 @@ async fn charges_made_after_a_reload_count_for_the_reloaded_budget_across_a_rest
 #[tokio::test]
 async fn a_call_that_leaves_late_is_kept_in_the_file_at_its_departure() {
     use std::time::{SystemTime, UNIX_EPOCH};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let emu = Emulator::start(EmulatorConfig::new()).await;
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("state.db");
@@ -317,18 +316,11 @@ async fn a_call_that_leaves_late_is_kept_in_the_file_at_its_departure() {
     let gw = Gateway::start(&cfg, dir.path()).unwrap();
     let unix_now = || SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as i64;
     // The head now (the call is admitted at once), the rest of its body 600 ms later.
-    let mut slow = tokio::net::TcpStream::connect(&gw.proxy).await.unwrap();
-    let head = format!(
-        "POST /api/incidents HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\nContent-Type: application/json\r\nContent-Length: 10\r\nConnection: close\r\n\r\n{{\"a\":",
-        bearer("tenant-1", "app-1")
-    );
     let headed = unix_now();
-    slow.write_all(head.as_bytes()).await.unwrap();
+    let slow = support::SlowPost::start(&gw.proxy, "/api/incidents", &bearer("tenant-1", "app-1")).await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     let bodied = unix_now();
-    slow.write_all(b"12345}").await.unwrap();
-    let mut answer = String::new();
-    slow.read_to_string(&mut answer).await.unwrap();
+    let answer = slow.finish().await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 
     // The move is committed with the writer's next batch, not waited for.

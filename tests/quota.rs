@@ -311,7 +311,6 @@ max_wait = "10s"
 /// from there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_whose_body_comes_slowly_is_counted_from_when_it_leaves() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let _one_at_a_time = support::timing_exclusive().await;
     let emu = Emulator::start(incidents_upstream(1, SEC)).await;
     let gw = TestGateway::start(
@@ -326,12 +325,7 @@ max_wait = "5s"
     )
     .await;
     // The slow client: its head now, the rest of its 10-byte body 400 ms later.
-    let mut slow = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
-    let head = format!(
-        "POST /api/incidents HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\nContent-Type: application/json\r\nContent-Length: 10\r\nConnection: close\r\n\r\n{{\"a\":",
-        bearer("t", "a")
-    );
-    slow.write_all(head.as_bytes()).await.unwrap();
+    let slow = support::SlowPost::start(&gw.proxy.to_string(), "/api/incidents", &bearer("t", "a")).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     // The next call queues for the slot meanwhile.
     let (http, url, auth) = (client(), gw.url("/api/incidents"), bearer("t", "a"));
@@ -340,9 +334,7 @@ max_wait = "5s"
             async move { http.get(url).header("authorization", auth).send().await.unwrap().status() },
         );
     tokio::time::sleep(Duration::from_millis(300)).await;
-    slow.write_all(b"12345}").await.unwrap();
-    let mut answer = String::new();
-    slow.read_to_string(&mut answer).await.unwrap();
+    let answer = slow.finish().await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert_eq!(next.await.unwrap(), 200);
 

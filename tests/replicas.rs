@@ -45,6 +45,28 @@ paths = ["/api/incidents", "/api/incidents/**"]
     path
 }
 
+/// The parts of a replica test: a fresh Redis, an emulator that holds the
+/// tenant's incidents to `limit` per `per` when given, and a config for the
+/// replicas in a temporary directory, with `store` and `policy` added.
+struct Setup {
+    redis: Redis,
+    emu: Emulator,
+    dir: tempfile::TempDir,
+    cfg: PathBuf,
+}
+
+async fn setup(quota: Option<(u32, Duration)>, store: &str, policy: &str) -> Setup {
+    let redis = Redis::start();
+    let mut upstream = EmulatorConfig::new();
+    if let Some(window) = quota {
+        upstream = upstream.quota(QuotaRule::new("incidents", &["/api/incidents"], &[window]));
+    }
+    let emu = Emulator::start(upstream).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &emu.url(), &redis.url(), store, policy);
+    Setup { redis, emu, dir, cfg }
+}
+
 /// A config file for hunting replicas: the emulator upstream, Redis with
 /// `store` added, the `[hunting]` table's `hunting`, and one hunting policy
 /// with `policy` added.
@@ -132,21 +154,12 @@ async fn three_replicas_under_five_times_the_quota_share_one_exact_quota() {
     let _one_at_a_time = support::timing_exclusive().await;
     const LIMIT: u32 = 20;
     const WINDOW: Duration = Duration::from_secs(1);
-    let redis = Redis::start();
-    let emu = Emulator::start(EmulatorConfig::new().quota(QuotaRule::new(
-        "incidents",
-        &["/api/incidents"],
-        &[(LIMIT, WINDOW)],
-    )))
-    .await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(
-        dir.path(),
-        &emu.url(),
-        &redis.url(),
+    let Setup { redis: _redis, emu, dir, cfg } = setup(
+        Some((LIMIT, WINDOW)),
         "replicas = 3",
         "windows = [{ limit = 20, per = \"1s\" }]\nmax_wait = \"1500ms\"\nmax_queue = 1000",
-    );
+    )
+    .await;
     let gws = replicas(3, &cfg, dir.path());
     let rate = 5.0 * f64::from(LIMIT) / WINDOW.as_secs_f64();
     let total = (rate * 5.0) as usize;
@@ -217,16 +230,12 @@ async fn an_upstream_429_on_one_replica_holds_the_key_on_the_others() {
 /// and the store recovers by itself when Redis returns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_fails_closed_then_recovers_by_itself() {
-    let mut redis = Redis::start();
-    let emu = Emulator::start(EmulatorConfig::new()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(
-        dir.path(),
-        &emu.url(),
-        &redis.url(),
+    let Setup { mut redis, emu, dir, cfg } = setup(
+        None,
         "on_outage = \"fail-closed\"",
         "windows = [{ limit = 100, per = \"1s\" }]\nmax_wait = \"2s\"",
-    );
+    )
+    .await;
     let gw = GatewayProcess::start(&cfg, dir.path()).unwrap();
     assert_eq!(get(gw.url("/api/incidents")).await.status(), 200);
     assert_eq!(until_mode(&gw, "shared").await["store"]["reachable"], true);
@@ -260,21 +269,12 @@ async fn redis_outage_fails_closed_then_recovers_by_itself() {
 /// admitted, so the window still holds every call.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_falls_back_to_a_local_share_then_recovers() {
-    let mut redis = Redis::start();
-    let emu = Emulator::start(EmulatorConfig::new().quota(QuotaRule::new(
-        "incidents",
-        &["/api/incidents"],
-        &[(10, Duration::from_secs(8))],
-    )))
-    .await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(
-        dir.path(),
-        &emu.url(),
-        &redis.url(),
+    let Setup { mut redis, emu, dir, cfg } = setup(
+        Some((10, Duration::from_secs(8))),
         "on_outage = \"local\"\nreplicas = 2",
         "windows = [{ limit = 10, per = \"8s\" }]\nmode = \"reject\"",
-    );
+    )
+    .await;
     let gws = replicas(2, &cfg, dir.path());
     for gw in &gws {
         until_mode(gw, "shared").await;
@@ -447,16 +447,8 @@ async fn a_tls_redis_works_with_its_ca_and_is_refused_without_it() {
 /// one `incidents` quota in Redis.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reloaded_and_a_fresh_replica_share_one_key_whatever_the_policy_order() {
-    let redis = Redis::start();
-    let emu = Emulator::start(EmulatorConfig::new()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(
-        dir.path(),
-        &emu.url(),
-        &redis.url(),
-        "",
-        "windows = [{ limit = 3, per = \"60s\" }]\nmode = \"reject\"",
-    );
+    let Setup { redis: _redis, emu, dir, cfg } =
+        setup(None, "", "windows = [{ limit = 3, per = \"60s\" }]\nmode = \"reject\"").await;
     let reloaded = GatewayProcess::start(&cfg, dir.path()).unwrap();
     let text = std::fs::read_to_string(&cfg).unwrap().replace(
         "[[policy]]\nname = \"incidents\"",
@@ -600,21 +592,12 @@ async fn running_time_charged_during_an_outage_is_added_back_to_redis() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_limit_revealed_to_one_replica_binds_the_others() {
     let _one_at_a_time = support::timing_exclusive().await;
-    let redis = Redis::start();
-    let emu = Emulator::start(EmulatorConfig::new().quota(QuotaRule::new(
-        "incidents",
-        &["/api/incidents"],
-        &[(3, Duration::from_secs(1))],
-    )))
-    .await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(
-        dir.path(),
-        &emu.url(),
-        &redis.url(),
+    let Setup { redis: _redis, emu, dir, cfg } = setup(
+        Some((3, Duration::from_secs(1))),
         "",
         "windows = [{ limit = 10, per = \"1s\" }]\nmax_wait = \"10s\"\nmax_queue = 100",
-    );
+    )
+    .await;
     let gws = replicas(2, &cfg, dir.path());
     let mut calls = Vec::new();
     for i in 0..15 {
@@ -642,40 +625,19 @@ async fn a_limit_revealed_to_one_replica_binds_the_others() {
 /// the first replica writes to Redis before the call goes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_whose_body_comes_slowly_holds_the_other_replicas_from_when_it_leaves() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let _one_at_a_time = support::timing_exclusive().await;
     const SEC: Duration = Duration::from_secs(1);
-    let redis = Redis::start();
-    let emu = Emulator::start(EmulatorConfig::new().quota(QuotaRule::new(
-        "incidents",
-        &["/api/incidents"],
-        &[(1, SEC)],
-    )))
-    .await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(
-        dir.path(),
-        &emu.url(),
-        &redis.url(),
-        "",
-        "windows = [{ limit = 1, per = \"1s\" }]\nmax_wait = \"5s\"",
-    );
+    let Setup { redis: _redis, emu, dir, cfg } =
+        setup(Some((1, SEC)), "", "windows = [{ limit = 1, per = \"1s\" }]\nmax_wait = \"5s\"").await;
     let gws = replicas(2, &cfg, dir.path());
     // The slow client, on the first replica: its head now, the rest of its
     // 10-byte body 400 ms later.
-    let mut slow = tokio::net::TcpStream::connect(&gws[0].proxy).await.unwrap();
-    let head = format!(
-        "POST /api/incidents HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\nContent-Type: application/json\r\nContent-Length: 10\r\nConnection: close\r\n\r\n{{\"a\":",
-        bearer("tenant-1", "app-1")
-    );
-    slow.write_all(head.as_bytes()).await.unwrap();
+    let slow = support::SlowPost::start(&gws[0].proxy, "/api/incidents", &bearer("tenant-1", "app-1")).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     // A call on the second replica waits for the slot meanwhile.
     let next = tokio::spawn(get(gws[1].url("/api/incidents")));
     tokio::time::sleep(Duration::from_millis(300)).await;
-    slow.write_all(b"12345}").await.unwrap();
-    let mut answer = String::new();
-    slow.read_to_string(&mut answer).await.unwrap();
+    let answer = slow.finish().await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert_eq!(next.await.unwrap().status(), 200);
 

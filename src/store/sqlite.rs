@@ -331,11 +331,19 @@ pub fn run(mut conn: Connection, jobs: mpsc::Receiver<Job>, prune_every: Duratio
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_batch_round_trips_and_expired_rows_are_pruned() {
+    /// `events` written in one batch to a new file, which is then opened again.
+    fn written(events: &[Event]) -> (tempfile::TempDir, Connection) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.db");
         let mut conn = open(&path, Durability::Full).unwrap();
+        write(&mut conn, &events.iter().collect::<Vec<_>>()).unwrap();
+        drop(conn);
+        let conn = open(&path, Durability::Full).unwrap();
+        (dir, conn)
+    }
+
+    #[test]
+    fn a_batch_round_trips_and_expired_rows_are_pruned() {
         let k = "[null,\"t\",null]".to_string();
         let events = [
             Event::Admit { key: k.clone(), policy: "incidents".into(), at: 100, expires: 1_000 },
@@ -350,9 +358,7 @@ mod tests {
             Event::Hold { scope: "call", key: k.clone(), policy: "incidents".into(), until: 800 },
             Event::Reveal { key: k.clone(), policy: "incidents".into(), per: 60, limit: 30, expires: 2_000 },
         ];
-        write(&mut conn, &events.iter().collect::<Vec<_>>()).unwrap();
-        drop(conn);
-        let conn = open(&path, Durability::Full).unwrap();
+        let (_dir, conn) = written(&events);
         let c = load(&conn, 60).unwrap();
         assert_eq!(c.admissions, vec![(k.clone(), "incidents".to_string(), 100)]);
         assert_eq!(c.charges, vec![(k.clone(), 400, 25)]);
@@ -365,9 +371,6 @@ mod tests {
 
     #[test]
     fn a_restamped_admission_is_restored_at_its_departure_and_refunded_there() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.db");
-        let mut conn = open(&path, Durability::Full).unwrap();
         let k = "[null,\"t\",null]".to_string();
         let events = [
             Event::Admit { key: k.clone(), policy: "incidents".into(), at: 100, expires: 1_000 },
@@ -381,9 +384,7 @@ mod tests {
             // Nothing was admitted at 150: nothing moves.
             Event::Restamp { key: k.clone(), at: 150, to: 500, expires: 1_400 },
         ];
-        write(&mut conn, &events.iter().collect::<Vec<_>>()).unwrap();
-        drop(conn);
-        let conn = open(&path, Durability::Full).unwrap();
+        let (_dir, conn) = written(&events);
         let c = load(&conn, 60).unwrap();
         let at = |t| (k.clone(), "incidents".to_string(), t);
         assert_eq!(c.admissions, vec![at(100), at(400)]);

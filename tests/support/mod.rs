@@ -65,3 +65,29 @@ pub async fn timing_exclusive() -> tokio::sync::MutexGuard<'static, ()> {
     static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     ONE_AT_A_TIME.lock().await
 }
+
+/// A client whose body comes slowly: [`SlowPost::start`] sends the head of
+/// a `POST` with a 10-byte JSON body and the body's first 4 bytes;
+/// [`SlowPost::finish`] sends the rest and reads the whole answer.
+pub struct SlowPost(tokio::net::TcpStream);
+
+impl SlowPost {
+    pub async fn start(addr: &str, path: &str, authorization: &str) -> SlowPost {
+        use tokio::io::AsyncWriteExt;
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {authorization}\r\nContent-Type: application/json\r\nContent-Length: 10\r\nConnection: close\r\n\r\n{{\"a\":"
+        );
+        conn.write_all(head.as_bytes()).await.unwrap();
+        SlowPost(conn)
+    }
+
+    /// The rest of the body; then the raw answer, read to the end.
+    pub async fn finish(mut self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        self.0.write_all(b"12345}").await.unwrap();
+        let mut answer = String::new();
+        self.0.read_to_string(&mut answer).await.unwrap();
+        answer
+    }
+}
