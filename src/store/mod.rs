@@ -306,7 +306,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let Some(j) = &self.journal else { return Ok(()) };
         let at = j.unix(admitted.at());
-        let horizon = nanos(policy.windows.iter().map(|w| w.per).max().unwrap_or_default() + j.guard);
+        let horizon = call_horizon(policy, j.guard);
         let mut events = vec![Event::Admit {
             key: self.names.encode(key),
             policy: policy.name.clone(),
@@ -352,7 +352,7 @@ impl Store {
         }
         if let Some(j) = &self.journal {
             if admitted.stamp() != admitted.at() {
-                let horizon = nanos(policy.windows.iter().map(|w| w.per).max().unwrap_or_default() + j.guard);
+                let horizon = call_horizon(policy, j.guard);
                 let to = j.unix(admitted.stamp());
                 let (key, at) = (self.names.encode(key), j.unix(admitted.at()));
                 j.send(vec![Event::Restamp { key, at, to, expires: to.saturating_add(horizon) }], None);
@@ -424,4 +424,10 @@ impl Store {
     pub fn ready(&self) -> bool {
         self.redis.as_ref().is_none_or(|r| r.ready())
     }
+}
+
+/// How long an admission under `policy` counts after its call: the longest
+/// window and the guard, in nanoseconds.
+fn call_horizon(policy: &Policy, guard: Duration) -> i64 {
+    nanos(policy.windows.iter().map(|w| w.per).max().unwrap_or_default() + guard)
 }

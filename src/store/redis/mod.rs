@@ -443,7 +443,7 @@ impl RedisStore {
             + Duration::from_micros(self.guard_us);
         let mut call = self.restamp.key(self.key("log", key));
         call.arg(self.member(admitted.ticket()))
-            .arg(u64::try_from(longest.as_millis()).unwrap_or(u64::MAX) + 1);
+            .arg(u64::try_from(longest.as_millis()).unwrap_or(u64::MAX).saturating_add(1));
         if let Err(e) = self.invoke::<i64>(&call).await {
             self.failed(&e);
         }
