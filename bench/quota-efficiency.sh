@@ -5,6 +5,7 @@
 # Needs nginx on PATH. Arguments pass through:
 #   bench/quota-efficiency.sh --clients 10 --factor 5 --hours 3 --hour-secs 12
 #   bench/quota-efficiency.sh --modes gateway --probe 5   # where the running time goes
+#   bench/quota-efficiency.sh --modes gateway --costs 0.005,0.01,0.02,0.05   # another mix of hunting costs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v nginx >/dev/null || { echo "nginx is missing: apt-get install -y nginx" >&2; exit 1; }

@@ -30,6 +30,9 @@
 //! reserved for queries in flight, or free, and whether a query was waiting
 //! while it was free; then the metered costs' distribution and the upstream
 //! 429s by cause. `--percentile P` sets the gateway's `estimate_percentile`.
+//! `--costs S,S,...` replaces the hunting costs drawn from (in scaled
+//! seconds; 0.01,0.02,0.05,0.1,0.2 by default, the largest a tenth of the
+//! budget).
 //!
 //! Run with `bench/quota-efficiency.sh` (it passes arguments through; it
 //! builds the release gateway, which runs as a process of its own). What
@@ -79,6 +82,8 @@ struct Settings {
     factor: f64,
     hours: u32,
     hour: Duration,
+    /// The hunting queries' costs in seconds, one drawn at random per query.
+    costs: &'static [f64],
 }
 
 /// Which modes run, in order, and how often the gateway's running-time
@@ -100,7 +105,13 @@ impl Settings {
     }
 
     fn from_args() -> (Settings, Plan) {
-        let mut s = Settings { clients: 10, factor: 5.0, hours: 3, hour: Duration::from_secs(12) };
+        let mut s = Settings {
+            clients: 10,
+            factor: 5.0,
+            hours: 3,
+            hour: Duration::from_secs(12),
+            costs: &[0.01, 0.02, 0.05, 0.1, 0.2],
+        };
         let mut plan = Plan {
             modes: vec!["gateway".into(), "direct".into(), "nginx".into()],
             probe: None,
@@ -117,8 +128,13 @@ impl Settings {
                 "--modes" => plan.modes = value.split(',').map(str::to_string).collect(),
                 "--probe" => plan.probe = Some(Duration::from_millis(value.parse().expect("--probe MS"))),
                 "--percentile" => plan.percentile = Some(value.parse().expect("--percentile P")),
+                "--costs" => {
+                    let costs: Vec<f64> = value.split(',').map(|c| c.parse().expect("--costs S,S,...")).collect();
+                    assert!(!costs.is_empty(), "--costs names at least one cost");
+                    s.costs = Box::leak(costs.into_boxed_slice());
+                }
                 other => panic!(
-                    "unknown argument {other}: --clients N --factor F --hours H --hour-secs S --modes gateway,direct,nginx --probe MS --percentile P"
+                    "unknown argument {other}: --clients N --factor F --hours H --hour-secs S --modes gateway,direct,nginx --probe MS --percentile P --costs S,S,..."
                 ),
             }
         }
@@ -174,7 +190,7 @@ async fn client_loop(base: String, id: u64, s: Settings, until: Instant, seen: A
         tokio::time::sleep_until(next.into()).await;
         next += interval;
         let hunt = rng.next() % 2 == 0;
-        let cost = [0.01, 0.02, 0.05, 0.1, 0.2][(rng.next() % 5) as usize];
+        let cost = s.costs[(rng.next() % s.costs.len() as u64) as usize];
         calls.push(tokio::spawn(one_call(
             http.clone(),
             base.clone(),
