@@ -10,8 +10,9 @@
 //! - a token the gateway accepts names exactly the tenant and app that an
 //!   independent decode of its payload (base64url, then any JSON object) finds:
 //!   the gateway never meters a call under another tenant than the token's
-//!   (payloads holding a number beyond an f64's range, which that decode
-//!   cannot represent, are left out of the comparison);
+//!   (payloads holding a number beyond an f64's range or a lone surrogate
+//!   escape, which that decode cannot represent, are left out of the
+//!   comparison);
 //! - a minted token with a non-empty `tid` and app claim is accepted with
 //!   exactly those values, padded or not, whatever the scheme's case and the
 //!   spaces around the token; one without them is refused naming the claim;
@@ -74,8 +75,12 @@ fn accepted_tokens_name_their_claims(token: &str) {
         Ok(claims) => claims,
         // JSON numbers have no range, but `Value` holds only an f64's: a
         // payload with a larger number (in a claim the gateway skips) is
-        // valid JSON this reference cannot read, so it is left out.
+        // valid JSON this reference cannot read, so it is left out. So is
+        // one with a lone surrogate escape (`\uDFFF`) in a claim the gateway
+        // skips: the JSON grammar allows it, but `Value` holds only valid
+        // Unicode strings.
         Err(e) if e.to_string().starts_with("number out of range") => return,
+        Err(e) if e.to_string().contains("surrogate") => return,
         Err(e) => panic!("an accepted payload is JSON: {e}"),
     };
     assert_eq!(claims.get("tid").and_then(Value::as_str), Some(who.tenant.as_str()));
