@@ -72,6 +72,11 @@ struct Env {
     /// in [`Env::forward`] (the directory is gone once it was made).
     ca_dir: String,
     forward: Arc<ForwardProxy>,
+    /// Never read: while it lives, SIGPIPE is caught instead of ending the
+    /// process. A fuzz target runs under libFuzzer's `main`, which, unlike
+    /// Rust's, does not ignore it, and a `writev` to a connection the other
+    /// side has closed (the upstream that resets mid-body) raises it.
+    _sigpipe: tokio::signal::unix::Signal,
 }
 
 thread_local! {
@@ -100,7 +105,10 @@ fn env() -> &'static Env {
         let config = config("127.0.0.1:9", &ca_dir, false);
         let forward = ForwardProxy::new(&config).expect("the forward proxy's CA").expect("configured");
         drop(dir);
-        Env { runtime, decoy, decoy_addr, ca_dir, forward: Arc::new(forward) }
+        let _sigpipe = runtime
+            .block_on(async { tokio::signal::unix::signal(tokio::signal::unix::SignalKind::pipe()) })
+            .expect("a SIGPIPE handler");
+        Env { runtime, decoy, decoy_addr, ca_dir, forward: Arc::new(forward), _sigpipe }
     })
 }
 
