@@ -20,6 +20,18 @@ fn incidents_upstream(limit: u32, per: Duration) -> EmulatorConfig {
     ))
 }
 
+/// A gateway in front of `emu` with the test gateway's settings, `guard`
+/// as its guard, and one `incidents` policy: its name and paths, then the
+/// `policy` lines (windows, mode, queue).
+async fn incidents_gateway(emu: &Emulator, guard: &str, policy: &str) -> TestGateway {
+    let policy = format!(
+        "\n[[policy]]\nname = \"incidents\"\npaths = [\"/api/incidents\", \"/api/incidents/**\"]\n{policy}\n"
+    );
+    let text = support::gateway::config_text(&emu.url(), &policy)
+        .replace("guard = \"5ms\"", &format!("guard = \"{guard}\""));
+    TestGateway::start_with(&text).await
+}
+
 /// Issue #2, case 1: three times the quota, sustained for five windows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_times_the_quota_for_five_windows_gets_no_upstream_429_and_uses_the_quota() {
@@ -28,19 +40,11 @@ async fn three_times_the_quota_for_five_windows_gets_no_upstream_429_and_uses_th
     // A 100 ms guard covers the jitter between admission and arrival of 150
     // calls a second on a busy two-core machine; with it a window's slots
     // free every 1.1 s, so five windows' quota still arrives within 5 s.
-    let text = support::gateway::config_text(
-        &emu.url(),
-        r#"
-[[policy]]
-name = "incidents"
-paths = ["/api/incidents", "/api/incidents/**"]
-windows = [{ limit = 50, per = "1s" }, { limit = 1500, per = "60s" }]
-max_wait = "1500ms"
-max_queue = 1000
-"#,
-    )
-    .replace("guard = \"5ms\"", "guard = \"100ms\"");
-    let gw = TestGateway::start_with(&text).await;
+    let policy = concat!(
+        "windows = [{ limit = 50, per = \"1s\" }, { limit = 1500, per = \"60s\" }]\n",
+        "max_wait = \"1500ms\"\nmax_queue = 1000",
+    );
+    let gw = incidents_gateway(&emu, "100ms", policy).await;
     let http = client();
     let auth = bearer("tenant-1", "app-1");
     let rate = 150.0; // 3 × 50 per second
@@ -82,17 +86,8 @@ max_queue = 1000
 async fn reject_mode_retry_after_is_exact_in_both_directions() {
     let _one_at_a_time = support::timing_exclusive().await;
     let emu = Emulator::start(incidents_upstream(2, 3 * SEC)).await;
-    let gw = TestGateway::start(
-        &emu.url(),
-        r#"
-[[policy]]
-name = "incidents"
-paths = ["/api/incidents"]
-windows = [{ limit = 2, per = "3s" }]
-mode = "reject"
-"#,
-    )
-    .await;
+    let gw =
+        incidents_gateway(&emu, "5ms", "windows = [{ limit = 2, per = \"3s\" }]\nmode = \"reject\"").await;
     let http = client();
     let get = || http.get(gw.url("/api/incidents")).header("authorization", bearer("t", "a")).send();
     let first = get().await.unwrap();
@@ -140,19 +135,14 @@ async fn queue_mode_is_fifo_bounded_and_frees_the_place_of_a_client_that_leaves(
     // A 50 ms guard: each waiter goes the moment the call before it is
     // 400 ms + 50 ms old, and the upstream counts it only if the call before
     // it arrived no more than 50 ms after it left the gateway.
-    let text = support::gateway::config_text(
-        &emu.url(),
-        r#"
-[[policy]]
-name = "incidents"
-paths = ["/api/incidents"]
-windows = [{ limit = 1, per = "400ms" }]
-max_queue = 3
-max_wait = "5s"
-"#,
-    )
-    .replace("guard = \"5ms\"", "guard = \"50ms\"");
-    let gw = Arc::new(TestGateway::start_with(&text).await);
+    let gw = Arc::new(
+        incidents_gateway(
+            &emu,
+            "50ms",
+            "windows = [{ limit = 1, per = \"400ms\" }]\nmax_queue = 3\nmax_wait = \"5s\"",
+        )
+        .await,
+    );
     let http = client();
     let send = |seq: usize| {
         let req =
@@ -225,16 +215,10 @@ max_wait = "5s"
 async fn one_tenants_flood_does_not_delay_another() {
     let _one_at_a_time = support::timing_exclusive().await;
     let emu = Emulator::start(incidents_upstream(5, SEC)).await;
-    let gw = TestGateway::start(
-        &emu.url(),
-        r#"
-[[policy]]
-name = "incidents"
-paths = ["/api/incidents"]
-windows = [{ limit = 5, per = "1s" }]
-max_queue = 1000
-max_wait = "30s"
-"#,
+    let gw = incidents_gateway(
+        &emu,
+        "5ms",
+        "windows = [{ limit = 5, per = \"1s\" }]\nmax_queue = 1000\nmax_wait = \"30s\"",
     )
     .await;
     let http = client();
@@ -276,18 +260,8 @@ async fn a_caller_can_shorten_its_wait_with_a_header() {
     let _one_at_a_time = support::timing_exclusive().await;
     let emu = Emulator::start(incidents_upstream(1, 2 * SEC)).await;
     // A 50 ms guard covers the jitter between admission and arrival on a busy machine.
-    let text = support::gateway::config_text(
-        &emu.url(),
-        r#"
-[[policy]]
-name = "incidents"
-paths = ["/api/incidents"]
-windows = [{ limit = 1, per = "2s" }]
-max_wait = "10s"
-"#,
-    )
-    .replace("guard = \"5ms\"", "guard = \"50ms\"");
-    let gw = TestGateway::start_with(&text).await;
+    let gw =
+        incidents_gateway(&emu, "50ms", "windows = [{ limit = 1, per = \"2s\" }]\nmax_wait = \"10s\"").await;
     let http = client();
     let get = || http.get(gw.url("/api/incidents")).header("authorization", bearer("t", "a"));
     assert_eq!(get().send().await.unwrap().status(), 200);
@@ -313,17 +287,8 @@ max_wait = "10s"
 async fn a_call_whose_body_comes_slowly_is_counted_from_when_it_leaves() {
     let _one_at_a_time = support::timing_exclusive().await;
     let emu = Emulator::start(incidents_upstream(1, SEC)).await;
-    let gw = TestGateway::start(
-        &emu.url(),
-        r#"
-[[policy]]
-name = "incidents"
-paths = ["/api/incidents"]
-windows = [{ limit = 1, per = "1s" }]
-max_wait = "5s"
-"#,
-    )
-    .await;
+    let gw =
+        incidents_gateway(&emu, "5ms", "windows = [{ limit = 1, per = \"1s\" }]\nmax_wait = \"5s\"").await;
     // The slow client: its head now, the rest of its 10-byte body 400 ms later.
     let slow = support::SlowPost::start(&gw.proxy.to_string(), "/api/incidents", &bearer("t", "a")).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
