@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use support::emulator::{bytes_pattern, gzip_payload, Emulator, EmulatorConfig, QuotaRule};
 use support::gateway::TestGateway;
-use support::{bearer, client};
+use support::{bearer, client, ClosedPort};
 
 const POLICIES: &str = r#"
 [[policy]]
@@ -157,11 +157,8 @@ async fn missing_or_malformed_tokens_get_a_local_401_and_nothing_is_forwarded() 
 /// is too slow gives a 504; neither hangs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_down_is_a_502_and_upstream_slow_is_a_504() {
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
-    let gw = TestGateway::start(&format!("http://{closed}"), POLICIES).await;
+    let closed = ClosedPort::hold();
+    let gw = TestGateway::start(&closed.url(), POLICIES).await;
     let http = client();
     let r =
         http.get(gw.url("/api/incidents")).header("authorization", bearer("t", "a")).send().await.unwrap();

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use support::emulator::{Emulator, EmulatorConfig, Fault, QuotaRule, ThrottleStyle};
 use support::gateway::TestGateway;
-use support::{bearer, client};
+use support::{bearer, client, ClosedPort};
 
 const POLICY: &str = r#"
 backoff_base = "300ms"
@@ -279,8 +279,8 @@ total_timeout = "2s"
 "#;
     let http = client();
     // Refused: the admission is refunded, so the next call is not throttled locally.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let gw = TestGateway::start(&format!("http://{closed}"), one_per_10s).await;
+    let closed = ClosedPort::hold();
+    let gw = TestGateway::start(&closed.url(), one_per_10s).await;
     for _ in 0..2 {
         let r = http
             .get(gw.url("/api/incidents"))

@@ -91,3 +91,23 @@ impl SlowPost {
         answer
     }
 }
+
+/// A loopback address where nothing listens, and nothing will while this
+/// lives: the port is bound but not listening, so a connection is refused
+/// at once. (A port that was bound and then dropped can be taken again by
+/// another test's listener, or picked as a connection's own source port,
+/// and then the call is answered or hangs instead of being refused.)
+pub struct ClosedPort(tokio::net::TcpSocket);
+
+impl ClosedPort {
+    pub fn hold() -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.bind("127.0.0.1:0".parse().unwrap()).expect("bind");
+        Self(socket)
+    }
+
+    /// `http://127.0.0.1:PORT`, for a gateway's upstream.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.0.local_addr().expect("bound"))
+    }
+}

@@ -118,11 +118,19 @@ impl Redis {
     }
 
     /// A server that requires `password` (`requirepass`), if given.
+    ///
+    /// The port is picked free and then handed to the server, so another
+    /// process can take it in between; the server then exits, and another
+    /// port is tried.
     pub fn start_with(password: Option<&str>) -> Redis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut r = Redis { child: None, port, password: password.map(Into::into) };
-        r.restart();
-        r
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let mut r = Redis { child: None, port, password: password.map(Into::into) };
+            if r.spawn() {
+                return r;
+            }
+        }
+        panic!("redis-server did not start on any of 5 free ports");
     }
 
     /// The URL, with the password when there is one.
@@ -135,6 +143,12 @@ impl Redis {
 
     /// Start (again) on the same port, and wait until it answers PING.
     pub fn restart(&mut self) {
+        assert!(self.spawn(), "redis-server did not start again on port {}", self.port);
+    }
+
+    /// Start on `self.port` and wait until it answers PING: false if the
+    /// server exited first (its port was taken).
+    fn spawn(&mut self) -> bool {
         let port = self.port.to_string();
         let mut args = vec!["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"];
         if let Some(p) = &self.password {
@@ -149,8 +163,12 @@ impl Redis {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
+            if matches!(self.child.as_mut().map(Child::try_wait), Some(Ok(Some(_)))) {
+                self.child = None;
+                return false;
+            }
             if self.ping() {
-                return;
+                return true;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
