@@ -8,6 +8,8 @@
 # whatever else the two cores run.
 #   bench/cpu-per-request.sh                 # ROUNDS=3 DUR=6 CONNS=32
 #   GATEWAY_BIN=/path/to/quotagate bench/cpu-per-request.sh
+#   BARE=1 bench/cpu-per-request.sh          # also examples/bare_proxy, the stack's floor,
+#                                            # on hyper's server (bare) and on axum's (bare-axum)
 # Needs: nginx, haproxy, wrk (Debian packages of those names).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +23,10 @@ if [[ -z ${GATEWAY_BIN:-} ]]; then
   cargo build --release --quiet --bin quotagate
   GATEWAY_BIN=${CARGO_TARGET_DIR:-target}/release/quotagate
 fi
+if [[ -n ${BARE:-} && -z ${BARE_BIN:-} ]]; then
+  cargo build --release --quiet --example bare_proxy
+  BARE_BIN=${CARGO_TARGET_DIR:-target}/release/examples/bare_proxy
+fi
 
 b64() { printf '%s' "$1" | base64 -w0 | tr '+/' '-_' | tr -d '='; }
 TOKEN="$(b64 '{"alg":"none","typ":"JWT"}').$(b64 '{"tid":"11111111-2222-3333-4444-555555555555","appid":"aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee","ver":"1.0","aud":"https://api.security.microsoft.com"}').sig"
@@ -33,7 +39,15 @@ nginx -c "$work/upstream-nginx.conf" -p "$work" & pids+=($!)
 nginx -c "$work/nginx-proxy.conf" -p "$work" & nginx_proxy=$!; pids+=($nginx_proxy)
 haproxy -f "$anchors/haproxy.cfg" -q & haproxy_pid=$!; pids+=($haproxy_pid)
 "$GATEWAY_BIN" --config bench/overhead.toml >"$work/gateway.log" 2>&1 & gateway_pid=$!; pids+=($gateway_pid)
-for port in 18001 18002 18003 18004; do
+targets=(nginx:18002:$nginx_proxy haproxy:18003:$haproxy_pid gateway:18004:$gateway_pid)
+if [[ -n ${BARE_BIN:-} ]]; then
+  "$BARE_BIN" 127.0.0.1:18007 http://127.0.0.1:18001 >"$work/bare.log" 2>&1 & bare_pid=$!; pids+=($bare_pid)
+  "$BARE_BIN" 127.0.0.1:18008 http://127.0.0.1:18001 "$(nproc)" axum >"$work/bare-axum.log" 2>&1 & bare_axum_pid=$!
+  pids+=($bare_axum_pid)
+  targets+=(bare:18007:$bare_pid bare-axum:18008:$bare_axum_pid)
+fi
+for t in "${targets[@]}"; do
+  port=${t#*:}; port=${port%%:*}
   for _ in $(seq 100); do
     curl -s -o /dev/null "http://127.0.0.1:$port/api/incidents" -H "Authorization: Bearer $TOKEN" && break
     sleep 0.1
@@ -56,7 +70,7 @@ ticks() {
 hz=$(getconf CLK_TCK)
 printf '%-8s %8s %10s %14s\n' target round req/s "CPU us/req"
 for r in $(seq "$ROUNDS"); do
-  for t in nginx:18002:$nginx_proxy haproxy:18003:$haproxy_pid gateway:18004:$gateway_pid; do
+  for t in "${targets[@]}"; do
     IFS=: read -r name port pid <<<"$t"
     mapfile -t ps < <(procs "$pid")
     before=$(ticks "${ps[@]}")
@@ -71,4 +85,7 @@ done
 awk '{ s[$1] += $2; n[$1]++ } END {
   g = s["gateway"] / n["gateway"]; ng = s["nginx"] / n["nginx"]; h = s["haproxy"] / n["haproxy"]
   printf "mean CPU us/req: nginx %.2f, haproxy %.2f, gateway %.2f; gateway/nginx %.2f, gateway/haproxy %.2f\n", ng, h, g, g / ng, g / h
+  if ("bare" in n) { b = s["bare"] / n["bare"]; a = s["bare-axum"] / n["bare-axum"]
+    printf "bare proxy %.2f us/req: bare/nginx %.2f, bare/haproxy %.2f, gateway/bare %.2f\n", b, b / ng, b / h, g / b
+    printf "bare proxy on axum %.2f us/req: bare-axum/bare %.2f, gateway/bare-axum %.2f\n", a, a / b, g / a }
 }' "$work/rows"
