@@ -224,6 +224,93 @@ async fn a_cap_holds_and_leaves_the_rest_to_others() {
     assert_eq!(max_in_any_interval(&times, SEC), 4, "the cap is 4 per second, and used");
 }
 
+/// A capped client's call whose body comes slowly leaves well after it was
+/// admitted; the upstream counts it when it arrives, so the client's next
+/// call must wait for its cap to free from that departure, not from the
+/// admission.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capped_clients_slow_call_counts_against_its_cap_from_its_departure() {
+    let _one_at_a_time = support::timing_exclusive().await;
+    slow_call_under_a_cap("").await;
+}
+
+/// The same with the quota in Redis, where the replica keeps the client's
+/// count apart from Redis's log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capped_clients_slow_call_counts_against_its_cap_from_its_departure_on_redis() {
+    let _one_at_a_time = support::timing_exclusive().await;
+    let redis = support::process::Redis::start();
+    slow_call_under_a_cap(&format!("[store]\nbackend = \"redis\"\nurl = \"{}\"\n", redis.url())).await;
+}
+
+async fn slow_call_under_a_cap(store: &str) {
+    let emu = Emulator::start(upstream(16, SEC)).await;
+    // A cap of 25% of 4 a second: one call a second for this client.
+    let clients = client_toml("capped", "cap_percent = 25");
+    let text = config_text(&emu.url(), &gateway_toml("", 4, "1s", "5s", &(clients + store)))
+        .replace("guard = \"5ms\"", "guard = \"50ms\"");
+    let gw = TestGateway::start_with(&text).await;
+    let http = client();
+    let url = format!("http://{}", gw.proxy);
+    // Its head now, the rest of its body 400 ms later.
+    let slow = support::SlowPost::start_with(
+        &gw.proxy.to_string(),
+        "/api/incidents",
+        &[("Authorization", &bearer("tenant-1", "app-capped")), (KEY_HEADER, "key-capped")],
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The client's next call waits for its cap meanwhile.
+    let next = tokio::spawn(async move { call(&http, &url, "capped").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let answer = slow.finish().await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(next.await.unwrap().0, 200);
+
+    let seen = emu.requests();
+    let times: Vec<_> = arrivals(&seen, "capped").iter().map(|r| r.at).collect();
+    assert_eq!(times.len(), 2);
+    let gap = times[1].duration_since(times[0]);
+    assert!(gap >= SEC, "the client's second call arrived {gap:?} after its first, within its cap's second");
+    assert!(
+        gap < SEC + Duration::from_millis(300),
+        "and went once the cap freed from the departure: {gap:?}"
+    );
+}
+
+/// A capped client's call that never reached the upstream (it refused the
+/// connection) is taken back from the client's cap as well as from the
+/// quota: the client's next call goes, and is not turned away by its cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capped_clients_refused_call_is_given_back_to_its_cap() {
+    refused_call_under_a_cap("").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capped_clients_refused_call_is_given_back_to_its_cap_on_redis() {
+    let redis = support::process::Redis::start();
+    refused_call_under_a_cap(&format!("[store]\nbackend = \"redis\"\nurl = \"{}\"\n", redis.url())).await;
+}
+
+async fn refused_call_under_a_cap(store: &str) {
+    let down = support::ClosedPort::hold();
+    // A cap of 25% of 4 calls in 10 s: one call in 10 s for this client.
+    // (The quota has room for all three calls even before Redis takes
+    // them back, which it does in the background.)
+    let clients = client_toml("capped", "cap_percent = 25");
+    let gw = TestGateway::start_with(&config_text(
+        &down.url(),
+        &gateway_toml("", 4, "10s", "2s", &(clients + store)),
+    ))
+    .await;
+    let http = client();
+    let url = format!("http://{}", gw.proxy);
+    for attempt in 0..3 {
+        let (status, _) = call(&http, &url, "capped").await;
+        assert_eq!(status, 502, "attempt {attempt}: refused upstream, not the cap's 429");
+    }
+}
+
 /// Issue #6, case 3b: a reserved minimum is served before a much heavier
 /// client's backlog while it has demand.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

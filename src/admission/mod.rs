@@ -196,6 +196,17 @@ impl Admitted {
         Admitted { waited, usage, at, stamp: at, decided, client: 0, ticket }
     }
 
+    /// The same admission, of the client with index `client` (the lane
+    /// its cap or reserve counts it in).
+    pub(crate) fn of_client(self, client: u16) -> Self {
+        Admitted { client, ..self }
+    }
+
+    /// The index of the client whose admission it is.
+    pub(crate) fn client(&self) -> u16 {
+        self.client
+    }
+
     /// The shared store's name for the admission; 0 when it was decided locally.
     pub fn ticket(&self) -> u64 {
         self.ticket

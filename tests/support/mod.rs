@@ -73,10 +73,16 @@ pub struct SlowPost(tokio::net::TcpStream);
 
 impl SlowPost {
     pub async fn start(addr: &str, path: &str, authorization: &str) -> SlowPost {
+        Self::start_with(addr, path, &[("Authorization", authorization)]).await
+    }
+
+    /// The same with `headers` instead of only `Authorization`.
+    pub async fn start_with(addr: &str, path: &str, headers: &[(&str, &str)]) -> SlowPost {
         use tokio::io::AsyncWriteExt;
         let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let headers: String = headers.iter().map(|(name, value)| format!("{name}: {value}\r\n")).collect();
         let head = format!(
-            "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {authorization}\r\nContent-Type: application/json\r\nContent-Length: 10\r\nConnection: close\r\n\r\n{{\"a\":"
+            "POST {path} HTTP/1.1\r\nHost: x\r\n{headers}Content-Type: application/json\r\nContent-Length: 10\r\nConnection: close\r\n\r\n{{\"a\":"
         );
         conn.write_all(head.as_bytes()).await.unwrap();
         SlowPost(conn)

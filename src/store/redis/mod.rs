@@ -436,7 +436,16 @@ impl RedisStore {
     /// fails (the store is then marked down), the call goes anyway: its
     /// admission stands, and only the guard covers the delay.
     pub async fn released(&self, key: &QuotaKey, policy: &Policy, admitted: &Admitted) {
-        if admitted.ticket() == 0 || !self.is_up() {
+        if admitted.ticket() == 0 {
+            return;
+        }
+        // This replica's count of the client's calls, for its cap or reserve,
+        // moves with the call too: to where the local copy went, or now.
+        if let Some(queue) = self.queues.get(key).map(|q| q.clone()) {
+            let to = if admitted.stamp() > admitted.at() { admitted.stamp() } else { self.clock.now() };
+            queue.restamp(admitted.client(), admitted.at(), to);
+        }
+        if !self.is_up() {
             return;
         }
         let longest = policy.windows.iter().map(|w| w.per).max().unwrap_or_default()
@@ -449,10 +458,14 @@ impl RedisStore {
         }
     }
 
-    /// Take back a shared admission whose call never reached the upstream.
+    /// Take back a shared admission whose call never reached the upstream,
+    /// from Redis and from its client's count here.
     pub fn refund(self: &Arc<Self>, key: &QuotaKey, admitted: &Admitted) {
         if admitted.ticket() == 0 {
             return;
+        }
+        if let Some(queue) = self.queues.get(key).map(|q| q.clone()) {
+            queue.refund(admitted.client(), admitted.stamp());
         }
         self.take_back(self.key("log", key), vec![self.member(admitted.ticket())]);
     }

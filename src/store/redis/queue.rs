@@ -84,6 +84,17 @@ impl KeyQueue {
         self.waiting.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// `client`'s call admitted at `at` left for the upstream at `now`: its
+    /// cap and reserve count it from then.
+    pub(super) fn restamp(&self, client: u16, at: u64, now: u64) {
+        self.lock().lanes.restamp(client, at, now);
+    }
+
+    /// `client`'s call counted at `at` never reached the upstream.
+    pub(super) fn refund(&self, client: u16, at: u64) {
+        self.lock().lanes.refund(client, at);
+    }
+
     /// Whether the queue holds nothing worth keeping: no waiter, and no
     /// client admission that a cap or reserve still counts.
     pub(super) fn is_idle(&self) -> bool {
@@ -162,7 +173,9 @@ impl RedisStore {
                 let number = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 match self.ask_batched(&queue, key, &policy.windows, number).await {
                     Ok(Answer::Admitted { at_us, counts }) => {
-                        let admitted = self.admitted(limiter, key, policy, (at_us, number), counts, started);
+                        let admitted = self
+                            .admitted(limiter, key, policy, (at_us, number), counts, started)
+                            .of_client(share.client);
                         let mut st = queue.lock();
                         let retention = st.retention;
                         st.lanes.admitted(share.client, ticket.start, admitted.at(), retention);
@@ -231,8 +244,9 @@ impl RedisStore {
                     let number = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     match self.ask(key, policy, number).await? {
                         Answer::Admitted { at_us, counts } => {
-                            let admitted =
-                                self.admitted(limiter, key, policy, (at_us, number), counts, started);
+                            let admitted = self
+                                .admitted(limiter, key, policy, (at_us, number), counts, started)
+                                .of_client(share.client);
                             place.leave(Some((share, ticket.start, &admitted)));
                             return Ok(Ok(admitted));
                         }
