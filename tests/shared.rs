@@ -53,6 +53,11 @@ max_queue = 1000
     )
 }
 
+/// The `[store]` table of a gateway whose quota is in `redis`.
+fn redis_store(redis: &support::process::Redis) -> String {
+    format!("[store]\nbackend = \"redis\"\nurl = \"{}\"\n", redis.url())
+}
+
 /// A call as client `name` (key `key-<name>`, app `app-<name>`): status and latency.
 async fn call(http: &reqwest::Client, gw_url: &str, name: &str) -> (u16, Duration) {
     let started = Instant::now();
@@ -87,7 +92,7 @@ async fn a_light_client_is_never_stuck_behind_a_heavy_one() {
 async fn a_light_client_is_never_stuck_behind_a_heavy_one_on_redis() {
     let _one_at_a_time = support::timing_exclusive().await;
     let redis = support::process::Redis::start();
-    light_behind_heavy(&format!("[store]\nbackend = \"redis\"\nurl = \"{}\"\n", redis.url())).await;
+    light_behind_heavy(&redis_store(&redis)).await;
 }
 
 async fn light_behind_heavy(store: &str) {
@@ -240,7 +245,7 @@ async fn a_capped_clients_slow_call_counts_against_its_cap_from_its_departure() 
 async fn a_capped_clients_slow_call_counts_against_its_cap_from_its_departure_on_redis() {
     let _one_at_a_time = support::timing_exclusive().await;
     let redis = support::process::Redis::start();
-    slow_call_under_a_cap(&format!("[store]\nbackend = \"redis\"\nurl = \"{}\"\n", redis.url())).await;
+    slow_call_under_a_cap(&redis_store(&redis)).await;
 }
 
 async fn slow_call_under_a_cap(store: &str) {
@@ -289,7 +294,7 @@ async fn a_capped_clients_refused_call_is_given_back_to_its_cap() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_capped_clients_refused_call_is_given_back_to_its_cap_on_redis() {
     let redis = support::process::Redis::start();
-    refused_call_under_a_cap(&format!("[store]\nbackend = \"redis\"\nurl = \"{}\"\n", redis.url())).await;
+    refused_call_under_a_cap(&redis_store(&redis)).await;
 }
 
 async fn refused_call_under_a_cap(store: &str) {
