@@ -217,8 +217,8 @@ impl Admitted {
         self.at
     }
 
-    /// Where the key's log has the admission now: [`Admitted::at`], or the
-    /// moment its call left when [`Limiter::released`] moved it.
+    /// Where the key's logs have the admission now: [`Admitted::at`], or the
+    /// moment its call left once [`Limiter::released`] found it late.
     pub fn stamp(&self) -> u64 {
         self.stamp
     }
@@ -494,9 +494,9 @@ impl Limiter {
     /// upstream counts the call when it arrives, so the windows age it from
     /// here, and the guard has only the trip to the upstream to cover.
     ///
-    /// Returns whether the call left late: its local entry moved (and
-    /// [`Admitted::stamp`] with it), or, for a shared admission, the store
-    /// must move its own entry too ([`crate::store::Store::released`]).
+    /// Returns whether the call left late: its local entry moved, or, for a
+    /// shared admission, the store must move its own entry too
+    /// ([`crate::store::Store::released`]); [`Admitted::stamp`] is then now.
     pub fn released(&self, key: &QuotaKey, admitted: &mut Admitted) -> bool {
         let now = self.clock.now();
         if now < admitted.decided.saturating_add(crate::quota::ledger::nanos(RELEASE_SLACK)) {
@@ -511,10 +511,13 @@ impl Limiter {
             }
             moved
         });
-        if moved {
+        // A shared admission moves in the store too, wherever its local copy
+        // was: a refund from here on looks for it at its new place.
+        let late = moved || admitted.ticket != 0;
+        if late {
             admitted.stamp = now;
         }
-        moved || admitted.ticket != 0
+        late
     }
 
     /// Apply a limit the upstream revealed (lower than configured) to `key`

@@ -440,10 +440,9 @@ impl RedisStore {
             return;
         }
         // This replica's count of the client's calls, for its cap or reserve,
-        // moves with the call too: to where the local copy went, or now.
+        // moves with the call too, to the departure `Limiter::released` stamped.
         if let Some(queue) = self.queues.get(key).map(|q| q.clone()) {
-            let to = if admitted.stamp() > admitted.at() { admitted.stamp() } else { self.clock.now() };
-            queue.restamp(admitted.client(), admitted.at(), to);
+            queue.restamp(admitted.client(), admitted.at(), admitted.stamp());
         }
         if !self.is_up() {
             return;
