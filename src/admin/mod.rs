@@ -36,16 +36,13 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
 async fn ready(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
     let mut upstreams = Vec::new();
     for u in &gw.config().upstreams {
-        let port =
-            u.authority.port_u16().unwrap_or(if u.scheme == http::uri::Scheme::HTTPS { 443 } else { 80 });
-        let lookup = tokio::net::lookup_host((u.authority.host(), port));
+        let lookup = tokio::net::lookup_host((u.host(), u.port()));
         let resolvable = u.connect_to.is_some()
             || match tokio::time::timeout(std::time::Duration::from_secs(2), lookup).await {
                 Ok(Ok(mut addrs)) => addrs.next().is_some(),
                 _ => false,
             };
-        upstreams
-            .push(serde_json::json!({"name": u.name, "host": u.authority.host(), "resolvable": resolvable}));
+        upstreams.push(serde_json::json!({"name": u.name, "host": u.host(), "resolvable": resolvable}));
     }
     let ready = upstreams.iter().all(|u| u["resolvable"] == true) && gw.store.ready();
     let status = if ready { http::StatusCode::OK } else { http::StatusCode::SERVICE_UNAVAILABLE };

@@ -591,14 +591,14 @@ fn upstreams(file: &File, p: &mut Problems) -> Vec<Upstream> {
         });
         let connect_to = u.connect_to.as_ref().map(|a| p.addr(&field.at("connect_to"), a));
         match parts {
-            Some((scheme, authority)) => out.push(Upstream {
-                connect_to,
-                name: u.name.clone(),
+            Some((scheme, authority)) => out.push(Upstream::new(
+                u.name.clone(),
                 scheme,
                 authority,
                 kind,
-                route_prefixes: u.route_prefixes.iter().map(|p| p.to_ascii_lowercase()).collect(),
-            }),
+                u.route_prefixes.iter().map(|p| p.to_ascii_lowercase()).collect(),
+                connect_to,
+            )),
             None => p.push(
                 &field.at("url"),
                 format!("`{}` must be an http:// or https:// URL with a host and no path", u.url),

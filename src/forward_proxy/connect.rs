@@ -102,7 +102,7 @@ async fn connect(
         port == own.unwrap_or(443)
     });
     if let Some(up) = intercepted {
-        let tls = match fp.leaves.server_config(up, upstreams[up].authority.host()) {
+        let tls = match fp.leaves.server_config(up, upstreams[up].host()) {
             Ok(tls) => tls,
             Err(e) => return refuse(GatewayError::Internal { detail: e.to_string() }),
         };

@@ -31,7 +31,7 @@ impl Clients {
     pub fn new(connect_timeouts: impl IntoIterator<Item = Duration>, config: &Config) -> Self {
         let tls = tls_config(&config.trust_roots);
         let resolver = Resolver::new(
-            config.upstreams.iter().filter_map(|u| Some((u.authority.host().to_string(), u.connect_to?))),
+            config.upstreams.iter().filter_map(|u| Some((u.host().to_string(), u.connect_to?))),
         );
         let by_connect_timeout =
             connect_timeouts.into_iter().map(|t| (t, build(t, tls.clone(), resolver.clone()))).collect();

@@ -29,9 +29,36 @@ pub struct Upstream {
     pub route_prefixes: Vec<String>,
     /// Connect here instead of resolving the host (TLS still checks the host name).
     pub connect_to: Option<std::net::SocketAddr>,
+    /// `authority`'s host and port (the scheme's default when it names
+    /// none), read once here rather than parsed again for every request.
+    host: Box<str>,
+    port: u16,
 }
 
 impl Upstream {
+    pub fn new(
+        name: String,
+        scheme: Scheme,
+        authority: Authority,
+        kind: ApiKind,
+        route_prefixes: Vec<String>,
+        connect_to: Option<std::net::SocketAddr>,
+    ) -> Self {
+        let port = authority.port_u16().unwrap_or(default_port(&scheme));
+        let host = authority.host().into();
+        Upstream { name, scheme, authority, kind, route_prefixes, connect_to, host, port }
+    }
+
+    /// The host, as configured.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The port, the scheme's default when the URL names none.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// Whether a requested authority (`host[:port]`) names this upstream:
     /// same host, and the same port, a missing port standing for the scheme's default.
     fn is_named_by(&self, named: &str) -> bool {
@@ -41,22 +68,22 @@ impl Upstream {
         };
         let Some((host, port)) = split else { return false };
         let Ok(port) = port.map(str::parse::<u16>).transpose() else { return false };
-        if !host.eq_ignore_ascii_case(self.authority.host()) {
-            return false;
-        }
-        let default = if self.scheme == Scheme::HTTPS { 443 } else { 80 };
-        match (port, self.authority.port_u16()) {
-            (a, b) if a == b => true,
-            (Some(p), None) | (None, Some(p)) => p == default,
-            _ => false,
-        }
+        host.eq_ignore_ascii_case(&self.host) && port.unwrap_or(default_port(&self.scheme)) == self.port
+    }
+}
+
+fn default_port(scheme: &Scheme) -> u16 {
+    if *scheme == Scheme::HTTPS {
+        443
+    } else {
+        80
     }
 }
 
 /// The first upstream whose host is `host` (any port): how a forward-proxy
 /// target (`CONNECT host:443`, `GET http://host/...`) names its upstream.
 pub fn by_host(upstreams: &[Upstream], host: &str) -> Option<usize> {
-    upstreams.iter().position(|u| u.authority.host().eq_ignore_ascii_case(host))
+    upstreams.iter().position(|u| u.host.eq_ignore_ascii_case(host))
 }
 
 /// Pick the upstream for a request; `bound` is the listener's own upstream.
@@ -91,14 +118,14 @@ mod tests {
 
     fn up(name: &str, url: &str, prefixes: &[&str]) -> Upstream {
         let uri: Uri = url.parse().unwrap();
-        Upstream {
-            name: name.into(),
-            scheme: uri.scheme().unwrap().clone(),
-            authority: uri.authority().unwrap().clone(),
-            kind: ApiKind::Defender,
-            route_prefixes: prefixes.iter().map(|p| p.to_string()).collect(),
-            connect_to: None,
-        }
+        Upstream::new(
+            name.into(),
+            uri.scheme().unwrap().clone(),
+            uri.authority().unwrap().clone(),
+            ApiKind::Defender,
+            prefixes.iter().map(|p| p.to_string()).collect(),
+            None,
+        )
     }
 
     fn table() -> Vec<Upstream> {
