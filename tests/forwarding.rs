@@ -221,6 +221,29 @@ async fn an_oversized_body_is_a_413() {
     assert_eq!(r.status(), 413);
 }
 
+/// A client that sends the whole of an oversized body before it reads
+/// (as most HTTP clients do) still gets the 413: the gateway reads the rest
+/// of the body after answering, instead of closing on unread bytes, which
+/// makes the kernel reset the connection under the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_sends_its_whole_oversized_body_reads_the_413() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let emu = Emulator::start(upstream()).await;
+    let gw = TestGateway::start(&emu.url(), POLICIES).await;
+    let size = 16 * 1024 * 1024;
+    let mut conn = tokio::net::TcpStream::connect(gw.url("").trim_start_matches("http://")).await.unwrap();
+    let head = format!(
+        "POST /api/test/echo HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n"
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(&vec![b'x'; size]).await.expect("the whole body is taken");
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).await.expect("the answer arrives");
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("1048576 bytes"), "{answer}");
+    assert_eq!(emu.count(), 0);
+}
+
 /// Base-URL mode routes by path; a configured host selects its upstream;
 /// an unknown path prefix gets a clear 404 and is not forwarded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

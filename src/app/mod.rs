@@ -1,10 +1,12 @@
-//! The proxy's request path, in one place: route, match a policy, refuse a
+//! The proxy's request path, in one place: keep a body read to its end
+//! whatever answers early ([`linger`]), route, match a policy, refuse a
 //! body too large, name the client (401 for a missing or unknown key, before
 //! any quota is touched), stop a client's flood at its guard (429), then
 //! identify the tenant and app, admit and forward ([`exchange`]).
 
 mod exchange;
 pub mod hunting;
+mod linger;
 pub mod ratelimit;
 
 use std::sync::Arc;
@@ -183,7 +185,9 @@ pub fn proxy_service(
 
 /// One request through the gateway; `bound` fixes its upstream (a bound
 /// listener, or the target of a forward-proxy `CONNECT`).
-pub(crate) async fn proxy(worker: &Worker, bound: Option<usize>, mut req: Request) -> Response {
+pub(crate) async fn proxy(worker: &Worker, bound: Option<usize>, req: Request) -> Response {
+    // Whatever answers early, the rest of the body is read, so the answer arrives.
+    let mut req = req.map(linger::Linger::wrap);
     let gw = &*worker.gateway;
     // This request keeps the configuration it started with, across a reload.
     let view = worker.view();
