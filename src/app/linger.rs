@@ -120,14 +120,6 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn without_linger_the_rest_is_refused() {
-        // The same without the wrapper: the reader is gone, the sender is refused.
-        let (tx, body) = channel_body();
-        drop(body);
-        assert!(tx.send(Ok(Frame::data(Bytes::from_static(b"more")))).await.is_err());
-    }
-
-    #[tokio::test]
     async fn a_body_read_to_its_end_leaves_nothing_behind() {
         let (tx, body) = channel_body();
         let mut body = Linger::wrap(body);
