@@ -8,6 +8,8 @@ mod exchange;
 pub mod hunting;
 mod linger;
 pub mod ratelimit;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,17 +44,30 @@ const IDENTITY_CACHE: usize = 4096;
 
 /// Everything a request needs that all workers share.
 pub struct Gateway {
-    config: Live<Config>,
+    current: Live<Current>,
     pub limiter: Limiter,
     /// Hunting running time.
     pub runtime: RuntimeLimiter,
-    /// Each client's runaway-loop guard.
-    guards: Live<Guards>,
     pub metrics: Arc<Metrics>,
     /// Which configuration runs (changed only by a reload).
     pub loaded: std::sync::Mutex<Loaded>,
     /// Where the quota state is made durable or shared.
     pub store: Store,
+}
+
+/// The configuration and its clients' runaway-loop guards, replaced as one,
+/// so a request never checks one configuration's client (by its index)
+/// against another configuration's guards.
+struct Current {
+    config: Arc<Config>,
+    guards: Arc<Guards>,
+}
+
+impl Current {
+    fn new(config: Arc<Config>) -> Arc<Self> {
+        let guards = Arc::new(Guards::new(config.clients.all()));
+        Arc::new(Current { config, guards })
+    }
 }
 
 /// A configuration as loaded: which one, and from what text.
@@ -67,15 +82,13 @@ pub struct Loaded {
 impl Gateway {
     /// A gateway whose quota state lives in memory only.
     pub fn new(config: Arc<Config>, metrics: Arc<Metrics>) -> Self {
-        let guards = Guards::new(config.clients.all());
         let clock = Clock::default();
         Gateway {
             limiter: Limiter::with_clock(config.guard, clock),
             runtime: RuntimeLimiter::with_clock(config.guard, config.hunting.estimator.clone(), clock),
-            guards: Live::new(Arc::new(guards)),
             loaded: std::sync::Mutex::new(Loaded { generation: 1, hash: config.source_hash.clone() }),
             metrics,
-            config: Live::new(config),
+            current: Live::new(Current::new(config)),
             store: Store::memory(),
         }
     }
@@ -89,16 +102,18 @@ impl Gateway {
 
     /// The configuration now (a reload may replace it).
     pub fn config(&self) -> Arc<Config> {
-        self.config.get()
+        self.current.get().config.clone()
     }
 
     /// Take a reloaded configuration. Quota state is kept: each policy keeps
     /// the key id its name had, so its keys' admissions, queues and holds
     /// carry on under new limits; a new name gets a fresh id. Clients' guards
-    /// start afresh. Callers refresh the workers after. The store stays the
-    /// one the gateway started with.
+    /// start afresh, with the configuration that names them: a request on a
+    /// worker not yet refreshed checks the guards of its own configuration.
+    /// Callers refresh the workers after. The store stays the one the
+    /// gateway started with.
     pub fn replace_config(&self, mut config: Config) {
-        let old = self.config.get();
+        let old = self.config();
         let mut next = old.policies.0.iter().map(|p| p.key_id).max().map_or(0, |m| m.saturating_add(1));
         for p in &mut config.policies.0 {
             p.key_id = match old.policies.0.iter().find(|o| o.name == p.name) {
@@ -109,9 +124,8 @@ impl Gateway {
                 }
             };
         }
-        self.guards.set(Arc::new(Guards::new(config.clients.all())));
         self.store.set_policies(&config.policies);
-        self.config.set(Arc::new(config));
+        self.current.set(Current::new(Arc::new(config)));
     }
 }
 
@@ -127,6 +141,8 @@ pub struct Worker {
 /// A worker's side of one configuration: what a request resolves once.
 pub struct View {
     pub config: Arc<Config>,
+    /// The guards of `config`'s clients.
+    guards: Arc<Guards>,
     clients: Clients,
     /// Per policy id, then one more for unmetered requests.
     metrics: Vec<PolicyMetrics>,
@@ -136,7 +152,8 @@ pub struct View {
 
 impl View {
     fn new(gateway: &Gateway, index: usize) -> Self {
-        let config = gateway.config();
+        let Current { config, guards } = &*gateway.current.get();
+        let (config, guards) = (config.clone(), guards.clone());
         let mut timeouts: Vec<Duration> = config.policies.0.iter().map(|p| p.timeouts.connect).collect();
         timeouts.push(config.unmetered_timeouts.connect);
         timeouts.sort();
@@ -147,7 +164,7 @@ impl View {
         let mut client_metrics: Vec<ClientMetrics> =
             config.clients.all().iter().map(|c| gateway.metrics.client(index, &c.name)).collect();
         client_metrics.push(gateway.metrics.client(index, "unknown"));
-        View { clients: Clients::new(timeouts, &config), metrics, client_metrics, config }
+        View { clients: Clients::new(timeouts, &config), metrics, client_metrics, config, guards }
     }
 }
 
@@ -188,7 +205,6 @@ pub fn proxy_service(
 pub(crate) async fn proxy(worker: &Worker, bound: Option<usize>, req: Request) -> Response {
     // Whatever answers early, the rest of the body is read, so the answer arrives.
     let mut req = req.map(linger::Linger::wrap);
-    let gw = &*worker.gateway;
     // This request keeps the configuration it started with, across a reload.
     let view = worker.view();
     let config = &*view.config;
@@ -224,7 +240,7 @@ pub(crate) async fn proxy(worker: &Worker, bound: Option<usize>, req: Request) -
         }
     };
     let client_metrics = &view.client_metrics[usize::from(client.share.client)];
-    if let Err(retry_after) = gw.guards.get().check(client.share.client) {
+    if let Err(retry_after) = view.guards.check(client.share.client) {
         client_metrics.count("guarded");
         tracing::debug!(client = %client.name, retry_after_ms = retry_after.as_millis() as u64, "guard");
         let guard = client.guard.expect("only a client with a guard is refused by it");
