@@ -14,20 +14,34 @@ use support::{bearer, client};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_what_fits_in_the_drain_and_answers_the_rest_503() {
+    drain_then_stop("").await;
+}
+
+/// The same on Redis, whose waiters ask Redis for their slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_what_fits_in_the_drain_and_answers_the_rest_503_on_redis() {
+    let redis = support::process::Redis::start();
+    drain_then_stop(&format!("[store]\nbackend = \"redis\"\nurl = \"{}\"\n", redis.url())).await;
+}
+
+/// SIGTERM with two calls in flight and five queued; `store` is the
+/// gateway's `[store]` table (none: memory).
+async fn drain_then_stop(store: &str) {
     let emu = Emulator::start(EmulatorConfig::new()).await;
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("quotagate.toml");
-    let text = config_text(
-        &emu.url(),
+    let rest = format!(
         r#"drain = "1500ms"
 
 [[policy]]
 name = "incidents"
 paths = ["/api/incidents", "/api/incidents/**"]
-windows = [{ limit = 2, per = "1s" }]
+windows = [{{ limit = 2, per = "1s" }}]
 max_wait = "10s"
-"#,
+
+{store}"#
     );
+    let text = config_text(&emu.url(), &rest);
     std::fs::write(&config, text).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_quotagate"))
         .args(["--config", config.to_str().unwrap()])

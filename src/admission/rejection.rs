@@ -21,23 +21,36 @@ pub enum Reason {
 
 /// Whether the gateway is draining, and until when (on the limiter's clock).
 #[derive(Debug, Default)]
-pub(crate) struct Drain(std::sync::atomic::AtomicU64);
+pub(crate) struct Drain {
+    until: std::sync::atomic::AtomicU64,
+    /// Told when the drain starts, for waiters that sleep outside a limiter's queue.
+    started: tokio::sync::Notify,
+}
 
 impl Drain {
     /// Drain until `within` after `now`.
     pub fn start(&self, now: u64, within: Duration) {
         let until = now.saturating_add(u64::try_from(within.as_nanos()).unwrap_or(u64::MAX)).max(1);
-        self.0.store(until, std::sync::atomic::Ordering::Relaxed);
+        self.until.store(until, std::sync::atomic::Ordering::Relaxed);
+        self.started.notify_waiters();
     }
 
     pub fn on(&self) -> bool {
-        self.0.load(std::sync::atomic::Ordering::Relaxed) != 0
+        self.until.load(std::sync::atomic::Ordering::Relaxed) != 0
     }
 
     /// Whether a slot at `at` comes after the drain ends.
     pub fn past(&self, at: u64) -> bool {
-        let until = self.0.load(std::sync::atomic::Ordering::Relaxed);
+        let until = self.until.load(std::sync::atomic::Ordering::Relaxed);
         until != 0 && at > until
+    }
+
+    /// Resolves when the drain starts; take it before reading [`Drain::on`],
+    /// so a start between the two is not missed.
+    pub fn started(&self) -> std::pin::Pin<Box<tokio::sync::futures::Notified<'_>>> {
+        let mut notified = Box::pin(self.started.notified());
+        notified.as_mut().enable();
+        notified
     }
 }
 

@@ -225,6 +225,7 @@ impl Running {
         tracing::info!(drain_s = drain.as_secs_f64(), "stopping: draining requests in flight");
         self.gateway.limiter.drain(drain);
         self.gateway.runtime.drain(drain);
+        self.gateway.store.drain(drain);
         let _ = self.stop.send(true);
         let cut = tokio::time::sleep(drain + DRAIN_GRACE);
         tokio::pin!(cut);

@@ -164,6 +164,14 @@ impl Store {
         }
     }
 
+    /// The gateway is stopping: requests waiting on a shared store (Redis)
+    /// are turned away when their slot comes later than `within` from now.
+    pub fn drain(&self, within: Duration) {
+        if let Some(r) = &self.redis {
+            r.drain(within);
+        }
+    }
+
     /// Wait until everything journalled so far is committed to the state
     /// file (a no-op without one). The gateway calls it as it stops.
     pub async fn flush(&self) {

@@ -139,6 +139,7 @@ impl RedisStore {
             let completion = settled.notified();
             tokio::pin!(completion);
             completion.as_mut().enable();
+            let drain_started = self.drain.started();
             let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let member = format!("{:x}-R{id}:{estimate}", self.nonce);
             let mut call = self.reserve.key(self.named("rt-charges", &name));
@@ -165,8 +166,12 @@ impl RedisStore {
                 _ if self.listening() => (UNHEARD_RETRY.min(left), false),
                 _ => (UNKNOWN_RETRY.min(left), false),
             };
+            // Draining, a query that cannot start by the drain's end (or
+            // nobody knows when) is turned away, as the local ledger does.
             let reason = if demand.mode == Mode::Reject {
                 Some(Reason::NoSlot)
+            } else if self.drain.on() && (!known || self.past_drain(wait)) {
+                Some(Reason::Draining)
             } else if left.is_zero() || (known && wait > left) {
                 Some(if attempt == 0 { Reason::WaitTooLong } else { Reason::Expired })
             } else {
@@ -177,11 +182,15 @@ impl RedisStore {
                 return Ok(Err(RuntimeRejection { reason, retry_after, budget, held: get(2) == -1 }));
             }
             if known {
-                tokio::time::sleep(wait).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = drain_started => {}
+                }
             } else {
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = completion => {}
+                    _ = drain_started => {}
                 }
             }
         }

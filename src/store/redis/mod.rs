@@ -53,6 +53,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::OnceCell;
 
 use super::{OnOutage, PolicyNames, StoreError};
+use crate::admission::rejection::Drain;
 use crate::admission::{Admitted, Limiter, Rejection, Share};
 use crate::config::Config;
 use crate::metrics::StoreMetrics;
@@ -237,6 +238,9 @@ pub struct RedisStore {
     down_since: AtomicU64,
     /// The epoch of Redis's data this replica last saw (0: none yet).
     epoch: AtomicU64,
+    /// The gateway is stopping: requests waiting here for Redis whose slot
+    /// comes after the drain are turned away, as the limiters' are.
+    drain: Drain,
 }
 
 impl RedisStore {
@@ -284,7 +288,21 @@ impl RedisStore {
             clock,
             down_since: AtomicU64::new(0),
             epoch: AtomicU64::new(0),
+            drain: Drain::default(),
         })
+    }
+
+    /// The gateway is stopping: from now on a request waiting for a slot or
+    /// for running time that comes later than `within` from now is turned
+    /// away ([`Reason::Draining`](crate::admission::rejection::Reason)).
+    pub fn drain(&self, within: Duration) {
+        self.drain.start(self.clock.now(), within);
+    }
+
+    /// Whether a slot `wait` from now comes after the drain ends.
+    fn past_drain(&self, wait: Duration) -> bool {
+        let wait = u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX);
+        self.drain.past(self.clock.now().saturating_add(wait))
     }
 
     async fn conn(&self) -> Result<ConnectionManager, redis::RedisError> {

@@ -184,6 +184,7 @@ impl RedisStore {
                     Ok(Answer::NotBefore { wait, window }) => {
                         let reason = match policy.mode {
                             Mode::Reject => Some(Reason::NoSlot),
+                            Mode::Queue if self.past_drain(wait) => Some(Reason::Draining),
                             Mode::Queue if wait > max_wait => Some(Reason::WaitTooLong),
                             Mode::Queue => None,
                         };
@@ -219,6 +220,7 @@ impl RedisStore {
             Place { queue: &queue, id: ticket.id, policy, guard, clock: self.clock, depth: depth.clone() };
         let deadline = started + max_wait;
         loop {
+            let drain_started = self.drain.started();
             let now = self.clock.now();
             // Whose turn it is: `Some(at)` when it is this request's from `at`.
             let turn = {
@@ -251,26 +253,43 @@ impl RedisStore {
                             return Ok(Ok(admitted));
                         }
                         Answer::NotBefore { wait, window } => {
+                            // Draining, the head learns its slot; those behind
+                            // it come no sooner, and each learns its own in turn.
+                            if self.past_drain(wait) {
+                                return Ok(Err(rejection(Reason::Draining, wait, window)));
+                            }
                             if started.elapsed() + wait > max_wait {
                                 return Ok(Err(rejection(Reason::Expired, wait, window)));
                             }
-                            tokio::time::sleep(wait).await;
+                            tokio::select! {
+                                _ = tokio::time::sleep(wait) => {}
+                                _ = drain_started => {}
+                            }
                             queue.lock().asking = None;
                         }
                     }
                 }
                 // Its turn, once its client's cap frees.
                 Some(at) => {
+                    if self.drain.past(at) {
+                        let wait = Duration::from_nanos(at - now);
+                        return Ok(Err(Rejection {
+                            capped: true,
+                            ..rejection(Reason::Draining, wait, None)
+                        }));
+                    }
                     let until = self.clock.instant(at).min(deadline);
                     tokio::select! {
                         _ = tokio::time::sleep_until(until) => {}
                         _ = wake.notified() => {}
+                        _ = drain_started => {}
                     }
                 }
                 None => {
                     tokio::select! {
                         _ = tokio::time::sleep_until(deadline) => {}
                         _ = wake.notified() => {}
+                        _ = drain_started => {}
                     }
                 }
             }
