@@ -79,3 +79,12 @@ fn the_regional_example_gives_the_legacy_and_regional_hosts_their_own_listeners(
     let policies = |c: &Config| c.describe().split_once("policies").unwrap().1.to_string();
     assert_eq!(policies(&c), policies(&Config::builtin()));
 }
+
+#[test]
+fn the_forward_proxy_example_meters_with_the_built_in_policies() {
+    let c = Config::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("config/examples/forward-proxy.toml"))
+        .unwrap();
+    assert!(c.forward_proxy.is_some());
+    let policies = |c: &Config| c.describe().split_once("policies").unwrap().1.to_string();
+    assert_eq!(policies(&c), policies(&Config::builtin()));
+}
