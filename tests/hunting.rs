@@ -287,6 +287,47 @@ async fn stats_last_is_still_metered() {
     assert!((charged - wall).abs() < 0.001, "charged {charged}, header {wall}");
 }
 
+/// A client that accepts gzip (Python's `requests` and `httpx`, the Graph
+/// SDKs) gets the service's compressed result byte for byte, and the gateway
+/// meters it from the `Stats` it decodes as the body passes. The upstream
+/// is asked only for codings the gateway reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gzip_result_passes_compressed_and_is_metered_from_its_stats() {
+    let emu = Emulator::start(EmulatorConfig::new()).await;
+    let gw = TestGateway::start(&emu.url(), &hunting_config(r#"[{ limit = "10m", per = "1h" }]"#, "")).await;
+    let gzip_post = |q: &str| {
+        client()
+            .post(gw.url(HUNT))
+            .header("authorization", bearer("t", "a"))
+            .header("accept-encoding", "br, gzip")
+            .body(body(q))
+            .send()
+    };
+    let unpack = |packed: &[u8]| {
+        let mut plain = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(packed), &mut plain).unwrap();
+        plain
+    };
+    // Stats first: found in the held-back prefix, so the headers say it.
+    let q = query(0.25, "");
+    let r = gzip_post(&q).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-encoding"], "gzip");
+    assert_eq!(r.headers()["x-quotagate-execution-time"], "0.25", "Stats read from the decoded body");
+    assert_eq!(unpack(&r.bytes().await.unwrap()), hunt::response_body(&q, false));
+    // Stats last, after 400 KB: metered as the compressed body streams.
+    let q = query(0.3, "bytes=400000 stats=last");
+    let r = gzip_post(&q).await.unwrap();
+    assert_eq!(r.headers()["content-encoding"], "gzip");
+    assert_eq!(unpack(&r.bytes().await.unwrap()), hunt::response_body(&q, false));
+    let l = quota(&gw).await;
+    let charged = ledger(&l, "t")["budgets"][0]["charged_seconds"].as_f64().unwrap();
+    assert!((charged - 0.55).abs() < 1e-9, "metered from both Stats, not estimated: {charged}");
+    assert_eq!(gw.metric("quotagate_hunting_unmetered_total{policy=\"hunting\"}").await, 0.0);
+    let asked: Vec<_> = emu.requests().iter().map(|r| r.headers["accept-encoding"].clone()).collect();
+    assert!(asked.iter().all(|a| a == "gzip"), "br is not asked of the upstream: {asked:?}");
+}
+
 /// An upstream that resets before `Stats` aborts the client's transfer at
 /// once, and the reservation ends by the documented rule. Regression (found
 /// by the soak, `bench/soak.sh`): the held-back prefix and the error were

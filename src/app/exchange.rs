@@ -39,6 +39,7 @@ use crate::policy::{Mode, Policy, Timeouts};
 use crate::quota::{QuotaKey, Window};
 use crate::store::redis::Refusal;
 use crate::store::RuntimeRefusal;
+use crate::upstream::encoding::{self, Coding};
 use crate::upstream::throttle::{self, Kind, Throttle};
 use crate::upstream::{forward, ApiKind, Upstream, UpstreamError};
 
@@ -106,7 +107,9 @@ impl Metered<'_> {
         let gw = &*self.worker.gateway;
         let config = &*self.view.config;
         let started = Instant::now();
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
+        // Every answer to a metered call must be one the gateway can read.
+        encoding::narrow_accept_encoding(&mut parts.headers);
         // A small body is kept for a replay, a larger one streamed once. It is
         // read only once the call is admitted: a queued request's body waits
         // in its connection, not in the gateway's memory. The windows count
@@ -249,7 +252,8 @@ impl Metered<'_> {
                     return failed(self.view, self.upstream, self.metrics, UpstreamError::Protocol(detail));
                 }
             };
-            let parsed = throttle::parse(head.status, &head.headers, &bytes, SystemTime::now());
+            let text = encoding::decoded(Coding::of(&head.headers), &bytes, THROTTLE_BODY_LIMIT);
+            let parsed = throttle::parse(head.status, &head.headers, &text, SystemTime::now());
             if let Some(r) = reservation.take() {
                 if head.status == StatusCode::TOO_MANY_REQUESTS {
                     // The service refused the query: it did not run.

@@ -7,7 +7,8 @@
 //!   [`EXECUTION_TIME`], [`ROWS`] and [`TRUNCATED`] before the body streams
 //!   on, byte for byte. When it is not, the body streams anyway and the
 //!   scanner, constant in memory, reads every chunk until it finds `Stats`
-//!   or the body ends.
+//!   or the body ends. A gzip or deflate body passes on compressed and is
+//!   decoded for the scanner as it passes ([`crate::upstream::encoding`]).
 //! * **Graph** has no `Stats`: the running time is the wall time from sending
 //!   the query to its response headers, when the service has run it.
 //!
@@ -30,6 +31,7 @@ use prometheus::{Counter, IntCounter};
 
 use super::stats::{Scanner, Stats};
 use crate::admission::runtime::Reservation;
+use crate::upstream::encoding::{Coding, Decoder};
 
 /// Response header: the query's running time in seconds, as metered.
 pub const EXECUTION_TIME: HeaderName = HeaderName::from_static("x-quotagate-execution-time");
@@ -82,6 +84,43 @@ impl Report {
     }
 }
 
+/// The [`Scanner`], fed a body's bytes as its content coding decodes them.
+struct Reader(Decoder<Sink>);
+
+/// Where decoded bytes go: straight into the scanner, nothing kept.
+struct Sink(Scanner);
+
+impl std::io::Write for Sink {
+    fn write(&mut self, decoded: &[u8]) -> std::io::Result<usize> {
+        self.0.feed(decoded);
+        Ok(decoded.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Reader {
+    fn new(coding: Coding) -> Self {
+        Reader(Decoder::new(coding, Sink(Scanner::new())))
+    }
+
+    fn feed(&mut self, data: &[u8]) {
+        self.0.write(data);
+    }
+
+    /// Whether the body's coding can be read at all.
+    fn readable(&self) -> bool {
+        self.0.sink().is_some()
+    }
+
+    /// What the scanner read; nothing when the body cannot be decoded.
+    fn stats(&self) -> Stats {
+        self.0.sink().map_or_else(Stats::default, |sink| sink.0.stats())
+    }
+}
+
 /// Meter a Defender hunting response from its `Stats`.
 pub async fn defender(
     response: Response,
@@ -90,12 +129,13 @@ pub async fn defender(
     report: Report,
 ) -> Response {
     let (mut head, mut body) = response.into_parts();
-    let mut scanner = Scanner::new();
+    let mut scanner = Reader::new(Coding::of(&head.headers));
     let mut prefix = VecDeque::new();
     let mut held = 0;
     let mut failed = None;
     let mut ended = false;
-    while !scanner.stats().complete && held < prefix_limit {
+    // A body in a coding not read here streams on at once, its cost unknown.
+    while scanner.readable() && !scanner.stats().complete && held < prefix_limit {
         match body.frame().await {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
@@ -160,7 +200,7 @@ pub fn graph(mut response: Response, reservation: Reservation, report: &Report) 
 
 /// Still looking for `Stats` past the prefix.
 struct Scanning {
-    scanner: Scanner,
+    scanner: Reader,
     reservation: Reservation,
     report: Report,
 }

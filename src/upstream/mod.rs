@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod deadline;
+pub mod encoding;
 pub mod forward;
 pub mod resolve;
 pub mod route;

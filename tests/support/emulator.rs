@@ -373,6 +373,30 @@ pub fn gzip_payload() -> Vec<u8> {
     enc.finish().expect("gzip")
 }
 
+/// Like the service, a hunting result or a 429 is gzip-compressed when the
+/// request accepts gzip (`Accept-Encoding`, a weight above 0).
+async fn gzip_if_accepted(request: &HeaderMap, r: Response) -> Response {
+    let accepts = request.get_all(header::ACCEPT_ENCODING).iter().filter_map(|v| v.to_str().ok()).any(|v| {
+        v.split(',').any(|item| {
+            let mut parts = item.split(';').map(str::trim);
+            let coding = parts.next().unwrap_or_default();
+            let zero = parts.any(|p| p.replace(' ', "").eq_ignore_ascii_case("q=0"));
+            coding.eq_ignore_ascii_case("gzip") && !zero
+        })
+    });
+    if !accepts || r.headers().contains_key(header::CONTENT_ENCODING) {
+        return r;
+    }
+    let (mut head, body) = r.into_parts();
+    let plain = axum::body::to_bytes(body, usize::MAX).await.unwrap_or_default();
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    enc.write_all(&plain).expect("gzip");
+    let packed = enc.finish().expect("gzip");
+    head.headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    head.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(packed.len()));
+    Response::from_parts(head, Body::from(packed))
+}
+
 /// The largest number of `times` inside any half-open interval `[s, s + window)`.
 pub fn max_in_any_interval(times: &[Instant], window: Duration) -> usize {
     let mut t = times.to_vec();
@@ -596,7 +620,8 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         }
         Verdict::Throttled { limit, window, wait } => {
             let rule = rule.expect("only a rule throttles");
-            throttled(rule, graph, limit, window, wait, &tid.unwrap_or_default())
+            let r = throttled(rule, graph, limit, window, wait, &tid.unwrap_or_default());
+            gzip_if_accepted(&parts.headers, r).await
         }
         Verdict::Fault(f) => {
             // The connection task takes the socket back from hyper and drops this future.
@@ -607,7 +632,8 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         }
         Verdict::Pass if matches!(route, Route::Flaky(..)) => flaky(&route, flaky_fails, graph, &parts.uri),
         Verdict::Pass if matches!(route, Route::Hunt { .. }) => {
-            hunt(&shared, idx, graph, &body, tid.as_deref().unwrap_or_default()).await
+            let r = hunt(&shared, idx, graph, &body, tid.as_deref().unwrap_or_default()).await;
+            gzip_if_accepted(&parts.headers, r).await
         }
         Verdict::Pass => respond(route, &parts.method, &path_and_query, &parts.headers, body).await,
     }
