@@ -61,6 +61,8 @@ pub enum GatewayError {
     BadProxyRequest { detail: String },
     #[error("the blind tunnel to `{target}` could not be opened: {detail}")]
     TunnelUnreachable { target: String, detail: String },
+    #[error("the blind tunnel to `{target}` is open only to this gateway's clients: send your API key in Proxy-Authorization (HTTPS_PROXY=http://name:<key>@host:port)")]
+    ProxyUnauthorized { target: String },
     /// The detail is logged, never sent.
     #[error("internal error; the gateway's log has the details")]
     Internal { detail: String },
@@ -175,6 +177,7 @@ impl GatewayError {
             GatewayError::ProxyRefused { .. } => StatusCode::FORBIDDEN,
             GatewayError::BadProxyRequest { .. } => StatusCode::BAD_REQUEST,
             GatewayError::TunnelUnreachable { .. } => StatusCode::BAD_GATEWAY,
+            GatewayError::ProxyUnauthorized { .. } => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
             GatewayError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             GatewayError::StoreUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -200,6 +203,7 @@ impl GatewayError {
             GatewayError::ProxyRefused { .. } => "Forbidden",
             GatewayError::BadProxyRequest { .. } => "BadRequest",
             GatewayError::TunnelUnreachable { .. } => "BadGateway",
+            GatewayError::ProxyUnauthorized { .. } => "ProxyAuthenticationRequired",
             GatewayError::Internal { .. } => "InternalServerError",
             GatewayError::StoreUnavailable { .. } => "ServiceUnavailable",
         }
@@ -239,6 +243,10 @@ impl GatewayError {
             GatewayError::StoreUnavailable { retry_after, .. } => Some((*retry_after, "gateway")),
             _ => None,
         };
+        if let GatewayError::ProxyUnauthorized { .. } = &self {
+            let challenge = HeaderValue::from_static("Basic realm=\"quotagate\"");
+            response.headers_mut().insert(http::header::PROXY_AUTHENTICATE, challenge);
+        }
         if let Some((retry_after, by)) = throttle {
             let headers = response.headers_mut();
             headers.insert(http::header::RETRY_AFTER, HeaderValue::from(secs(retry_after)));

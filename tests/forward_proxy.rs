@@ -355,8 +355,14 @@ async fn connect_to_an_unlisted_host_is_refused_and_an_allowed_tunnel_is_blind()
 
 /// Send `CONNECT target` and read the response head.
 async fn connect(proxy: SocketAddr, target: &str) -> (String, TcpStream) {
+    connect_with(proxy, target, "").await
+}
+
+/// [`connect`] with `headers` (each line ending in CRLF) after `Host`.
+async fn connect_with(proxy: SocketAddr, target: &str, headers: &str) -> (String, TcpStream) {
     let mut tcp = TcpStream::connect(proxy).await.unwrap();
-    tcp.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes()).await.unwrap();
+    let request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{headers}\r\n");
+    tcp.write_all(request.as_bytes()).await.unwrap();
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -473,4 +479,47 @@ async fn proxy_authorization_names_the_client_in_shared_mode() {
         s.gw.metric("quotagate_client_requests_total{client=\"soc-team\",decision=\"forwarded\"}").await,
         1.0
     );
+}
+
+/// In shared mode a blind tunnel is the clients' alone: a CONNECT without a
+/// known key in `Proxy-Authorization` gets 407 with a Basic challenge, and
+/// nothing is dialled; the right key opens the tunnel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_shared_mode_a_blind_tunnel_needs_a_known_key() {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    let dialled = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = dialled.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = echo.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let (mut r, mut w) = tcp.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let hash: String = sha2::Sha256::digest(b"proxy-key").iter().map(|b| format!("{b:02x}")).collect();
+    let clients =
+        format!("client_identity = \"key\"\n\n[[client]]\nname = \"soc-team\"\nkey_sha256 = \"{hash}\"\n");
+    let s = Setup::start_with(Some(echo_addr), &clients).await;
+    let basic = |user: &str| {
+        let encoded = base64::engine::general_purpose::STANDARD.encode(user);
+        format!("Proxy-Authorization: Basic {encoded}\r\n")
+    };
+    for headers in [String::new(), basic("soc-team:wrong-key")] {
+        let (head, _) = connect_with(s.proxy(), &echo_addr.to_string(), &headers).await;
+        assert!(head.starts_with("HTTP/1.1 407"), "{headers:?}: {head}");
+        assert!(head.to_ascii_lowercase().contains("proxy-authenticate: basic"), "{head}");
+    }
+    assert_eq!(dialled.load(std::sync::atomic::Ordering::SeqCst), 0, "a refused tunnel dials nothing");
+    let (head, mut tunnel) =
+        connect_with(s.proxy(), &echo_addr.to_string(), &basic("soc-team:proxy-key")).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    tunnel.write_all(b"bytes").await.unwrap();
+    let mut back = [0u8; 5];
+    tokio::time::timeout(Duration::from_secs(5), tunnel.read_exact(&mut back)).await.unwrap().unwrap();
+    assert_eq!(&back, b"bytes");
 }

@@ -525,6 +525,10 @@ fn a_network_listener_without_keys_is_refused_at_startup() {
         ),
         "{err}"
     );
+    // The forward proxy serves the same callers: its listener counts too.
+    let proxy = text("\n[forward_proxy]\nlisten = \"0.0.0.0:7484\"\n", "127.0.0.1:7480", "");
+    let err = quotagate::config::Config::from_toml(&proxy, "t.toml").unwrap_err().to_string();
+    assert!(err.contains("forward_proxy.listen 0.0.0.0:7484 is not loopback"), "{err}");
     let explicit = text("allow_anonymous_on_network = true", "0.0.0.0:7480", "");
     assert!(quotagate::config::Config::from_toml(&explicit, "t.toml").is_ok());
     let keyed = text("", "0.0.0.0:7480", &client_toml("soc", ""));

@@ -148,7 +148,8 @@ impl Config {
     /// anonymous callers on the network. Checked by validation, and again
     /// after command-line overrides of the addresses.
     pub fn exposure_problem(&self) -> Option<String> {
-        exposure_problem(&self.listeners, self.clients.mode, self.allow_anonymous_on_network)
+        let proxy = self.forward_proxy.as_ref().map(|fp| fp.listen);
+        exposure_problem(&self.listeners, proxy, self.clients.mode, self.allow_anonymous_on_network)
     }
 
     /// A human-readable table of the effective policies.
@@ -282,15 +283,23 @@ impl Config {
     }
 }
 
-/// See [`Config::exposure_problem`].
-fn exposure_problem(listeners: &[ListenerSpec], mode: IdentityMode, allow_anonymous: bool) -> Option<String> {
+/// See [`Config::exposure_problem`]; `forward_proxy` is the forward proxy's
+/// listener, which serves the same callers.
+fn exposure_problem(
+    listeners: &[ListenerSpec],
+    forward_proxy: Option<SocketAddr>,
+    mode: IdentityMode,
+    allow_anonymous: bool,
+) -> Option<String> {
     if mode == IdentityMode::Key || allow_anonymous {
         return None;
     }
-    let open = listeners.iter().find(|l| !l.addr.ip().is_loopback())?;
+    let named = listeners.iter().map(|l| ("listen", l.addr));
+    let (name, open) = named
+        .chain(forward_proxy.map(|a| ("forward_proxy.listen", a)))
+        .find(|(_, a)| !a.ip().is_loopback())?;
     Some(format!(
-        "listen {} is not loopback: configure [[client]] keys or set allow_anonymous_on_network = true",
-        open.addr
+        "{name} {open} is not loopback: configure [[client]] keys or set allow_anonymous_on_network = true"
     ))
 }
 

@@ -285,7 +285,9 @@ pub fn validate(file: &File) -> Result<Config, Vec<Problem>> {
 
     let clients = super::clients::roster(file, &mut p);
     let tls = file.tls.as_ref().and_then(|t| super::tls::server_config(t, &mut p));
-    if let Some(problem) = super::exposure_problem(&listeners, clients.mode, file.allow_anonymous_on_network)
+    let proxy = forward_proxy.as_ref().map(|fp| fp.listen);
+    if let Some(problem) =
+        super::exposure_problem(&listeners, proxy, clients.mode, file.allow_anonymous_on_network)
     {
         p.push("listen", problem);
     }

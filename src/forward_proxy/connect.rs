@@ -24,6 +24,7 @@ use super::credential::ClientCredential;
 use super::ForwardProxy;
 use crate::app::{proxy, Worker};
 use crate::error::GatewayError;
+use crate::identity::client::IdentityMode;
 use crate::metrics::ConnectOutcome;
 use crate::upstream::route::by_host;
 use crate::upstream::ApiKind;
@@ -93,7 +94,7 @@ async fn connect(
     };
     let Some(port) = target.port_u16() else {
         return refuse(GatewayError::BadProxyRequest {
-            detail: format!("CONNECT target `{target}` has no port"),
+            detail: format!("CONNECT target `{}` has no port", target.host()),
         });
     };
     let upstreams = &worker.gateway().config().upstreams;
@@ -115,8 +116,15 @@ async fn connect(
         });
         return established();
     }
-    let wanted = target.as_str().to_ascii_lowercase();
+    // `host:port`, without any userinfo (`user:secret@`), which is never
+    // logged or echoed.
+    let wanted = format!("{}:{port}", target.host()).to_ascii_lowercase();
     if fp.allow_tunnel.contains(&wanted) {
+        // Where clients are told apart by key, a tunnel is theirs alone.
+        if !known_client(&worker, credential.as_ref()) {
+            tracing::debug!(target = %wanted, "blind tunnel refused: no known client key");
+            return refuse(GatewayError::ProxyUnauthorized { target: wanted });
+        }
         // An IPv6 literal comes bracketed, as in a URI.
         let host = target.host().trim_start_matches('[').trim_end_matches(']');
         let tcp = match tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect((host, port))).await {
@@ -144,6 +152,21 @@ async fn connect(
     }
     tracing::debug!(target = %wanted, "forward proxy refused a CONNECT");
     refuse(GatewayError::ProxyRefused { target: wanted })
+}
+
+/// Whether `credential` names a configured client, where the gateway tells
+/// its clients apart by key; any caller may tunnel where it does not.
+fn known_client(worker: &Worker, credential: Option<&ClientCredential>) -> bool {
+    let config = worker.gateway().config();
+    let roster = &config.clients;
+    if roster.mode != IdentityMode::Key {
+        return true;
+    }
+    let mut headers = http::HeaderMap::new();
+    if let Some(key) = credential.and_then(|c| http::HeaderValue::from_str(&c.key).ok()) {
+        headers.insert(roster.header.clone(), key);
+    }
+    roster.identify(&headers, None).is_ok()
 }
 
 /// `200 Connection established`, after which the connection is the tunnel's.
