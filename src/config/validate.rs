@@ -592,6 +592,9 @@ fn upstreams(file: &File, p: &mut Problems) -> Vec<Upstream> {
             }
         });
         let connect_to = u.connect_to.as_ref().map(|a| p.addr(&field.at("connect_to"), a));
+        if let (Some(to), Some((_, authority))) = (connect_to, &parts) {
+            connect_to_problems(&field, to, authority, &out, p);
+        }
         match parts {
             Some((scheme, authority)) => out.push(Upstream::new(
                 u.name.clone(),
@@ -610,9 +613,86 @@ fn upstreams(file: &File, p: &mut Problems) -> Vec<Upstream> {
     out
 }
 
+/// What `connect_to` cannot do: the connection keeps a port the URL names,
+/// an IP address in the URL is never resolved, and one host has one
+/// address for every upstream that names it.
+fn connect_to_problems(
+    field: &Field,
+    to: SocketAddr,
+    authority: &http::uri::Authority,
+    earlier: &[Upstream],
+    p: &mut Problems,
+) {
+    let at = field.at("connect_to");
+    if authority.port_u16().is_some_and(|port| port != to.port()) {
+        p.push(
+            &at,
+            format!(
+                "port {} differs from the url's port {}: connections keep the url's port; use the same port, or leave it out of the url",
+                to.port(),
+                authority.port_u16().unwrap_or_default()
+            ),
+        );
+    }
+    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        p.push(
+            &at,
+            "has no effect: the url names an IP address, which is never resolved; put the address in url",
+        );
+    }
+    let same =
+        earlier.iter().find(|u| u.host().eq_ignore_ascii_case(authority.host()) && u.connect_to != Some(to));
+    if let Some(other) = same {
+        p.push(
+            &at,
+            format!(
+                "upstream `{}` names the same host with another address: one host has one connect_to",
+                other.name
+            ),
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::{Config, ConfigError};
+
+    #[test]
+    fn a_connect_to_the_connection_would_not_follow_is_refused() {
+        let text = r#"listen = "127.0.0.1:1"
+admin_listen = "127.0.0.1:2"
+[[upstream]]
+name = "a"
+url = "http://api.example:8080"
+kind = "defender"
+connect_to = "10.0.0.7:9000"
+[[upstream]]
+name = "b"
+url = "http://10.0.0.8"
+kind = "graph"
+connect_to = "10.0.0.9:80"
+[[upstream]]
+name = "c"
+url = "https://API.example"
+kind = "defender"
+connect_to = "10.0.0.6:443"
+[[upstream]]
+name = "d"
+url = "https://other.example:8443"
+kind = "defender"
+connect_to = "10.0.0.5:8443"
+"#;
+        let err = Config::from_toml(text, "t.toml").unwrap_err().to_string();
+        for expected in [
+            "t.toml:7: upstream[0] (a).connect_to: port 9000 differs from the url's port 8080",
+            "t.toml:12: upstream[1] (b).connect_to: has no effect: the url names an IP address",
+            "t.toml:17: upstream[2] (c).connect_to: upstream `a` names the same host with another address",
+        ] {
+            assert!(err.contains(expected), "{expected}\n{err}");
+        }
+        assert!(!err.contains("(d)"), "a matching port is fine: {err}");
+    }
 
     #[test]
     fn a_bad_default_is_reported_once_where_it_is_written() {
