@@ -2,7 +2,9 @@
 //!
 //! Only hosts of the upstream table get a leaf: the cache is indexed by
 //! upstream, so it is bounded by the configuration and no client can make
-//! the gateway mint a certificate for any other name. A leaf is valid for
+//! the gateway mint a certificate for any other name. A slot keeps the host
+//! its leaf names, so a reload that gives an upstream another host mints a
+//! leaf for the new one. A leaf is valid for
 //! [`VALIDITY`] and re-minted after [`REMINT_AFTER`], so a gateway that runs
 //! for months never serves an expired one. Each entry is a ready rustls
 //! server config, shared by every worker.
@@ -41,8 +43,8 @@ pub struct LeafCerts {
     slots: Vec<Mutex<Option<Minted>>>,
 }
 
-/// A leaf's server config and when it was minted.
-type Minted = (Instant, Arc<ServerConfig>);
+/// A leaf's server config, the host it names, and when it was minted.
+type Minted = (Instant, String, Arc<ServerConfig>);
 
 impl LeafCerts {
     pub fn new(ca: Arc<LocalCa>, upstreams: usize) -> Self {
@@ -52,15 +54,16 @@ impl LeafCerts {
     /// The TLS server config presenting a leaf for `host`, the name of upstream `index`.
     pub fn server_config(&self, index: usize, host: &str) -> Result<Arc<ServerConfig>, LeafError> {
         let slot = &self.slots[index];
-        if let Some((minted, config)) = &*slot.lock().unwrap_or_else(|e| e.into_inner()) {
-            if minted.elapsed() < REMINT_AFTER {
+        if let Some((minted, named, config)) = &*slot.lock().unwrap_or_else(|e| e.into_inner()) {
+            if minted.elapsed() < REMINT_AFTER && named.eq_ignore_ascii_case(host) {
                 return Ok(config.clone());
             }
         }
         // Minting takes about a millisecond; two racing first CONNECTs both
         // mint, and the last one stays. No lock is held while minting.
         let config = Arc::new(self.mint(host)?);
-        *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), config.clone()));
+        *slot.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((Instant::now(), host.to_string(), config.clone()));
         tracing::debug!(host, "minted a leaf certificate");
         Ok(config)
     }
@@ -104,5 +107,10 @@ mod tests {
         let other = leaves.server_config(1, "graph.microsoft.com").unwrap();
         assert!(!Arc::ptr_eq(&first, &other), "one leaf per upstream");
         assert_eq!(first.alpn_protocols, vec![b"http/1.1".to_vec()]);
+        // A reload gave upstream 0 another host: its leaf names the new one.
+        let moved = leaves.server_config(0, "eu.api.security.microsoft.com").unwrap();
+        assert!(!Arc::ptr_eq(&first, &moved), "a leaf for the new host");
+        let moved_again = leaves.server_config(0, "EU.api.security.microsoft.com").unwrap();
+        assert!(Arc::ptr_eq(&moved, &moved_again), "cached under the new host, in any case");
     }
 }
