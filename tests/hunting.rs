@@ -294,7 +294,11 @@ async fn stats_last_is_still_metered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gzip_result_passes_compressed_and_is_metered_from_its_stats() {
     let emu = Emulator::start(EmulatorConfig::new()).await;
-    let gw = TestGateway::start(&emu.url(), &hunting_config(r#"[{ limit = "10m", per = "1h" }]"#, "")).await;
+    let gw = TestGateway::start(
+        &emu.url(),
+        &hunting_config(r#"[{ limit = "10m", per = "1h" }]"#, "stats_prefix_bytes = 1024"),
+    )
+    .await;
     let gzip_post = |q: &str| {
         client()
             .post(gw.url(HUNT))
@@ -315,10 +319,15 @@ async fn a_gzip_result_passes_compressed_and_is_metered_from_its_stats() {
     assert_eq!(r.headers()["content-encoding"], "gzip");
     assert_eq!(r.headers()["x-quotagate-execution-time"], "0.25", "Stats read from the decoded body");
     assert_eq!(unpack(&r.bytes().await.unwrap()), hunt::response_body(&q, false));
-    // Stats last, after 400 KB: metered as the compressed body streams.
-    let q = query(0.3, "bytes=400000 stats=last");
+    // Stats last, after 400 KB that compress to about 200 KB, far past the
+    // 1 KB held back: metered as the compressed body streams on.
+    let q = query(0.3, "bytes=400000 stats=last pad=random");
     let r = gzip_post(&q).await.unwrap();
     assert_eq!(r.headers()["content-encoding"], "gzip");
+    assert!(
+        !r.headers().contains_key("x-quotagate-execution-time"),
+        "Stats were not in the held-back prefix, so the headers cannot say them"
+    );
     assert_eq!(unpack(&r.bytes().await.unwrap()), hunt::response_body(&q, false));
     let l = quota(&gw).await;
     let charged = ledger(&l, "t")["budgets"][0]["charged_seconds"].as_f64().unwrap();

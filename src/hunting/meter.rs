@@ -110,12 +110,14 @@ impl Reader {
         self.0.write(data);
     }
 
-    /// Whether the body's coding can be read at all.
+    /// Whether the body's bytes are still being read: its coding is one
+    /// read here, and it has decoded so far.
     fn readable(&self) -> bool {
-        self.0.sink().is_some()
+        self.0.decoding()
     }
 
-    /// What the scanner read; nothing when the body cannot be decoded.
+    /// What the scanner read, up to the end or the first byte that did not
+    /// decode; nothing for a coding not read here.
     fn stats(&self) -> Stats {
         self.0.sink().map_or_else(Stats::default, |sink| sink.0.stats())
     }

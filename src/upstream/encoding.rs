@@ -58,9 +58,18 @@ fn readable(coding: &str) -> bool {
     ["gzip", "x-gzip", "deflate", "identity"].iter().any(|c| coding.eq_ignore_ascii_case(c))
 }
 
+/// Whether an `Accept-Encoding` item carries the weight 0 (`q=0`, `q=0.000`).
+fn refused(item: &str) -> bool {
+    item.split(';').skip(1).filter_map(|p| p.split_once('=')).any(|(name, value)| {
+        name.trim().eq_ignore_ascii_case("q") && value.trim().parse::<f64>().is_ok_and(|q| q <= 0.0)
+    })
+}
+
 /// Keep in `Accept-Encoding` only the codings [`Decoder`] reads, with their
 /// weights; `identity` when none is left. A request without the header is
-/// left without it.
+/// left without it. Where a coding was dropped, a refusal of `identity`
+/// (`identity;q=0`) is dropped too: the client may then get the plain
+/// body, which every client reads, rather than no acceptable answer.
 pub fn narrow_accept_encoding(headers: &mut HeaderMap) {
     if !headers.contains_key(ACCEPT_ENCODING) {
         return;
@@ -84,51 +93,76 @@ pub fn narrow_accept_encoding(headers: &mut HeaderMap) {
     if !dropped {
         return;
     }
+    kept.retain(|item| {
+        let coding = item.split(';').next().unwrap_or_default().trim();
+        !(coding.eq_ignore_ascii_case("identity") && refused(item))
+    });
     let value = if kept.is_empty() { "identity".to_string() } else { kept.join(", ") };
     headers.insert(ACCEPT_ENCODING, HeaderValue::from_str(&value).expect("kept from valid values"));
 }
 
 /// A streaming decoder that writes what it decodes into `W`, in constant memory.
-pub enum Decoder<W: Write> {
+pub struct Decoder<W: Write> {
+    inner: Inner<W>,
+    /// The stream failed to decode: nothing more is fed, and what was
+    /// decoded before the failure stays in the sink.
+    failed: bool,
+}
+
+enum Inner<W: Write> {
     Identity(W),
     Gzip(Box<GzDecoder<W>>),
     Deflate(Box<ZlibDecoder<W>>),
-    /// A coding not read here, or a stream that failed to decode.
+    /// A coding not read here.
     Unreadable,
 }
 
 impl<W: Write> Decoder<W> {
     pub fn new(coding: Coding, sink: W) -> Self {
-        match coding {
-            Coding::Identity => Decoder::Identity(sink),
-            Coding::Gzip => Decoder::Gzip(Box::new(GzDecoder::new(sink))),
-            Coding::Deflate => Decoder::Deflate(Box::new(ZlibDecoder::new(sink))),
-            Coding::Other => Decoder::Unreadable,
-        }
+        let inner = match coding {
+            Coding::Identity => Inner::Identity(sink),
+            Coding::Gzip => Inner::Gzip(Box::new(GzDecoder::new(sink))),
+            Coding::Deflate => Inner::Deflate(Box::new(ZlibDecoder::new(sink))),
+            Coding::Other => Inner::Unreadable,
+        };
+        Decoder { inner, failed: false }
     }
 
     /// Decode `data` into the sink, all that it yields (a flate2 writer
-    /// keeps decoded bytes back until flushed); a corrupt stream makes the
-    /// rest unreadable.
+    /// keeps decoded bytes back until flushed). A corrupt stream, or bytes
+    /// after the end of a compressed one, stop the decoding; what was
+    /// decoded before them stays readable.
     pub fn write(&mut self, data: &[u8]) {
-        let result = match self {
-            Decoder::Identity(sink) => sink.write_all(data),
-            Decoder::Gzip(d) => d.write_all(data).and_then(|()| d.flush()),
-            Decoder::Deflate(d) => d.write_all(data).and_then(|()| d.flush()),
-            Decoder::Unreadable => Ok(()),
-        };
-        if result.is_err() {
-            *self = Decoder::Unreadable;
+        if self.failed {
+            return;
         }
+        let result = match &mut self.inner {
+            Inner::Identity(sink) => sink.write_all(data),
+            Inner::Gzip(d) => {
+                let wrote = d.write_all(data);
+                wrote.and(d.flush())
+            }
+            Inner::Deflate(d) => {
+                let wrote = d.write_all(data);
+                wrote.and(d.flush())
+            }
+            Inner::Unreadable => Ok(()),
+        };
+        self.failed = result.is_err();
     }
 
-    /// What was decoded into; `None` when nothing could be.
+    /// Whether bytes written from now on are still decoded.
+    pub fn decoding(&self) -> bool {
+        !self.failed && !matches!(self.inner, Inner::Unreadable)
+    }
+
+    /// What was decoded into; `None` for a coding not read here.
     pub fn sink(&self) -> Option<&W> {
-        match self {
-            Decoder::Identity(sink) => Some(sink),
-            Decoder::Gzip(d) => Some(d.get_ref()),
-            Decoder::Deflate(d) => Some(d.get_ref()),
-            Decoder::Unreadable => None,
+        match &self.inner {
+            Inner::Identity(sink) => Some(sink),
+            Inner::Gzip(d) => Some(d.get_ref()),
+            Inner::Deflate(d) => Some(d.get_ref()),
+            Inner::Unreadable => None,
         }
     }
 }
@@ -184,6 +218,10 @@ mod tests {
         assert_eq!(narrowed(&["GZIP"]), ["GZIP"], "already readable: untouched");
         assert_eq!(narrowed(&["gzip", "deflate"]), ["gzip", "deflate"], "two lines, both readable");
         assert!(narrowed(&[]).is_empty(), "no header stays no header");
+        assert_eq!(narrowed(&["br, identity;q=0"]), ["identity"], "the plain body, not none at all");
+        assert_eq!(narrowed(&["br, gzip, identity; q=0.0"]), ["gzip"]);
+        assert_eq!(narrowed(&["gzip, identity;q=0"]), ["gzip, identity;q=0"], "nothing dropped: untouched");
+        assert_eq!(narrowed(&["br, identity;q=0.5"]), ["identity;q=0.5"]);
     }
 
     #[test]
@@ -211,10 +249,25 @@ mod tests {
     }
 
     #[test]
-    fn a_corrupt_stream_becomes_unreadable() {
+    fn a_corrupt_stream_stops_decoding() {
         let mut d = Decoder::new(Coding::Gzip, Vec::new());
         d.write(b"this is not gzip at all");
-        assert!(d.sink().is_none());
+        assert!(!d.decoding());
+        assert!(d.sink().expect("gzip is read here").is_empty());
+        assert!(Decoder::new(Coding::Other, Vec::new()).sink().is_none());
+    }
+
+    #[test]
+    fn bytes_after_the_end_keep_what_was_decoded() {
+        let plain = br#"{"Stats":{"ExecutionTime":1.5}}"#;
+        let mut packed = gzip(plain);
+        packed.extend_from_slice(b"trailing bytes that are no gzip member");
+        let mut d = Decoder::new(Coding::Gzip, Vec::new());
+        d.write(&packed);
+        assert!(!d.decoding(), "the trailing bytes stop the decoding");
+        assert_eq!(d.sink().expect("decoded before the failure"), plain);
+        d.write(b"more");
+        assert_eq!(d.sink().unwrap(), plain, "nothing more is fed");
     }
 
     #[test]

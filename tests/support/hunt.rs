@@ -7,7 +7,9 @@
 //!   without it the query takes no time and reports 0.01;
 //! - `rows=N`: `Stats.dataset_statistics[0].table_row_count` (default 1);
 //! - `bytes=N`: the response is padded with result rows to about N bytes;
-//! - `stats=last` puts `Stats` after `Results`, `stats=none` leaves it out.
+//! - `stats=last` puts `Stats` after `Results`, `stats=none` leaves it out;
+//! - `pad=random` fills the rows with pseudo-random hex digits instead of one
+//!   repeated letter, so that a compressed result stays about half its size.
 
 use std::time::Duration;
 
@@ -29,6 +31,8 @@ pub struct HuntSpec {
     pub rows: u64,
     pub bytes: usize,
     pub stats: StatsAt,
+    /// Rows padded with pseudo-random digits (`pad=random`).
+    pub random_pad: bool,
 }
 
 impl HuntSpec {
@@ -47,6 +51,7 @@ impl HuntSpec {
                 Some("none") => StatsAt::None,
                 _ => StatsAt::First,
             },
+            random_pad: value("pad=") == Some("random"),
         }
     }
 
@@ -78,11 +83,22 @@ pub fn response_body(query: &str, graph: bool) -> Bytes {
     );
     let mut results = String::with_capacity(spec.bytes + 64);
     results.push_str(if graph { r#""results":["# } else { r#""Results":["# });
-    let pad = "a".repeat(1000);
+    let mut pad = "a".repeat(1000);
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     let mut i = 0u64;
     loop {
         if i > 0 {
             results.push(',');
+        }
+        if spec.random_pad {
+            pad.clear();
+            while pad.len() < 1000 {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                pad.push_str(&format!("{seed:016x}"));
+            }
+            pad.truncate(1000);
         }
         results.push_str(&format!(r#"{{"x":"row-{i:08}-{pad}"}}"#));
         i += 1;
