@@ -65,7 +65,7 @@ max_wait = "10s"
             let status = r.status().as_u16();
             let retry_after = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
             let body: serde_json::Value = r.json().await.expect("a complete JSON body");
-            (status, retry_after, body)
+            (status, retry_after, body, Instant::now())
         })
     };
     let started = Instant::now();
@@ -89,7 +89,11 @@ max_wait = "10s"
     let refused: Vec<_> = answers.iter().filter(|a| a.0 == 503).collect();
     assert_eq!(ok, 4, "the two in flight and the two whose slots came within the drain: {answers:?}");
     assert_eq!(refused.len(), 3, "{answers:?}");
-    for (_, retry_after, body) in refused {
+    for (_, retry_after, body, answered) in refused {
+        // Answered once its slot is known to come too late, well before
+        // the drain's end (1.5 s after the signal), not held until then.
+        let after = answered.duration_since(stopped);
+        assert!(after < Duration::from_millis(1100), "a refused call waited {after:?} after the signal");
         let secs: u64 = retry_after.as_deref().expect("Retry-After").parse().unwrap();
         assert!((1..=3).contains(&secs), "the time until its slot: {secs}");
         assert_eq!(body["error"]["code"], "ServiceUnavailable", "{body}");

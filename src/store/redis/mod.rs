@@ -295,6 +295,12 @@ impl RedisStore {
     /// The gateway is stopping: from now on a request waiting for a slot or
     /// for running time that comes later than `within` from now is turned
     /// away ([`Reason::Draining`](crate::admission::rejection::Reason)).
+    ///
+    /// Only Redis knows when a key's next slot is, so a queued request
+    /// learns it is too late when the waiter ahead of it asks: once the
+    /// next slot Redis names comes after the drain, every waiter of that key
+    /// on this replica is turned away at once. Waiters behind one whose slot
+    /// comes in time wait for it to go first.
     pub fn drain(&self, within: Duration) {
         self.drain.start(self.clock.now(), within);
     }

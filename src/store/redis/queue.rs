@@ -40,6 +40,9 @@ struct Waiting {
     next_id: u64,
     /// The waiter asking Redis, or sleeping until the time it named.
     asking: Option<u64>,
+    /// Draining: the slot Redis named to a waiter, which came after the
+    /// drain's end (clock time). No waiter here gets an earlier one.
+    refused_from: Option<u64>,
 }
 
 impl Waiting {
@@ -56,6 +59,15 @@ impl Waiting {
             if let Some(w) = self.waiters.iter().find(|w| w.ticket.id == next) {
                 w.wake.notify_one();
             }
+        }
+    }
+
+    /// A waiter learned that the next slot, `at`, comes after the drain:
+    /// every waiter is woken to be turned away at once, not each in turn.
+    fn refuse_all_from(&mut self, at: u64) {
+        self.refused_from = Some(self.refused_from.map_or(at, |from| from.min(at)));
+        for w in &self.waiters {
+            w.wake.notify_one();
         }
     }
 
@@ -225,6 +237,11 @@ impl RedisStore {
             // Whose turn it is: `Some(at)` when it is this request's from `at`.
             let turn = {
                 let mut st = queue.lock();
+                if let Some(from) = st.refused_from.filter(|&from| self.drain.past(from)) {
+                    drop(st);
+                    let wait = Duration::from_nanos(from.saturating_sub(now));
+                    return Ok(Err(rejection(Reason::Draining, wait, None)));
+                }
                 let retention = st.retention;
                 st.lanes.prune(retention, now);
                 let chosen = st.lanes.pick(st.tickets(), &policy.windows, guard, now);
@@ -254,8 +271,12 @@ impl RedisStore {
                         }
                         Answer::NotBefore { wait, window } => {
                             // Draining, the head learns its slot; those behind
-                            // it come no sooner, and each learns its own in turn.
+                            // it come no sooner, so a slot past the drain turns
+                            // them all away.
                             if self.past_drain(wait) {
+                                let at =
+                                    now.saturating_add(u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX));
+                                queue.lock().refuse_all_from(at);
                                 return Ok(Err(rejection(Reason::Draining, wait, window)));
                             }
                             if started.elapsed() + wait > max_wait {
