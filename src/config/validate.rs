@@ -592,8 +592,8 @@ fn upstreams(file: &File, p: &mut Problems) -> Vec<Upstream> {
             }
         });
         let connect_to = u.connect_to.as_ref().map(|a| p.addr(&field.at("connect_to"), a));
-        if let (Some(to), Some((_, authority))) = (connect_to, &parts) {
-            connect_to_problems(&field, to, authority, &out, p);
+        if let Some((_, authority)) = &parts {
+            connect_to_problems(&field, connect_to, authority, &out, p);
         }
         match parts {
             Some((scheme, authority)) => out.push(Upstream::new(
@@ -614,43 +614,58 @@ fn upstreams(file: &File, p: &mut Problems) -> Vec<Upstream> {
 }
 
 /// What `connect_to` cannot do: the connection keeps a port the URL names,
-/// an IP address in the URL is never resolved, and one host has one
-/// address for every upstream that names it.
+/// an IP address in the URL is never resolved, and a host resolves to one
+/// address for every upstream that names it (the override is per host).
 fn connect_to_problems(
     field: &Field,
-    to: SocketAddr,
+    to: Option<SocketAddr>,
     authority: &http::uri::Authority,
     earlier: &[Upstream],
     p: &mut Problems,
 ) {
     let at = field.at("connect_to");
-    if authority.port_u16().is_some_and(|port| port != to.port()) {
-        p.push(
-            &at,
-            format!(
-                "port {} differs from the url's port {}: connections keep the url's port; use the same port, or leave it out of the url",
-                to.port(),
-                authority.port_u16().unwrap_or_default()
-            ),
-        );
+    if let Some(to) = to {
+        if authority.port_u16().is_some_and(|port| port != to.port()) {
+            p.push(
+                &at,
+                format!(
+                    "port {} differs from the url's port {}: connections keep the url's port; use the same port, or leave it out of the url",
+                    to.port(),
+                    authority.port_u16().unwrap_or_default()
+                ),
+            );
+        }
+        let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+        if host.parse::<std::net::IpAddr>().is_ok() {
+            p.push(
+                &at,
+                "has no effect: the url names an IP address, which is never resolved; put the address in url",
+            );
+        }
     }
-    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
-    if host.parse::<std::net::IpAddr>().is_ok() {
-        p.push(
-            &at,
-            "has no effect: the url names an IP address, which is never resolved; put the address in url",
-        );
-    }
-    let same =
-        earlier.iter().find(|u| u.host().eq_ignore_ascii_case(authority.host()) && u.connect_to != Some(to));
-    if let Some(other) = same {
-        p.push(
-            &at,
-            format!(
-                "upstream `{}` names the same host with another address: one host has one connect_to",
-                other.name
-            ),
-        );
+    // Upstreams of one host share its override, whichever order they come in.
+    let same_host = earlier.iter().filter(|u| u.host().eq_ignore_ascii_case(authority.host()));
+    for other in same_host {
+        let clash = match (to, other.connect_to) {
+            (None, None) => None,
+            (Some(_), None) => Some("without connect_to: the override is per host; give both the same one"),
+            (None, Some(_)) => Some("with connect_to: the override is per host; give both the same one"),
+            (Some(a), Some(b)) if a.ip() != b.ip() => {
+                Some("with another address: one host has one connect_to address")
+            }
+            // Without a port in its url, a connection takes the override's port.
+            (Some(a), Some(b))
+                if a.port() != b.port()
+                    && (authority.port_u16().is_none() || other.authority.port_u16().is_none()) =>
+            {
+                Some("with another connect_to port, and a url without a port takes the override's")
+            }
+            _ => None,
+        };
+        if let Some(clash) = clash {
+            let at = if to.is_some() { at.clone() } else { field.at("url") };
+            p.push(&at, format!("upstream `{}` names the same host {clash}", other.name));
+        }
     }
 }
 
@@ -682,16 +697,31 @@ name = "d"
 url = "https://other.example:8443"
 kind = "defender"
 connect_to = "10.0.0.5:8443"
+[[upstream]]
+name = "e"
+url = "https://other.example:9443"
+kind = "graph"
+connect_to = "10.0.0.5:9443"
+[[upstream]]
+name = "f"
+url = "https://plain.example"
+kind = "defender"
+connect_to = "10.0.0.4:443"
+[[upstream]]
+name = "g"
+url = "https://PLAIN.example:8443"
+kind = "graph"
 "#;
         let err = Config::from_toml(text, "t.toml").unwrap_err().to_string();
         for expected in [
             "t.toml:7: upstream[0] (a).connect_to: port 9000 differs from the url's port 8080",
             "t.toml:12: upstream[1] (b).connect_to: has no effect: the url names an IP address",
             "t.toml:17: upstream[2] (c).connect_to: upstream `a` names the same host with another address",
+            "t.toml:35: upstream[6] (g).url: upstream `f` names the same host with connect_to",
         ] {
             assert!(err.contains(expected), "{expected}\n{err}");
         }
-        assert!(!err.contains("(d)"), "a matching port is fine: {err}");
+        assert!(!err.contains("(d)") && !err.contains("(e)"), "one address, each url its own port: {err}");
     }
 
     #[test]

@@ -6,8 +6,8 @@
 //! is read here, carried with every request of the connection as a request
 //! extension, and never forwarded upstream (it is a hop-by-hop header, which
 //! [`crate::upstream::forward`] strips). It is not verified here: it is the
-//! proxy-mode spelling of the client API key of base-URL mode, and the client
-//! keys table verifies both once it exists.
+//! proxy-mode spelling of the client API key of base-URL mode, and
+//! [`crate::identity::client`] verifies both against the configured keys.
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
