@@ -380,7 +380,9 @@ async fn gzip_if_accepted(request: &HeaderMap, r: Response) -> Response {
         v.split(',').any(|item| {
             let mut parts = item.split(';').map(str::trim);
             let coding = parts.next().unwrap_or_default();
-            let zero = parts.any(|p| p.replace(' ', "").eq_ignore_ascii_case("q=0"));
+            let zero = parts.filter_map(|p| p.split_once('=')).any(|(name, q)| {
+                name.trim().eq_ignore_ascii_case("q") && q.trim().parse::<f64>().is_ok_and(|q| q <= 0.0)
+            });
             coding.eq_ignore_ascii_case("gzip") && !zero
         })
     });
