@@ -41,8 +41,9 @@ struct Waiting {
     /// The waiter asking Redis, or sleeping until the time it named.
     asking: Option<u64>,
     /// Draining: the slot Redis named to a waiter, which came after the
-    /// drain's end (clock time). No waiter here gets an earlier one.
-    refused_from: Option<u64>,
+    /// drain's end (clock time), and the window that set it. No waiter here
+    /// gets an earlier one.
+    refused_from: Option<(u64, Option<crate::quota::Window>)>,
 }
 
 impl Waiting {
@@ -64,8 +65,10 @@ impl Waiting {
 
     /// A waiter learned that the next slot, `at`, comes after the drain:
     /// every waiter is woken to be turned away at once, not each in turn.
-    fn refuse_all_from(&mut self, at: u64) {
-        self.refused_from = Some(self.refused_from.map_or(at, |from| from.min(at)));
+    fn refuse_all_from(&mut self, at: u64, window: Option<crate::quota::Window>) {
+        if self.refused_from.is_none_or(|(from, _)| at < from) {
+            self.refused_from = Some((at, window));
+        }
         for w in &self.waiters {
             w.wake.notify_one();
         }
@@ -237,10 +240,10 @@ impl RedisStore {
             // Whose turn it is: `Some(at)` when it is this request's from `at`.
             let turn = {
                 let mut st = queue.lock();
-                if let Some(from) = st.refused_from.filter(|&from| self.drain.past(from)) {
+                if let Some((from, window)) = st.refused_from.filter(|&(from, _)| self.drain.past(from)) {
                     drop(st);
                     let wait = Duration::from_nanos(from.saturating_sub(now));
-                    return Ok(Err(rejection(Reason::Draining, wait, None)));
+                    return Ok(Err(rejection(Reason::Draining, wait, window)));
                 }
                 let retention = st.retention;
                 st.lanes.prune(retention, now);
@@ -273,10 +276,14 @@ impl RedisStore {
                             // Draining, the head learns its slot; those behind
                             // it come no sooner, so a slot past the drain turns
                             // them all away.
-                            if self.past_drain(wait) {
-                                let at =
-                                    now.saturating_add(u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX));
-                                queue.lock().refuse_all_from(at);
+                            // One reading of the clock, so the slot this
+                            // waiter is refused for is the one recorded.
+                            let at = self
+                                .clock
+                                .now()
+                                .saturating_add(u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX));
+                            if self.drain.past(at) {
+                                queue.lock().refuse_all_from(at, window);
                                 return Ok(Err(rejection(Reason::Draining, wait, window)));
                             }
                             if started.elapsed() + wait > max_wait {
