@@ -67,9 +67,10 @@ fn refused(item: &str) -> bool {
 
 /// Keep in `Accept-Encoding` only the codings [`Decoder`] reads, with their
 /// weights; `identity` when none is left. A request without the header is
-/// left without it. Where a coding was dropped, a refusal of `identity`
-/// (`identity;q=0`) is dropped too: the client may then get the plain
-/// body, which every client reads, rather than no acceptable answer.
+/// left without it. Where a coding was dropped and no coding it accepts is
+/// left, a refusal of `identity` (`identity;q=0`) is dropped too: the
+/// client may then get the plain body, which every client reads, rather
+/// than no acceptable answer. Where one is left, its refusal stands.
 pub fn narrow_accept_encoding(headers: &mut HeaderMap) {
     if !headers.contains_key(ACCEPT_ENCODING) {
         return;
@@ -93,10 +94,11 @@ pub fn narrow_accept_encoding(headers: &mut HeaderMap) {
     if !dropped {
         return;
     }
-    kept.retain(|item| {
-        let coding = item.split(';').next().unwrap_or_default().trim();
-        !(coding.eq_ignore_ascii_case("identity") && refused(item))
-    });
+    let is_identity =
+        |item: &str| item.split(';').next().unwrap_or_default().trim().eq_ignore_ascii_case("identity");
+    if !kept.iter().any(|item| !is_identity(item) && !refused(item)) {
+        kept.retain(|item| !(is_identity(item) && refused(item)));
+    }
     let value = if kept.is_empty() { "identity".to_string() } else { kept.join(", ") };
     headers.insert(ACCEPT_ENCODING, HeaderValue::from_str(&value).expect("kept from valid values"));
 }
@@ -219,7 +221,16 @@ mod tests {
         assert_eq!(narrowed(&["gzip", "deflate"]), ["gzip", "deflate"], "two lines, both readable");
         assert!(narrowed(&[]).is_empty(), "no header stays no header");
         assert_eq!(narrowed(&["br, identity;q=0"]), ["identity"], "the plain body, not none at all");
-        assert_eq!(narrowed(&["br, gzip, identity; q=0.0"]), ["gzip"]);
+        assert_eq!(
+            narrowed(&["br, gzip, identity; q=0.0"]),
+            ["gzip, identity; q=0.0"],
+            "gzip is left, so the refusal of a plain body stands"
+        );
+        assert_eq!(
+            narrowed(&["br, gzip;q=0, identity;q=0"]),
+            ["gzip;q=0"],
+            "no accepted coding left: a plain body, which no longer refused is acceptable"
+        );
         assert_eq!(narrowed(&["gzip, identity;q=0"]), ["gzip, identity;q=0"], "nothing dropped: untouched");
         assert_eq!(narrowed(&["br, identity;q=0.5"]), ["identity;q=0.5"]);
     }
