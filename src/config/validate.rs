@@ -711,6 +711,16 @@ connect_to = "10.0.0.4:443"
 name = "g"
 url = "https://PLAIN.example:8443"
 kind = "graph"
+[[upstream]]
+name = "h"
+url = "https://ports.example:8443"
+kind = "defender"
+connect_to = "10.0.0.3:8443"
+[[upstream]]
+name = "i"
+url = "https://ports.example"
+kind = "graph"
+connect_to = "10.0.0.3:443"
 "#;
         let err = Config::from_toml(text, "t.toml").unwrap_err().to_string();
         for expected in [
@@ -718,6 +728,7 @@ kind = "graph"
             "t.toml:12: upstream[1] (b).connect_to: has no effect: the url names an IP address",
             "t.toml:17: upstream[2] (c).connect_to: upstream `a` names the same host with another address",
             "t.toml:35: upstream[6] (g).url: upstream `f` names the same host with connect_to",
+            "t.toml:46: upstream[8] (i).connect_to: upstream `h` names the same host with another connect_to port",
         ] {
             assert!(err.contains(expected), "{expected}\n{err}");
         }
