@@ -8,7 +8,9 @@
 # (fuzz/corpus/<target>), grows it in /tmp/qg-corpus/<target>, and at the
 # end prints libFuzzer's counts and the plateau criterion of
 # docs/fuzzing.md: no new edge over the last half of the session's runs,
-# nor for at least 20 minutes. `--save` afterwards merges what it grew into
+# nor for at least 20 minutes. It exits with libFuzzer's status (non-zero
+# when it found a crash or a failed property). `--save` afterwards merges
+# what it grew, with what the archive already holds, into
 # fuzz/grown/<target>.tar.gz, for the next session:
 #
 #   fuzz/session.sh --save <target>
@@ -23,36 +25,49 @@ fi
 target="${1:?usage: fuzz/session.sh [--save] <target> [seconds]}"
 seconds="${2:-3600}"
 [[ -f "fuzz_targets/$target.rs" ]] || { echo "no fuzz target $target" >&2; exit 2; }
+[[ "$seconds" =~ ^[1-9][0-9]*$ ]] || { echo "seconds must be a positive whole number, not '$seconds'" >&2; exit 2; }
 
 grown="/tmp/qg-corpus/$target"
-bin="target/x86_64-unknown-linux-gnu/release/$target"
+host="$(rustc -vV | sed -n 's/^host: //p')"
+bin="${CARGO_TARGET_DIR:-target}/$host/release/$target"
 log="/tmp/qg-fuzz-$target.log"
-command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
-RUSTC_BOOTSTRAP=1 cargo fuzz build -s none "$target"
-
-if ((save)); then
-  # Keep the smallest set of inputs that covers what the grown corpus does.
-  merged="$(mktemp -d)"
-  "$bin" -merge=1 -dict="dict/$target.dict" "$merged" "$grown" "corpus/$target" >/dev/null 2>&1
-  mkdir -p grown
-  tar -czf "grown/$target.tar.gz" -C "$merged" .
-  echo "grown/$target.tar.gz: $(find "$merged" -type f | wc -l) inputs, $(du -h "grown/$target.tar.gz" | cut -f1)"
-  rm -rf "$merged"
-  exit 0
-fi
-
-mkdir -p "$grown" "artifacts/$target"
-[[ -f "grown/$target.tar.gz" ]] && tar -xzf "grown/$target.tar.gz" -C "$grown"
-args=(-artifact_prefix="artifacts/$target/" -dict="dict/$target.dict" -max_total_time="$seconds" -print_final_stats=1)
+args=(-artifact_prefix="artifacts/$target/" -dict="dict/$target.dict")
 if [[ "$target" == http ]]; then
   # A paused or starved machine must not fail an input that replays in
   # milliseconds: the check's own deadline and libFuzzer's are lengthened.
   export QG_FUZZ_HTTP_DEADLINE_S=300
   args+=(-timeout=600)
 fi
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+RUSTC_BOOTSTRAP=1 cargo fuzz build -s none "$target"
+mkdir -p "artifacts/$target"
+
+if ((save)); then
+  [[ -d "$grown" ]] || { echo "nothing to save: $grown does not exist (run a session first)" >&2; exit 1; }
+  # Keep the smallest set of inputs that covers what the archive, the
+  # session's corpus and the seeds do together.
+  work="$(mktemp -d)"
+  trap 'rm -rf "$work"' EXIT
+  mkdir "$work/merged" "$work/kept"
+  [[ -f "grown/$target.tar.gz" ]] && tar -xzf "grown/$target.tar.gz" -C "$work/kept"
+  if ! nice -n 19 "$bin" "${args[@]}" -merge=1 "$work/merged" "$work/kept" "$grown" "corpus/$target" >"$log.merge" 2>&1; then
+    echo "the merge failed; see $log.merge" >&2
+    exit 1
+  fi
+  mkdir -p grown
+  tar -czf "$work/grown.tar.gz" -C "$work/merged" .
+  mv "$work/grown.tar.gz" "grown/$target.tar.gz"
+  echo "grown/$target.tar.gz: $(find "$work/merged" -type f | wc -l) inputs, $(du -h "grown/$target.tar.gz" | cut -f1)"
+  exit 0
+fi
+
+mkdir -p "$grown"
+[[ -f "grown/$target.tar.gz" ]] && tar -xzf "grown/$target.tar.gz" -C "$grown"
+stamp="$(mktemp)"
+trap 'rm -f "$stamp"' EXIT
 started=$(date +%s)
 status=0
-nice -n 19 "$bin" "${args[@]}" "$grown" "corpus/$target" >"$log" 2>&1 || status=$?
+nice -n 19 "$bin" "${args[@]}" -max_total_time="$seconds" -print_final_stats=1 "$grown" "corpus/$target" >"$log" 2>&1 || status=$?
 ended=$(date +%s)
 
 # libFuzzer's status lines: "#RUNS <event> cov: C ft: F ...".
@@ -63,12 +78,13 @@ awk -v secs=$((ended - started)) -v status="$status" -v logfile="$log" '
     n++; r[n] = runs; c[n] = cov
   }
   END {
-    if (n == 0) { print "no libFuzzer status in " logfile; exit 1 }
+    if (n == 0) { print "no libFuzzer status in " logfile " (exit status " status ")"; exit }
     last = r[n]; top = c[n]; since = last
     for (i = n; i >= 1 && c[i] == top; i--) since = r[i]
-    half = 0; for (i = 1; i <= n && r[i] <= last / 2; i++) half = c[i]
+    half = c[1]; for (i = 1; i <= n && r[i] <= last / 2; i++) half = c[i]
     printf "runs %d in %d s, cov %d, ft %d, exit status %d\n", last, secs, top, ft, status
     printf "cov first reached at run %d: %.1f%% of the runs since (about %.0f minutes at the mean rate); %+d edges over the last half of the runs\n", since, 100 * (last - since) / last, (last - since) / last * secs / 60, top - half
     print "log: " logfile
   }' "$log"
-ls "artifacts/$target" | sed 's/^/artifact: /'
+find "artifacts/$target" -type f -newer "$stamp" | sed 's/^/artifact: /'
+exit "$status"
