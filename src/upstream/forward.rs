@@ -69,6 +69,20 @@ fn hop_by_hop_slot(name: &HeaderName) -> Option<usize> {
     })
 }
 
+/// The gateway's own headers (`x-quotagate-*`: the client key's default
+/// name, the priority, the wait) are said to the gateway, never to the
+/// upstream: every one is removed, so a client still sending a name the
+/// running config no longer reads (a key header renamed by a reload, say)
+/// does not pass it on. A renamed `api_key_header` outside this prefix is
+/// removed where the client is identified.
+pub fn strip_gateway_headers(headers: &mut HeaderMap) {
+    const PREFIX: &str = "x-quotagate-";
+    let own: Vec<HeaderName> = headers.keys().filter(|k| k.as_str().starts_with(PREFIX)).cloned().collect();
+    for name in own {
+        headers.remove(name);
+    }
+}
+
 /// Remove hop-by-hop headers, including any named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // One pass notes which are present (most messages carry one or none),
@@ -128,8 +142,7 @@ pub async fn send(
     parts.version = http::Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(header::HOST);
-    // Said to the gateway, not to the upstream.
-    parts.headers.remove(GATEWAY_ONLY);
+    strip_gateway_headers(&mut parts.headers);
     let announced = parts.headers.contains_key(header::CONTENT_LENGTH);
     let body = if announced || http_body::Body::is_end_stream(&body) {
         body
@@ -193,6 +206,23 @@ mod tests {
         strip_hop_by_hop(&mut h);
         let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, vec!["content-encoding", "authorization"]);
+    }
+
+    #[test]
+    fn the_gateways_own_headers_never_go_upstream() {
+        let mut h = HeaderMap::new();
+        for name in ["x-quotagate-key", "x-quotagate-max-wait", "x-quotagate-priority", "x-quotagate-old-key"]
+        {
+            h.append(HeaderName::from_static(name), "k".parse().unwrap());
+        }
+        h.append(HeaderName::from_static("x-quotagate-key"), "second".parse().unwrap());
+        for name in ["authorization", "x-quotagatex", "x-ms-quotagate-key"] {
+            h.append(HeaderName::from_static(name), "1".parse().unwrap());
+        }
+        strip_gateway_headers(&mut h);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, vec!["authorization", "x-ms-quotagate-key", "x-quotagatex"]);
     }
 
     #[test]
