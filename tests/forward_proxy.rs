@@ -482,8 +482,9 @@ async fn proxy_authorization_names_the_client_in_shared_mode() {
 }
 
 /// In shared mode a blind tunnel is the clients' alone: a CONNECT without a
-/// known key in `Proxy-Authorization` gets 407 with a Basic challenge, and
-/// nothing is dialled; the right key opens the tunnel.
+/// known key in `Proxy-Authorization` gets 407 with a Basic challenge,
+/// whether the target is listed or not, and nothing is dialled; the right
+/// key opens the tunnel, and gets 403 for an unlisted target.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_shared_mode_a_blind_tunnel_needs_a_known_key() {
     use base64::Engine as _;
@@ -509,12 +510,17 @@ async fn in_shared_mode_a_blind_tunnel_needs_a_known_key() {
         let encoded = base64::engine::general_purpose::STANDARD.encode(user);
         format!("Proxy-Authorization: Basic {encoded}\r\n")
     };
-    for headers in [String::new(), basic("soc-team:wrong-key")] {
-        let (head, _) = connect_with(s.proxy(), &echo_addr.to_string(), &headers).await;
-        assert!(head.starts_with("HTTP/1.1 407"), "{headers:?}: {head}");
-        assert!(head.to_ascii_lowercase().contains("proxy-authenticate: basic"), "{head}");
+    // Listed or not, a target answers the same to a caller without a key.
+    for target in [echo_addr.to_string(), "example.org:443".to_string()] {
+        for headers in [String::new(), basic("soc-team:wrong-key")] {
+            let (head, _) = connect_with(s.proxy(), &target, &headers).await;
+            assert!(head.starts_with("HTTP/1.1 407"), "{target} {headers:?}: {head}");
+            assert!(head.to_ascii_lowercase().contains("proxy-authenticate: basic"), "{head}");
+        }
     }
     assert_eq!(dialled.load(std::sync::atomic::Ordering::SeqCst), 0, "a refused tunnel dials nothing");
+    let (head, _) = connect_with(s.proxy(), "example.org:443", &basic("soc-team:proxy-key")).await;
+    assert!(head.starts_with("HTTP/1.1 403"), "a known client, an unlisted target: {head}");
     let (head, mut tunnel) =
         connect_with(s.proxy(), &echo_addr.to_string(), &basic("soc-team:proxy-key")).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");

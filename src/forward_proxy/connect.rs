@@ -119,12 +119,14 @@ async fn connect(
     // `host:port`, without any userinfo (`user:secret@`), which is never
     // logged or echoed.
     let wanted = format!("{}:{port}", target.host()).to_ascii_lowercase();
+    // Where clients are told apart by key, a tunnel is theirs alone; and a
+    // caller without a key learns nothing of which targets are allowed:
+    // every target but the upstreams gets the same 407.
+    if !known_client(&worker, credential.as_ref()) {
+        tracing::debug!(target = %wanted, "CONNECT refused: no known client key");
+        return refuse(GatewayError::ProxyUnauthorized { target: wanted });
+    }
     if fp.allow_tunnel.contains(&wanted) {
-        // Where clients are told apart by key, a tunnel is theirs alone.
-        if !known_client(&worker, credential.as_ref()) {
-            tracing::debug!(target = %wanted, "blind tunnel refused: no known client key");
-            return refuse(GatewayError::ProxyUnauthorized { target: wanted });
-        }
         // An IPv6 literal comes bracketed, as in a URI.
         let host = target.host().trim_start_matches('[').trim_end_matches(']');
         let tcp = match tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect((host, port))).await {

@@ -9,7 +9,8 @@
 //! identity, same errors, forwarded over verified TLS to the real host.
 //! A plain-HTTP absolute-form request (`GET http://host/...`) to such a host
 //! takes the same path. `CONNECT` to a target that `allow_tunnel` lists is
-//! a blind tunnel, never inspected nor metered; any other target gets 403.
+//! a blind tunnel, never inspected nor metered; any other target gets 403
+//! (407 first, listed or not, where clients need a key and have none).
 //! `Proxy-Authorization` is read into a [`credential::ClientCredential`]
 //! that rides with the connection's requests and is never forwarded; the
 //! request path takes its key as the client's API key (shared mode).
