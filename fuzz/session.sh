@@ -55,8 +55,12 @@ if ((save)); then
     exit 1
   fi
   mkdir -p grown
-  tar -czf "$work/grown.tar.gz" -C "$work/merged" .
-  mv "$work/grown.tar.gz" "grown/$target.tar.gz"
+  # Written beside the archive, then renamed over it: never half a file.
+  next="$(mktemp "grown/.$target.XXXXXX")"
+  trap 'rm -rf "$work" "$next"' EXIT
+  tar -czf "$next" -C "$work/merged" .
+  chmod 644 "$next"
+  mv "$next" "grown/$target.tar.gz"
   echo "grown/$target.tar.gz: $(find "$work/merged" -type f | wc -l) inputs, $(du -h "grown/$target.tar.gz" | cut -f1)"
   exit 0
 fi

@@ -61,7 +61,7 @@ pub enum GatewayError {
     BadProxyRequest { detail: String },
     #[error("the blind tunnel to `{target}` could not be opened: {detail}")]
     TunnelUnreachable { target: String, detail: String },
-    #[error("the blind tunnel to `{target}` is open only to this gateway's clients: send your API key in Proxy-Authorization (HTTPS_PROXY=http://name:<key>@host:port)")]
+    #[error("CONNECT to `{target}`: this forward proxy serves only this gateway's clients: send your API key in Proxy-Authorization (HTTPS_PROXY=http://name:<key>@host:port)")]
     ProxyUnauthorized { target: String },
     /// The detail is logged, never sent.
     #[error("internal error; the gateway's log has the details")]

@@ -68,7 +68,7 @@ fn refused(item: &str) -> bool {
 /// Keep in `Accept-Encoding` only the codings [`Decoder`] reads, with their
 /// weights; `identity` when none is left. A request without the header is
 /// left without it. Where a coding was dropped and no coding it accepts is
-/// left, a refusal of `identity` (`identity;q=0`) is dropped too: the
+/// left, a refusal of the plain body (`identity;q=0`, `*;q=0`) is dropped too: the
 /// client may then get the plain body, which every client reads, rather
 /// than no acceptable answer. Where one is left, its refusal stands.
 pub fn narrow_accept_encoding(headers: &mut HeaderMap) {
@@ -84,7 +84,8 @@ pub fn narrow_accept_encoding(headers: &mut HeaderMap) {
         };
         for item in value.split(',').map(str::trim).filter(|i| !i.is_empty()) {
             let coding = item.split(';').next().unwrap_or_default().trim();
-            if readable(coding) {
+            // `*;q=0` refuses what is not listed: it never widens the answer.
+            if readable(coding) || (coding == "*" && refused(item)) {
                 kept.push(item.to_string());
             } else {
                 dropped = true;
@@ -94,10 +95,13 @@ pub fn narrow_accept_encoding(headers: &mut HeaderMap) {
     if !dropped {
         return;
     }
-    let is_identity =
-        |item: &str| item.split(';').next().unwrap_or_default().trim().eq_ignore_ascii_case("identity");
-    if !kept.iter().any(|item| !is_identity(item) && !refused(item)) {
-        kept.retain(|item| !(is_identity(item) && refused(item)));
+    // `identity` and `*` speak for the plain body.
+    let plain = |item: &str| {
+        let coding = item.split(';').next().unwrap_or_default().trim();
+        coding == "*" || coding.eq_ignore_ascii_case("identity")
+    };
+    if !kept.iter().any(|item| !plain(item) && !refused(item)) {
+        kept.retain(|item| !(plain(item) && refused(item)));
     }
     let value = if kept.is_empty() { "identity".to_string() } else { kept.join(", ") };
     headers.insert(ACCEPT_ENCODING, HeaderValue::from_str(&value).expect("kept from valid values"));
@@ -233,6 +237,8 @@ mod tests {
         );
         assert_eq!(narrowed(&["gzip, identity;q=0"]), ["gzip, identity;q=0"], "nothing dropped: untouched");
         assert_eq!(narrowed(&["br, identity;q=0.5"]), ["identity;q=0.5"]);
+        assert_eq!(narrowed(&["gzip, br, *;q=0"]), ["gzip, *;q=0"], "a refusal of the rest stands");
+        assert_eq!(narrowed(&["br, *;q=0"]), ["identity"], "no accepted coding left");
     }
 
     #[test]
