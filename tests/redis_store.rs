@@ -1,6 +1,7 @@
 //! The Redis store in-process, against a real `redis-server` of its own:
 //! many requests of one key asking at once go to Redis in few script runs,
-//! and still admit exactly what the quota allows.
+//! and still admit exactly what the quota allows; draining, a key's late
+//! waiters are turned away in one ask.
 
 mod support;
 
@@ -110,4 +111,94 @@ windows = [{{ limit = 60, per = "30s" }}, {{ limit = 25, per = "10s" }}]
     // Asks pending together share a script run.
     let runs = evalsha_calls(&mut stats);
     assert!(runs * 4 <= ASKS as u64, "{runs} script runs for {ASKS} asks");
+}
+
+/// Draining, the first waiter told its slot comes after the drain turns
+/// away every waiter of the key at once: one ask of Redis, not one each,
+/// and each refusal names the window that set the slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_turns_away_a_keys_late_waiters_in_one_ask() {
+    const WAITERS: usize = 20;
+    let redis = Redis::start();
+    let config = Config::from_toml(
+        &format!(
+            r#"
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+guard = "10ms"
+
+[[upstream]]
+name = "defender"
+url = "http://127.0.0.1:9"
+kind = "defender"
+route_prefixes = ["/api/"]
+
+[store]
+backend = "redis"
+url = "{}"
+
+[[policy]]
+name = "incidents"
+paths = ["/api/incidents"]
+windows = [{{ limit = 1, per = "5s" }}]
+max_wait = "30s"
+"#,
+            redis.url()
+        ),
+        "test",
+    )
+    .unwrap();
+    let limiter = Arc::new(Limiter::new(config.guard));
+    let estimator = Estimator { default: Duration::from_secs(1), percentile: 95, samples: 10 };
+    let runtime = RuntimeLimiter::new(config.guard, estimator);
+    let metrics = Metrics::new(1);
+    let store = Arc::new(Store::open(&config, &limiter, &runtime, &metrics).unwrap());
+    let policy = Arc::new(config.policies.0.iter().find(|p| p.name == "incidents").unwrap().clone());
+    let key = QuotaKey { policy: None, tenant: "tenant-1".into(), app: Some("app-1".into()) };
+    let depth = prometheus::IntGauge::new("depth", "queued").unwrap();
+    let mut stats = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    let max_wait = Duration::from_secs(30);
+
+    // The window's one call; every later one waits about 5 s for the next slot.
+    let first = store.acquire(&limiter, &key, &policy, &Share::default(), max_wait, &depth).await;
+    assert!(first.is_ok(), "the first call is admitted");
+    let waiters: Vec<_> = (0..WAITERS)
+        .map(|_| {
+            let (store, limiter, policy, key, depth) =
+                (store.clone(), limiter.clone(), policy.clone(), key.clone(), depth.clone());
+            tokio::spawn(async move {
+                let r = store.acquire(&limiter, &key, &policy, &Share::default(), max_wait, &depth).await;
+                (r, tokio::time::Instant::now())
+            })
+        })
+        .collect();
+    let queued = tokio::time::Instant::now();
+    while depth.get() < WAITERS as i64 {
+        assert!(queued.elapsed() < Duration::from_secs(5), "only {} queued", depth.get());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Let the head's first ask settle: it sleeps until its slot.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = evalsha_calls(&mut stats);
+
+    let drained = tokio::time::Instant::now();
+    store.drain(Duration::from_secs(1));
+    for w in waiters {
+        let (r, answered) = w.await.unwrap();
+        match r {
+            Err(Refusal::Rejected(r)) => {
+                assert_eq!(r.reason, quotagate::admission::Reason::Draining, "{r:?}");
+                assert_eq!(r.window.map(|w| w.per), Some(Duration::from_secs(5)), "{r:?}");
+                assert!(r.retry_after > Duration::from_secs(1), "the slot comes after the drain: {r:?}");
+            }
+            other => panic!("a waiter past the drain must be turned away: {:?}", other.map(|_| ())),
+        }
+        assert!(
+            answered - drained < Duration::from_millis(500),
+            "answered {:?} after the drain",
+            answered - drained
+        );
+    }
+    let asks = evalsha_calls(&mut stats) - before;
+    assert!(asks <= 2, "{asks} asks of Redis to turn away {WAITERS} waiters");
 }
