@@ -17,24 +17,25 @@ use quotagate::store::redis::Refusal;
 use quotagate::store::Store;
 use support::process::Redis;
 
-fn evalsha_calls(c: &mut redis::Connection) -> u64 {
-    let info: String = redis::cmd("INFO").arg("commandstats").query(c).unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
-        .and_then(|l| l.split(',').next()?.parse().ok())
-        .unwrap_or(0)
+/// A Redis store in-process, with one policy `incidents` (its `rules`), and
+/// one key to ask for.
+struct Fixture {
+    store: Arc<Store>,
+    limiter: Arc<Limiter>,
+    policy: Arc<quotagate::policy::Policy>,
+    key: QuotaKey,
+    depth: prometheus::IntGauge,
+    /// A connection of its own, to read Redis's statistics.
+    stats: redis::Connection,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_burst_on_one_key_is_admitted_exactly_in_few_script_runs() {
-    const ASKS: usize = 300;
-    let redis = Redis::start();
-    let config = Config::from_toml(
-        &format!(
+impl Fixture {
+    fn open(redis: &Redis, guard: &str, rules: &str) -> Self {
+        let text = format!(
             r#"
 listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
-guard = "50ms"
+guard = "{guard}"
 
 [[upstream]]
 name = "defender"
@@ -49,23 +50,46 @@ url = "{}"
 [[policy]]
 name = "incidents"
 paths = ["/api/incidents"]
-mode = "reject"
-windows = [{{ limit = 60, per = "30s" }}, {{ limit = 25, per = "10s" }}]
+{rules}
 "#,
             redis.url()
-        ),
-        "test",
-    )
-    .unwrap();
-    let limiter = Arc::new(Limiter::new(config.guard));
-    let estimator = Estimator { default: Duration::from_secs(1), percentile: 95, samples: 10 };
-    let runtime = RuntimeLimiter::new(config.guard, estimator);
-    let metrics = Metrics::new(1);
-    let store = Arc::new(Store::open(&config, &limiter, &runtime, &metrics).unwrap());
-    let policy = Arc::new(config.policies.0.iter().find(|p| p.name == "incidents").unwrap().clone());
-    let key = QuotaKey { policy: None, tenant: "tenant-1".into(), app: Some("app-1".into()) };
-    let depth = prometheus::IntGauge::new("depth", "queued").unwrap();
-    let mut stats = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+        );
+        let config = Config::from_toml(&text, "test").unwrap();
+        let limiter = Arc::new(Limiter::new(config.guard));
+        let estimator = Estimator { default: Duration::from_secs(1), percentile: 95, samples: 10 };
+        let runtime = RuntimeLimiter::new(config.guard, estimator);
+        let metrics = Metrics::new(1);
+        let store = Arc::new(Store::open(&config, &limiter, &runtime, &metrics).unwrap());
+        let policy = Arc::new(config.policies.0.iter().find(|p| p.name == "incidents").unwrap().clone());
+        Fixture {
+            store,
+            limiter,
+            policy,
+            key: QuotaKey { policy: None, tenant: "tenant-1".into(), app: Some("app-1".into()) },
+            depth: prometheus::IntGauge::new("depth", "queued").unwrap(),
+            stats: redis::Client::open(redis.url()).unwrap().get_connection().unwrap(),
+        }
+    }
+}
+
+fn evalsha_calls(c: &mut redis::Connection) -> u64 {
+    let info: String = redis::cmd("INFO").arg("commandstats").query(c).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|l| l.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_on_one_key_is_admitted_exactly_in_few_script_runs() {
+    const ASKS: usize = 300;
+    let redis = Redis::start();
+    let Fixture { store, limiter, policy, key, depth, mut stats } = Fixture::open(
+        &redis,
+        "50ms",
+        r#"mode = "reject"
+windows = [{ limit = 60, per = "30s" }, { limit = 25, per = "10s" }]"#,
+    );
 
     let started = tokio::time::Instant::now();
     let asks: Vec<_> = (0..ASKS)
@@ -120,43 +144,12 @@ windows = [{{ limit = 60, per = "30s" }}, {{ limit = 25, per = "10s" }}]
 async fn a_drain_turns_away_a_keys_late_waiters_in_one_ask() {
     const WAITERS: usize = 20;
     let redis = Redis::start();
-    let config = Config::from_toml(
-        &format!(
-            r#"
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-guard = "10ms"
-
-[[upstream]]
-name = "defender"
-url = "http://127.0.0.1:9"
-kind = "defender"
-route_prefixes = ["/api/"]
-
-[store]
-backend = "redis"
-url = "{}"
-
-[[policy]]
-name = "incidents"
-paths = ["/api/incidents"]
-windows = [{{ limit = 1, per = "5s" }}]
-max_wait = "30s"
-"#,
-            redis.url()
-        ),
-        "test",
-    )
-    .unwrap();
-    let limiter = Arc::new(Limiter::new(config.guard));
-    let estimator = Estimator { default: Duration::from_secs(1), percentile: 95, samples: 10 };
-    let runtime = RuntimeLimiter::new(config.guard, estimator);
-    let metrics = Metrics::new(1);
-    let store = Arc::new(Store::open(&config, &limiter, &runtime, &metrics).unwrap());
-    let policy = Arc::new(config.policies.0.iter().find(|p| p.name == "incidents").unwrap().clone());
-    let key = QuotaKey { policy: None, tenant: "tenant-1".into(), app: Some("app-1".into()) };
-    let depth = prometheus::IntGauge::new("depth", "queued").unwrap();
-    let mut stats = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    let Fixture { store, limiter, policy, key, depth, mut stats } = Fixture::open(
+        &redis,
+        "10ms",
+        r#"windows = [{ limit = 1, per = "5s" }]
+max_wait = "30s""#,
+    );
     let max_wait = Duration::from_secs(30);
 
     // The window's one call; every later one waits about 5 s for the next slot.
