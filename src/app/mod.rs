@@ -28,7 +28,6 @@ use crate::config::live::Live;
 use crate::config::Config;
 use crate::error::GatewayError;
 use crate::forward_proxy::credential::ClientCredential;
-use crate::identity::client::PRIORITY_HEADER;
 use crate::identity::IdentityCache;
 use crate::metrics::{ClientMetrics, Metrics, PolicyMetrics};
 use crate::quota::{Clock, QuotaKey};
@@ -247,9 +246,9 @@ pub(crate) async fn proxy(worker: &Worker, bound: Option<usize>, req: Request) -
         return fail(GatewayError::Guarded { client: client.name.clone(), guard, retry_after });
     }
     let share = roster.share(client, req.headers());
-    // Said to the gateway, never to the upstream.
+    // Said to the gateway, never to the upstream (the `x-quotagate-*`
+    // headers, priority included, are removed where every call is sent).
     req.headers_mut().remove(&roster.header);
-    req.headers_mut().remove(PRIORITY_HEADER);
     let Some(policy) = policy else {
         client_metrics.count("unmetered");
         let timeouts = config.unmetered_timeouts;
