@@ -6,7 +6,8 @@
 mod support;
 
 use std::io::Read;
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,36 +28,51 @@ mode = "reject"
     )
 }
 
+/// The gateway binary on a config file, with its two addresses and its log.
+struct Running {
+    child: Child,
+    proxy: String,
+    admin: String,
+    logs: std::thread::JoinHandle<String>,
+}
+
+impl Running {
+    fn start(path: &Path) -> Running {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_quotagate"))
+            .args(["--config", path.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = String::new();
+        let mut stdout = child.stdout.take().unwrap();
+        while out.matches('\n').count() < 2 {
+            let mut buf = [0u8; 256];
+            let n = stdout.read(&mut buf).unwrap();
+            assert!(n > 0, "the gateway announces its listeners");
+            out.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        let addr = |what: &str| {
+            out.lines().find(|l| l.contains(what)).unwrap().rsplit("http://").next().unwrap().to_string()
+        };
+        let (proxy, admin) = (addr("proxy"), addr("admin"));
+        let mut stderr = child.stderr.take().unwrap();
+        let logs = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stderr.read_to_string(&mut text);
+            text
+        });
+        Running { child, proxy, admin, logs }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reloads_keep_quota_state_refuse_bad_files_and_fail_no_request() {
     let emu = Emulator::start(EmulatorConfig::new()).await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("quotagate.toml");
     std::fs::write(&path, config_text(&emu.url(), &policy(3))).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_quotagate"))
-        .args(["--config", path.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = String::new();
-    let mut stdout = child.stdout.take().unwrap();
-    while out.matches('\n').count() < 2 {
-        let mut buf = [0u8; 256];
-        let n = stdout.read(&mut buf).unwrap();
-        assert!(n > 0, "the gateway announces its listeners");
-        out.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
-    let addr = |what: &str| {
-        out.lines().find(|l| l.contains(what)).unwrap().rsplit("http://").next().unwrap().to_string()
-    };
-    let (proxy, admin) = (addr("proxy"), addr("admin"));
-    let mut stderr = child.stderr.take().unwrap();
-    let logs = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = stderr.read_to_string(&mut text);
-        text
-    });
+    let Running { mut child, proxy, admin, logs } = Running::start(&path);
     let http = client();
 
     // Load throughout: unmetered calls that must all succeed.
@@ -157,4 +173,60 @@ async fn reloads_keep_quota_state_refuse_bad_files_and_fail_no_request() {
     let logs = logs.join().unwrap();
     assert!(logs.contains("configuration refused"), "{logs}");
     assert!(logs.contains("policy[0] (incidents).windows[0].per"), "every problem is named: {logs}");
+}
+
+/// The config of a gateway whose one client sends its key in `header`.
+fn keyed(upstream: &str, header: &str) -> String {
+    // sha256("s3cret-tool-k3y")
+    let hash = "eb24d1fb20bff9574f720a4c9134d6719111df275b2fe7965ca9a455e705dfa5";
+    config_text(
+        upstream,
+        &format!("api_key_header = \"{header}\"\n\n[[client]]\nname = \"tool\"\nkey_sha256 = \"{hash}\"\n"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_header_renamed_by_a_reload_is_still_never_forwarded() {
+    let emu = Emulator::start(EmulatorConfig::new()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("quotagate.toml");
+    std::fs::write(&path, keyed(&emu.url(), "x-tool-key")).unwrap();
+    let Running { mut child, proxy, admin, logs } = Running::start(&path);
+    let http = client();
+    let call = |headers: &'static [(&'static str, &'static str)]| {
+        let mut req = http.get(format!("http://{proxy}/api/test/status/200"));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        async move { req.send().await.unwrap().status() }
+    };
+    assert_eq!(call(&[("x-tool-key", "s3cret-tool-k3y")]).await, 200);
+    assert_eq!(call(&[("x-team-key", "s3cret-tool-k3y")]).await, 401, "not yet the key header");
+
+    std::fs::write(&path, keyed(&emu.url(), "x-team-key")).unwrap();
+    assert!(Command::new("kill").args(["-HUP", &child.id().to_string()]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let v: serde_json::Value =
+            http.get(format!("http://{admin}/readyz")).send().await.unwrap().json().await.unwrap();
+        if v["config"]["generation"] == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the reload never applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A script not yet updated sends its key under both names, or the old one alone.
+    assert_eq!(call(&[("x-team-key", "s3cret-tool-k3y"), ("x-tool-key", "s3cret-tool-k3y")]).await, 200);
+    assert_eq!(call(&[("x-tool-key", "s3cret-tool-k3y")]).await, 401, "the old name no longer identifies");
+
+    let seen = emu.requests();
+    assert_eq!(seen.len(), 2, "the two calls with a key went upstream");
+    for r in &seen {
+        for name in ["x-tool-key", "x-team-key"] {
+            assert!(!r.headers.contains_key(name), "{name} reached the upstream: {:?}", r.headers);
+        }
+    }
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    child.wait().unwrap();
+    assert!(!logs.join().unwrap().contains("s3cret"), "no key in the logs");
 }

@@ -248,7 +248,7 @@ pub(crate) async fn proxy(worker: &Worker, bound: Option<usize>, req: Request) -
     let share = roster.share(client, req.headers());
     // Said to the gateway, never to the upstream (the `x-quotagate-*`
     // headers, priority included, are removed where every call is sent).
-    req.headers_mut().remove(&roster.header);
+    roster.strip_key_headers(req.headers_mut());
     let Some(policy) = policy else {
         client_metrics.count("unmetered");
         let timeouts = config.unmetered_timeouts;

@@ -62,9 +62,15 @@ pub struct Roster {
     pub mode: IdentityMode,
     pub header: HeaderName,
     pub allow_priority_header: bool,
+    /// Key header names this process read before a reload renamed them,
+    /// newest first: still removed from every request, never read.
+    former_headers: Vec<HeaderName>,
     /// Configured clients, then `anonymous`, then `other`.
     clients: Vec<Client>,
 }
+
+/// Most former key header names remembered (a reload per rename).
+const MAX_FORMER_HEADERS: usize = 32;
 
 impl Roster {
     /// `configured` clients get indices 0..n in order; `anonymous` and
@@ -86,7 +92,33 @@ impl Roster {
                 guard: None,
             });
         }
-        Roster { mode, header, allow_priority_header, clients }
+        Roster { mode, header, allow_priority_header, former_headers: Vec::new(), clients }
+    }
+
+    /// Carry over from the roster a reload replaces the key header names it
+    /// read, so that a client still sending its key under an old name does
+    /// not have it forwarded. Names under `x-quotagate-` need not be kept
+    /// (every such header is removed anyway).
+    pub fn inherit_headers(&mut self, old: &Roster) {
+        let names = std::iter::once(&old.header).chain(&old.former_headers);
+        for name in names {
+            if *name != self.header
+                && !name.as_str().starts_with("x-quotagate-")
+                && !self.former_headers.contains(name)
+                && self.former_headers.len() < MAX_FORMER_HEADERS
+            {
+                self.former_headers.push(name.clone());
+            }
+        }
+    }
+
+    /// Remove the key header, and any name a reload renamed it from, from
+    /// a request about to be forwarded.
+    pub fn strip_key_headers(&self, headers: &mut HeaderMap) {
+        headers.remove(&self.header);
+        for name in &self.former_headers {
+            headers.remove(name);
+        }
     }
 
     /// Every client, configured first, then `anonymous` and `other`.
@@ -214,6 +246,64 @@ mod tests {
         assert_eq!(r.share(&c, &h).class, Class::Normal);
         let r = Roster { allow_priority_header: true, ..r };
         assert_eq!(r.share(&c, &h).class, Class::Interactive);
+    }
+
+    #[test]
+    fn key_header_names_a_reload_renamed_are_still_stripped() {
+        let named = |name: &'static str| {
+            Roster::new(IdentityMode::Key, HeaderName::from_static(name), false, vec![client("soc", "k1", 0)])
+        };
+        let sent = |names: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for n in names {
+                h.insert(HeaderName::from_static(n), "k1".parse().unwrap());
+            }
+            h.insert("x-kept", "1".parse().unwrap());
+            h
+        };
+        let left = |h: &HeaderMap| {
+            let mut names: Vec<String> = h.keys().map(|k| k.to_string()).collect();
+            names.sort();
+            names
+        };
+        let all = ["x-tool-key", "x-team-key", "x-quotagate-key", "x-api-key"];
+
+        // x-tool-key, then x-team-key, then x-quotagate-key, then back to x-tool-key.
+        let mut r = named("x-team-key");
+        r.inherit_headers(&named("x-tool-key"));
+        let mut h = sent(&all);
+        r.strip_key_headers(&mut h);
+        assert_eq!(left(&h), ["x-api-key", "x-kept", "x-quotagate-key"]);
+        let old = r;
+        let mut r = named("x-quotagate-key");
+        r.inherit_headers(&old);
+        let old = r;
+        let mut r = named("x-tool-key");
+        r.inherit_headers(&old);
+        // x-quotagate-key is left to the prefix rule; x-tool-key is the current name.
+        assert_eq!(r.former_headers, [HeaderName::from_static("x-team-key")]);
+        assert_eq!(
+            r.identify(&sent(&["x-team-key"]), None).unwrap_err(),
+            ClientError::MissingKey(r.header.clone())
+        );
+        let mut h = sent(&all);
+        r.strip_key_headers(&mut h);
+        assert_eq!(left(&h), ["x-api-key", "x-kept", "x-quotagate-key"]);
+
+        // The memory is bounded; the newest names are the ones kept.
+        let mut r = named("x-tool-key");
+        for i in 0..100 {
+            let mut next = Roster::new(
+                IdentityMode::Key,
+                HeaderName::from_bytes(format!("x-key-{i}").as_bytes()).unwrap(),
+                false,
+                vec![client("soc", "k1", 0)],
+            );
+            next.inherit_headers(&r);
+            r = next;
+        }
+        assert_eq!(r.former_headers.len(), MAX_FORMER_HEADERS);
+        assert_eq!(r.former_headers[0], "x-key-98");
     }
 
     #[test]

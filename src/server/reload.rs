@@ -29,7 +29,7 @@ impl Reloader {
     }
 
     /// Apply `config`, or say why not. The same text again changes nothing.
-    pub fn apply(&self, config: Config) -> Result<Loaded, Vec<String>> {
+    pub fn apply(&self, mut config: Config) -> Result<Loaded, Vec<String>> {
         let mut loaded = self.gateway.loaded.lock().unwrap_or_else(|e| e.into_inner());
         if loaded.hash == config.source_hash {
             return Ok(loaded.clone());
@@ -41,6 +41,8 @@ impl Reloader {
             self.gateway.metrics.reload("refused");
             return Err(problems);
         }
+        // A key header renamed by this reload is still removed from requests.
+        config.clients.inherit_headers(&old.clients);
         self.gateway.replace_config(config);
         for worker in &self.workers {
             worker.refresh();

@@ -74,7 +74,7 @@ fn hop_by_hop_slot(name: &HeaderName) -> Option<usize> {
 /// upstream: every one is removed, so a client still sending a name the
 /// running config no longer reads (a key header renamed by a reload, say)
 /// does not pass it on. A renamed `api_key_header` outside this prefix is
-/// removed where the client is identified.
+/// removed where the client is identified (`Roster::strip_key_headers`).
 pub fn strip_gateway_headers(headers: &mut HeaderMap) {
     const PREFIX: &str = "x-quotagate-";
     let own: Vec<HeaderName> = headers.keys().filter(|k| k.as_str().starts_with(PREFIX)).cloned().collect();
