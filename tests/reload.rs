@@ -166,40 +166,61 @@ fn keyed(upstream: &str, header: &str) -> String {
     let hash = "eb24d1fb20bff9574f720a4c9134d6719111df275b2fe7965ca9a455e705dfa5";
     config_text(
         upstream,
-        &format!("api_key_header = \"{header}\"\n\n[[client]]\nname = \"tool\"\nkey_sha256 = \"{hash}\"\n"),
+        &format!(
+            "api_key_header = \"{header}\"\n\n[[client]]\nname = \"tool\"\nkey_sha256 = \"{hash}\"\n{}",
+            policy(100)
+        ),
     )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_header_renamed_by_a_reload_is_still_never_forwarded() {
+    const KEY: &str = "s3cret-tool-k3y";
     let emu = Emulator::start(EmulatorConfig::new()).await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("quotagate.toml");
     std::fs::write(&path, keyed(&emu.url(), "x-tool-key")).unwrap();
     let gateway = GatewayProcess::start(&path, dir.path()).unwrap();
     let http = client();
-    let call = |headers: &'static [(&'static str, &'static str)]| {
-        let mut req = http.get(gateway.url("/api/test/status/200"));
-        for (k, v) in headers {
-            req = req.header(*k, *v);
+    // An unmetered path, and a metered one (it needs the tenant's token).
+    let call = |path: &'static str, names: &'static [&'static str]| {
+        let mut req = http.get(gateway.url(path)).header("authorization", bearer("tenant-rename", "app"));
+        for name in names {
+            req = req.header(*name, KEY);
         }
         async move { req.send().await.unwrap().status() }
     };
-    assert_eq!(call(&[("x-tool-key", "s3cret-tool-k3y")]).await, 200);
-    assert_eq!(call(&[("x-team-key", "s3cret-tool-k3y")]).await, 401, "not yet the key header");
+    assert_eq!(call("/api/test/status/200", &["x-tool-key"]).await, 200);
+    assert_eq!(call("/api/test/status/200", &["x-team-key"]).await, 401, "not yet the key header");
+    // A script updated before the reload sends its key under both names.
+    assert_eq!(call("/api/incidents", &["x-tool-key", "x-team-key"]).await, 200);
 
     std::fs::write(&path, keyed(&emu.url(), "x-team-key")).unwrap();
     gateway.reload();
     gateway.until_generation(2).await;
     // A script not yet updated sends its key under both names, or the old one alone.
-    assert_eq!(call(&[("x-team-key", "s3cret-tool-k3y"), ("x-tool-key", "s3cret-tool-k3y")]).await, 200);
-    assert_eq!(call(&[("x-tool-key", "s3cret-tool-k3y")]).await, 401, "the old name no longer identifies");
+    assert_eq!(call("/api/incidents", &["x-team-key", "x-tool-key"]).await, 200);
+    assert_eq!(call("/api/test/status/200", &["x-team-key", "x-tool-key"]).await, 200);
+    assert_eq!(call("/api/test/status/200", &["x-tool-key"]).await, 401, "the old name no longer identifies");
+    // The old name holding another (an older) key is removed by its name.
+    let old = http
+        .get(gateway.url("/api/test/status/200"))
+        .header("x-team-key", KEY)
+        .header("x-tool-key", "0lder-k3y")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(old.status(), 200);
 
     let seen = emu.requests();
-    assert_eq!(seen.len(), 2, "the two calls with a key went upstream");
+    assert_eq!(seen.len(), 5, "the five calls with a key went upstream");
+    assert_eq!(seen.iter().filter(|r| r.path_and_query == "/api/incidents").count(), 2);
     for r in &seen {
-        for name in ["x-tool-key", "x-team-key"] {
-            assert!(!r.headers.contains_key(name), "{name} reached the upstream: {:?}", r.headers);
-        }
+        assert!(!r.headers.iter().any(|(_, v)| v == KEY), "the key reached the upstream: {:?}", r.headers);
+        assert!(
+            !r.headers.contains_key("x-tool-key"),
+            "the old key header reached the upstream: {:?}",
+            r.headers
+        );
     }
 }

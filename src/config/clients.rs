@@ -13,12 +13,48 @@ use crate::identity::client::{parse_sha256, Client, GuardSpec, IdentityMode, Ros
 /// Most configured clients (each is a lane in every key and a metric label).
 const MAX_CLIENTS: usize = 1000;
 
+/// Header names a key header may not take: the request needs them upstream
+/// or in HTTP itself, or the gateway reads them for something else. Stripping
+/// one from every request (and, after a reload, until a restart) would break
+/// every call.
+const NOT_KEY_HEADERS: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "host",
+    "cookie",
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-connection",
+    "forwarded",
+    "via",
+    "user-agent",
+    "prefer",
+    "consistencylevel",
+    "client-request-id",
+    "return-client-request-id",
+    "x-quotagate-priority",
+    "x-quotagate-max-wait",
+];
+/// Prefixes of such names.
+const NOT_KEY_PREFIXES: &[&str] = &["content-", "accept", "if-", "x-forwarded-"];
+
 pub(super) fn roster(file: &File, p: &mut Problems) -> Roster {
     let header =
         HeaderName::from_bytes(file.api_key_header.to_ascii_lowercase().as_bytes()).unwrap_or_else(|_| {
             p.push("api_key_header", format!("`{}` is not a header name", file.api_key_header));
             HeaderName::from_static("x-quotagate-key")
         });
+    let name = header.as_str();
+    if NOT_KEY_HEADERS.contains(&name) || NOT_KEY_PREFIXES.iter().any(|prefix| name.starts_with(prefix)) {
+        p.push(
+            "api_key_header",
+            format!("`{name}` is a header requests need for something else: the key header is removed from every request; pick a name of its own, such as x-quotagate-key"),
+        );
+    }
     let any_key = file.clients.iter().any(|c| c.key_sha256.is_some());
     let mode = match file.client_identity.as_deref() {
         None if any_key => IdentityMode::Key,
@@ -149,6 +185,30 @@ name = "d"
 url = "http://127.0.0.1:9"
 kind = "defender"
 "#;
+
+    #[test]
+    fn a_key_header_may_not_take_a_name_requests_need() {
+        let load = |name: &str| {
+            let text = format!(
+                "{BASE}api_key_header = \"{name}\"\n{UPSTREAM}\n[[client]]\nname = \"a\"\nkey_sha256 = \"{}\"\n",
+                "ab".repeat(32)
+            );
+            Config::from_toml(&text, "t.toml")
+        };
+        for name in ["Authorization", "content-type", "Accept-Encoding", "host", "x-quotagate-priority", "te"]
+        {
+            let Err(ConfigError::Invalid { problems, .. }) = load(name) else {
+                panic!("{name} was accepted as the key header");
+            };
+            let all = problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n");
+            let lower = name.to_ascii_lowercase();
+            assert!(all.contains(&format!("api_key_header: `{lower}` is a header requests need")), "{all}");
+        }
+        for name in ["x-api-key", "X-Tool-Key", "x-quotagate-key", "api-key"] {
+            let config = load(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(config.clients.header.as_str(), name.to_ascii_lowercase());
+        }
+    }
 
     #[test]
     fn every_client_problem_is_reported_at_once() {

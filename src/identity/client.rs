@@ -96,12 +96,12 @@ impl Roster {
     }
 
     /// Carry over from the roster a reload replaces the key header names it
-    /// read, so that a client still sending its key under an old name does
-    /// not have it forwarded. Names under `x-quotagate-` need not be kept
-    /// (every such header is removed anyway).
+    /// read keys from, so that a client still sending its key under an old
+    /// name does not have it forwarded. Names under `x-quotagate-` need not
+    /// be kept (every such header is removed anyway).
     pub fn inherit_headers(&mut self, old: &Roster) {
-        let names = std::iter::once(&old.header).chain(&old.former_headers);
-        for name in names {
+        let read = (old.mode == IdentityMode::Key).then_some(&old.header);
+        for name in read.into_iter().chain(&old.former_headers) {
             if *name != self.header
                 && !name.as_str().starts_with("x-quotagate-")
                 && !self.former_headers.contains(name)
@@ -112,10 +112,19 @@ impl Roster {
         }
     }
 
-    /// Remove the key header, and any name a reload renamed it from, from
-    /// a request about to be forwarded.
+    /// Remove the key from a request about to be forwarded: the key header,
+    /// any name a reload renamed it from, and, in key mode, every other
+    /// header holding the presented key (a name the next reload will give
+    /// it, say).
     pub fn strip_key_headers(&self, headers: &mut HeaderMap) {
-        headers.remove(&self.header);
+        let key = headers.remove(&self.header);
+        if let (IdentityMode::Key, Some(key)) = (self.mode, key) {
+            let copies: Vec<HeaderName> =
+                headers.iter().filter(|(_, v)| **v == key).map(|(name, _)| name.clone()).collect();
+            for name in copies {
+                headers.remove(name);
+            }
+        }
         for name in &self.former_headers {
             headers.remove(name);
         }
@@ -256,7 +265,7 @@ mod tests {
         let sent = |names: &[&'static str]| {
             let mut h = HeaderMap::new();
             for n in names {
-                h.insert(HeaderName::from_static(n), "k1".parse().unwrap());
+                h.insert(HeaderName::from_static(n), format!("key-in-{n}").parse().unwrap());
             }
             h.insert("x-kept", "1".parse().unwrap());
             h
@@ -304,6 +313,36 @@ mod tests {
         }
         assert_eq!(r.former_headers.len(), MAX_FORMER_HEADERS);
         assert_eq!(r.former_headers[0], "x-key-98");
+        assert_eq!(r.former_headers[MAX_FORMER_HEADERS - 1], "x-key-67");
+
+        // A name only an app or anonymous config had was never read: not carried.
+        let mut r = named("x-team-key");
+        r.inherit_headers(&Roster { mode: IdentityMode::App, ..named("x-tool-key") });
+        assert!(r.former_headers.is_empty());
+    }
+
+    #[test]
+    fn the_presented_key_is_stripped_under_any_name() {
+        let r = Roster::new(
+            IdentityMode::Key,
+            HeaderName::from_static("x-team-key"),
+            false,
+            vec![client("soc", "k1", 0)],
+        );
+        let mut h = HeaderMap::new();
+        h.insert("x-team-key", "k1".parse().unwrap());
+        h.insert("x-next-key", "k1".parse().unwrap());
+        h.append("x-other", "k10".parse().unwrap());
+        r.strip_key_headers(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["x-other"], "k10");
+        // Outside key mode the header is not a key: only its name is removed.
+        let r = Roster { mode: IdentityMode::Anonymous, ..r };
+        let mut h = HeaderMap::new();
+        h.insert("x-team-key", "k1".parse().unwrap());
+        h.insert("x-next-key", "k1".parse().unwrap());
+        r.strip_key_headers(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
     }
 
     #[test]
