@@ -232,6 +232,70 @@ async fn a_client_that_disconnects_mid_query_is_charged_by_the_documented_rule()
     assert!((ran.as_secs_f64() - charged).abs() < 0.2, "ledger {charged} vs upstream {ran:?}");
 }
 
+/// A client that stops reading a result before its `Stats` (past the
+/// prefix) stops the body, and with it the body's own deadline. At the
+/// total timeout the reservation still ends, charged by rule, so the
+/// tenant's next query runs instead of waiting behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_before_stats_holds_no_running_time_past_the_total_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let emu = Emulator::start(EmulatorConfig::new()).await;
+    let config = format!(
+        r#"
+[hunting]
+budgets = [{{ limit = "60s", per = "60s" }}]
+estimate = "40ms"
+max_concurrent = 1
+
+[[policy]]
+name = "hunting"
+methods = ["POST"]
+paths = ["{HUNT}"]
+windows = [{{ limit = 100000, per = "1s" }}]
+hunting = true
+max_wait = "10s"
+header_timeout = "1s"
+total_timeout = "1s"
+"#
+    );
+    let gw = TestGateway::start(&emu.url(), &config).await;
+
+    // 32 MB with `Stats` last: far more than the sockets and buffers between
+    // the emulator and a client that reads 1 KB and then nothing.
+    let sent = body(&query(0.05, "bytes=33554432 stats=last"));
+    let mut stalled = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    let head = format!(
+        "POST {HUNT} HTTP/1.1\r\nhost: x\r\nauthorization: {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        bearer("t", "a"),
+        sent.len()
+    );
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    stalled.write_all(sent.as_bytes()).await.unwrap();
+    let mut first = [0u8; 1024];
+    stalled.read_exact(&mut first).await.unwrap();
+    assert!(first.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&first[..64]));
+    let stalled_at = Instant::now();
+    let l = quota(&gw).await;
+    assert_eq!(ledger(&l, "t")["in_flight"], 1, "{l}");
+
+    // The tenant's next query waits for the one in flight (at most one)...
+    let next = post(&gw, HUNT, "t", body(&query(0.01, ""))).await;
+    let waited = stalled_at.elapsed();
+    // ...until the total timeout ends the stalled one, not its max_wait.
+    assert_eq!(next.status(), 200, "{:?}", next.text().await);
+    assert!(waited < Duration::from_secs(3), "the next query waited {waited:?}");
+    assert!(waited >= Duration::from_millis(700), "it did not wait for the stalled one: {waited:?}");
+    let l = quota(&gw).await;
+    let t = ledger(&l, "t");
+    assert_eq!(t["in_flight"], 0, "{l}");
+    // The stalled one by rule: max(estimate 40 ms, ~50 ms until its headers);
+    // the next from its Stats: 10 ms.
+    let charged = t["budgets"][0]["charged_seconds"].as_f64().unwrap();
+    assert!((0.05..0.3).contains(&charged), "charged {charged}");
+    assert_eq!(gw.metric("quotagate_hunting_unmetered_total{policy=\"hunting\"}").await, 1.0);
+    drop(stalled);
+}
+
 /// Issue #3, case 4: a 50 MB result with `Stats` first gets the metering
 /// headers before it streams, and arrives byte for byte.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -388,7 +388,11 @@ impl Metered<'_> {
         };
         match self.upstream.kind {
             ApiKind::Defender => {
-                meter::defender(response, reservation, config.hunting.stats_prefix_bytes, report).await
+                // The body's own deadline is the total timeout from the send.
+                let left = self.policy.timeouts.total.saturating_sub(reservation.wall_time());
+                let deadline = tokio::time::Instant::now() + left + config.guard;
+                meter::defender(response, reservation, config.hunting.stats_prefix_bytes, report, deadline)
+                    .await
             }
             ApiKind::Graph => meter::graph(response, reservation, &report),
         }

@@ -14,10 +14,15 @@
 //!
 //! A body that ends, fails or is abandoned by its client before `Stats` was
 //! read leaves the cost unknown: the reservation is dropped, and charges by
-//! its conservative rule ([`Reservation`]).
+//! its conservative rule ([`Reservation`]). So does one still unread at the
+//! exchange's total timeout: a client that stops reading stops the body
+//! (and its own deadline, which fires only when the body is read), so a
+//! watchdog ends the reservation then, and a stalled reader cannot hold its
+//! tenant's running time for longer.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -123,12 +128,14 @@ impl Reader {
     }
 }
 
-/// Meter a Defender hunting response from its `Stats`.
+/// Meter a Defender hunting response from its `Stats`. Past `deadline`
+/// (the exchange's total timeout) the body cannot bring them any more.
 pub async fn defender(
     response: Response,
     reservation: Reservation,
     prefix_limit: usize,
     report: Report,
+    deadline: tokio::time::Instant,
 ) -> Response {
     let (mut head, mut body) = response.into_parts();
     let mut scanner = Reader::new(Coding::of(&head.headers));
@@ -183,7 +190,7 @@ pub async fn defender(
     } else if ended {
         report.unknown(reservation);
     } else {
-        scanning = Some(Scanning { scanner, reservation, report });
+        scanning = Some(Scanning::new(scanner, reservation, report, deadline));
     }
     let inner = (!ended && prefix.back().is_none_or(Result::is_ok)).then_some(body);
     Response::from_parts(head, Body::new(MeterBody { prefix, inner, scanning, paused: false }))
@@ -203,21 +210,66 @@ pub fn graph(mut response: Response, reservation: Reservation, report: &Report) 
 /// Still looking for `Stats` past the prefix.
 struct Scanning {
     scanner: Reader,
-    reservation: Reservation,
+    /// Taken by the first of: `Stats` read, the body's end or failure, and
+    /// the watchdog at the total timeout.
+    reservation: Arc<Mutex<Option<Reservation>>>,
     report: Report,
+    watchdog: tokio::task::AbortHandle,
 }
 
 impl Scanning {
+    fn new(
+        scanner: Reader,
+        reservation: Reservation,
+        report: Report,
+        deadline: tokio::time::Instant,
+    ) -> Self {
+        let reservation = Arc::new(Mutex::new(Some(reservation)));
+        let watchdog = tokio::spawn({
+            let (reservation, report) = (reservation.clone(), report.clone());
+            async move {
+                tokio::time::sleep_until(deadline).await;
+                if let Some(stalled) = take(&reservation) {
+                    tracing::warn!(policy = %report.policy, tenant = %report.tenant,
+                        "hunting response not read as far as its Stats by the total timeout");
+                    report.unknown(stalled);
+                }
+            }
+        })
+        .abort_handle();
+        Scanning { scanner, reservation, report, watchdog }
+    }
+
     /// Settle from what the scanner has read, or charge by rule; the
     /// request's access-log line went out before, so say what was charged.
     fn settle(self) {
+        let Some(reservation) = take(&self.reservation) else { return };
         let stats = self.scanner.stats();
         tracing::info!(policy = %self.report.policy, tenant = %self.report.tenant,
             running_time_s = stats.execution_time, rows = stats.rows, "hunting response metered as it streamed");
-        if let Some(unsettled) = self.report.settle(self.reservation, &stats) {
+        if let Some(unsettled) = self.report.settle(reservation, &stats) {
             self.report.unknown(unsettled);
         }
     }
+
+    /// The upstream's body failed before `Stats`: charge by rule.
+    fn failed(self) {
+        if let Some(reservation) = take(&self.reservation) {
+            self.report.unknown(reservation);
+        }
+    }
+}
+
+impl Drop for Scanning {
+    /// Abandoned by the client (or ended): the watchdog has nothing left to
+    /// do, and a reservation still held drops, charging by rule.
+    fn drop(&mut self) {
+        self.watchdog.abort();
+    }
+}
+
+fn take(reservation: &Mutex<Option<Reservation>>) -> Option<Reservation> {
+    reservation.lock().unwrap_or_else(|e| e.into_inner()).take()
 }
 
 /// The held-back prefix, then the rest of the upstream body, metered.
@@ -278,7 +330,7 @@ impl http_body::Body for MeterBody {
             Some(Err(e)) => {
                 this.inner = None;
                 if let Some(s) = this.scanning.take() {
-                    s.report.unknown(s.reservation);
+                    s.failed();
                 }
                 Poll::Ready(Some(Err(e)))
             }
