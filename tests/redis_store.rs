@@ -1,18 +1,20 @@
 //! The Redis store in-process, against a real `redis-server` of its own:
 //! many requests of one key asking at once go to Redis in few script runs,
 //! and still admit exactly what the quota allows; draining, a key's late
-//! waiters are turned away in one ask.
+//! waiters are turned away in one ask; a hunting query settled after its
+//! shared reservation's deadline is charged once.
 
 mod support;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use quotagate::admission::runtime::{Estimator, RuntimeLimiter};
+use quotagate::admission::runtime::{Demand, Estimator, RuntimeLimiter};
 use quotagate::admission::{Limiter, Share};
 use quotagate::config::Config;
 use quotagate::metrics::Metrics;
-use quotagate::quota::QuotaKey;
+use quotagate::policy::Mode;
+use quotagate::quota::{Budget, QuotaKey};
 use quotagate::store::redis::Refusal;
 use quotagate::store::Store;
 use support::process::Redis;
@@ -27,6 +29,8 @@ struct Fixture {
     depth: prometheus::IntGauge,
     /// A connection of its own, to read Redis's statistics.
     stats: redis::Connection,
+    /// The running-time limiter whose charges the store shares.
+    runtime: RuntimeLimiter,
 }
 
 impl Fixture {
@@ -68,6 +72,7 @@ paths = ["/api/incidents"]
             key: QuotaKey { policy: None, tenant: "tenant-1".into(), app: Some("app-1".into()) },
             depth: prometheus::IntGauge::new("depth", "queued").unwrap(),
             stats: redis::Client::open(redis.url()).unwrap().get_connection().unwrap(),
+            runtime,
         }
     }
 }
@@ -84,7 +89,7 @@ fn evalsha_calls(c: &mut redis::Connection) -> u64 {
 async fn a_burst_on_one_key_is_admitted_exactly_in_few_script_runs() {
     const ASKS: usize = 300;
     let redis = Redis::start();
-    let Fixture { store, limiter, policy, key, depth, mut stats } = Fixture::open(
+    let Fixture { store, limiter, policy, key, depth, mut stats, .. } = Fixture::open(
         &redis,
         "50ms",
         r#"mode = "reject"
@@ -144,7 +149,7 @@ windows = [{ limit = 60, per = "30s" }, { limit = 25, per = "10s" }]"#,
 async fn a_drain_turns_away_a_keys_late_waiters_in_one_ask() {
     const WAITERS: usize = 20;
     let redis = Redis::start();
-    let Fixture { store, limiter, policy, key, depth, mut stats } = Fixture::open(
+    let Fixture { store, limiter, policy, key, depth, mut stats, .. } = Fixture::open(
         &redis,
         "10ms",
         r#"windows = [{ limit = 1, per = "5s" }]
@@ -194,4 +199,81 @@ max_wait = "30s""#,
     }
     let asks = evalsha_calls(&mut stats) - before;
     assert!(asks <= 2, "{asks} asks of Redis to turn away {WAITERS} waiters");
+}
+
+/// The running time the shared ledger charges, in µs: the sum over every
+/// charge member (`…:<µs>`) of every key.
+fn shared_charges(c: &mut redis::Connection) -> u64 {
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*rt-charges*").query(c).unwrap();
+    let mut total = 0;
+    for k in keys {
+        let members: Vec<String> = redis::cmd("ZRANGE").arg(&k).arg(0).arg(-1).query(c).unwrap();
+        total += members.iter().map(|m| m.rsplit(':').next().unwrap().parse::<u64>().unwrap()).sum::<u64>();
+    }
+    total
+}
+
+/// The members and scores of the one sorted set named `*<what>*`.
+fn scores(c: &mut redis::Connection, what: &str) -> Vec<(String, String)> {
+    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("*{what}*")).query(c).unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    redis::cmd("ZRANGE").arg(&keys[0]).arg(0).arg(-1).arg("WITHSCORES").query(c).unwrap()
+}
+
+/// A hunting query settled after its shared reservation's deadline (its
+/// call slot took long, say, or its replica died) is charged its estimate
+/// as of that deadline by the next replica to reserve, however late; and
+/// when its settle comes after all, the metered cost replaces the
+/// estimate instead of adding to it. (The reservations' set used to expire
+/// at the newest deadline, so an older reservation past it was never
+/// charged; and a late settle charged twice.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_settled_past_its_shared_deadline_is_charged_once() {
+    let redis = Redis::start();
+    let f = Fixture::open(&redis, "5ms", r#"windows = [{ limit = 100, per = "1s" }]"#);
+    let mut stats = f.stats;
+    let budgets = [Budget { limit: Duration::from_secs(30), per: Duration::from_secs(60) }];
+    let estimator = Estimator { default: Duration::from_secs(1), percentile: 95, samples: 10 };
+    let demand = Demand {
+        budgets: &budgets,
+        mode: Mode::Queue,
+        max_wait: Duration::from_secs(1),
+        max_queue: 10,
+        max_concurrent: None,
+        estimate: &estimator,
+    };
+    let reserve = |deadline: Duration| {
+        let (store, runtime, key, depth, demand) = (&f.store, &f.runtime, &f.key, &f.depth, &demand);
+        async move {
+            let mut r = runtime.reserve(key, demand, depth).await.unwrap();
+            store.share_running_time(key, &mut r, demand, deadline).await.unwrap();
+            r.sent();
+            r
+        }
+    };
+
+    let late = reserve(Duration::from_millis(50)).await;
+    let deadline = scores(&mut stats, "rt-reserved");
+    assert_eq!(deadline.len(), 1);
+    // Wait well past the 50 ms deadline on Redis's clock (and past the
+    // set's expiry, before it outlived its deadline).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The next query to reserve moves the late one into the charges, at its
+    // estimate, as of its deadline.
+    let next = reserve(Duration::from_secs(60)).await;
+    assert_eq!(shared_charges(&mut stats), 1_000_000, "the late reservation charged its estimate");
+    assert_eq!(scores(&mut stats, "rt-charges"), deadline, "charged as of its deadline");
+
+    late.settle(Duration::from_millis(300));
+    next.release();
+    // Both go to Redis in the background.
+    let asked = tokio::time::Instant::now();
+    while shared_charges(&mut stats) != 300_000 {
+        assert!(
+            asked.elapsed() < Duration::from_secs(5),
+            "the shared ledger charges {} µs, not the 300,000 metered",
+            shared_charges(&mut stats)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -388,9 +388,11 @@ impl Metered<'_> {
         };
         match self.upstream.kind {
             ApiKind::Defender => {
-                // The body's own deadline is the total timeout from the send.
+                // The body's own deadline: the total timeout from the send
+                // (and before the shared ledger's deadline for this query,
+                // the total timeout and the guard from its reservation).
                 let left = self.policy.timeouts.total.saturating_sub(reservation.wall_time());
-                let deadline = tokio::time::Instant::now() + left + config.guard;
+                let deadline = tokio::time::Instant::now() + left;
                 meter::defender(response, reservation, config.hunting.stats_prefix_bytes, report, deadline)
                     .await
             }

@@ -3,8 +3,13 @@
 //! It is [`crate::quota::Ledger`] in two sorted sets per running-time key:
 //! **charges** (score: the moment the cost was learnt, on Redis's clock;
 //! the member names the cost) and **reservations** of queries in flight
-//! (score: a deadline after which a reservation whose replica died is
-//! charged its estimate; the member names the estimate). [`RESERVE`] checks
+//! (score: a deadline after which a reservation whose replica died, or
+//! whose settle has not come, is charged its estimate as of that deadline;
+//! the member names the estimate). The reservations' set outlives its
+//! latest deadline by the longest budget, so a reservation past its
+//! deadline is still charged by whichever replica reserves next, however
+//! late, while its charge could count. A settle that comes after that
+//! replaces the estimate's charge with the cost ([`SETTLE`]). [`RESERVE`] checks
 //! every budget exactly as `Ledger::fit` does (charges still counted plus
 //! every replica's reservations plus this estimate, within each budget) and
 //! records the reservation in the same atomic step, or answers when the
@@ -54,8 +59,9 @@ local n = tonumber(ARGV[5])
 local function cost(m) return tonumber(string.match(m, ':(%d+)$')) end
 local hold = tonumber(redis.call('GET', KEYS[3]) or '0')
 if hold > now then return {0, hold, -1, now} end
-for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do
-  redis.call('ZADD', KEYS[1], now, m)
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'WITHSCORES')
+for j = 1, #expired, 2 do
+  redis.call('ZADD', KEYS[1], expired[j + 1], expired[j])
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 local reserved = 0
@@ -84,17 +90,22 @@ if at > now then return {0, at, decided, now} end
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[4])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. string.format('%.0f', now - longest))
 redis.call('PEXPIRE', KEYS[1], math.floor(longest / 1000) + 1)
-redis.call('PEXPIRE', KEYS[2], math.floor(tonumber(ARGV[3]) / 1000) + 1)
+local keep = math.floor((tonumber(ARGV[3]) + longest) / 1000) + 1
+if redis.call('PTTL', KEYS[2]) < keep then redis.call('PEXPIRE', KEYS[2], keep) end
 return {1, now}
 ";
 
 /// KEYS: charges, reservations. ARGV: the reservation's member, the
 /// charge's member (empty: no charge), the charges' TTL in ms, the channel
-/// and the key's name to publish on it.
+/// and the key's name to publish on it. A reservation already past its
+/// deadline was moved into the charges, at its estimate, by [`RESERVE`]:
+/// the charge replaces that one, so a late settle never charges twice.
 pub(super) const SETTLE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-redis.call('ZREM', KEYS[2], ARGV[1])
+if redis.call('ZREM', KEYS[2], ARGV[1]) == 0 then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+end
 if ARGV[2] ~= '' then
   redis.call('ZADD', KEYS[1], now, ARGV[2])
   redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
