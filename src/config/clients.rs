@@ -8,39 +8,10 @@ use http::HeaderName;
 use super::file::File;
 use super::validate::Problems;
 use crate::admission::{Class, Share};
-use crate::identity::client::{parse_sha256, Client, GuardSpec, IdentityMode, Roster};
+use crate::identity::client::{needed_elsewhere, parse_sha256, Client, GuardSpec, IdentityMode, Roster};
 
 /// Most configured clients (each is a lane in every key and a metric label).
 const MAX_CLIENTS: usize = 1000;
-
-/// Header names a key header may not take: the request needs them upstream
-/// or in HTTP itself, or the gateway reads them for something else. Stripping
-/// one from every request (and, after a reload, until a restart) would break
-/// every call.
-const NOT_KEY_HEADERS: &[&str] = &[
-    "authorization",
-    "proxy-authorization",
-    "host",
-    "cookie",
-    "connection",
-    "keep-alive",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-connection",
-    "forwarded",
-    "via",
-    "user-agent",
-    "prefer",
-    "consistencylevel",
-    "client-request-id",
-    "return-client-request-id",
-    "x-quotagate-priority",
-    "x-quotagate-max-wait",
-];
-/// Prefixes of such names.
-const NOT_KEY_PREFIXES: &[&str] = &["content-", "accept", "if-", "x-forwarded-"];
 
 pub(super) fn roster(file: &File, p: &mut Problems) -> Roster {
     let header =
@@ -49,7 +20,7 @@ pub(super) fn roster(file: &File, p: &mut Problems) -> Roster {
             HeaderName::from_static("x-quotagate-key")
         });
     let name = header.as_str();
-    if NOT_KEY_HEADERS.contains(&name) || NOT_KEY_PREFIXES.iter().any(|prefix| name.starts_with(prefix)) {
+    if needed_elsewhere(name) {
         p.push(
             "api_key_header",
             format!("`{name}` is a header requests need for something else: the key header is removed from every request; pick a name of its own, such as x-quotagate-key"),
@@ -204,7 +175,7 @@ kind = "defender"
             let lower = name.to_ascii_lowercase();
             assert!(all.contains(&format!("api_key_header: `{lower}` is a header requests need")), "{all}");
         }
-        for name in ["x-api-key", "X-Tool-Key", "x-quotagate-key", "api-key"] {
+        for name in ["x-api-key", "X-Tool-Key", "x-quotagate-key", "api-key", "acceptance-key"] {
             let config = load(name).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert_eq!(config.clients.header.as_str(), name.to_ascii_lowercase());
         }

@@ -252,6 +252,11 @@ impl Scanning {
         }
     }
 
+    /// Whether the watchdog ended the reservation.
+    fn watched_out(&self) -> bool {
+        self.reservation.lock().unwrap_or_else(|e| e.into_inner()).is_none()
+    }
+
     /// The upstream's body failed before `Stats`: charge by rule.
     fn failed(self) {
         if let Some(reservation) = take(&self.reservation) {
@@ -319,10 +324,14 @@ impl http_body::Body for MeterBody {
         match ready!(Pin::new(inner).poll_frame(cx)) {
             Some(Ok(frame)) => {
                 if let (Some(data), Some(s)) = (frame.data_ref(), this.scanning.as_mut()) {
-                    s.scanner.feed(data);
-                    let stats = s.scanner.stats();
-                    if stats.complete {
-                        this.scanning.take().expect("scanning").settle();
+                    if s.watched_out() {
+                        // Charged at the total timeout: nothing left to read for.
+                        this.scanning = None;
+                    } else {
+                        s.scanner.feed(data);
+                        if s.scanner.stats().complete {
+                            this.scanning.take().expect("scanning").settle();
+                        }
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))

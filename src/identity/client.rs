@@ -18,6 +18,49 @@ use crate::admission::{Class, Share};
 /// The header with which a request picks its priority class, when allowed.
 pub const PRIORITY_HEADER: HeaderName = HeaderName::from_static("x-quotagate-priority");
 
+/// Header names a key header may not take: the request needs them upstream
+/// or in HTTP itself, or the gateway reads them for something else. Stripping
+/// one from every request (and, after a reload, until a restart) would break
+/// every call.
+const NOT_KEY_HEADERS: &[&str] = &[
+    "accept",
+    "authorization",
+    "proxy-authorization",
+    "host",
+    "cookie",
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-connection",
+    "expect",
+    "range",
+    "cache-control",
+    "pragma",
+    "forwarded",
+    "via",
+    "user-agent",
+    "prefer",
+    "consistencylevel",
+    "client-request-id",
+    "return-client-request-id",
+    "odata-version",
+    "odata-maxversion",
+    "traceparent",
+    "tracestate",
+    "x-quotagate-priority",
+    "x-quotagate-max-wait",
+];
+/// Prefixes of such names.
+const NOT_KEY_PREFIXES: &[&str] = &["content-", "accept-", "if-", "x-forwarded-", "x-ms-"];
+
+/// Whether a request may need `name` for something else than a key.
+pub fn needed_elsewhere(name: &str) -> bool {
+    NOT_KEY_HEADERS.contains(&name) || NOT_KEY_PREFIXES.iter().any(|prefix| name.starts_with(prefix))
+}
+
 /// How callers are told apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IdentityMode {
@@ -114,13 +157,17 @@ impl Roster {
 
     /// Remove the key from a request about to be forwarded: the key header,
     /// any name a reload renamed it from, and, in key mode, every other
-    /// header holding the presented key (a name the next reload will give
-    /// it, say).
+    /// header whose value is the presented key (a name the next reload will
+    /// give it, say), unless the request may need that header for
+    /// something else (a weak key could equal a `content-length`).
     pub fn strip_key_headers(&self, headers: &mut HeaderMap) {
         let key = headers.remove(&self.header);
         if let (IdentityMode::Key, Some(key)) = (self.mode, key) {
-            let copies: Vec<HeaderName> =
-                headers.iter().filter(|(_, v)| **v == key).map(|(name, _)| name.clone()).collect();
+            let copies: Vec<HeaderName> = headers
+                .iter()
+                .filter(|(name, v)| **v == key && !needed_elsewhere(name.as_str()))
+                .map(|(name, _)| name.clone())
+                .collect();
             for name in copies {
                 headers.remove(name);
             }
@@ -333,9 +380,12 @@ mod tests {
         h.insert("x-team-key", "k1".parse().unwrap());
         h.insert("x-next-key", "k1".parse().unwrap());
         h.append("x-other", "k10".parse().unwrap());
+        // A header the request needs is kept, whatever its value.
+        h.insert("consistencylevel", "k1".parse().unwrap());
         r.strip_key_headers(&mut h);
-        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h.len(), 2, "{h:?}");
         assert_eq!(h["x-other"], "k10");
+        assert_eq!(h["consistencylevel"], "k1");
         // Outside key mode the header is not a key: only its name is removed.
         let r = Roster { mode: IdentityMode::Anonymous, ..r };
         let mut h = HeaderMap::new();
