@@ -358,9 +358,12 @@ impl Metered<'_> {
                 retry_after_ms = r.retry_after.as_millis() as u64, "running time not available");
             RuntimeRefusal::Rejected(r)
         })?;
-        // Then in the ledger the replicas share, if there is one.
+        // Then in the ledger the replicas share, if there is one. Its
+        // deadline covers the wait for the call slot still to come (at most
+        // what is left of max_wait: the query is already read), then the
+        // exchange's total timeout.
         let demand = Demand { max_wait: self.max_wait.saturating_sub(started.elapsed()), ..demand };
-        let deadline = self.policy.timeouts.total + self.view.config.guard;
+        let deadline = demand.max_wait + self.policy.timeouts.total + self.view.config.guard;
         if let Err(refusal) = gw.store.share_running_time(key, &mut reserved, &demand, deadline).await {
             reserved.release();
             return Err(refusal);
@@ -389,8 +392,7 @@ impl Metered<'_> {
         match self.upstream.kind {
             ApiKind::Defender => {
                 // The body's own deadline: the total timeout from the send
-                // (and before the shared ledger's deadline for this query,
-                // the total timeout and the guard from its reservation).
+                // (before the shared ledger's deadline for this query).
                 let left = self.policy.timeouts.total.saturating_sub(reservation.wall_time());
                 let deadline = tokio::time::Instant::now() + left;
                 meter::defender(response, reservation, config.hunting.stats_prefix_bytes, report, deadline)

@@ -59,20 +59,26 @@ local n = tonumber(ARGV[5])
 local function cost(m) return tonumber(string.match(m, ':(%d+)$')) end
 local hold = tonumber(redis.call('GET', KEYS[3]) or '0')
 if hold > now then return {0, hold, -1, now} end
+local longest = 0
+for i = 1, n do
+  local per = tonumber(ARGV[5 + 2 * i])
+  if per + guard > longest then longest = per + guard end
+end
 local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'WITHSCORES')
 for j = 1, #expired, 2 do
   redis.call('ZADD', KEYS[1], expired[j + 1], expired[j])
+end
+if #expired > 0 and redis.call('PTTL', KEYS[1]) < math.floor(longest / 1000) + 1 then
+  redis.call('PEXPIRE', KEYS[1], math.floor(longest / 1000) + 1)
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 local reserved = 0
 for _, m in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do reserved = reserved + cost(m) end
 local at = now
 local decided = 0
-local longest = 0
 for i = 1, n do
   local limit = tonumber(ARGV[4 + 2 * i])
   local per = tonumber(ARGV[5 + 2 * i])
-  if per + guard > longest then longest = per + guard end
   local room = limit - reserved - est
   if room < 0 then return {2, 0, i} end
   local live = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. string.format('%.0f', now - per - guard), '+inf', 'WITHSCORES')
