@@ -278,6 +278,8 @@ total_timeout = "1s"
     let mut first = [0u8; 1024];
     stalled.read_exact(&mut first).await.unwrap();
     assert!(first.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&first[..64]));
+    // The stalled query's headers came before this: its wall time is less.
+    let headers_within = t0.elapsed();
     let l = quota(&gw).await;
     assert_eq!(ledger(&l, "t")["in_flight"], 1, "{l}");
 
@@ -292,10 +294,13 @@ total_timeout = "1s"
     let l = quota(&gw).await;
     let t = ledger(&l, "t");
     assert_eq!(t["in_flight"], 0, "{l}");
-    // The stalled one by rule: max(estimate 40 ms, ~50 ms until its headers);
-    // the next from its Stats: 10 ms.
+    // The stalled one by rule: the larger of the estimate (40 ms) and its
+    // wall time until its headers (its 50 ms cost, and the emulator's time
+    // to build 64 MB, longer on a busy machine); the next from its Stats:
+    // 10 ms.
     let charged = t["budgets"][0]["charged_seconds"].as_f64().unwrap();
-    assert!((0.05..0.3).contains(&charged), "charged {charged}");
+    let most = headers_within.as_secs_f64() + 0.01;
+    assert!(charged >= 0.059 && charged <= most, "charged {charged}, at most {most}");
     assert_eq!(gw.metric("quotagate_hunting_unmetered_total{policy=\"hunting\"}").await, 1.0);
     drop(stalled);
 }
