@@ -19,11 +19,10 @@ pub(super) fn roster(file: &File, p: &mut Problems) -> Roster {
             p.push("api_key_header", format!("`{}` is not a header name", file.api_key_header));
             HeaderName::from_static("x-quotagate-key")
         });
-    let name = header.as_str();
-    if needed_elsewhere(name) {
+    if needed_elsewhere(&header) {
         p.push(
             "api_key_header",
-            format!("`{name}` is a header requests need for something else: the key header is removed from every request; pick a name of its own, such as x-quotagate-key"),
+            format!("`{header}` is a header requests need for something else: the key header is removed from every request; pick a name of its own, such as x-quotagate-key"),
         );
     }
     let any_key = file.clients.iter().any(|c| c.key_sha256.is_some());

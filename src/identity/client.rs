@@ -14,27 +14,20 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::admission::{Class, Share};
+use crate::upstream::forward;
 
 /// The header with which a request picks its priority class, when allowed.
 pub const PRIORITY_HEADER: HeaderName = HeaderName::from_static("x-quotagate-priority");
 
-/// Header names a key header may not take: the request needs them upstream
-/// or in HTTP itself, or the gateway reads them for something else. Stripping
-/// one from every request (and, after a reload, until a restart) would break
-/// every call.
+/// Header names a key header may not take, besides the hop-by-hop ones and
+/// the gateway's own: the request needs them upstream, or HTTP does.
+/// Stripping one from every request (and, after a reload, until a restart)
+/// would break every call.
 const NOT_KEY_HEADERS: &[&str] = &[
     "accept",
     "authorization",
-    "proxy-authorization",
     "host",
     "cookie",
-    "connection",
-    "keep-alive",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-connection",
     "expect",
     "range",
     "cache-control",
@@ -50,15 +43,18 @@ const NOT_KEY_HEADERS: &[&str] = &[
     "odata-maxversion",
     "traceparent",
     "tracestate",
-    "x-quotagate-priority",
-    "x-quotagate-max-wait",
 ];
 /// Prefixes of such names.
 const NOT_KEY_PREFIXES: &[&str] = &["content-", "accept-", "if-", "x-forwarded-", "x-ms-"];
 
 /// Whether a request may need `name` for something else than a key.
-pub fn needed_elsewhere(name: &str) -> bool {
-    NOT_KEY_HEADERS.contains(&name) || NOT_KEY_PREFIXES.iter().any(|prefix| name.starts_with(prefix))
+pub fn needed_elsewhere(name: &HeaderName) -> bool {
+    let text = name.as_str();
+    forward::is_hop_by_hop(name)
+        || *name == PRIORITY_HEADER
+        || *name == forward::GATEWAY_ONLY
+        || NOT_KEY_HEADERS.contains(&text)
+        || NOT_KEY_PREFIXES.iter().any(|prefix| text.starts_with(prefix))
 }
 
 /// How callers are told apart.
@@ -146,7 +142,7 @@ impl Roster {
         let read = (old.mode == IdentityMode::Key).then_some(&old.header);
         for name in read.into_iter().chain(&old.former_headers) {
             if *name != self.header
-                && !name.as_str().starts_with("x-quotagate-")
+                && !name.as_str().starts_with(forward::GATEWAY_PREFIX)
                 && !self.former_headers.contains(name)
                 && self.former_headers.len() < MAX_FORMER_HEADERS
             {
@@ -165,7 +161,7 @@ impl Roster {
         if let (IdentityMode::Key, Some(key)) = (self.mode, key) {
             let copies: Vec<HeaderName> = headers
                 .iter()
-                .filter(|(name, v)| **v == key && !needed_elsewhere(name.as_str()))
+                .filter(|(name, v)| **v == key && !needed_elsewhere(name))
                 .map(|(name, _)| name.clone())
                 .collect();
             for name in copies {

@@ -69,6 +69,14 @@ fn hop_by_hop_slot(name: &HeaderName) -> Option<usize> {
     })
 }
 
+/// The prefix of the gateway's own request headers.
+pub const GATEWAY_PREFIX: &str = "x-quotagate-";
+
+/// Whether `name` is a hop-by-hop header (never forwarded as it came).
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    hop_by_hop_slot(name).is_some()
+}
+
 /// The gateway's own headers (`x-quotagate-*`: the client key's default
 /// name, the priority, the wait) are said to the gateway, never to the
 /// upstream: every one is removed, so a client still sending a name the
@@ -76,8 +84,8 @@ fn hop_by_hop_slot(name: &HeaderName) -> Option<usize> {
 /// does not pass it on. A renamed `api_key_header` outside this prefix is
 /// removed where the client is identified (`Roster::strip_key_headers`).
 pub fn strip_gateway_headers(headers: &mut HeaderMap) {
-    const PREFIX: &str = "x-quotagate-";
-    let own: Vec<HeaderName> = headers.keys().filter(|k| k.as_str().starts_with(PREFIX)).cloned().collect();
+    let own: Vec<HeaderName> =
+        headers.keys().filter(|k| k.as_str().starts_with(GATEWAY_PREFIX)).cloned().collect();
     for name in own {
         headers.remove(name);
     }
