@@ -191,6 +191,81 @@ async fn upstream_down_is_a_502_and_upstream_slow_is_a_504() {
     assert_eq!(gw.metric("quotagate_upstream_failures_total{kind=\"timeout\",policy=\"slow\"}").await, 1.0);
 }
 
+/// A client that stops reading a response is disconnected once a write to
+/// it has waited `send_timeout`, and the upstream transfer feeding it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_disconnected_after_the_send_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let emu = Emulator::start(upstream()).await;
+    let gw = TestGateway::start(&emu.url(), &format!("send_timeout = \"1s\"\n{POLICIES}")).await;
+    // 64 MB: more than every buffer between the emulator and a client that
+    // reads 1 KB and then nothing (its receive buffer is fixed small).
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(gw.proxy).await.unwrap();
+    stalled.write_all(b"GET /api/test/bytes/67108864 HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    let mut first = [0u8; 1024];
+    stalled.read_exact(&mut first).await.unwrap();
+    assert!(first.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&first[..64]));
+    let stopped = std::time::Instant::now();
+
+    // Not before the timeout...
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(emu.cut_bodies(), 0, "the transfer was cut before the send timeout");
+    // ...but once it has passed, the upstream transfer ends.
+    while emu.cut_bodies() == 0 {
+        assert!(stopped.elapsed() < Duration::from_secs(10), "the upstream transfer still runs");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(stopped.elapsed() >= Duration::from_secs(1), "cut after {:?}", stopped.elapsed());
+    // The client reads what was already on its way, then the end of the connection.
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stalled.read_to_end(&mut rest)).await;
+    let read = read.expect("the connection was closed, not left open");
+    assert!(
+        read.is_ok() || matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{read:?}"
+    );
+    assert!(rest.len() < 32 << 20, "{} bytes came after the stall", rest.len());
+
+    // The gateway serves on.
+    let r = client().get(gw.url("/api/test/status/200")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// A client slower than the upstream, but never silent for `send_timeout`,
+/// gets the whole body, however long that takes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_that_keeps_reading_gets_the_whole_body() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let emu = Emulator::start(upstream()).await;
+    let gw = TestGateway::start(&emu.url(), &format!("send_timeout = \"1s\"\n{POLICIES}")).await;
+    let n = 10_000_000;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(65536).unwrap();
+    let mut slow = socket.connect(gw.proxy).await.unwrap();
+    // HTTP/1.0: the body runs to the end of the connection, no chunk framing.
+    slow.write_all(format!("GET /api/test/bytes/{n} HTTP/1.0\r\nhost: x\r\n\r\n").as_bytes()).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let k = slow.read(&mut buf).await.unwrap();
+        if k == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..k]);
+        // About 4 MB/s: slower than the gateway can send.
+        let due = started + Duration::from_secs_f64(got.len() as f64 / 4e6);
+        tokio::time::sleep_until(due.into()).await;
+    }
+    assert!(started.elapsed() > Duration::from_secs(2), "{:?}", started.elapsed());
+    let head_end = got.windows(4).position(|w| w == b"\r\n\r\n").expect("a response head") + 4;
+    assert!(got.starts_with(b"HTTP/1.0 200"), "{}", String::from_utf8_lossy(&got[..64]));
+    assert!(got[head_end..] == bytes_pattern(n), "{} body bytes", got.len() - head_end);
+    assert_eq!(emu.cut_bodies(), 0);
+}
+
 /// A body over the limit is a 413, whether announced or streamed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_body_is_a_413() {

@@ -26,6 +26,10 @@ pub struct File {
     /// On SIGTERM or SIGINT: how long in-flight and admissible queued requests may finish.
     #[serde(default = "default_drain")]
     pub drain: String,
+    /// Longest a response write may wait for a client that takes no bytes
+    /// before its connection is closed.
+    #[serde(default = "default_send_timeout")]
+    pub send_timeout: String,
     /// Metered request bodies up to this many bytes are kept for replay, so
     /// a call the upstream throttles can be retried; larger ones are not.
     #[serde(default = "default_retry_body")]
@@ -148,6 +152,9 @@ fn default_idle_sweep() -> String {
 }
 fn default_drain() -> String {
     "30s".into()
+}
+fn default_send_timeout() -> String {
+    "60s".into()
 }
 fn default_retry_body() -> u64 {
     1024 * 1024

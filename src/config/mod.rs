@@ -59,6 +59,8 @@ pub struct Config {
     pub idle_sweep: Duration,
     /// How long a stopping gateway lets requests finish.
     pub drain: Duration,
+    /// Longest a write to a proxy client may wait without progress.
+    pub send_timeout: Duration,
     /// Metered bodies up to this size are kept for a retry.
     pub retry_body_bytes: u64,
     pub backoff_base: Duration,

@@ -155,6 +155,7 @@ pub fn validate(file: &File) -> Result<Config, Vec<Problem>> {
     });
     let idle_sweep = p.duration(&Field::top("idle_sweep"), &file.idle_sweep);
     let drain = p.duration(&Field::top("drain"), &file.drain);
+    let send_timeout = p.duration(&Field::top("send_timeout"), &file.send_timeout);
     let backoff_base = p.duration(&Field::top("backoff_base"), &file.backoff_base);
     let backoff_cap = p.duration(&Field::top("backoff_cap"), &file.backoff_cap);
     if backoff_cap < backoff_base {
@@ -303,6 +304,7 @@ pub fn validate(file: &File) -> Result<Config, Vec<Problem>> {
             guard,
             idle_sweep,
             drain,
+            send_timeout,
             retry_body_bytes: file.retry_body_bytes,
             backoff_base,
             backoff_cap,

@@ -5,6 +5,7 @@
 //! benchmark tools and connection-pooling scripts open a few long-lived
 //! connections; dealing them in turn spreads them evenly, where a kernel
 //! hash (`SO_REUSEPORT`) or a race for `accept` can leave one core with most.
+//! Every dealt connection's writes are bounded by [`SendTimeout`].
 
 use std::future::Future;
 use std::io;
@@ -13,6 +14,8 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+
+use super::send_timeout::SendTimeout;
 
 type Accepted = (std::net::TcpStream, SocketAddr);
 
@@ -26,14 +29,21 @@ pub struct Dealer {
 pub struct Dealt {
     connections: mpsc::UnboundedReceiver<Accepted>,
     local: SocketAddr,
+    send_timeout: Duration,
 }
 
-/// Split `socket` into a dealer and `workers` listeners.
-pub fn deal(socket: TcpListener, local: SocketAddr, workers: usize) -> (Dealer, Vec<Dealt>) {
+/// Split `socket` into a dealer and `workers` listeners whose connections
+/// give up a write that waits `send_timeout`.
+pub fn deal(
+    socket: TcpListener,
+    local: SocketAddr,
+    workers: usize,
+    send_timeout: Duration,
+) -> (Dealer, Vec<Dealt>) {
     let (senders, listeners) = (0..workers.max(1))
         .map(|_| {
             let (tx, rx) = mpsc::unbounded_channel();
-            (tx, Dealt { connections: rx, local })
+            (tx, Dealt { connections: rx, local, send_timeout })
         })
         .unzip();
     (Dealer { socket, workers: senders }, listeners)
@@ -66,17 +76,17 @@ pub async fn run_until(dealer: Dealer, stop: impl Future<Output = ()>) -> io::Re
 }
 
 impl axum::serve::Listener for Dealt {
-    type Io = TcpStream;
+    type Io = SendTimeout<TcpStream>;
     type Addr = SocketAddr;
 
-    async fn accept(&mut self) -> (TcpStream, SocketAddr) {
+    async fn accept(&mut self) -> (Self::Io, SocketAddr) {
         loop {
             let Some((tcp, peer)) = self.connections.recv().await else {
                 // The dealer has stopped: so has serving.
                 return std::future::pending().await;
             };
             match TcpStream::from_std(tcp) {
-                Ok(tcp) => return (tcp, peer),
+                Ok(tcp) => return (SendTimeout::new(tcp, self.send_timeout), peer),
                 Err(e) => tracing::warn!(error = %e, "cannot register a connection"),
             }
         }

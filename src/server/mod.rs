@@ -23,6 +23,7 @@ use tokio::task::JoinSet;
 
 mod handoff;
 mod reload;
+mod send_timeout;
 mod tls;
 mod workers;
 
@@ -89,7 +90,7 @@ pub async fn start_on(config: Config, workers: &[Handle]) -> io::Result<Running>
     let worker_states: Vec<Arc<Worker>> =
         (0..workers.len()).map(|i| Arc::new(Worker::new(gateway.clone(), i))).collect();
     for ((socket, upstream), addr) in sockets.into_iter().zip(&proxy_addrs) {
-        let (dealer, listeners) = handoff::deal(socket, *addr, workers.len());
+        let (dealer, listeners) = handoff::deal(socket, *addr, workers.len(), config.send_timeout);
         tasks.spawn_on(handoff::run_until(dealer, stopping(stopped.clone())), first);
         for ((listener, worker), handle) in listeners.into_iter().zip(&worker_states).zip(workers) {
             let service = proxy_service(worker.clone(), upstream).into_make_service();
@@ -114,7 +115,7 @@ pub async fn start_on(config: Config, workers: &[Handle]) -> io::Result<Running>
         }
     }
     if let Some((socket, addr, proxy)) = forward {
-        let (dealer, listeners) = handoff::deal(socket, addr, workers.len());
+        let (dealer, listeners) = handoff::deal(socket, addr, workers.len(), config.send_timeout);
         tasks.spawn_on(handoff::run_until(dealer, stopping(stopped.clone())), first);
         for ((listener, worker), handle) in listeners.into_iter().zip(&worker_states).zip(workers) {
             let service = crate::forward_proxy::service(worker.clone(), proxy.clone(), stopped.clone())

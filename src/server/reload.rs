@@ -3,7 +3,7 @@
 //! The new configuration is validated before it gets here. What a reload
 //! cannot change without a restart (listener addresses, TLS, the forward
 //! proxy, the quota store, the upstream table that bound listeners point
-//! into) makes it
+//! into, the listeners' `send_timeout`) makes it
 //! refuse the whole file, with every such change listed; the old
 //! configuration keeps running. Otherwise every policy keeps the key id its
 //! name had ([`Gateway::replace_config`]), so its keys' admissions, queues
@@ -69,10 +69,46 @@ fn restart_only(old: &Config, new: &Config) -> Vec<String> {
     };
     differs("listen / [[listener]]", old.listeners == new.listeners);
     differs("admin_listen", old.admin_listen == new.admin_listen);
+    differs("send_timeout", old.send_timeout == new.send_timeout);
     differs("[tls]", old.tls.is_some() == new.tls.is_some());
     differs("[forward_proxy]", old.forward_proxy == new.forward_proxy);
     differs("[store]", old.store == new.store);
     let names = |c: &Config| c.upstreams.iter().map(|u| u.name.clone()).collect::<Vec<_>>();
     differs("the names or order of [[upstream]]", names(old) == names(new));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DEFAULT_TOML;
+
+    /// The built-in configuration with `edits` (`from`, `to`) made to its text.
+    fn config(edits: &[(&str, &str)]) -> Config {
+        let text = edits.iter().fold(DEFAULT_TOML.to_string(), |text, (from, to)| {
+            assert!(text.contains(from), "{from}");
+            text.replace(from, to)
+        });
+        Config::from_toml(&text, "test").unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn what_needs_new_sockets_is_refused_and_named_the_rest_applies() {
+        let old = config(&[]);
+        assert_eq!(
+            restart_only(&old, &config(&[("drain = \"30s\"", "drain = \"5s\"")])),
+            Vec::<String>::new()
+        );
+        let new = config(&[
+            ("admin_listen = \"127.0.0.1:7481\"", "admin_listen = \"127.0.0.1:7491\""),
+            ("send_timeout = \"60s\"", "send_timeout = \"5s\""),
+        ]);
+        assert_eq!(
+            restart_only(&old, &new),
+            [
+                "admin_listen changed: restart the gateway to apply it",
+                "send_timeout changed: restart the gateway to apply it"
+            ]
+        );
+    }
 }

@@ -16,6 +16,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::handoff::Dealt;
+use super::send_timeout::SendTimeout;
 
 /// Longest a client may take to finish its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -24,8 +25,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct TlsListener {
     tcp: Dealt,
     acceptor: TlsAcceptor,
-    done_tx: mpsc::UnboundedSender<(TlsStream<TcpStream>, SocketAddr)>,
-    done: mpsc::UnboundedReceiver<(TlsStream<TcpStream>, SocketAddr)>,
+    done_tx: mpsc::UnboundedSender<(TlsStream<SendTimeout<TcpStream>>, SocketAddr)>,
+    done: mpsc::UnboundedReceiver<(TlsStream<SendTimeout<TcpStream>>, SocketAddr)>,
 }
 
 impl TlsListener {
@@ -36,7 +37,7 @@ impl TlsListener {
 }
 
 impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
+    type Io = TlsStream<SendTimeout<TcpStream>>;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, SocketAddr) {

@@ -232,6 +232,8 @@ struct Shared {
     fault: watch::Sender<Fault>,
     /// Set once, when the [`Emulator`] is dropped.
     stop: watch::Sender<bool>,
+    /// Streamed response bodies dropped before their last byte went out.
+    cut: AtomicU64,
 }
 
 impl Shared {
@@ -261,6 +263,7 @@ impl Emulator {
             inner: Mutex::new(Inner::default()),
             fault: watch::Sender::new(Fault::None),
             stop: watch::Sender::new(false),
+            cut: AtomicU64::new(0),
         });
         let app = Router::new().fallback(handle).with_state(shared.clone());
         tokio::spawn(accept_loop(listener, app, shared.clone()));
@@ -277,6 +280,7 @@ impl Emulator {
             inner: Mutex::new(Inner::default()),
             fault: watch::Sender::new(Fault::None),
             stop: watch::Sender::new(false),
+            cut: AtomicU64::new(0),
         });
         let (ca_pem, tls) = test_tls();
         let app = Router::new().fallback(handle).with_state(shared.clone());
@@ -337,6 +341,12 @@ impl Emulator {
     /// the future for a query still running).
     pub fn charges(&self, tenant: &str) -> Charges {
         self.shared.lock().charges.get(tenant).cloned().unwrap_or_default()
+    }
+
+    /// Streamed responses (`bytes/{n}`, hunting results) whose transfer ended before their
+    /// last byte was sent: the peer closed the connection or stopped reading the body.
+    pub fn cut_bodies(&self) -> u64 {
+        self.shared.cut.load(Ordering::SeqCst)
     }
 
     /// Switches the fault that requests arriving from now on meet, on new and kept-alive
@@ -637,13 +647,13 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
             let r = hunt(&shared, idx, graph, &body, tid.as_deref().unwrap_or_default()).await;
             gzip_if_accepted(&parts.headers, r).await
         }
-        Verdict::Pass => respond(route, &parts.method, &path_and_query, &parts.headers, body).await,
+        Verdict::Pass => respond(&shared, route, &parts.method, &path_and_query, &parts.headers, body).await,
     }
 }
 
 /// Run a hunting query: refuse it while its tenant's running time is spent, else charge its
 /// cost at its end, take that long, and answer like the service.
-async fn hunt(shared: &Shared, idx: usize, graph: bool, body: &[u8], tid: &str) -> Response {
+async fn hunt(shared: &Arc<Shared>, idx: usize, graph: bool, body: &[u8], tid: &str) -> Response {
     let value: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
     let query = value
         .as_object()
@@ -683,11 +693,41 @@ async fn hunt(shared: &Shared, idx: usize, graph: bool, body: &[u8], tid: &str) 
     }
     let data = super::hunt::response_body(&query, graph);
     let n = data.len();
-    let chunks: Vec<Result<Bytes, Infallible>> =
-        (0..n).step_by(64 * 1024).map(|i| Ok(data.slice(i..(i + 64 * 1024).min(n)))).collect();
-    let mut r = Response::new(Body::from_stream(futures_util::stream::iter(chunks)));
+    let mut r = Response::new(streamed(shared, data));
     r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(n));
     with_header(r, "content-type", "application/json")
+}
+
+/// `data` as a body of 64 KiB chunks; dropped before its end, it counts in
+/// [`Emulator::cut_bodies`].
+fn streamed(shared: &Arc<Shared>, data: Bytes) -> Body {
+    struct Sending {
+        data: Bytes,
+        sent: usize,
+        shared: Arc<Shared>,
+    }
+    impl futures_util::Stream for Sending {
+        type Item = Result<Bytes, Infallible>;
+        fn poll_next(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Self::Item>> {
+            let (from, n) = (self.sent, self.data.len());
+            if from >= n {
+                return std::task::Poll::Ready(None);
+            }
+            self.sent = (from + 64 * 1024).min(n);
+            std::task::Poll::Ready(Some(Ok(self.data.slice(from..self.sent))))
+        }
+    }
+    impl Drop for Sending {
+        fn drop(&mut self) {
+            if self.sent < self.data.len() {
+                self.shared.cut.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+    Body::from_stream(Sending { data, sent: 0, shared: shared.clone() })
 }
 
 /// A query running in [`hunt`]; dropped early, it rewrites its charge to the time it ran.
@@ -812,7 +852,14 @@ fn throttled(
     }
 }
 
-async fn respond(route: Route, method: &Method, pq: &str, headers: &HeaderMap, body: Bytes) -> Response {
+async fn respond(
+    shared: &Arc<Shared>,
+    route: Route,
+    method: &Method,
+    pq: &str,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Response {
     match route {
         Route::Flaky(..) => unreachable!("flaky routes are answered by flaky()"),
         Route::Hunt { .. } => unreachable!("hunting is answered by hunt()"),
@@ -825,10 +872,7 @@ async fn respond(route: Route, method: &Method, pq: &str, headers: &HeaderMap, b
             with_header(r, "cache-control", "no-store")
         }
         Route::Bytes(n) => {
-            let data = Bytes::from(bytes_pattern(n));
-            let chunks: Vec<Result<Bytes, Infallible>> =
-                (0..n).step_by(64 * 1024).map(|i| Ok(data.slice(i..(i + 64 * 1024).min(n)))).collect();
-            let r = Response::new(Body::from_stream(futures_util::stream::iter(chunks)));
+            let r = Response::new(streamed(shared, Bytes::from(bytes_pattern(n))));
             with_header(r, "content-type", "application/octet-stream")
         }
         Route::Gzip => {
