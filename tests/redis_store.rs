@@ -236,6 +236,7 @@ async fn a_query_settled_past_its_shared_deadline_is_charged_once() {
     let estimator = Estimator { default: Duration::from_secs(1), percentile: 95, samples: 10 };
     let demand = Demand {
         budgets: &budgets,
+        retention: Duration::from_secs(60),
         mode: Mode::Queue,
         max_wait: Duration::from_secs(1),
         max_queue: 10,
@@ -276,4 +277,55 @@ async fn a_query_settled_past_its_shared_deadline_is_charged_once() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Two policies share a tenant's running-time ledger in Redis, one with a
+/// window of 3 s, the other of 300 ms. A query of the second, reserved
+/// after its own window has passed, must not trim the charge the first
+/// still counts, nor shorten its expiry. (Redis trimmed by the reserving
+/// policy's longest window.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_with_shorter_windows_keeps_the_shared_charges_a_sharing_policy_counts() {
+    let redis = Redis::start();
+    let f = Fixture::open(&redis, "5ms", r#"windows = [{ limit = 100, per = "1s" }]"#);
+    let mut stats = f.stats;
+    let long = [Budget { limit: Duration::from_secs(1), per: Duration::from_secs(3) }];
+    let short = [Budget { limit: Duration::from_secs(5), per: Duration::from_millis(300) }];
+    let estimator = Estimator { default: Duration::from_secs(1), percentile: 95, samples: 10 };
+    let demand = |budgets| Demand {
+        budgets,
+        retention: Duration::from_secs(3),
+        mode: Mode::Reject,
+        max_wait: Duration::ZERO,
+        max_queue: 10,
+        max_concurrent: None,
+        estimate: &estimator,
+    };
+    let (long, short) = (demand(&long), demand(&short));
+    let reserve = |demand| {
+        let (store, runtime, key, depth) = (&f.store, &f.runtime, &f.key, &f.depth);
+        async move {
+            let mut r = runtime.reserve(key, demand, depth).await.unwrap();
+            store.share_running_time(key, &mut r, demand, Duration::from_secs(10)).await.unwrap();
+            r.sent();
+            r
+        }
+    };
+    let until_charged = |stats: &mut redis::Connection, micros: u64| {
+        let asked = std::time::Instant::now();
+        while shared_charges(stats) != micros {
+            assert!(asked.elapsed() < Duration::from_secs(5), "{} µs charged", shared_charges(stats));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+
+    reserve(&long).await.settle(Duration::from_millis(900));
+    until_charged(&mut stats, 900_000);
+    // Past the short window: a query of the short policy reserves (and trims).
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    reserve(&short).await.release();
+    assert_eq!(shared_charges(&mut stats), 900_000, "the 3 s window still counts the charge");
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*rt-charges*").query(&mut stats).unwrap();
+    let ttl: i64 = redis::cmd("PTTL").arg(&keys[0]).query(&mut stats).unwrap();
+    assert!(ttl > 2_000, "the charges expire in {ttl} ms, before the 3 s window is done with them");
 }

@@ -37,7 +37,7 @@ use tokio::sync::Notify;
 use super::rejection::Drain;
 use super::Reason;
 use crate::policy::Mode;
-use crate::quota::ledger::nanos;
+use crate::quota::ledger::{longest, nanos};
 use crate::quota::{Budget, BudgetUse, Clock, Fit, KeyMap, Ledger, QuotaKey};
 
 /// How a key's queries are admitted: the budgets of the policy, and the
@@ -45,6 +45,12 @@ use crate::quota::{Budget, BudgetUse, Clock, Fit, KeyMap, Ledger, QuotaKey};
 #[derive(Debug, Clone)]
 pub struct Demand<'a> {
     pub budgets: &'a [Budget],
+    /// How long the key's charges are kept: at least the longest window of
+    /// any policy that may share the key ([`Policies::longest_budget`]), so
+    /// a policy with shorter windows never forgets what another still counts.
+    ///
+    /// [`Policies::longest_budget`]: crate::policy::Policies::longest_budget
+    pub retention: Duration,
     pub mode: Mode,
     pub max_wait: Duration,
     pub max_queue: usize,
@@ -104,9 +110,25 @@ struct State {
     recent: VecDeque<u64>,
     /// The budgets last applied, for pruning and status.
     budgets: Vec<Budget>,
+    /// The retention last applied ([`Demand::retention`]).
+    retention: Duration,
 }
 
 impl State {
+    /// Forget charges that neither the budgets last applied nor the
+    /// retention still count.
+    fn prune(&mut self, guard: Duration, now: u64) {
+        let keep = longest(&self.budgets).max(self.retention) + guard;
+        self.ledger.prune(keep, now);
+    }
+
+    /// Take on `demand`'s budgets and retention, then prune.
+    fn apply(&mut self, demand: &Demand<'_>, guard: Duration, now: u64) {
+        self.budgets = demand.budgets.to_vec();
+        self.retention = demand.retention;
+        self.prune(guard, now);
+    }
+
     fn wake_head(&self) {
         if let Some(head) = self.queue.front() {
             head.wake.notify_one();
@@ -195,18 +217,24 @@ impl RuntimeLimiter {
     /// Put back charges a durable store remembered for `key`: `(end, cost)`
     /// pairs in clock readings and nanoseconds, counted against `budgets`;
     /// and an upstream hold until `hold_until`.
-    pub fn restore(&self, key: &QuotaKey, budgets: &[Budget], charges: &[(u64, u64)], hold_until: u64) {
+    pub fn restore(
+        &self,
+        key: &QuotaKey,
+        budgets: &[Budget],
+        retention: Duration,
+        charges: &[(u64, u64)],
+        hold_until: u64,
+    ) {
         let cell = self.cell(key);
         let mut st = cell.lock();
         if st.budgets.is_empty() {
             st.budgets = budgets.to_vec();
         }
+        st.retention = st.retention.max(retention);
         for &(end, cost) in charges {
             st.ledger.charge(Duration::from_nanos(cost), end);
         }
-        let budgets = std::mem::take(&mut st.budgets);
-        st.ledger.prune(&budgets, self.guard, self.clock.now());
-        st.budgets = budgets;
+        st.prune(self.guard, self.clock.now());
         st.hold_until = st.hold_until.max(hold_until);
     }
 
@@ -237,8 +265,7 @@ impl RuntimeLimiter {
         let deadline = start.saturating_add(nanos(demand.max_wait));
         let (id, wake) = {
             let mut st = cell.lock();
-            st.budgets = demand.budgets.to_vec();
-            st.ledger.prune(demand.budgets, self.guard, start);
+            st.apply(demand, self.guard, start);
             let verdict = self.verdict(&st, demand, start);
             if st.queue.is_empty() {
                 if let Verdict::Go(estimate) = verdict {
@@ -273,7 +300,7 @@ impl RuntimeLimiter {
             let sleep_to = {
                 let mut st = cell.lock();
                 let head = st.queue.front().is_some_and(|w| w.id == id);
-                st.ledger.prune(demand.budgets, self.guard, now);
+                st.apply(demand, self.guard, now);
                 let verdict = self.verdict(&st, demand, now);
                 if head {
                     if let Verdict::Go(estimate) = verdict {
@@ -393,7 +420,10 @@ impl RuntimeLimiter {
             .iter()
             .filter_map(|e| {
                 let st = e.value().lock();
-                let longest = st.budgets.iter().map(|b| b.per).max()?;
+                let longest = longest(&st.budgets).max(st.retention);
+                if longest.is_zero() {
+                    return None;
+                }
                 let charges: Vec<(u64, u64)> = st.ledger.charges().collect();
                 (!charges.is_empty()).then(|| (e.key().clone(), longest, charges))
             })
@@ -408,9 +438,7 @@ impl RuntimeLimiter {
                 return true;
             }
             let Ok(mut st) = cell.0.try_lock() else { return true };
-            let budgets = std::mem::take(&mut st.budgets);
-            st.ledger.prune(&budgets, self.guard, now);
-            st.budgets = budgets;
+            st.prune(self.guard, now);
             !(st.ledger.is_empty() && st.queue.is_empty() && st.hold_until <= now)
         });
         self.keys.len()
@@ -616,6 +644,7 @@ mod tests {
     fn demand<'a>(b: &'a [Budget], e: &'a Estimator, mode: Mode, max_wait: u64) -> Demand<'a> {
         Demand {
             budgets: b,
+            retention: Duration::ZERO,
             mode,
             max_wait: Duration::from_secs(max_wait),
             max_queue: 10,
@@ -653,6 +682,36 @@ mod tests {
         assert_eq!(r.estimate(), Duration::from_secs(9));
         // Another tenant is untouched.
         assert!(l.reserve(&key("u"), &d, &gauge()).await.is_ok());
+    }
+
+    /// Two policies share a tenant's ledger: one counts an hour, the other
+    /// a minute. A query of the minute's policy must not forget the charge
+    /// the hour's policy still counts.
+    #[tokio::test(start_paused = true)]
+    async fn a_policy_with_shorter_windows_keeps_what_a_sharing_policy_counts() {
+        let e = estimator(1000);
+        let l = RuntimeLimiter::new(Duration::ZERO, e.clone());
+        let hour = [Budget { limit: Duration::from_secs(10), per: Duration::from_secs(3600) }];
+        let minute = [Budget { limit: Duration::from_secs(30), per: Duration::from_secs(60) }];
+        let retention = Duration::from_secs(3600);
+        let hourly = Demand { retention, ..demand(&hour, &e, Mode::Reject, 0) };
+        let by_minute = Demand { retention, ..demand(&minute, &e, Mode::Reject, 0) };
+        let mut r = l.reserve(&key("t"), &hourly, &gauge()).await.unwrap();
+        r.sent();
+        r.answered();
+        r.settle(Duration::from_secs(9));
+        // Past the minute: the minute's policy runs a query (and prunes).
+        tokio::time::advance(Duration::from_secs(61)).await;
+        let mut r = l.reserve(&key("t"), &by_minute, &gauge()).await.unwrap();
+        r.sent();
+        r.answered();
+        r.settle(Duration::from_millis(500));
+        // The hour still counts 9.5 s: a 1 s estimate does not fit in 10 s
+        // until the 9 s charge leaves the hour.
+        let no = l.reserve(&key("t"), &hourly, &gauge()).await.unwrap_err();
+        assert_eq!(no.reason, Reason::NoSlot);
+        assert_eq!(no.retry_after, Duration::from_secs(3600 - 61));
+        assert_eq!(no.budget, Some(hour[0]));
     }
 
     #[tokio::test(start_paused = true)]

@@ -346,6 +346,7 @@ impl Metered<'_> {
         let budgets = gw.store.runtime_budgets(self.policy);
         let demand = Demand {
             budgets: &budgets,
+            retention: h.retention,
             mode: self.policy.mode,
             max_wait: self.max_wait.saturating_sub(started.elapsed()),
             max_queue: self.policy.max_queue,

@@ -344,6 +344,8 @@ mod tests {
         assert_eq!(c.hunting.max_rows, 100_000);
         assert_eq!(c.hunting.lookback_limit, Duration::from_secs(30 * 86_400));
         assert_eq!(c.hunting.key, crate::quota::KeyScope::Tenant);
+        // Both hunting policies share the tenant's ledger: it keeps a day.
+        assert_eq!(c.hunting.retention, Duration::from_secs(86_400));
         assert!(c.listeners[0].addr.ip().is_loopback() && c.admin_listen.ip().is_loopback());
     }
 

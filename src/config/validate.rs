@@ -193,7 +193,7 @@ pub fn validate(file: &File) -> Result<Config, Vec<Problem>> {
     let trust_roots = trust_roots(&file.trust_ca_files, &mut p);
 
     let defaults = inherited(file, &mut p);
-    let hunting = hunting(&file.hunting, &mut p);
+    let mut hunting = hunting(&file.hunting, &mut p);
     let default_budgets = budgets(&Field::top("hunting").at("budgets"), &file.hunting.budgets, &mut p);
     let mut policies = Vec::new();
     for (i, pf) in file.policies.iter().enumerate() {
@@ -293,12 +293,14 @@ pub fn validate(file: &File) -> Result<Config, Vec<Problem>> {
         p.push("listen", problem);
     }
 
+    let policies = Policies(policies);
+    hunting.retention = policies.longest_budget();
     if p.0.is_empty() {
         Ok(Config {
             listeners,
             admin_listen,
             upstreams,
-            policies: Policies(policies),
+            policies,
             unmetered_timeouts: defaults.timeouts,
             max_body_bytes: file.max_body_bytes,
             guard,
@@ -419,6 +421,8 @@ fn hunting(h: &HuntingFile, p: &mut Problems) -> Hunting {
         lookback,
         lookback_limit: p.duration(&field.at("lookback_limit"), &h.lookback_limit),
         max_rows: h.max_rows,
+        // Known once the policies are: see `validate`.
+        retention: Duration::ZERO,
     }
 }
 

@@ -34,4 +34,7 @@ pub struct Hunting {
     pub lookback: LookbackMode,
     pub lookback_limit: Duration,
     pub max_rows: u64,
+    /// How long a running-time key keeps its charges: the longest window of
+    /// any policy's budgets ([`crate::policy::Policies::longest_budget`]).
+    pub retention: Duration,
 }

@@ -73,6 +73,14 @@ impl Policy {
 pub struct Policies(pub Vec<Policy>);
 
 impl Policies {
+    /// The longest running-time window of any policy: how long a charge
+    /// must be kept. Policies whose hunting key scope is the same share one
+    /// ledger per tenant (or tenant and app), so each must keep what the
+    /// others still count.
+    pub fn longest_budget(&self) -> std::time::Duration {
+        self.0.iter().map(|p| crate::quota::ledger::longest(&p.budgets)).max().unwrap_or_default()
+    }
+
     /// The first policy that meters this request, if any.
     pub fn find(&self, method: &Method, upstream: usize, path: &str) -> Option<&Policy> {
         self.0.iter().find(|p| p.matches(method, upstream, path))

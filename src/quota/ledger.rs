@@ -67,6 +67,11 @@ impl Budget {
     }
 }
 
+/// The longest window of `budgets` (zero for none).
+pub fn longest(budgets: &[Budget]) -> Duration {
+    budgets.iter().map(|b| b.per).max().unwrap_or_default()
+}
+
 pub(crate) fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
@@ -206,9 +211,11 @@ impl Ledger {
         true
     }
 
-    /// Forget charges that no budget counts any more.
-    pub fn prune(&mut self, budgets: &[Budget], guard: Duration, now: u64) {
-        let horizon = budgets.iter().map(Budget::per_nanos).max().unwrap_or(0).saturating_add(nanos(guard));
+    /// Forget charges that no budget counts any more: those that ended
+    /// `keep` (the longest budget any user of this ledger has, plus the
+    /// guard) or longer ago.
+    pub fn prune(&mut self, keep: Duration, now: u64) {
+        let horizon = nanos(keep);
         while self.charges.front().is_some_and(|c| c.end.saturating_add(horizon) <= now) {
             self.charges.pop_front();
         }
@@ -316,9 +323,10 @@ mod tests {
         let mut l = Ledger::new();
         let id = l.reserve(secs(1));
         l.settle(id, secs(5), 0);
-        l.prune(&b, secs(1), 3600 * S);
+        let keep = longest(&b) + secs(1);
+        l.prune(keep, 3600 * S);
         assert!(!l.is_empty());
-        l.prune(&b, secs(1), 3601 * S);
+        l.prune(keep, 3601 * S);
         assert!(l.is_empty());
     }
 
@@ -398,7 +406,7 @@ mod tests {
                         prop_assert!(l.release(id));
                     }
                 }
-                l.prune(&budgets, guard, now);
+                l.prune(longest(&budgets) + guard, now);
             }
             // Running queries may still be charged up to their estimate.
             let mut all = done.clone();

@@ -52,7 +52,7 @@ impl Journal {
 
 /// How long a charge counts: the longest budget of `policies`, and the guard.
 fn horizon(policies: &crate::policy::Policies, guard: Duration) -> i64 {
-    nanos(policies.0.iter().flat_map(|p| p.budgets.iter()).map(|b| b.per).max().unwrap_or_default() + guard)
+    nanos(policies.longest_budget() + guard)
 }
 
 impl ChargeJournal for Journal {
@@ -156,6 +156,7 @@ fn restore(
     };
     let decode = |key: &str| names.decode(key, &config.policies);
     let hunting_budgets = policies.iter().find(|p| p.hunting).map(|p| p.budgets.clone()).unwrap_or_default();
+    let retention = config.policies.longest_budget();
     let mut n = (0, 0, 0);
     // Admissions, grouped by key (the rows come sorted by key).
     let mut i = 0;
@@ -186,7 +187,7 @@ fn restore(
             .map(|(_, end, cost)| (clock.from_unix(*end), u64::try_from(*cost).unwrap_or(0)))
             .collect();
         if let Some(qk) = decode(key) {
-            runtime.restore(&qk, &hunting_budgets, &charges, 0);
+            runtime.restore(&qk, &hunting_budgets, retention, &charges, 0);
             n.1 += charges.len();
         }
         i = j;
@@ -194,7 +195,7 @@ fn restore(
     for (scope, key, pid, until) in &c.holds {
         let (Some(qk), until) = (decode(key), clock.from_unix(*until)) else { continue };
         match (scope.as_str(), policy(pid)) {
-            ("runtime", _) => runtime.restore(&qk, &hunting_budgets, &[], until),
+            ("runtime", _) => runtime.restore(&qk, &hunting_budgets, retention, &[], until),
             (_, Some(p)) => limiter.restore(&qk, p, &[], until, None),
             _ => continue,
         }
@@ -251,6 +252,7 @@ hunting = true
         let depth = IntGauge::new("d", "d").unwrap();
         let demand = Demand {
             budgets: &policy.budgets,
+            retention: config.hunting.retention,
             mode: crate::policy::Mode::Queue,
             max_wait: Duration::from_secs(1),
             max_queue: 10,

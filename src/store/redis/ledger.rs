@@ -37,6 +37,7 @@ use super::RedisStore;
 use crate::admission::runtime::{ChargeJournal, Demand, Reservation, RuntimeRejection};
 use crate::admission::Reason;
 use crate::policy::Mode;
+use crate::quota::ledger::longest;
 use crate::quota::{Budget, QuotaKey};
 
 /// How often a query waiting for a completion asks again while this replica
@@ -48,7 +49,9 @@ pub const UNHEARD_RETRY: Duration = Duration::from_secs(2);
 
 /// KEYS: charges, reservations, hold. ARGV: guard µs, estimate µs,
 /// reservation deadline µs, member, budget count, then limit and length µs
-/// per budget. Returns `{1, now}`, `{0, at, budget, now}` (1-based; -1 for
+/// per budget, then the retention µs (charges are kept at least that long
+/// past their end, for the policies sharing the key with longer windows).
+/// Returns `{1, now}`, `{0, at, budget, now}` (1-based; -1 for
 /// the hold) or `{2, 0, budget}` when only a completion can make room.
 pub(super) const RESERVE: &str = r"
 local t = redis.call('TIME')
@@ -59,7 +62,7 @@ local n = tonumber(ARGV[5])
 local function cost(m) return tonumber(string.match(m, ':(%d+)$')) end
 local hold = tonumber(redis.call('GET', KEYS[3]) or '0')
 if hold > now then return {0, hold, -1, now} end
-local longest = 0
+local longest = tonumber(ARGV[6 + 2 * n]) + guard
 for i = 1, n do
   local per = tonumber(ARGV[5 + 2 * i])
   if per + guard > longest then longest = per + guard end
@@ -147,7 +150,7 @@ impl RedisStore {
         let started = tokio::time::Instant::now();
         let guard = self.guard_us;
         let estimate = micros(reservation.estimate());
-        let longest = demand.budgets.iter().map(|b| b.per).max().unwrap_or_default();
+        let longest = longest(demand.budgets).max(demand.retention);
         let ttl_ms = u64::try_from(longest.as_millis()).unwrap_or(u64::MAX) + guard / 1000 + 1;
         let name = self.names.encode(key);
         for attempt in 0.. {
@@ -165,6 +168,7 @@ impl RedisStore {
             for b in demand.budgets {
                 call.arg(micros(b.limit)).arg(micros(b.per));
             }
+            call.arg(micros(demand.retention));
             let reply: Vec<i64> = self.invoke(&call).await?;
             let get = |i: usize| reply.get(i).copied().unwrap_or(0);
             let budget: Option<Budget> = usize::try_from(get(2))
