@@ -300,7 +300,7 @@ impl RuntimeLimiter {
             let sleep_to = {
                 let mut st = cell.lock();
                 let head = st.queue.front().is_some_and(|w| w.id == id);
-                st.apply(demand, self.guard, now);
+                st.prune(self.guard, now);
                 let verdict = self.verdict(&st, demand, now);
                 if head {
                     if let Verdict::Go(estimate) = verdict {
