@@ -410,6 +410,58 @@ async fn a_gzip_result_passes_compressed_and_is_metered_from_its_stats() {
     assert!(asked.iter().all(|a| a == "gzip"), "br is not asked of the upstream: {asked:?}");
 }
 
+/// A compressed result that decodes to more than `max_scan_bytes` (a
+/// compression bomb, say) is read no further: it still reaches the client
+/// byte for byte, and its running time is charged by rule. One within the
+/// limit is metered from its `Stats` as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_that_decodes_past_max_scan_bytes_is_charged_by_rule_and_streams_whole() {
+    let emu = Emulator::start(EmulatorConfig::new()).await;
+    let gw = TestGateway::start(
+        &emu.url(),
+        &hunting_config(
+            r#"[{ limit = "10m", per = "1h" }]"#,
+            "stats_prefix_bytes = 1024\nmax_scan_bytes = 1048576",
+        ),
+    )
+    .await;
+    let gzip_post = |q: &str| {
+        client()
+            .post(gw.url(HUNT))
+            .header("authorization", bearer("t", "a"))
+            .header("accept-encoding", "gzip")
+            .body(body(q))
+            .send()
+    };
+    let unpack = |packed: &[u8]| {
+        let mut plain = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(packed), &mut plain).unwrap();
+        plain
+    };
+    // 8 MB that compress to a small fraction, `Stats` last: past the 1 MiB read.
+    let big = query(0.01, "bytes=8000000 stats=last");
+    let r = gzip_post(&big).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-encoding"], "gzip");
+    let packed = r.bytes().await.unwrap();
+    assert!(packed.len() < 4_000_000, "the test needs a body that compresses: {} bytes", packed.len());
+    assert_eq!(unpack(&packed), hunt::response_body(&big, false), "streamed whole, as it came");
+    assert_eq!(gw.metric("quotagate_hunting_unmetered_total{policy=\"hunting\"}").await, 1.0);
+    let l = quota(&gw).await;
+    let charged = ledger(&l, "t")["budgets"][0]["charged_seconds"].as_f64().unwrap();
+    assert!(charged >= 0.04, "by rule (at least the 40 ms estimate), not the 10 ms of its Stats: {charged}");
+    assert_eq!(ledger(&l, "t")["in_flight"], 0, "{l}");
+
+    // Within the limit: metered from its Stats.
+    let small = query(0.3, "bytes=400000 stats=last");
+    let r = gzip_post(&small).await.unwrap();
+    assert_eq!(unpack(&r.bytes().await.unwrap()), hunt::response_body(&small, false));
+    let l = quota(&gw).await;
+    let after = ledger(&l, "t")["budgets"][0]["charged_seconds"].as_f64().unwrap();
+    assert!((after - charged - 0.3).abs() < 1e-9, "metered from Stats: {charged} then {after}");
+    assert_eq!(gw.metric("quotagate_hunting_unmetered_total{policy=\"hunting\"}").await, 1.0);
+}
+
 /// An upstream that resets before `Stats` aborts the client's transfer at
 /// once, and the reservation ends by the documented rule. Regression (found
 /// by the soak, `bench/soak.sh`): the held-back prefix and the error were

@@ -396,8 +396,15 @@ impl Metered<'_> {
                 // (before the shared ledger's deadline for this query).
                 let left = self.policy.timeouts.total.saturating_sub(reservation.wall_time());
                 let deadline = tokio::time::Instant::now() + left;
-                meter::defender(response, reservation, config.hunting.stats_prefix_bytes, report, deadline)
-                    .await
+                meter::defender(
+                    response,
+                    reservation,
+                    config.hunting.stats_prefix_bytes,
+                    config.hunting.max_scan_bytes,
+                    report,
+                    deadline,
+                )
+                .await
             }
             ApiKind::Graph => meter::graph(response, reservation, &report),
         }

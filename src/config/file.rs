@@ -292,6 +292,8 @@ pub struct HuntingFile {
     pub max_concurrent: usize,
     /// Most bytes of a response held back looking for `Stats`.
     pub stats_prefix_bytes: usize,
+    /// Most decoded bytes of one response read looking for `Stats`.
+    pub max_scan_bytes: u64,
     /// `warn`, `reject` or `off`: what to do with a query that reaches past `lookback_limit`.
     pub lookback: String,
     pub lookback_limit: String,
@@ -312,6 +314,7 @@ impl Default for HuntingFile {
             estimate_samples: 50,
             max_concurrent: 0,
             stats_prefix_bytes: 64 * 1024,
+            max_scan_bytes: 256 * 1024 * 1024,
             lookback: "warn".into(),
             lookback_limit: "30d".into(),
             max_rows: 100_000,

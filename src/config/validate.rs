@@ -397,6 +397,9 @@ fn hunting(h: &HuntingFile, p: &mut Problems) -> Hunting {
     if h.stats_prefix_bytes < 1024 {
         p.push(&field.at("stats_prefix_bytes"), "must be at least 1024 bytes");
     }
+    if h.max_scan_bytes < 1024 * 1024 {
+        p.push(&field.at("max_scan_bytes"), "must be at least 1048576 bytes (1 MiB)");
+    }
     let lookback = match h.lookback.as_str() {
         "warn" => LookbackMode::Warn,
         "reject" => LookbackMode::Reject,
@@ -418,6 +421,7 @@ fn hunting(h: &HuntingFile, p: &mut Problems) -> Hunting {
         },
         max_concurrent: (h.max_concurrent > 0).then_some(h.max_concurrent),
         stats_prefix_bytes: h.stats_prefix_bytes,
+        max_scan_bytes: h.max_scan_bytes,
         lookback,
         lookback_limit: p.duration(&field.at("lookback_limit"), &h.lookback_limit),
         max_rows: h.max_rows,

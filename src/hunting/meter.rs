@@ -9,6 +9,10 @@
 //!   scanner, constant in memory, reads every chunk until it finds `Stats`
 //!   or the body ends. A gzip or deflate body passes on compressed and is
 //!   decoded for the scanner as it passes ([`crate::upstream::encoding`]).
+//!   At most `max_scan_bytes` are decoded and read: a body that decodes to
+//!   more (a compression bomb; the service fails results over ~124 MB)
+//!   streams on unread, and its cost is unknown, so that one response
+//!   cannot hold a worker's core for minutes of decoding.
 //! * **Graph** has no `Stats`: the running time is the wall time from sending
 //!   the query to its response headers, when the service has run it.
 //!
@@ -92,12 +96,22 @@ impl Report {
 /// The [`Scanner`], fed a body's bytes as its content coding decodes them.
 struct Reader(Decoder<Sink>);
 
-/// Where decoded bytes go: straight into the scanner, nothing kept.
-struct Sink(Scanner);
+/// Where decoded bytes go: straight into the scanner, nothing kept, up to
+/// `left` more bytes; past that, the write fails and decoding stops.
+struct Sink {
+    scanner: Scanner,
+    left: u64,
+}
 
 impl std::io::Write for Sink {
     fn write(&mut self, decoded: &[u8]) -> std::io::Result<usize> {
-        self.0.feed(decoded);
+        let n = u64::try_from(decoded.len()).unwrap_or(u64::MAX);
+        if n > self.left {
+            self.left = 0;
+            return Err(std::io::Error::other("the body decodes to more than max_scan_bytes"));
+        }
+        self.left -= n;
+        self.scanner.feed(decoded);
         Ok(decoded.len())
     }
 
@@ -107,8 +121,8 @@ impl std::io::Write for Sink {
 }
 
 impl Reader {
-    fn new(coding: Coding) -> Self {
-        Reader(Decoder::new(coding, Sink(Scanner::new())))
+    fn new(coding: Coding, max_scan_bytes: u64) -> Self {
+        Reader(Decoder::new(coding, Sink { scanner: Scanner::new(), left: max_scan_bytes }))
     }
 
     fn feed(&mut self, data: &[u8]) {
@@ -116,7 +130,7 @@ impl Reader {
     }
 
     /// Whether the body's bytes are still being read: its coding is one
-    /// read here, and it has decoded so far.
+    /// read here, it has decoded so far, and within `max_scan_bytes`.
     fn readable(&self) -> bool {
         self.0.decoding()
     }
@@ -124,7 +138,7 @@ impl Reader {
     /// What the scanner read, up to the end or the first byte that did not
     /// decode; nothing for a coding not read here.
     fn stats(&self) -> Stats {
-        self.0.sink().map_or_else(Stats::default, |sink| sink.0.stats())
+        self.0.sink().map_or_else(Stats::default, |sink| sink.scanner.stats())
     }
 }
 
@@ -134,11 +148,12 @@ pub async fn defender(
     response: Response,
     reservation: Reservation,
     prefix_limit: usize,
+    max_scan_bytes: u64,
     report: Report,
     deadline: tokio::time::Instant,
 ) -> Response {
     let (mut head, mut body) = response.into_parts();
-    let mut scanner = Reader::new(Coding::of(&head.headers));
+    let mut scanner = Reader::new(Coding::of(&head.headers), max_scan_bytes);
     let mut prefix = VecDeque::new();
     let mut held = 0;
     let mut failed = None;
@@ -187,7 +202,9 @@ pub async fn defender(
         // The upstream failed before `Stats`: pass on what came, then the error.
         prefix.push_back(Err(e));
         report.unknown(reservation);
-    } else if ended {
+    } else if ended || !scanner.readable() {
+        // Ended without `Stats`, or no longer read (a coding not read
+        // here, a corrupt stream, past max_scan_bytes): streams on unread.
         report.unknown(reservation);
     } else {
         scanning = Some(Scanning::new(scanner, reservation, report, deadline));
@@ -329,7 +346,9 @@ impl http_body::Body for MeterBody {
                         this.scanning = None;
                     } else {
                         s.scanner.feed(data);
-                        if s.scanner.stats().complete {
+                        if s.scanner.stats().complete || !s.scanner.readable() {
+                            // Read as far as `Stats`, or no further (a
+                            // corrupt stream, past max_scan_bytes).
                             this.scanning.take().expect("scanning").settle();
                         }
                     }

@@ -31,6 +31,8 @@ pub struct Hunting {
     pub estimator: Estimator,
     pub max_concurrent: Option<usize>,
     pub stats_prefix_bytes: usize,
+    /// Most decoded bytes of one response the `Stats` scanner reads.
+    pub max_scan_bytes: u64,
     pub lookback: LookbackMode,
     pub lookback_limit: Duration,
     pub max_rows: u64,
