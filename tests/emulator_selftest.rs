@@ -209,6 +209,11 @@ async fn test_endpoints() {
     assert!(r.headers().get("content-length").is_none());
     assert_eq!(header(&r, "transfer-encoding"), "chunked");
     assert_eq!(r.bytes().await.unwrap().to_vec(), bytes_pattern(n));
+    // Past the largest body it makes up (and past what memory holds): a 400, not a panic.
+    for n in ["67108865", "15503280078736851043"] {
+        let r = client.get(format!("{}/api/test/bytes/{n}", em.url())).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{n}");
+    }
 
     let r = client.get(format!("{}/api/test/gzip", em.url())).send().await.unwrap();
     assert_eq!(header(&r, "content-encoding"), "gzip");
@@ -253,8 +258,8 @@ async fn test_endpoints() {
     let r = client.get(format!("{}/v1.0/test/status/418", em.url())).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 418);
 
-    assert_eq!(em.count(), 6);
-    assert_eq!(em.requests()[3].status, 503);
+    assert_eq!(em.count(), 8);
+    assert_eq!(em.requests()[5].status, 503);
     assert_eq!(em.throttled(), 0);
 }
 

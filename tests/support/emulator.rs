@@ -13,7 +13,8 @@
 //!   the Graph envelope, which never names the wait;
 //! - lets a test play another consumer of the same budget ([`Emulator::spend`]);
 //! - answers canned success bodies (hunting, incidents, `{"value":[]}`) and offers test
-//!   endpoints under `/api/test/` (and `/v1.0/test/`): `status/{code}`, `flaky/{code}/{n}`, `bytes/{n}`, `gzip`,
+//!   endpoints under `/api/test/` (and `/v1.0/test/`): `status/{code}`, `flaky/{code}/{n}`,
+//!   `bytes/{n}` (n at most [`super::hunt::MAX_BYTES`]), `gzip`,
 //!   `echo`, `slow/{ms}`; any request carrying [`DELAY_HEADER`] (`x-emulator-delay-ms: N`) is
 //!   answered N ms late (the metering decision still falls on arrival);
 //! - plays transport [`Fault`]s switched at run time with [`Emulator::set_fault`];
@@ -456,7 +457,10 @@ impl Route {
                     Ok(c) if (200..600).contains(&c) => Route::Status(c),
                     _ => Route::BadTest,
                 },
-                "bytes" => arg.parse().map_or(Route::BadTest, Route::Bytes),
+                "bytes" => match arg.parse() {
+                    Ok(n) if n <= super::hunt::MAX_BYTES => Route::Bytes(n),
+                    _ => Route::BadTest,
+                },
                 "slow" => arg.parse().map_or(Route::BadTest, Route::Slow),
                 "flaky" => match arg.split_once('/').map(|(s, n)| (s.parse::<u16>(), n.parse::<usize>())) {
                     Some((Ok(s), Ok(n))) if (400..600).contains(&s) => Route::Flaky(s, n),

@@ -6,7 +6,8 @@
 //! - `cost=S`: the query runs S seconds and reports `Stats.ExecutionTime = S`;
 //!   without it the query takes no time and reports 0.01;
 //! - `rows=N`: `Stats.dataset_statistics[0].table_row_count` (default 1);
-//! - `bytes=N`: the response is padded with result rows to about N bytes;
+//! - `bytes=N`: the response is padded with result rows to about N bytes
+//!   (at most [`MAX_BYTES`]);
 //! - `stats=last` puts `Stats` after `Results`, `stats=none` leaves it out;
 //! - `pad=random` fills the rows with pseudo-random hex digits instead of one
 //!   repeated letter, so that a compressed result stays about half its size.
@@ -14,6 +15,12 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+
+/// The largest body the emulator makes up (64 MiB, the most any test asks
+/// for): a bigger `bytes=N` is cut to it, and a bigger `/api/test/bytes/{n}`
+/// is a 400, so that no input, a fuzzer's included, makes it allocate
+/// without bound.
+pub const MAX_BYTES: usize = 64 << 20;
 
 /// Where `Stats` stands in a Defender response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,7 +52,7 @@ impl HuntSpec {
                 .and_then(|s| s.parse::<f64>().ok())
                 .and_then(|s| Duration::try_from_secs_f64(s).ok()),
             rows: value("rows=").and_then(|s| s.parse().ok()).unwrap_or(1),
-            bytes: value("bytes=").and_then(|s| s.parse().ok()).unwrap_or(0),
+            bytes: value("bytes=").and_then(|s| s.parse().ok()).unwrap_or(0).min(MAX_BYTES),
             stats: match value("stats=") {
                 Some("last") => StatsAt::Last,
                 Some("none") => StatsAt::None,
