@@ -71,7 +71,24 @@ stamp="$(mktemp)"
 trap 'rm -f "$stamp"' EXIT
 started=$(date +%s)
 status=0
-nice -n 19 "$bin" "${args[@]}" -max_total_time="$seconds" -print_final_stats=1 "$grown" "corpus/$target" >"$log" 2>&1 || status=$?
+# In a session of its own, so that its low priority holds against other
+# work: where the kernel groups processes by session for scheduling
+# (autogroup), nice ranks a process only within its session, and a
+# fuzzer started from a shell would take as much of the cores as that
+# shell's builds and tests together. Its session's group gets the same
+# low weight (allowed for one's own processes).
+setsid nice -n 19 "$bin" "${args[@]}" -max_total_time="$seconds" -print_final_stats=1 "$grown" "corpus/$target" >"$log" 2>&1 &
+fuzzer=$!
+trap 'kill "$fuzzer" 2>/dev/null || true; rm -f "$stamp"' EXIT
+trap 'exit 130' INT TERM
+# Only once it leads its own session: before that, its group is this
+# shell's.
+leads() { [[ "$(ps -o sid= -p "$fuzzer" 2>/dev/null | tr -d ' ')" == "$fuzzer" ]]; }
+for _ in $(seq 200); do leads && break; sleep 0.01; done
+if leads && [[ -w /proc/$fuzzer/autogroup ]]; then
+  echo 19 >"/proc/$fuzzer/autogroup" 2>/dev/null || true
+fi
+wait "$fuzzer" || status=$?
 ended=$(date +%s)
 
 # libFuzzer's status lines: "#RUNS <event> cov: C ft: F ...".
