@@ -68,7 +68,13 @@ fi
 mkdir -p "$grown"
 [[ -f "grown/$target.tar.gz" ]] && tar -xzf "grown/$target.tar.gz" -C "$grown"
 stamp="$(mktemp)"
-trap 'rm -f "$stamp"' EXIT
+fuzzer=
+# The fuzzer runs in a session of its own (below), out of reach of the
+# terminal's Ctrl-C: this script passes SIGINT and SIGTERM on, so
+# libFuzzer stops as it would in the foreground and the summary still
+# prints; and the fuzzer gets SIGTERM should this script die.
+trap '[[ -n $fuzzer ]] && kill -INT "$fuzzer" 2>/dev/null' INT TERM
+trap '[[ -n $fuzzer ]] && kill "$fuzzer" 2>/dev/null; rm -f "$stamp"' EXIT
 started=$(date +%s)
 status=0
 # In a session of its own, so that its low priority holds against other
@@ -77,18 +83,31 @@ status=0
 # fuzzer started from a shell would take as much of the cores as that
 # shell's builds and tests together. Its session's group gets the same
 # low weight (allowed for one's own processes).
-setsid nice -n 19 "$bin" "${args[@]}" -max_total_time="$seconds" -print_final_stats=1 "$grown" "corpus/$target" >"$log" 2>&1 &
+setsid setpriv --pdeathsig TERM nice -n 19 "$bin" "${args[@]}" -max_total_time="$seconds" \
+  -print_final_stats=1 "$grown" "corpus/$target" >"$log" 2>&1 &
 fuzzer=$!
-trap 'kill "$fuzzer" 2>/dev/null || true; rm -f "$stamp"' EXIT
-trap 'exit 130' INT TERM
-# Only once it leads its own session: before that, its group is this
-# shell's.
-leads() { [[ "$(ps -o sid= -p "$fuzzer" 2>/dev/null | tr -d ' ')" == "$fuzzer" ]]; }
+# Only once it leads its own session (field 6 of its stat is the session
+# id): before that, its group is this shell's. The kernel refuses a
+# second change of a group's priority within 100 ms, so it is retried.
+leads() { [[ "$(sed 's/.*) //' "/proc/$fuzzer/stat" 2>/dev/null | cut -d' ' -f4)" == "$fuzzer" ]]; }
 for _ in $(seq 200); do leads && break; sleep 0.01; done
-if leads && [[ -w /proc/$fuzzer/autogroup ]]; then
-  echo 19 >"/proc/$fuzzer/autogroup" 2>/dev/null || true
+lowered=0
+if [[ -e /proc/$fuzzer/autogroup ]]; then
+  for _ in $(seq 20); do
+    if leads && echo 19 >"/proc/$fuzzer/autogroup" 2>/dev/null; then
+      lowered=1
+      break
+    fi
+    sleep 0.2
+  done
+  ((lowered)) || echo "warning: could not lower the fuzzer's scheduling group; it competes with other work at full weight" >&2
 fi
-wait "$fuzzer" || status=$?
+# A wait a passed-on signal interrupts is waited again, for the real status.
+while kill -0 "$fuzzer" 2>/dev/null; do
+  status=0
+  wait "$fuzzer" || status=$?
+done
+fuzzer=
 ended=$(date +%s)
 
 # libFuzzer's status lines: "#RUNS <event> cov: C ft: F ...".

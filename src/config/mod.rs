@@ -323,6 +323,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_send_timeout_past_a_day_is_refused() {
+        // Past what tokio's timer adds to an instant without panicking, too.
+        for long in ["25h", "300000000000y"] {
+            let text = DEFAULT_TOML.replace("send_timeout = \"60s\"", &format!("send_timeout = \"{long}\""));
+            let err = Config::from_toml(&text, "t").unwrap_err().to_string();
+            assert!(err.contains("send_timeout: must be at most 24h"), "{err}");
+        }
+    }
+
+    #[test]
     fn builtin_defaults_carry_the_published_limits() {
         let c = Config::builtin();
         let find = |name: &str| c.policies.0.iter().find(|p| p.name == name).unwrap();

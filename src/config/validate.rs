@@ -21,6 +21,10 @@ use crate::quota::{Budget, KeyScope, Window};
 use crate::store::{Backend, Durability, OnOutage, StoreConfig};
 use crate::upstream::route::{ApiKind, Upstream};
 
+/// The longest `send_timeout`: a client silent for a day is gone, and a
+/// longer clock than the runtime's timer can hold would panic.
+const MAX_SEND_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
 /// Where a value sits in the file.
 #[derive(Debug, Clone)]
 pub(super) struct Field {
@@ -156,6 +160,9 @@ pub fn validate(file: &File) -> Result<Config, Vec<Problem>> {
     let idle_sweep = p.duration(&Field::top("idle_sweep"), &file.idle_sweep);
     let drain = p.duration(&Field::top("drain"), &file.drain);
     let send_timeout = p.duration(&Field::top("send_timeout"), &file.send_timeout);
+    if send_timeout > MAX_SEND_TIMEOUT {
+        p.push(&Field::top("send_timeout"), "must be at most 24h");
+    }
     let backoff_base = p.duration(&Field::top("backoff_base"), &file.backoff_base);
     let backoff_cap = p.duration(&Field::top("backoff_cap"), &file.backoff_cap);
     if backoff_cap < backoff_base {
