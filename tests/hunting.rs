@@ -49,6 +49,26 @@ impl Rng {
     }
 }
 
+/// POST a Defender hunting query for tenant `t` as a client that accepts
+/// `accept_encoding`.
+async fn post_accepting(gw: &TestGateway, accept_encoding: &str, q: &str) -> reqwest::Response {
+    client()
+        .post(gw.url(HUNT))
+        .header("authorization", bearer("t", "a"))
+        .header("accept-encoding", accept_encoding)
+        .body(body(q))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// A gzip body, decompressed.
+fn gunzip(packed: &[u8]) -> Vec<u8> {
+    let mut plain = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(packed), &mut plain).unwrap();
+    plain
+}
+
 /// POST a hunting body for `tenant` to `path` on the gateway.
 async fn post(
     gw: &TestGateway,
@@ -372,36 +392,23 @@ async fn a_gzip_result_passes_compressed_and_is_metered_from_its_stats() {
         &hunting_config(r#"[{ limit = "10m", per = "1h" }]"#, "stats_prefix_bytes = 1024"),
     )
     .await;
-    let gzip_post = |q: &str| {
-        client()
-            .post(gw.url(HUNT))
-            .header("authorization", bearer("t", "a"))
-            .header("accept-encoding", "br, gzip")
-            .body(body(q))
-            .send()
-    };
-    let unpack = |packed: &[u8]| {
-        let mut plain = Vec::new();
-        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(packed), &mut plain).unwrap();
-        plain
-    };
     // Stats first: found in the held-back prefix, so the headers say it.
     let q = query(0.25, "");
-    let r = gzip_post(&q).await.unwrap();
+    let r = post_accepting(&gw, "br, gzip", &q).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-encoding"], "gzip");
     assert_eq!(r.headers()["x-quotagate-execution-time"], "0.25", "Stats read from the decoded body");
-    assert_eq!(unpack(&r.bytes().await.unwrap()), hunt::response_body(&q, false));
+    assert_eq!(gunzip(&r.bytes().await.unwrap()), hunt::response_body(&q, false));
     // Stats last, after 400 KB that compress to about 200 KB, far past the
     // 1 KB held back: metered as the compressed body streams on.
     let q = query(0.3, "bytes=400000 stats=last pad=random");
-    let r = gzip_post(&q).await.unwrap();
+    let r = post_accepting(&gw, "br, gzip", &q).await;
     assert_eq!(r.headers()["content-encoding"], "gzip");
     assert!(
         !r.headers().contains_key("x-quotagate-execution-time"),
         "Stats were not in the held-back prefix, so the headers cannot say them"
     );
-    assert_eq!(unpack(&r.bytes().await.unwrap()), hunt::response_body(&q, false));
+    assert_eq!(gunzip(&r.bytes().await.unwrap()), hunt::response_body(&q, false));
     let l = quota(&gw).await;
     let charged = ledger(&l, "t")["budgets"][0]["charged_seconds"].as_f64().unwrap();
     assert!((charged - 0.55).abs() < 1e-9, "metered from both Stats, not estimated: {charged}");
@@ -425,27 +432,14 @@ async fn a_result_that_decodes_past_max_scan_bytes_is_charged_by_rule_and_stream
         ),
     )
     .await;
-    let gzip_post = |q: &str| {
-        client()
-            .post(gw.url(HUNT))
-            .header("authorization", bearer("t", "a"))
-            .header("accept-encoding", "gzip")
-            .body(body(q))
-            .send()
-    };
-    let unpack = |packed: &[u8]| {
-        let mut plain = Vec::new();
-        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(packed), &mut plain).unwrap();
-        plain
-    };
     // 8 MB that compress to a small fraction, `Stats` last: past the 1 MiB read.
     let big = query(0.01, "bytes=8000000 stats=last");
-    let r = gzip_post(&big).await.unwrap();
+    let r = post_accepting(&gw, "gzip", &big).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-encoding"], "gzip");
     let packed = r.bytes().await.unwrap();
     assert!(packed.len() < 4_000_000, "the test needs a body that compresses: {} bytes", packed.len());
-    assert_eq!(unpack(&packed), hunt::response_body(&big, false), "streamed whole, as it came");
+    assert_eq!(gunzip(&packed), hunt::response_body(&big, false), "streamed whole, as it came");
     assert_eq!(gw.metric("quotagate_hunting_unmetered_total{policy=\"hunting\"}").await, 1.0);
     let l = quota(&gw).await;
     let charged = ledger(&l, "t")["budgets"][0]["charged_seconds"].as_f64().unwrap();
@@ -454,8 +448,8 @@ async fn a_result_that_decodes_past_max_scan_bytes_is_charged_by_rule_and_stream
 
     // Within the limit: metered from its Stats.
     let small = query(0.3, "bytes=400000 stats=last");
-    let r = gzip_post(&small).await.unwrap();
-    assert_eq!(unpack(&r.bytes().await.unwrap()), hunt::response_body(&small, false));
+    let r = post_accepting(&gw, "gzip", &small).await;
+    assert_eq!(gunzip(&r.bytes().await.unwrap()), hunt::response_body(&small, false));
     let l = quota(&gw).await;
     let after = ledger(&l, "t")["budgets"][0]["charged_seconds"].as_f64().unwrap();
     assert!((after - charged - 0.3).abs() < 1e-9, "metered from Stats: {charged} then {after}");

@@ -156,7 +156,7 @@ fn restore(
     };
     let decode = |key: &str| names.decode(key, &config.policies);
     let hunting_budgets = policies.iter().find(|p| p.hunting).map(|p| p.budgets.clone()).unwrap_or_default();
-    let retention = config.policies.longest_budget();
+    let retention = config.hunting.retention;
     let mut n = (0, 0, 0);
     // Admissions, grouped by key (the rows come sorted by key).
     let mut i = 0;
