@@ -98,6 +98,8 @@ struct WorkerMetrics {
     upstream_failures: IntCounterVec,
     upstream_duration: HistogramVec,
     hunting_charged: CounterVec,
+    hunting_overrun: CounterVec,
+    hunting_overruns: IntCounterVec,
     hunting_truncated: IntCounterVec,
     hunting_unmetered: IntCounterVec,
     hunting_lookback: IntCounterVec,
@@ -128,6 +130,10 @@ pub struct PolicyMetrics {
     pub duration: Histogram,
     /// Hunting: seconds of running time charged from `Stats` or wall time.
     pub charged: Counter,
+    /// Hunting: metered seconds beyond the estimate the query reserved.
+    pub overrun: Counter,
+    /// Hunting: queries metered at more than they reserved.
+    pub overruns: IntCounter,
     /// Hunting: results at the row cap.
     pub truncated: IntCounter,
     /// Hunting: responses whose cost could not be read, charged by rule.
@@ -248,6 +254,23 @@ impl WorkerMetrics {
                 registry.register(Box::new(c.clone())).expect("unique metric");
                 c
             },
+            hunting_overrun: {
+                let c = CounterVec::new(
+                    Opts::new(
+                        "quotagate_hunting_overrun_seconds_total",
+                        "Metered running time beyond the estimates the queries reserved: what can carry a tenant past a budget.",
+                    ),
+                    &["policy"],
+                )
+                .expect("valid metric");
+                registry.register(Box::new(c.clone())).expect("unique metric");
+                c
+            },
+            hunting_overruns: counter(
+                "quotagate_hunting_overruns_total",
+                "Hunting queries metered at more than the estimate they reserved.",
+                &["policy"],
+            ),
             hunting_truncated: counter(
                 "quotagate_hunting_truncated_total",
                 "Hunting results that reached the row cap (probably truncated by the service).",
@@ -442,6 +465,8 @@ impl Metrics {
             failures: [fail("connect"), fail("timeout"), fail("protocol"), fail("body_too_large")],
             duration: w.upstream_duration.with_label_values(&[policy]),
             charged: w.hunting_charged.with_label_values(&[policy]),
+            overrun: w.hunting_overrun.with_label_values(&[policy]),
+            overruns: w.hunting_overruns.with_label_values(&[policy]),
             truncated: w.hunting_truncated.with_label_values(&[policy]),
             unmetered: w.hunting_unmetered.with_label_values(&[policy]),
             lookback_warned: w.hunting_lookback.with_label_values(&[policy, "warned"]),
@@ -527,7 +552,7 @@ impl<'a> TenantLabels<'a> {
 
 /// Per tenant and budget window: the running-time budget, what is charged
 /// and reserved in it now, and what remains; per tenant, queries in flight
-/// and the estimate the next one reserves. Bounded like [`quota_families`].
+/// and the estimate a query with no history of its own reserves. Bounded like [`quota_families`].
 fn runtime_families(keys: &[RuntimeStatus], max_tenants: usize) -> Vec<MetricFamily> {
     let registry = Registry::new();
     let gauge = |name: &str, help: &str, labels: &[&str]| {
@@ -546,7 +571,7 @@ fn runtime_families(keys: &[RuntimeStatus], max_tenants: usize) -> Vec<MetricFam
     let in_flight = gauge("quotagate_runtime_in_flight", "Hunting queries running now.", &["tenant"]);
     let estimate = gauge(
         "quotagate_runtime_estimate_seconds",
-        "Running time the next query reserves (learnt from recent costs).",
+        "Running time a query with no history of its own reserves (learnt from the tenant's recent costs).",
         &["tenant"],
     );
     let held = gauge(

@@ -212,6 +212,69 @@ async fn several_tenants_each_keep_their_own_budget() {
     );
 }
 
+/// Run `text` with no patience (`x-quotagate-max-wait: 0`): its status and
+/// `Retry-After` in seconds, if any.
+async fn run_at_once(gw: &TestGateway, text: &str) -> (u16, Option<u64>) {
+    let r = client()
+        .post(gw.url(HUNT))
+        .header("authorization", bearer("t", "a"))
+        .header("x-quotagate-max-wait", "0")
+        .body(body(text))
+        .send()
+        .await
+        .unwrap();
+    let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().parse().unwrap());
+    let status = r.status().as_u16();
+    let _ = r.bytes().await;
+    (status, retry)
+}
+
+/// A scheduled query the tenant has run before reserves its own costs, not
+/// the tenant's dearest: it runs in room where a query of unknown cost may
+/// not (`estimate_by = "query"`, the default), and the upstream still never
+/// throttles. Estimating by key, the same room stays unused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_known_cheap_query_runs_in_room_too_small_for_the_tenants_dearest() {
+    let (cheap, dear) = (query(0.05, "scheduled"), query(0.3, "dear"));
+    for by in ["query", "key"] {
+        let hour = Duration::from_secs(60);
+        let emu = Emulator::start(EmulatorConfig::new().running_time(Duration::from_secs(1), hour)).await;
+        let extra = format!("estimate_by = \"{by}\"");
+        let gw =
+            TestGateway::start(&emu.url(), &hunting_config(r#"[{ limit = "1s", per = "60s" }]"#, &extra))
+                .await;
+        // 3 × 50 ms and 2 × 300 ms: 750 ms of the 1 s spent; the tenant's
+        // 95th percentile is 300 ms, more than the 250 ms left.
+        for text in [&cheap, &cheap, &cheap, &dear, &dear] {
+            assert_eq!(run_at_once(&gw, text).await.0, 200, "{by}: while learning");
+        }
+        for text in [&dear, &query(0.05, "never run before")] {
+            let (status, retry) = run_at_once(&gw, text).await;
+            assert_eq!(status, 429, "{by}: {text}");
+            assert!(retry.is_some_and(|s| (50..=60).contains(&s)), "{by}: Retry-After {retry:?}");
+        }
+        let mut ran = 0;
+        while run_at_once(&gw, &cheap).await.0 == 200 {
+            ran += 1;
+            assert!(ran <= 5, "{by}: more than the budget admitted");
+        }
+        match by {
+            // 250 ms left: five more 50 ms runs, give or take rounding.
+            "query" => assert!((4..=5).contains(&ran), "by query: {ran} more cheap runs"),
+            _ => assert_eq!(ran, 0, "by key, the cheap query reserves 300 ms too"),
+        }
+        assert_eq!(emu.throttled(), 0, "{by}");
+        let used = emu.charges("t").max_in_any(hour);
+        assert!(used <= Duration::from_secs(1), "{by}: {used:?} charged upstream");
+        // Two queries cost more than they reserved, both while learning:
+        // the first (50 ms against the 40 ms default) and the first dear
+        // one (300 ms against the tenant's 50 ms then).
+        assert_eq!(gw.metric("quotagate_hunting_overruns_total{policy=\"hunting\"}").await, 2.0, "{by}");
+        let over = gw.metric("quotagate_hunting_overrun_seconds_total{policy=\"hunting\"}").await;
+        assert!((over - 0.26).abs() < 1e-6, "{by}: {over} s beyond the reservations");
+    }
+}
+
 /// Issue #3, case 3: a client that disconnects mid-query. The upstream
 /// request is cancelled, and the ledger ends as documented: nothing in
 /// flight or reserved, and the larger of the estimate and the time the query

@@ -60,8 +60,7 @@ paths = ["/api/incidents"]
         );
         let config = Config::from_toml(&text, "test").unwrap();
         let limiter = Arc::new(Limiter::new(config.guard));
-        let estimator = Estimator { default: Duration::from_secs(1), percentile: 95, samples: 10 };
-        let runtime = RuntimeLimiter::new(config.guard, estimator);
+        let runtime = RuntimeLimiter::new(config.guard, estimator());
         let metrics = Metrics::new(1);
         let store = Arc::new(Store::open(&config, &limiter, &runtime, &metrics).unwrap());
         let policy = Arc::new(config.policies.0.iter().find(|p| p.name == "incidents").unwrap().clone());
@@ -74,6 +73,31 @@ paths = ["/api/incidents"]
             stats: redis::Client::open(redis.url()).unwrap().get_connection().unwrap(),
             runtime,
         }
+    }
+}
+
+/// Every running-time demand here estimates 1 s before any history.
+fn estimator() -> Estimator {
+    Estimator::by_key(Duration::from_secs(1), 95, 10)
+}
+
+/// A hunting query's demand on `budgets`, its queue holding 10.
+fn demand<'a>(
+    budgets: &'a [Budget],
+    estimator: &'a Estimator,
+    retention: Duration,
+    mode: Mode,
+    max_wait: Duration,
+) -> Demand<'a> {
+    Demand {
+        budgets,
+        retention,
+        mode,
+        max_wait,
+        max_queue: 10,
+        max_concurrent: None,
+        estimate: estimator,
+        query: None,
     }
 }
 
@@ -233,16 +257,8 @@ async fn a_query_settled_past_its_shared_deadline_is_charged_once() {
     let f = Fixture::open(&redis, "5ms", r#"windows = [{ limit = 100, per = "1s" }]"#);
     let mut stats = f.stats;
     let budgets = [Budget { limit: Duration::from_secs(30), per: Duration::from_secs(60) }];
-    let estimator = Estimator { default: Duration::from_secs(1), percentile: 95, samples: 10 };
-    let demand = Demand {
-        budgets: &budgets,
-        retention: Duration::from_secs(60),
-        mode: Mode::Queue,
-        max_wait: Duration::from_secs(1),
-        max_queue: 10,
-        max_concurrent: None,
-        estimate: &estimator,
-    };
+    let estimator = estimator();
+    let demand = demand(&budgets, &estimator, Duration::from_secs(60), Mode::Queue, Duration::from_secs(1));
     let reserve = |deadline: Duration| {
         let (store, runtime, key, depth, demand) = (&f.store, &f.runtime, &f.key, &f.depth, &demand);
         async move {
@@ -291,16 +307,8 @@ async fn a_policy_with_shorter_windows_keeps_the_shared_charges_a_sharing_policy
     let mut stats = f.stats;
     let long = [Budget { limit: Duration::from_secs(1), per: Duration::from_secs(3) }];
     let short = [Budget { limit: Duration::from_secs(5), per: Duration::from_millis(300) }];
-    let estimator = Estimator { default: Duration::from_secs(1), percentile: 95, samples: 10 };
-    let demand = |budgets| Demand {
-        budgets,
-        retention: Duration::from_secs(3),
-        mode: Mode::Reject,
-        max_wait: Duration::ZERO,
-        max_queue: 10,
-        max_concurrent: None,
-        estimate: &estimator,
-    };
+    let estimator = estimator();
+    let demand = |budgets| demand(budgets, &estimator, Duration::from_secs(3), Mode::Reject, Duration::ZERO);
     let (long, short) = (demand(&long), demand(&short));
     let reserve = |demand| {
         let (store, runtime, key, depth) = (&f.store, &f.runtime, &f.key, &f.depth);

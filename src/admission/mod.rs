@@ -17,6 +17,7 @@
 //! chosen wakes the one that is. Nothing polls.
 //! Keys whose logs have emptied are dropped by [`Limiter::sweep`].
 
+pub mod estimate;
 pub mod fair;
 pub mod guard;
 mod place;

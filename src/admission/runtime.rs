@@ -4,8 +4,9 @@
 //! Each running-time key (the tenant, or tenant and app) has a ledger, a
 //! FIFO queue and the costs of its recent queries under one mutex. A query
 //! reserves an **estimate** of its cost while it runs: the configured
-//! default until the key has history, then a high percentile of the key's
-//! recent metered costs. The [`Reservation`] is an RAII guard that ends in
+//! default until the key has history, then a high percentile of the recent
+//! metered costs of its own text or of the key ([`super::estimate`]). The
+//! [`Reservation`] is an RAII guard that ends in
 //! exactly one of three ways:
 //!
 //! * [`Reservation::settle`]: the metered cost (`Stats.ExecutionTime`, or the
@@ -34,6 +35,8 @@ use std::time::Duration;
 use prometheus::IntGauge;
 use tokio::sync::Notify;
 
+pub use super::estimate::{EstimateBy, Estimator};
+use super::estimate::{History, QueryId, QueryIds};
 use super::rejection::Drain;
 use super::Reason;
 use crate::policy::Mode;
@@ -57,29 +60,9 @@ pub struct Demand<'a> {
     /// Most queries in flight at once per key; `None` for no cap.
     pub max_concurrent: Option<usize>,
     pub estimate: &'a Estimator,
-}
-
-/// How a key's reservation is estimated.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Estimator {
-    /// Before the key has any history.
-    pub default: Duration,
-    /// Nearest-rank percentile of recent costs, 1 to 100.
-    pub percentile: u8,
-    /// How many recent costs are kept.
-    pub samples: usize,
-}
-
-impl Estimator {
-    fn estimate(&self, recent: &VecDeque<u64>) -> Duration {
-        if recent.is_empty() {
-            return self.default;
-        }
-        let mut sorted: Vec<u64> = recent.iter().copied().collect();
-        sorted.sort_unstable();
-        let rank = (usize::from(self.percentile) * sorted.len()).div_ceil(100).clamp(1, sorted.len());
-        Duration::from_nanos(sorted[rank - 1])
-    }
+    /// The query's text (and anything else that changes what it costs),
+    /// for an estimate by query.
+    pub query: Option<&'a str>,
 }
 
 /// Why a query was not admitted, and when it could be.
@@ -106,8 +89,8 @@ struct State {
     next_waiter: u64,
     /// No query before this time: the upstream said the running time is spent.
     hold_until: u64,
-    /// Recent metered costs, oldest first.
-    recent: VecDeque<u64>,
+    /// Recent metered costs, for estimates.
+    history: History,
     /// The budgets last applied, for pruning and status.
     budgets: Vec<Budget>,
     /// The retention last applied ([`Demand::retention`]).
@@ -152,7 +135,7 @@ pub struct RuntimeStatus {
     pub budgets: Vec<BudgetUse>,
     pub in_flight: usize,
     pub queued: usize,
-    /// The estimate the next query would reserve.
+    /// The estimate a query with no history of its own would reserve.
     pub estimate: Duration,
     pub held_for: Option<Duration>,
 }
@@ -177,6 +160,7 @@ pub struct RuntimeLimiter {
     clock: Clock,
     guard: Duration,
     estimator: Estimator,
+    ids: QueryIds,
     drain: Drain,
     journal: std::sync::OnceLock<Arc<dyn ChargeJournal>>,
 }
@@ -193,6 +177,7 @@ impl RuntimeLimiter {
             clock,
             guard,
             estimator,
+            ids: QueryIds::default(),
             journal: Default::default(),
             drain: Drain::default(),
         }
@@ -263,13 +248,15 @@ impl RuntimeLimiter {
         let cell = self.cell(key);
         let start = self.clock.now();
         let deadline = start.saturating_add(nanos(demand.max_wait));
+        let text = demand.query.filter(|_| demand.estimate.by == EstimateBy::Query).map(|q| self.ids.of(q));
+        let asked = Asked { estimator: *demand.estimate, text, arrived: start };
         let (id, wake) = {
             let mut st = cell.lock();
             st.apply(demand, self.guard, start);
-            let verdict = self.verdict(&st, demand, start);
+            let verdict = self.verdict(&st, demand, &asked, start);
             if st.queue.is_empty() {
                 if let Verdict::Go(estimate) = verdict {
-                    return Ok(self.admit(key, &cell, &mut st, estimate, start, start));
+                    return Ok(self.admit(key, &cell, &mut st, asked, estimate, start));
                 }
             }
             let wait = verdict.wait(start, demand.max_wait);
@@ -301,12 +288,12 @@ impl RuntimeLimiter {
                 let mut st = cell.lock();
                 let head = st.queue.front().is_some_and(|w| w.id == id);
                 st.prune(self.guard, now);
-                let verdict = self.verdict(&st, demand, now);
+                let verdict = self.verdict(&st, demand, &asked, now);
                 if head {
                     if let Verdict::Go(estimate) = verdict {
                         st.queue.pop_front();
                         st.wake_head();
-                        return Ok(self.admit(key, &cell, &mut st, estimate, start, now));
+                        return Ok(self.admit(key, &cell, &mut st, asked, estimate, now));
                     }
                 }
                 if now >= deadline {
@@ -330,7 +317,7 @@ impl RuntimeLimiter {
         }
     }
 
-    fn verdict(&self, st: &State, demand: &Demand<'_>, now: u64) -> Verdict {
+    fn verdict(&self, st: &State, demand: &Demand<'_>, asked: &Asked, now: u64) -> Verdict {
         if st.hold_until > now {
             return Verdict::Held(st.hold_until);
         }
@@ -339,7 +326,7 @@ impl RuntimeLimiter {
         }
         // An estimate above the smallest budget could never fit.
         let smallest = demand.budgets.iter().map(|b| b.limit).min().unwrap_or(Duration::MAX);
-        let estimate = demand.estimate.estimate(&st.recent).min(smallest);
+        let estimate = st.history.estimate(&asked.estimator, asked.text).min(smallest);
         match st.ledger.fit(demand.budgets, self.guard, estimate, now) {
             Fit::Now => Verdict::Go(estimate),
             Fit::At(at, b) => Verdict::At(at, b),
@@ -352,8 +339,8 @@ impl RuntimeLimiter {
         key: &QuotaKey,
         cell: &Arc<Cell>,
         st: &mut State,
+        asked: Asked,
         estimate: Duration,
-        start: u64,
         now: u64,
     ) -> Reservation {
         let id = st.ledger.reserve(estimate);
@@ -364,8 +351,8 @@ impl RuntimeLimiter {
             clock: self.clock,
             id,
             estimate,
-            samples: self.estimator.samples,
-            waited: Duration::from_nanos(now - start),
+            asked,
+            waited: Duration::from_nanos(now - asked.arrived),
             sent: None,
             answered: None,
             done: false,
@@ -405,7 +392,7 @@ impl RuntimeLimiter {
                     budgets: st.ledger.usage(&st.budgets, self.guard, now),
                     in_flight: st.ledger.in_flight(),
                     queued: st.queue.len(),
-                    estimate: self.estimator.estimate(&st.recent),
+                    estimate: st.history.estimate(&self.estimator, None),
                     held_for: (st.hold_until > now).then(|| Duration::from_nanos(st.hold_until - now)),
                 }
             })
@@ -486,6 +473,17 @@ impl Verdict {
     }
 }
 
+/// What a query asked for: how it is estimated (and its key learns from
+/// its cost), and when.
+#[derive(Debug, Clone, Copy)]
+struct Asked {
+    estimator: Estimator,
+    /// Its text, when estimating by query.
+    text: Option<QueryId>,
+    /// When it asked, as a clock reading.
+    arrived: u64,
+}
+
 /// A query's place in its key's queue, left on drop (a client that goes away).
 struct Place {
     cell: Arc<Cell>,
@@ -513,7 +511,7 @@ pub struct Reservation {
     clock: Clock,
     id: u64,
     estimate: Duration,
-    samples: usize,
+    asked: Asked,
     /// Time spent queued for running time.
     pub waited: Duration,
     /// Each budget's use once this query was reserved.
@@ -565,9 +563,11 @@ impl Reservation {
         Duration::from_nanos(end.saturating_sub(self.sent.unwrap_or(end)))
     }
 
-    /// Replace the estimate by the metered cost, and learn from it.
-    pub fn settle(mut self, cost: Duration) {
+    /// Replace the estimate by the metered cost, and learn from it. Returns
+    /// how far the cost went beyond the estimate (zero when it did not).
+    pub fn settle(mut self, cost: Duration) -> Duration {
         self.finish(Some(cost), true);
+        cost.saturating_sub(self.estimate)
     }
 
     /// Charge a cost that was not metered (no `Stats`, an error answer):
@@ -597,10 +597,7 @@ impl Reservation {
                 Some(cost) => {
                     st.ledger.settle(self.id, cost, now);
                     if learn {
-                        st.recent.push_back(nanos(cost));
-                        while st.recent.len() > self.samples.max(1) {
-                            st.recent.pop_front();
-                        }
+                        st.history.learn(&self.asked.estimator, self.asked.text, nanos(cost));
                     }
                 }
                 None => {
@@ -634,7 +631,7 @@ mod tests {
     use super::*;
 
     fn estimator(default_ms: u64) -> Estimator {
-        Estimator { default: Duration::from_millis(default_ms), percentile: 90, samples: 10 }
+        Estimator::by_key(Duration::from_millis(default_ms), 90, 10)
     }
 
     fn budgets() -> Vec<Budget> {
@@ -650,6 +647,7 @@ mod tests {
             max_queue: 10,
             max_concurrent: None,
             estimate: e,
+            query: None,
         }
     }
 
@@ -664,14 +662,15 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn reject_mode_gives_the_exact_time_until_running_time_frees() {
         let e = estimator(2000);
-        let l = RuntimeLimiter::new(Duration::ZERO, e.clone());
+        let l = RuntimeLimiter::new(Duration::ZERO, e);
         let b = budgets();
         let d = demand(&b, &e, Mode::Reject, 0);
         let mut r = l.reserve(&key("t"), &d, &gauge()).await.unwrap();
         r.sent();
         tokio::time::advance(Duration::from_secs(9)).await;
         r.answered();
-        r.settle(Duration::from_secs(9));
+        // 7 s beyond the 2 s it reserved.
+        assert_eq!(r.settle(Duration::from_secs(9)), Duration::from_secs(7));
         // 9 s charged; the learnt estimate is now 9 s: it fits when the charge leaves the window.
         let no = l.reserve(&key("t"), &d, &gauge()).await.unwrap_err();
         assert_eq!(no.reason, Reason::NoSlot);
@@ -690,7 +689,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_policy_with_shorter_windows_keeps_what_a_sharing_policy_counts() {
         let e = estimator(1000);
-        let l = RuntimeLimiter::new(Duration::ZERO, e.clone());
+        let l = RuntimeLimiter::new(Duration::ZERO, e);
         let hour = [Budget { limit: Duration::from_secs(10), per: Duration::from_secs(3600) }];
         let minute = [Budget { limit: Duration::from_secs(30), per: Duration::from_secs(60) }];
         let retention = Duration::from_secs(3600);
@@ -717,12 +716,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_queued_query_starts_when_a_completion_frees_room() {
         let e = estimator(6000);
-        let l = Arc::new(RuntimeLimiter::new(Duration::ZERO, e.clone()));
+        let l = Arc::new(RuntimeLimiter::new(Duration::ZERO, e));
         let b = budgets();
         let mut first = l.reserve(&key("t"), &demand(&b, &e, Mode::Queue, 30), &gauge()).await.unwrap();
         first.sent();
         let waiter = {
-            let (l, b, e) = (l.clone(), b.clone(), e.clone());
+            let (l, b, e) = (l.clone(), b.clone(), e);
             tokio::spawn(async move {
                 let d = demand(&b, &e, Mode::Queue, 30);
                 l.reserve(&key("t"), &d, &gauge()).await.map(|r| r.waited)
@@ -738,7 +737,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn unknown_waits_fall_back_to_the_maximum_wait() {
         let e = estimator(8000);
-        let l = RuntimeLimiter::new(Duration::ZERO, e.clone());
+        let l = RuntimeLimiter::new(Duration::ZERO, e);
         let b = budgets();
         let _running = l.reserve(&key("t"), &demand(&b, &e, Mode::Queue, 5), &gauge()).await.unwrap();
         let r = l.reserve(&key("t"), &demand(&b, &e, Mode::Reject, 5), &gauge()).await.unwrap_err();
@@ -752,7 +751,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_dropped_reservation_is_charged_conservatively() {
         let e = estimator(2000);
-        let l = RuntimeLimiter::new(Duration::ZERO, e.clone());
+        let l = RuntimeLimiter::new(Duration::ZERO, e);
         let b = budgets();
         let d = demand(&b, &e, Mode::Queue, 5);
         // Never sent: released.
@@ -780,7 +779,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_cap_on_queries_in_flight_holds() {
         let e = estimator(100);
-        let l = RuntimeLimiter::new(Duration::ZERO, e.clone());
+        let l = RuntimeLimiter::new(Duration::ZERO, e);
         let b = budgets();
         let mut d = demand(&b, &e, Mode::Reject, 3);
         d.max_concurrent = Some(1);
@@ -794,7 +793,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_upstream_hold_delays_every_query_of_the_key() {
         let e = estimator(100);
-        let l = RuntimeLimiter::new(Duration::ZERO, e.clone());
+        let l = RuntimeLimiter::new(Duration::ZERO, e);
         let b = budgets();
         l.hold(&key("t"), Duration::from_secs(4));
         let no = l.reserve(&key("t"), &demand(&b, &e, Mode::Reject, 0), &gauge()).await.unwrap_err();
@@ -804,13 +803,40 @@ mod tests {
         assert_eq!(r.waited, Duration::from_secs(4));
     }
 
-    #[test]
-    fn estimates_are_a_high_percentile_of_recent_costs() {
-        let e = Estimator { default: Duration::from_secs(7), percentile: 90, samples: 10 };
-        assert_eq!(e.estimate(&VecDeque::new()), Duration::from_secs(7));
-        let recent: VecDeque<u64> = (1..=10).map(|s| s * 1_000_000_000).collect();
-        assert_eq!(e.estimate(&recent), Duration::from_secs(9));
-        let one: VecDeque<u64> = [3_000_000_000].into();
-        assert_eq!(e.estimate(&one), Duration::from_secs(3));
+    async fn run(l: &RuntimeLimiter, d: &Demand<'_>, cost: Duration) {
+        let mut r = l.reserve(&key("t"), d, &gauge()).await.unwrap();
+        r.sent();
+        r.answered();
+        r.settle(cost);
+    }
+
+    /// A cheap query text that ran often enough fits in room too small for
+    /// the key's dearest queries; a text never seen waits for the key's
+    /// estimate, and so does every text when estimating by key.
+    #[tokio::test(start_paused = true)]
+    async fn a_known_cheap_query_uses_room_the_keys_estimate_leaves_unused() {
+        let e = Estimator { by: EstimateBy::Query, queries: 10, query_runs: 2, ..estimator(1000) };
+        let l = RuntimeLimiter::new(Duration::ZERO, e);
+        let b = budgets();
+        let of = |text| Demand { query: Some(text), ..demand(&b, &e, Mode::Reject, 0) };
+        for (text, cost) in [("cheap", 500), ("cheap", 500), ("dear", 4000), ("dear", 4000)] {
+            run(&l, &of(text), Duration::from_millis(cost)).await;
+        }
+        // 9 s of 10 s charged; the key's p90 is 4 s.
+        assert_eq!(l.snapshot()[0].estimate, Duration::from_secs(4));
+        for text in ["dear", "never seen"] {
+            let no = l.reserve(&key("t"), &of(text), &gauge()).await.unwrap_err();
+            assert_eq!((no.reason, no.retry_after), (Reason::NoSlot, Duration::from_secs(60)), "{text}");
+        }
+        let by_key = Estimator { by: EstimateBy::Key, ..e };
+        let d = Demand { query: Some("cheap"), ..demand(&b, &by_key, Mode::Reject, 0) };
+        assert!(l.reserve(&key("t"), &d, &gauge()).await.is_err(), "by key, the cheap text reserves 4 s too");
+        let r = l.reserve(&key("t"), &of("cheap"), &gauge()).await.unwrap();
+        assert_eq!(r.estimate(), Duration::from_millis(500));
+        // With it in flight, 9.5 s are taken: one more fills the budget
+        // exactly, and then none fits.
+        let _r2 = l.reserve(&key("t"), &of("cheap"), &gauge()).await.unwrap();
+        let no = l.reserve(&key("t"), &of("cheap"), &gauge()).await.unwrap_err();
+        assert_eq!(no.reason, Reason::NoSlot);
     }
 }

@@ -93,6 +93,8 @@ pub(super) struct Metered<'a> {
     pub key: QuotaKey,
     /// The running-time key of a hunting call.
     pub runtime: Option<QuotaKey>,
+    /// A hunting call's query text and `Timespan` ([`super::hunting::Inspected::text`]).
+    pub query: Option<String>,
     pub tenant: String,
     /// The client's name, for logs.
     pub client: &'a str,
@@ -352,6 +354,7 @@ impl Metered<'_> {
             max_queue: self.policy.max_queue,
             max_concurrent: h.max_concurrent,
             estimate: &h.estimator,
+            query: self.query.as_deref(),
         };
         let reserved = gw.runtime.reserve(key, &demand, &self.metrics.depth).await;
         let mut reserved = reserved.map_err(|r| {
@@ -384,6 +387,8 @@ impl Metered<'_> {
         }
         let report = meter::Report {
             charged: self.metrics.charged.clone(),
+            overrun: self.metrics.overrun.clone(),
+            overruns: self.metrics.overruns.clone(),
             truncated: self.metrics.truncated.clone(),
             unmetered: self.metrics.unmetered.clone(),
             max_rows: config.hunting.max_rows,

@@ -22,11 +22,19 @@ use crate::hunting::{request, LookbackMode};
 /// lookback limit (`hunting.lookback = "warn"`).
 pub const LOOKBACK_WARNING: http::HeaderName = http::HeaderName::from_static("x-quotagate-lookback-warning");
 
-/// The request with its body read, and the lookback to warn about, if any.
-pub(super) async fn inspect(
-    req: Request,
-    config: &Config,
-) -> Result<(Request, Option<Lookback>), GatewayError> {
+/// A hunting request read and checked.
+pub(super) struct Inspected {
+    /// The request, its body whole.
+    pub req: Request,
+    /// The lookback to warn about, if any.
+    pub lookback: Option<Lookback>,
+    /// What makes the query's cost: its text and `Timespan`, for an
+    /// estimate learnt from the same query's earlier costs.
+    pub text: String,
+}
+
+/// Read a hunting request's body and check it.
+pub(super) async fn inspect(req: Request, config: &Config) -> Result<Inspected, GatewayError> {
     let (mut parts, body) = req.into_parts();
     let limit = usize::try_from(config.max_body_bytes).unwrap_or(usize::MAX);
     let bytes = match Limited::new(body, limit).collect().await {
@@ -52,7 +60,11 @@ pub(super) async fn inspect(
     // The body is whole now: announce its length, so it can be replayed.
     parts.headers.remove(http::header::TRANSFER_ENCODING);
     parts.headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-    Ok((Request::from_parts(parts, Body::from(bytes)), beyond))
+    let text = match &asked.timespan {
+        Some(t) => format!("{}\n{t}", asked.query),
+        None => asked.query,
+    };
+    Ok(Inspected { req: Request::from_parts(parts, Body::from(bytes)), lookback: beyond, text })
 }
 
 /// The warning header's value for a lookback.

@@ -84,7 +84,7 @@ impl Gateway {
         let clock = Clock::default();
         Gateway {
             limiter: Limiter::with_clock(config.guard, clock),
-            runtime: RuntimeLimiter::with_clock(config.guard, config.hunting.estimator.clone(), clock),
+            runtime: RuntimeLimiter::with_clock(config.guard, config.hunting.estimator, clock),
             loaded: std::sync::Mutex::new(Loaded { generation: 1, hash: config.source_hash.clone() }),
             metrics,
             current: Live::new(Current::new(config)),
@@ -264,9 +264,9 @@ pub(crate) async fn proxy(worker: &Worker, bound: Option<usize>, req: Request) -
             return fail(e.into());
         }
     };
-    let (req, lookback) = if policy.hunting {
+    let (req, lookback, text) = if policy.hunting {
         match hunting::inspect(req, config).await {
-            Ok(inspected) => inspected,
+            Ok(i) => (i.req, i.lookback, Some(i.text)),
             Err(e) => {
                 metrics.invalid.inc();
                 if matches!(e, GatewayError::LookbackTooLong { .. }) {
@@ -277,7 +277,7 @@ pub(crate) async fn proxy(worker: &Worker, bound: Option<usize>, req: Request) -
             }
         }
     } else {
-        (req, None)
+        (req, None, None)
     };
     if let Some(lb) = &lookback {
         metrics.lookback_warned.inc();
@@ -293,6 +293,7 @@ pub(crate) async fn proxy(worker: &Worker, bound: Option<usize>, req: Request) -
         metrics,
         key: QuotaKey::new(policy.key, policy.key_id, &who),
         runtime: policy.hunting.then(|| QuotaKey::new(config.hunting.key, policy.key_id, &who)),
+        query: text,
         tenant: who.tenant.clone(),
         client: &client.name,
         share,

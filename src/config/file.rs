@@ -288,6 +288,13 @@ pub struct HuntingFile {
     pub estimate_percentile: u8,
     /// How many recent costs the estimate is learnt from.
     pub estimate_samples: usize,
+    /// `query`: a query text that ran `estimate_query_runs` times reserves
+    /// its own costs' percentile; `key`: every query the key's.
+    pub estimate_by: String,
+    /// Most query texts whose costs a key keeps (`estimate_by = "query"`).
+    pub estimate_queries: usize,
+    /// Runs of a query text before its own costs make its estimate.
+    pub estimate_query_runs: usize,
     /// Most queries in flight at once per key; 0 for no cap.
     pub max_concurrent: usize,
     /// Most bytes of a response held back looking for `Stats`.
@@ -312,6 +319,9 @@ impl Default for HuntingFile {
             estimate: "10s".into(),
             estimate_percentile: 95,
             estimate_samples: 50,
+            estimate_by: "query".into(),
+            estimate_queries: 100,
+            estimate_query_runs: 3,
             max_concurrent: 0,
             stats_prefix_bytes: 64 * 1024,
             max_scan_bytes: 256 * 1024 * 1024,

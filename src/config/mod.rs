@@ -234,10 +234,17 @@ impl Config {
         let h = &self.hunting;
         let _ = writeln!(
             out,
-            "hunting: estimate {} then p{} of the last {} costs; lookback {:?} past {}; row cap {}",
+            "hunting: estimate {} then p{} of the last {} costs {}; lookback {:?} past {}; row cap {}",
             humantime::format_duration(h.estimator.default),
             h.estimator.percentile,
             h.estimator.samples,
+            match h.estimator.by {
+                crate::admission::runtime::EstimateBy::Key => "of the key".to_string(),
+                crate::admission::runtime::EstimateBy::Query => format!(
+                    "of the query text once it ran {} times (up to {} texts per key), else of the key",
+                    h.estimator.query_runs, h.estimator.queries
+                ),
+            },
             h.lookback,
             humantime::format_duration(h.lookback_limit),
             h.max_rows

@@ -14,7 +14,7 @@ use http::{Method, Uri};
 use super::file::{BudgetFile, File, ForwardProxyFile, HuntingFile, PolicyFile, StoreFile};
 use super::problem::Problem;
 use super::{Config, ForwardProxySpec, ListenerSpec};
-use crate::admission::runtime::Estimator;
+use crate::admission::runtime::{EstimateBy, Estimator};
 use crate::hunting::{Hunting, LookbackMode};
 use crate::policy::{Mode, PathPattern, Policies, Policy, Timeouts};
 use crate::quota::{Budget, KeyScope, Window};
@@ -401,6 +401,25 @@ fn hunting(h: &HuntingFile, p: &mut Problems) -> Hunting {
     if h.estimate_samples == 0 {
         p.push(&field.at("estimate_samples"), "must be at least 1");
     }
+    let by = match h.estimate_by.as_str() {
+        "query" => EstimateBy::Query,
+        "key" => EstimateBy::Key,
+        other => {
+            p.push(&field.at("estimate_by"), format!("`{other}` is not query or key"));
+            EstimateBy::Query
+        }
+    };
+    if h.estimate_queries == 0 {
+        p.push(&field.at("estimate_queries"), "must be at least 1");
+    }
+    if h.estimate_query_runs == 0 {
+        p.push(&field.at("estimate_query_runs"), "must be at least 1");
+    } else if h.estimate_query_runs > h.estimate_samples {
+        p.push(
+            &field.at("estimate_query_runs"),
+            format!("must be at most estimate_samples ({}): a text keeps no more costs", h.estimate_samples),
+        );
+    }
     if h.stats_prefix_bytes < 1024 {
         p.push(&field.at("stats_prefix_bytes"), "must be at least 1024 bytes");
     }
@@ -425,6 +444,9 @@ fn hunting(h: &HuntingFile, p: &mut Problems) -> Hunting {
             default: p.duration(&field.at("estimate"), &h.estimate),
             percentile: h.estimate_percentile.clamp(1, 100),
             samples: h.estimate_samples.max(1),
+            by,
+            queries: h.estimate_queries.max(1),
+            query_runs: h.estimate_query_runs.max(1),
         },
         max_concurrent: (h.max_concurrent > 0).then_some(h.max_concurrent),
         stats_prefix_bytes: h.stats_prefix_bytes,
@@ -807,6 +829,44 @@ key = "everyone"
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
+    }
+
+    #[test]
+    fn estimate_settings_are_checked_together() {
+        let base = r#"listen = "127.0.0.1:1"
+admin_listen = "127.0.0.1:2"
+[[upstream]]
+name = "d"
+url = "https://api.security.microsoft.com"
+kind = "defender"
+[hunting]
+"#;
+        let err =
+            |hunting: &str| Config::from_toml(&format!("{base}{hunting}"), "t.toml").unwrap_err().to_string();
+        let all = err("estimate_by = \"text\"\nestimate_queries = 0\nestimate_query_runs = 0\n");
+        for needle in [
+            "t.toml:8: hunting.estimate_by: `text` is not query or key",
+            "t.toml:9: hunting.estimate_queries: must be at least 1",
+            "t.toml:10: hunting.estimate_query_runs: must be at least 1",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+        let more = err("estimate_samples = 5\nestimate_query_runs = 6\n");
+        assert!(
+            more.contains("t.toml:9: hunting.estimate_query_runs: must be at most estimate_samples (5)"),
+            "{more}"
+        );
+        let ok = Config::from_toml(&format!("{base}estimate_by = \"key\"\n"), "t.toml").unwrap();
+        assert_eq!(ok.hunting.estimator.by, crate::admission::runtime::EstimateBy::Key);
+        let default = Config::from_toml(base, "t.toml").unwrap();
+        assert_eq!(
+            (
+                default.hunting.estimator.by,
+                default.hunting.estimator.queries,
+                default.hunting.estimator.query_runs
+            ),
+            (crate::admission::runtime::EstimateBy::Query, 100, 3)
+        );
     }
 
     #[test]

@@ -258,12 +258,11 @@ hunting = true
             max_queue: 10,
             max_concurrent: None,
             estimate: &config.hunting.estimator,
+            query: None,
         };
         {
-            let (limiter, runtime) = (
-                Limiter::new(config.guard),
-                RuntimeLimiter::new(config.guard, config.hunting.estimator.clone()),
-            );
+            let (limiter, runtime) =
+                (Limiter::new(config.guard), RuntimeLimiter::new(config.guard, config.hunting.estimator));
             let store = Store::open(&config, &limiter, &runtime, &Metrics::default()).unwrap();
             for _ in 0..2 {
                 let mut r = runtime.reserve(&tenant, &demand, &depth).await.unwrap();
@@ -287,7 +286,7 @@ hunting = true
             store.admitted(&other, policy, &admitted, None).await.unwrap();
         }
         let (limiter, runtime) =
-            (Limiter::new(config.guard), RuntimeLimiter::new(config.guard, config.hunting.estimator.clone()));
+            (Limiter::new(config.guard), RuntimeLimiter::new(config.guard, config.hunting.estimator));
         let _store = Store::open(&config, &limiter, &runtime, &Metrics::default()).unwrap();
         assert_eq!(limiter.admissions(&key).len(), 2);
         let held = limiter.held_for(&key).expect("the hold survives");
