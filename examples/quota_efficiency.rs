@@ -4,14 +4,20 @@
 //!
 //! N clients (10 by default) share one tenant and app and offer F times (5 by
 //! default) the call quota, half incident listings and half hunting queries
-//! whose cost the client cannot predict (10–200 ms, drawn at random). The
+//! whose cost the client cannot predict. Each hunting query is one of five
+//! texts, as scheduled detections are, whose cost varies from run to run
+//! within its range (5–10, 10–20, 25–50, 50–100 and 100–200 ms), or with
+//! probability `--adhoc` (0.2) an ad hoc text never sent before, its cost
+//! drawn from one of those ranges at random. The
 //! upstream is the test emulator with the built-in profile's shape, scaled: a
 //! "minute" of 1 s and an "hour" of 12 s (`--hour-secs`), 10 calls per minute
 //! and 60 per hour for each API, and 2 s of hunting running time per hour
-//! (10 minutes in 60, scaled). Three modes, one after the other, each for H
+//! (10 minutes in 60, scaled). Four modes, one after the other, each for H
 //! scaled hours (3 by default):
 //!
 //! - `gateway`: clients -> quotagate (queue, `max_wait` 2 s) -> emulator;
+//! - `gateway-key`: the same with `estimate_by = "key"`: every query
+//!   reserves the tenant's estimate, not its own text's;
 //! - `direct`: clients -> emulator, with a Graph-SDK-style retry loop;
 //! - `nginx`: clients -> nginx `limit_req` at the hour's average rate (5 r/s
 //!   per API, burst 10 delayed, 429 on overflow) -> emulator.
@@ -24,15 +30,17 @@
 //! 429s the clients saw, calls they gave up on, answered calls, and the
 //! latency of answered calls (including queueing and retry sleeps).
 //!
-//! `--modes gateway,direct,nginx` picks the modes (all three by default).
+//! `--modes gateway,gateway-key,direct,nginx` picks the modes (all four by
+//! default).
 //! `--probe MS` samples the gateway's running-time ledger (`/quota`) every MS
 //! milliseconds and prints, per scaled hour, where the budget was: charged,
 //! reserved for queries in flight, or free, and whether a query was waiting
 //! while it was free; then the metered costs' distribution and the upstream
 //! 429s by cause. `--percentile P` sets the gateway's `estimate_percentile`.
-//! `--costs S,S,...` replaces the hunting costs drawn from (in scaled
-//! seconds; 0.01,0.02,0.05,0.1,0.2 by default, the largest a tenth of the
-//! budget).
+//! `--costs C,C,...` replaces the hunting texts' costs (in scaled seconds,
+//! each `S` or a range `A..B`; by default
+//! 0.005..0.01,0.01..0.02,0.025..0.05,0.05..0.1,0.1..0.2, the largest a
+//! tenth of the budget). `--adhoc P` sets the share of ad hoc texts.
 //!
 //! Run with `bench/quota-efficiency.sh` (it passes arguments through; it
 //! builds the release gateway, which runs as a process of its own). What
@@ -82,8 +90,11 @@ struct Settings {
     factor: f64,
     hours: u32,
     hour: Duration,
-    /// The hunting queries' costs in seconds, one drawn at random per query.
-    costs: &'static [f64],
+    /// The hunting texts' costs in seconds (`S` or `A..B`), one text drawn
+    /// at random per query.
+    costs: &'static [String],
+    /// The share of hunting queries whose text was never sent before.
+    adhoc: f64,
 }
 
 /// Which modes run, in order, and how often the gateway's running-time
@@ -110,10 +121,15 @@ impl Settings {
             factor: 5.0,
             hours: 3,
             hour: Duration::from_secs(12),
-            costs: &[0.01, 0.02, 0.05, 0.1, 0.2],
+            costs: Box::leak(
+                ["0.005..0.01", "0.01..0.02", "0.025..0.05", "0.05..0.1", "0.1..0.2"]
+                    .map(String::from)
+                    .into(),
+            ),
+            adhoc: 0.2,
         };
         let mut plan = Plan {
-            modes: vec!["gateway".into(), "direct".into(), "nginx".into()],
+            modes: vec!["gateway".into(), "gateway-key".into(), "direct".into(), "nginx".into()],
             probe: None,
             percentile: None,
         };
@@ -129,12 +145,19 @@ impl Settings {
                 "--probe" => plan.probe = Some(Duration::from_millis(value.parse().expect("--probe MS"))),
                 "--percentile" => plan.percentile = Some(value.parse().expect("--percentile P")),
                 "--costs" => {
-                    let costs: Vec<f64> = value.split(',').map(|c| c.parse().expect("--costs S,S,...")).collect();
-                    assert!(!costs.is_empty(), "--costs names at least one cost");
+                    let costs: Vec<String> = value.split(',').map(str::to_string).collect();
+                    for c in &costs {
+                        let ok = match c.split_once("..") {
+                            Some((a, b)) => a.parse::<f64>().is_ok() && b.parse::<f64>().is_ok(),
+                            None => c.parse::<f64>().is_ok(),
+                        };
+                        assert!(ok, "--costs C,C,...: `{c}` is not S or A..B");
+                    }
                     s.costs = Box::leak(costs.into_boxed_slice());
                 }
+                "--adhoc" => s.adhoc = value.parse().expect("--adhoc P"),
                 other => panic!(
-                    "unknown argument {other}: --clients N --factor F --hours H --hour-secs S --modes gateway,direct,nginx --probe MS --percentile P --costs S,S,..."
+                    "unknown argument {other}: --clients N --factor F --hours H --hour-secs S --modes gateway,gateway-key,direct,nginx --probe MS --percentile P --costs C,C,... --adhoc P"
                 ),
             }
         }
@@ -186,16 +209,23 @@ async fn client_loop(base: String, id: u64, s: Settings, until: Instant, seen: A
     let interval = Duration::from_secs_f64(s.clients as f64 / (s.factor * quota_rate));
     let mut next = Instant::now() + interval.mul_f64((id as f64) / s.clients as f64);
     let mut calls = Vec::new();
+    let mut adhoc = 0u64;
     while next < until {
         tokio::time::sleep_until(next.into()).await;
         next += interval;
         let hunt = rng.next() % 2 == 0;
-        let cost = s.costs[(rng.next() % s.costs.len() as u64) as usize];
+        let i = (rng.next() % s.costs.len() as u64) as usize;
+        let text = if ((rng.next() % 1_000_000) as f64) < s.adhoc * 1e6 {
+            adhoc += 1;
+            format!("DeviceProcessEvents | take 10 // ad hoc {id}-{adhoc} cost={}", s.costs[i])
+        } else {
+            format!("DeviceProcessEvents | take 10 // detection {i} cost={}", s.costs[i])
+        };
         calls.push(tokio::spawn(one_call(
             http.clone(),
             base.clone(),
             hunt,
-            cost,
+            text,
             until + s.hour,
             seen.clone(),
         )));
@@ -211,7 +241,7 @@ async fn one_call(
     http: reqwest::Client,
     base: String,
     hunt: bool,
-    cost: f64,
+    query: String,
     end: Instant,
     seen: Arc<Mutex<Seen>>,
 ) {
@@ -221,8 +251,7 @@ async fn one_call(
     let mut attempt = 0u32;
     loop {
         let req = if hunt {
-            let q = format!("DeviceProcessEvents | take 10 // cost={cost}");
-            http.post(format!("{base}{HUNT}")).body(serde_json::json!({ "Query": q }).to_string())
+            http.post(format!("{base}{HUNT}")).body(serde_json::json!({ "Query": query }).to_string())
         } else {
             http.get(format!("{base}{INCIDENTS}?$top=100"))
         };
@@ -270,7 +299,7 @@ fn emulator_config(s: &Settings) -> EmulatorConfig {
         .running_time(s.runtime_budget(), s.hour)
 }
 
-fn gateway_rest(s: &Settings, percentile: Option<u8>) -> String {
+fn gateway_rest(s: &Settings, percentile: Option<u8>, estimate_by: &str) -> String {
     let ms = |d: Duration| format!("{}ms", d.as_millis());
     let (minute, hour, budget) = (ms(s.minute()), ms(s.hour), ms(s.runtime_budget()));
     let percentile = percentile.map_or(String::new(), |p| format!("estimate_percentile = {p}"));
@@ -279,6 +308,7 @@ fn gateway_rest(s: &Settings, percentile: Option<u8>) -> String {
 [hunting]
 budgets = [{{ limit = "{budget}", per = "{hour}" }}]
 estimate = "100ms"
+estimate_by = "{estimate_by}"
 {percentile}
 
 [[policy]]
@@ -391,6 +421,24 @@ fn percentile(mut v: Vec<Duration>, p: f64) -> Duration {
     v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
+/// The gateway's own count of queries that cost more than their estimate:
+/// (queries, seconds beyond, seconds charged), from its `/metrics`.
+async fn estimate_overruns(admin: &str) -> (f64, f64, f64) {
+    let text =
+        reqwest::get(format!("{admin}/metrics")).await.expect("metrics").text().await.expect("metrics text");
+    let value = |name: &str| {
+        text.lines()
+            .filter(|l| l.starts_with(name) && l.contains("policy=\"hunting\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    (
+        value("quotagate_hunting_overruns_total"),
+        value("quotagate_hunting_overrun_seconds_total"),
+        value("quotagate_hunting_charged_seconds_total"),
+    )
+}
+
 fn report(mode: &str, emu: &Emulator, start: Instant, seen: &Seen, s: &Settings) {
     let requests = emu.requests();
     let charges = emu.charges(TENANT);
@@ -414,7 +462,7 @@ fn report(mode: &str, emu: &Emulator, start: Instant, seen: &Seen, s: &Settings)
             answered.iter().map(Duration::as_secs_f64).sum::<f64>() / answered.len() as f64
         };
         println!(
-            "| {mode} | {h} | {} | {:.0}% | {:.0}% | {:.0}% | {upstream_429} | {} | {} | {} | {:.2} s | {:.2} s |",
+            "| {mode} | {h} | {} | {:.0}% | {:.0}% | {:.1}% | {upstream_429} | {} | {} | {} | {:.2} s | {:.2} s |",
             seen.offered.iter().filter(|t| inside(**t)).count(),
             100.0 * accepted(INCIDENTS) as f64 / f64::from(PER_HOUR),
             100.0 * accepted(HUNT) as f64 / f64::from(PER_HOUR),
@@ -428,7 +476,7 @@ fn report(mode: &str, emu: &Emulator, start: Instant, seen: &Seen, s: &Settings)
     }
     let upstream_429 = requests.iter().filter(|r| r.status == 429).count();
     println!(
-        "| {mode} | all | {} | | | max {:.0}% in any hour | {upstream_429} | {} | {} | {} (+{} unfinished at the end) | | |",
+        "| {mode} | all | {} | | | max {:.2}% in any hour | {upstream_429} | {} | {} | {} (+{} unfinished at the end) | | |",
         seen.offered.len(),
         100.0 * charges.max_in_any(s.hour).as_secs_f64() / s.runtime_budget().as_secs_f64(),
         seen.throttled.len(),
@@ -562,17 +610,19 @@ async fn main() {
     println!("| Mode | Hour | Calls offered | Incident calls used | Hunting calls used | Running time used | Upstream 429s | Client 429s | Gave up | Answered | Mean latency | p95 latency |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut probed = None;
+    let mut overruns = Vec::new();
     for mode in &plan.modes {
         match mode.as_str() {
             // The gateway.
-            "gateway" => {
+            "gateway" | "gateway-key" => {
+                let estimate_by = if mode == "gateway" { "query" } else { "key" };
                 let emu = Emulator::start(emulator_config(&s)).await;
                 // The release binary in a process of its own, as deployed
                 // ($QUOTAGATE_BIN, which the script builds). The guard covers
                 // the time from admission to the upstream's count; the
                 // clients and the emulator share one process on a busy
                 // machine, so 5 ms is too little.
-                let text = gateway::config_text(&emu.url(), &gateway_rest(&s, plan.percentile))
+                let text = gateway::config_text(&emu.url(), &gateway_rest(&s, plan.percentile, estimate_by))
                     .replace("guard = \"5ms\"", &format!("guard = \"{}ms\"", GUARD.as_millis()));
                 let dir = tempfile::tempdir().expect("tempdir");
                 let config = dir.path().join("quotagate.toml");
@@ -584,7 +634,8 @@ async fn main() {
                     tokio::spawn(probe(format!("http://{}", gw.admin), every, until))
                 });
                 let (start, seen) = drive(&format!("http://{}", gw.proxy), s).await;
-                report("gateway", &emu, start, &seen, &s);
+                report(mode, &emu, start, &seen, &s);
+                overruns.push((mode.clone(), estimate_overruns(&format!("http://{}", gw.admin)).await));
                 if let Some(sampler) = sampler {
                     let requests = emu.requests();
                     // A hunting call its call rule admitted and still refused: running time.
@@ -597,7 +648,7 @@ async fn main() {
                             .count()
                     };
                     let refused = (refused(INCIDENTS, false), refused(HUNT, false), refused(HUNT, true));
-                    probed = Some((sampler.await.expect("probe"), emu.charges(TENANT), refused, start));
+                    probed = Some((mode, sampler.await.expect("probe"), emu.charges(TENANT), refused, start));
                 }
                 drop(gw);
             }
@@ -620,10 +671,20 @@ async fn main() {
                 let _ = Command::new("kill").arg("-TERM").arg(nginx.id().to_string()).status();
                 let _ = nginx.wait();
             }
-            other => panic!("unknown mode {other}: gateway, direct or nginx"),
+            other => panic!("unknown mode {other}: gateway, gateway-key, direct or nginx"),
         }
     }
-    if let Some((samples, charges, refused, start)) = probed {
+    for (mode, (queries, seconds, charged)) in overruns {
+        println!(
+            "\n`{mode}`: {queries} hunting queries cost more than they reserved, {:.0} ms beyond in all ({:.2}% of the {:.2} s charged)",
+            1000.0 * seconds,
+            100.0 * seconds / charged.max(f64::MIN_POSITIVE),
+            charged
+        );
+    }
+    if let Some((mode, samples, charges, refused, start)) = probed {
+        println!();
+        println!("Probe of the `{mode}` run (the last gateway mode):");
         report_probe(&samples, &charges, refused, start, &s);
     }
 }

@@ -561,3 +561,29 @@ async fn running_time_budgets_throttle_a_spent_tenant() {
     assert_eq!(em.charges(TENANT_A).0.len(), 1);
     assert_eq!(em.throttled(), 1);
 }
+
+/// `cost=A..B`: the same query text costs a different amount each run,
+/// within the range, and reports and charges what it ran.
+#[tokio::test]
+async fn a_cost_range_draws_each_runs_cost() {
+    let em = Emulator::start(EmulatorConfig::new()).await;
+    let url = format!("{}/api/advancedhunting/run", em.url());
+    let client = reqwest::Client::new();
+    let mut costs = Vec::new();
+    for _ in 0..8 {
+        let r = client
+            .post(&url)
+            .bearer_auth(token(TENANT_A, APP_1))
+            .json(&json!({"Query": "T | take 1 // cost=0.01..0.05"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        let v: Value = r.json().await.unwrap();
+        costs.push(v["Stats"]["ExecutionTime"].as_f64().unwrap());
+    }
+    assert!(costs.iter().all(|c| (0.01..=0.05).contains(c)), "{costs:?}");
+    assert!(costs.iter().any(|c| *c != costs[0]), "the cost is drawn each run: {costs:?}");
+    let charged: f64 = em.charges(TENANT_A).0.iter().map(|c| c.1.as_secs_f64()).sum();
+    assert!((charged - costs.iter().sum::<f64>()).abs() < 1e-6, "charged {charged}, reported {costs:?}");
+}

@@ -695,7 +695,7 @@ async fn hunt(shared: &Arc<Shared>, idx: usize, graph: bool, body: &[u8], tid: &
         tokio::time::sleep(cost).await;
         running.done = true;
     }
-    let data = super::hunt::response_body(&query, graph);
+    let data = super::hunt::response_of(&spec, graph);
     let n = data.len();
     let mut r = Response::new(streamed(shared, data));
     r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(n));

@@ -4,7 +4,9 @@
 //!
 //! Recognised tokens anywhere in the query (`// cost=0.25 rows=100000`):
 //! - `cost=S`: the query runs S seconds and reports `Stats.ExecutionTime = S`;
-//!   without it the query takes no time and reports 0.01;
+//!   without it the query takes no time and reports 0.01. `cost=A..B` draws
+//!   each run's cost at random between A and B seconds, as the same query
+//!   costs more or less from run to run on the service;
 //! - `rows=N`: `Stats.dataset_statistics[0].table_row_count` (default 1);
 //! - `bytes=N`: the response is padded with result rows to about N bytes
 //!   (at most [`MAX_BYTES`]);
@@ -48,9 +50,7 @@ impl HuntSpec {
             query.split(|c: char| c.is_whitespace() || c == ',' || c == ';').find_map(|t| t.strip_prefix(key))
         };
         HuntSpec {
-            cost: value("cost=")
-                .and_then(|s| s.parse::<f64>().ok())
-                .and_then(|s| Duration::try_from_secs_f64(s).ok()),
+            cost: value("cost=").and_then(cost).and_then(|s| Duration::try_from_secs_f64(s).ok()),
             rows: value("rows=").and_then(|s| s.parse().ok()).unwrap_or(1),
             bytes: value("bytes=").and_then(|s| s.parse().ok()).unwrap_or(0).min(MAX_BYTES),
             stats: match value("stats=") {
@@ -68,6 +68,23 @@ impl HuntSpec {
     }
 }
 
+/// A `cost=` value in seconds: `S`, or a draw between `A..B`.
+fn cost(text: &str) -> Option<f64> {
+    let Some((low, high)) = text.split_once("..") else { return text.parse().ok() };
+    let (low, high): (f64, f64) = (low.parse().ok()?, high.parse().ok()?);
+    (low <= high).then(|| low + (high - low) * unit())
+}
+
+/// A pseudo-random number in [0, 1) (splitmix64 over a shared counter).
+fn unit() -> f64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static STATE: AtomicU64 = AtomicU64::new(0x9e37_79b9_7f4a_7c15);
+    let mut z = STATE.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)) as f64 / (u64::MAX as f64 + 1.0)
+}
+
 /// A hunting query for the emulator costing `seconds`, plus extra tokens.
 pub fn query(seconds: f64, extra: &str) -> String {
     format!("DeviceProcessEvents | where Timestamp > ago(1d) | take 10 // cost={seconds} {extra}")
@@ -78,10 +95,15 @@ pub fn body(query: &str) -> String {
     serde_json::json!({ "Query": query }).to_string()
 }
 
-/// The response body the emulator sends for `query`: deterministic, so a
-/// test can compare what came through the gateway byte for byte.
+/// The response body the emulator sends for `query`: deterministic (for a
+/// fixed cost), so a test can compare what came through the gateway byte
+/// for byte.
 pub fn response_body(query: &str, graph: bool) -> Bytes {
-    let spec = HuntSpec::of(query);
+    response_of(&HuntSpec::of(query), graph)
+}
+
+/// The response body of a query run as `spec` says (its cost drawn).
+pub fn response_of(spec: &HuntSpec, graph: bool) -> Bytes {
     let stats = format!(
         r#""Stats":{{"ExecutionTime":{},"resource_usage":{{"cache":{{"memory":{{"hits":1,"misses":0,"total":1}},"disk":{{"hits":0,"misses":0,"total":0}}}},"cpu":{{"user":"00:00:00.0100000","kernel":"00:00:00","total cpu":"00:00:00.0100000"}},"memory":{{"peak_per_node":1024}}}},"dataset_statistics":[{{"table_row_count":{},"table_size":{}}}]}}"#,
         spec.execution_time(),

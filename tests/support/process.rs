@@ -14,7 +14,10 @@ fn bin() -> std::path::PathBuf {
     match option_env!("CARGO_BIN_EXE_quotagate") {
         Some(path) => path.into(),
         None => {
-            std::env::var_os("QUOTAGATE_BIN").map_or_else(|| "target/release/quotagate".into(), Into::into)
+            let path: std::path::PathBuf = std::env::var_os("QUOTAGATE_BIN")
+                .map_or_else(|| "target/release/quotagate".into(), Into::into);
+            // Absolute: the gateway runs in a directory of its own.
+            std::path::absolute(&path).unwrap_or(path)
         }
     }
 }
