@@ -195,6 +195,12 @@ impl WorkerMetrics {
             registry.register(Box::new(c.clone())).expect("unique metric");
             c
         };
+        // Seconds, per policy.
+        let seconds = |name: &str, help: &str| {
+            let c = CounterVec::new(Opts::new(name, help), &["policy"]).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
         let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
             let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &["policy"])
                 .expect("valid metric");
@@ -242,30 +248,14 @@ impl WorkerMetrics {
                 "Time until the upstream's response headers arrived.",
                 prometheus::exponential_buckets(0.001, 2.5, 14).expect("valid buckets"),
             ),
-            hunting_charged: {
-                let c = CounterVec::new(
-                    Opts::new(
-                        "quotagate_hunting_charged_seconds_total",
-                        "Running time charged to hunting budgets: Stats.ExecutionTime, or wall time for Graph.",
-                    ),
-                    &["policy"],
-                )
-                .expect("valid metric");
-                registry.register(Box::new(c.clone())).expect("unique metric");
-                c
-            },
-            hunting_overrun: {
-                let c = CounterVec::new(
-                    Opts::new(
-                        "quotagate_hunting_overrun_seconds_total",
-                        "Metered running time beyond the estimates the queries reserved: what can carry a tenant past a budget.",
-                    ),
-                    &["policy"],
-                )
-                .expect("valid metric");
-                registry.register(Box::new(c.clone())).expect("unique metric");
-                c
-            },
+            hunting_charged: seconds(
+                "quotagate_hunting_charged_seconds_total",
+                "Running time charged to hunting budgets: Stats.ExecutionTime, or wall time for Graph.",
+            ),
+            hunting_overrun: seconds(
+                "quotagate_hunting_overrun_seconds_total",
+                "Metered running time beyond the estimates the queries reserved: what can carry a tenant past a budget.",
+            ),
             hunting_overruns: counter(
                 "quotagate_hunting_overruns_total",
                 "Hunting queries metered at more than the estimate they reserved.",

@@ -60,11 +60,17 @@ async fn ready(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
 
 async fn metrics(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
     let keys = gw.limiter.snapshot(&gw.config().policies);
-    let runtime = gw.runtime.snapshot();
+    let runtime = runtime_status(&gw);
     let text = gw.metrics.render(&keys, &runtime, gw.config().metrics_max_tenants);
     ([(CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 
 async fn quota_status(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
-    axum::Json(quota::report(&gw.limiter.snapshot(&gw.config().policies), &gw.runtime.snapshot()))
+    axum::Json(quota::report(&gw.limiter.snapshot(&gw.config().policies), &runtime_status(&gw)))
+}
+
+/// Every running-time key, reported against what every hunting policy allows.
+fn runtime_status(gw: &Gateway) -> Vec<crate::admission::runtime::RuntimeStatus> {
+    let strictest = gw.config().policies.strictest_budgets();
+    gw.runtime.snapshot(&gw.store.budgets_now(&strictest))
 }

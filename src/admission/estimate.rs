@@ -43,6 +43,7 @@ pub struct Estimator {
     pub percentile: u8,
     /// How many recent costs are kept, for the key and for each text.
     pub samples: usize,
+    /// Whose history makes a query's estimate.
     pub by: EstimateBy,
     /// Most query texts whose costs a key keeps; the least recently run
     /// is forgotten first.
@@ -57,15 +58,31 @@ impl Estimator {
         Estimator { default, percentile, samples, by: EstimateBy::Key, queries: 0, query_runs: 1 }
     }
 
-    /// The nearest-rank percentile of `costs`, or `None` when there are none.
+    /// The nearest-rank percentile of the last `samples` of `costs` (more
+    /// are kept until the next cost after a reload lowered `samples`), or
+    /// `None` when there are none.
     fn percentile_of(&self, costs: &VecDeque<u64>) -> Option<Duration> {
         if costs.is_empty() {
             return None;
         }
-        let mut sorted: Vec<u64> = costs.iter().copied().collect();
+        let mut sorted: Vec<u64> = costs.iter().rev().take(self.samples.max(1)).copied().collect();
         sorted.sort_unstable();
         let rank = (usize::from(self.percentile) * sorted.len()).div_ceil(100).clamp(1, sorted.len());
         Some(Duration::from_nanos(sorted[rank - 1]))
+    }
+}
+
+/// What makes a hunting query's cost: its KQL text and, for Graph, its
+/// `Timespan`. Its `Debug` shows neither, so no log line can carry a query.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct QueryText<'a> {
+    pub query: &'a str,
+    pub timespan: Option<&'a str>,
+}
+
+impl std::fmt::Debug for QueryText<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("QueryText(..)")
     }
 }
 
@@ -78,7 +95,7 @@ pub struct QueryId(u64);
 pub struct QueryIds(RandomState);
 
 impl QueryIds {
-    pub fn of(&self, text: &str) -> QueryId {
+    pub fn of(&self, text: QueryText<'_>) -> QueryId {
         QueryId(self.0.hash_one(text))
     }
 }
@@ -120,14 +137,17 @@ impl History {
         let keep = e.samples.max(1);
         push(&mut self.recent, cost, keep);
         self.runs += 1;
-        let Some(id) = text.filter(|_| e.by == EstimateBy::Query && e.queries > 0) else { return };
-        if !self.texts.contains_key(&id) && self.texts.len() >= e.queries {
-            // Forget the least recently run text (or several, after a
-            // reload lowered the limit).
-            while self.texts.len() >= e.queries {
-                let oldest = self.texts.iter().min_by_key(|(_, t)| t.last_run).map(|(id, _)| *id);
-                self.texts.remove(&oldest.expect("the map is not empty"));
-            }
+        let Some(id) = text.filter(|_| e.by == EstimateBy::Query && e.queries > 0) else {
+            // Estimating by key (perhaps since a reload): no text is kept.
+            self.texts.clear();
+            return;
+        };
+        // Room for this text among the `queries` kept: forget the least
+        // recently run (several, after a reload lowered the limit).
+        let room = if self.texts.contains_key(&id) { e.queries } else { e.queries - 1 };
+        while self.texts.len() > room {
+            let oldest = self.texts.iter().min_by_key(|(_, t)| t.last_run).map(|(id, _)| *id);
+            self.texts.remove(&oldest.expect("the map is not empty"));
         }
         let runs = self.runs;
         let t = self.texts.entry(id).or_default();
@@ -151,6 +171,10 @@ fn push(costs: &mut VecDeque<u64>, cost: u64, keep: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn text(query: &str) -> QueryText<'_> {
+        QueryText { query, timespan: None }
+    }
 
     fn ms(n: u64) -> u64 {
         n * 1_000_000
@@ -185,7 +209,7 @@ mod tests {
     fn a_text_that_ran_often_enough_reserves_its_own_costs() {
         let e = by_query(10, 3);
         let ids = QueryIds::default();
-        let (cheap, dear, new) = (ids.of("cheap"), ids.of("dear"), ids.of("new"));
+        let (cheap, dear, new) = (ids.of(text("cheap")), ids.of(text("dear")), ids.of(text("new")));
         let mut h = History::default();
         for _ in 0..3 {
             h.learn(&e, Some(dear), ms(800));
@@ -209,7 +233,7 @@ mod tests {
     #[test]
     fn a_text_keeps_only_its_last_samples() {
         let e = Estimator { samples: 3, ..by_query(10, 1) };
-        let id = QueryIds::default().of("q");
+        let id = QueryIds::default().of(text("q"));
         let mut h = History::default();
         for c in [900, 20, 30, 40] {
             h.learn(&e, Some(id), ms(c));
@@ -222,7 +246,7 @@ mod tests {
     fn the_least_recently_run_text_is_forgotten_first() {
         let e = by_query(2, 1);
         let ids = QueryIds::default();
-        let (a, b, c) = (ids.of("a"), ids.of("b"), ids.of("c"));
+        let (a, b, c) = (ids.of(text("a")), ids.of(text("b")), ids.of(text("c")));
         let mut h = History::default();
         h.learn(&e, Some(a), ms(100));
         h.learn(&e, Some(b), ms(200));
@@ -245,7 +269,30 @@ mod tests {
     #[test]
     fn texts_are_told_apart_and_the_same_text_is_the_same() {
         let ids = QueryIds::default();
-        assert_eq!(ids.of("DeviceEvents | take 1"), ids.of("DeviceEvents | take 1"));
-        assert_ne!(ids.of("DeviceEvents | take 1"), ids.of("DeviceEvents | take 2"));
+        assert_eq!(ids.of(text("DeviceEvents | take 1")), ids.of(text("DeviceEvents | take 1")));
+        assert_ne!(ids.of(text("DeviceEvents | take 1")), ids.of(text("DeviceEvents | take 2")));
+        // A Timespan is part of what a query costs, and cannot be forged
+        // by the end of the text.
+        let with = QueryText { query: "T", timespan: Some("P7D") };
+        assert_ne!(ids.of(with), ids.of(text("T")));
+        assert_ne!(ids.of(with), ids.of(text("T\nP7D")));
+        assert_eq!(format!("{with:?}"), "QueryText(..)");
+    }
+
+    #[test]
+    fn a_reload_to_fewer_samples_or_estimates_by_key_keeps_less() {
+        let e = by_query(10, 1);
+        let id = QueryIds::default().of(text("q"));
+        let mut h = History::default();
+        for c in [900, 20, 30] {
+            h.learn(&e, Some(id), ms(c));
+        }
+        assert_eq!(h.estimate(&e, Some(id)), Duration::from_millis(900));
+        // Two samples now: the 900 ms three runs back no longer counts.
+        let fewer = Estimator { samples: 2, ..e };
+        assert_eq!(h.estimate(&fewer, Some(id)), Duration::from_millis(30));
+        let by_key = Estimator { by: EstimateBy::Key, ..e };
+        h.learn(&by_key, Some(id), ms(10));
+        assert_eq!(h.texts(), 0);
     }
 }

@@ -35,7 +35,7 @@ use std::time::Duration;
 use prometheus::IntGauge;
 use tokio::sync::Notify;
 
-pub use super::estimate::{EstimateBy, Estimator};
+pub use super::estimate::{EstimateBy, Estimator, QueryText};
 use super::estimate::{History, QueryId, QueryIds};
 use super::rejection::Drain;
 use super::Reason;
@@ -60,9 +60,8 @@ pub struct Demand<'a> {
     /// Most queries in flight at once per key; `None` for no cap.
     pub max_concurrent: Option<usize>,
     pub estimate: &'a Estimator,
-    /// The query's text (and anything else that changes what it costs),
-    /// for an estimate by query.
-    pub query: Option<&'a str>,
+    /// What the query asks, for an estimate by query.
+    pub query: Option<QueryText<'a>>,
 }
 
 /// Why a query was not admitted, and when it could be.
@@ -91,6 +90,8 @@ struct State {
     hold_until: u64,
     /// Recent metered costs, for estimates.
     history: History,
+    /// The estimate settings last applied, for status (`None` before any).
+    estimator: Option<Estimator>,
     /// The budgets last applied, for pruning and status.
     budgets: Vec<Budget>,
     /// The retention last applied ([`Demand::retention`]).
@@ -105,10 +106,11 @@ impl State {
         self.ledger.prune(keep, now);
     }
 
-    /// Take on `demand`'s budgets and retention, then prune.
+    /// Take on `demand`'s budgets, retention and estimate settings, then prune.
     fn apply(&mut self, demand: &Demand<'_>, guard: Duration, now: u64) {
         self.budgets = demand.budgets.to_vec();
         self.retention = demand.retention;
+        self.estimator = Some(*demand.estimate);
         self.prune(guard, now);
     }
 
@@ -379,8 +381,10 @@ impl RuntimeLimiter {
         (until > now).then(|| Duration::from_nanos(until - now))
     }
 
-    /// Every key's state now, keys in sorted order.
-    pub fn snapshot(&self) -> Vec<RuntimeStatus> {
+    /// Every key's state now, keys in sorted order, its use reported
+    /// against `shown` ([`crate::policy::Policies::strictest_budgets`]), or
+    /// against the budgets last applied to it when `shown` is empty.
+    pub fn snapshot(&self, shown: &[Budget]) -> Vec<RuntimeStatus> {
         let now = self.clock.now();
         let mut out: Vec<RuntimeStatus> = self
             .keys
@@ -389,10 +393,14 @@ impl RuntimeLimiter {
                 let st = entry.value().lock();
                 RuntimeStatus {
                     key: entry.key().clone(),
-                    budgets: st.ledger.usage(&st.budgets, self.guard, now),
+                    budgets: st.ledger.usage(
+                        if shown.is_empty() { &st.budgets } else { shown },
+                        self.guard,
+                        now,
+                    ),
                     in_flight: st.ledger.in_flight(),
                     queued: st.queue.len(),
-                    estimate: st.history.estimate(&self.estimator, None),
+                    estimate: st.history.estimate(st.estimator.as_ref().unwrap_or(&self.estimator), None),
                     held_for: (st.hold_until > now).then(|| Duration::from_nanos(st.hold_until - now)),
                 }
             })
@@ -713,6 +721,26 @@ mod tests {
         assert_eq!(no.budget, Some(hour[0]));
     }
 
+    /// A key two policies share is reported against the budgets it is given
+    /// (every policy's strictest), not those of whichever admitted last.
+    #[tokio::test(start_paused = true)]
+    async fn a_shared_key_is_reported_against_the_budgets_shown() {
+        let e = estimator(1000);
+        let l = RuntimeLimiter::new(Duration::ZERO, e);
+        let day =
+            |h: u64| [Budget { limit: Duration::from_secs(h * 3600), per: Duration::from_secs(86_400) }];
+        let (four, three) = (day(4), day(3));
+        run(&l, &demand(&three, &e, Mode::Reject, 0), Duration::from_secs(600)).await;
+        run(&l, &demand(&four, &e, Mode::Reject, 0), Duration::from_secs(600)).await;
+        let remaining = |shown: &[Budget]| {
+            let s = &l.snapshot(shown)[0].budgets[0];
+            s.budget.limit - s.charged - s.reserved
+        };
+        // The 4 h policy admitted last: unshown, its budget is reported.
+        assert_eq!(remaining(&[]), Duration::from_secs(4 * 3600 - 1200));
+        assert_eq!(remaining(&three), Duration::from_secs(3 * 3600 - 1200));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_queued_query_starts_when_a_completion_frees_room() {
         let e = estimator(6000);
@@ -756,13 +784,13 @@ mod tests {
         let d = demand(&b, &e, Mode::Queue, 5);
         // Never sent: released.
         drop(l.reserve(&key("t"), &d, &gauge()).await.unwrap());
-        assert_eq!(l.snapshot()[0].budgets[0].charged, Duration::ZERO);
+        assert_eq!(l.snapshot(&[])[0].budgets[0].charged, Duration::ZERO);
         // Sent, then the client went away after 5 s: max(estimate, wall time).
         let mut r = l.reserve(&key("t"), &d, &gauge()).await.unwrap();
         r.sent();
         tokio::time::advance(Duration::from_secs(5)).await;
         drop(r);
-        let s = &l.snapshot()[0];
+        let s = &l.snapshot(&[])[0];
         assert_eq!(
             (s.budgets[0].charged, s.budgets[0].reserved, s.in_flight),
             (Duration::from_secs(5), Duration::ZERO, 0)
@@ -771,9 +799,9 @@ mod tests {
         let mut r = l.reserve(&key("t"), &d, &gauge()).await.unwrap();
         r.sent();
         drop(r);
-        assert_eq!(l.snapshot()[0].budgets[0].charged, Duration::from_secs(7));
+        assert_eq!(l.snapshot(&[])[0].budgets[0].charged, Duration::from_secs(7));
         // An unmetered charge teaches nothing: the estimate stays the default.
-        assert_eq!(l.snapshot()[0].estimate, Duration::from_secs(2));
+        assert_eq!(l.snapshot(&[])[0].estimate, Duration::from_secs(2));
     }
 
     #[tokio::test(start_paused = true)]
@@ -818,18 +846,24 @@ mod tests {
         let e = Estimator { by: EstimateBy::Query, queries: 10, query_runs: 2, ..estimator(1000) };
         let l = RuntimeLimiter::new(Duration::ZERO, e);
         let b = budgets();
-        let of = |text| Demand { query: Some(text), ..demand(&b, &e, Mode::Reject, 0) };
+        let of = |query| Demand {
+            query: Some(QueryText { query, timespan: None }),
+            ..demand(&b, &e, Mode::Reject, 0)
+        };
         for (text, cost) in [("cheap", 500), ("cheap", 500), ("dear", 4000), ("dear", 4000)] {
             run(&l, &of(text), Duration::from_millis(cost)).await;
         }
         // 9 s of 10 s charged; the key's p90 is 4 s.
-        assert_eq!(l.snapshot()[0].estimate, Duration::from_secs(4));
+        assert_eq!(l.snapshot(&[])[0].estimate, Duration::from_secs(4));
         for text in ["dear", "never seen"] {
             let no = l.reserve(&key("t"), &of(text), &gauge()).await.unwrap_err();
             assert_eq!((no.reason, no.retry_after), (Reason::NoSlot, Duration::from_secs(60)), "{text}");
         }
         let by_key = Estimator { by: EstimateBy::Key, ..e };
-        let d = Demand { query: Some("cheap"), ..demand(&b, &by_key, Mode::Reject, 0) };
+        let d = Demand {
+            query: Some(QueryText { query: "cheap", timespan: None }),
+            ..demand(&b, &by_key, Mode::Reject, 0)
+        };
         assert!(l.reserve(&key("t"), &d, &gauge()).await.is_err(), "by key, the cheap text reserves 4 s too");
         let r = l.reserve(&key("t"), &of("cheap"), &gauge()).await.unwrap();
         assert_eq!(r.estimate(), Duration::from_millis(500));

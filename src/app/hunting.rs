@@ -16,7 +16,8 @@ use http_body_util::{BodyExt, Limited};
 use crate::config::Config;
 use crate::error::GatewayError;
 use crate::hunting::lookback::{self, Lookback};
-use crate::hunting::{request, LookbackMode};
+use crate::hunting::request::{self, HuntingRequest};
+use crate::hunting::LookbackMode;
 
 /// Response header on a hunting response whose query reaches past the
 /// lookback limit (`hunting.lookback = "warn"`).
@@ -28,9 +29,9 @@ pub(super) struct Inspected {
     pub req: Request,
     /// The lookback to warn about, if any.
     pub lookback: Option<Lookback>,
-    /// What makes the query's cost: its text and `Timespan`, for an
-    /// estimate learnt from the same query's earlier costs.
-    pub text: String,
+    /// Its query and `Timespan`: what makes its cost, for an estimate
+    /// learnt from the same query's earlier costs.
+    pub asked: HuntingRequest,
 }
 
 /// Read a hunting request's body and check it.
@@ -60,11 +61,7 @@ pub(super) async fn inspect(req: Request, config: &Config) -> Result<Inspected, 
     // The body is whole now: announce its length, so it can be replayed.
     parts.headers.remove(http::header::TRANSFER_ENCODING);
     parts.headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-    let text = match &asked.timespan {
-        Some(t) => format!("{}\n{t}", asked.query),
-        None => asked.query,
-    };
-    Ok(Inspected { req: Request::from_parts(parts, Body::from(bytes)), lookback: beyond, text })
+    Ok(Inspected { req: Request::from_parts(parts, Body::from(bytes)), lookback: beyond, asked })
 }
 
 /// The warning header's value for a lookback.

@@ -264,9 +264,9 @@ pub(crate) async fn proxy(worker: &Worker, bound: Option<usize>, req: Request) -
             return fail(e.into());
         }
     };
-    let (req, lookback, text) = if policy.hunting {
+    let (req, lookback, asked) = if policy.hunting {
         match hunting::inspect(req, config).await {
-            Ok(i) => (i.req, i.lookback, Some(i.text)),
+            Ok(i) => (i.req, i.lookback, Some(i.asked)),
             Err(e) => {
                 metrics.invalid.inc();
                 if matches!(e, GatewayError::LookbackTooLong { .. }) {
@@ -293,7 +293,7 @@ pub(crate) async fn proxy(worker: &Worker, bound: Option<usize>, req: Request) -
         metrics,
         key: QuotaKey::new(policy.key, policy.key_id, &who),
         runtime: policy.hunting.then(|| QuotaKey::new(config.hunting.key, policy.key_id, &who)),
-        query: text,
+        query: asked,
         tenant: who.tenant.clone(),
         client: &client.name,
         share,

@@ -361,8 +361,12 @@ mod tests {
         assert_eq!(c.hunting.max_rows, 100_000);
         assert_eq!(c.hunting.lookback_limit, Duration::from_secs(30 * 86_400));
         assert_eq!(c.hunting.key, crate::quota::KeyScope::Tenant);
-        // Both hunting policies share the tenant's ledger: it keeps a day.
+        // Both hunting policies share the tenant's ledger: it keeps a day,
+        // and its status shows what both allow (the MDE profile's 3 h a day).
         assert_eq!(c.hunting.retention, Duration::from_secs(86_400));
+        let strictest: Vec<_> =
+            c.policies.strictest_budgets().iter().map(|b| (b.limit.as_secs(), b.per.as_secs())).collect();
+        assert_eq!(strictest, vec![(600, 3600), (3 * 3600, 86_400)]);
         assert!(c.listeners[0].addr.ip().is_loopback() && c.admin_listen.ip().is_loopback());
     }
 

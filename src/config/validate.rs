@@ -21,6 +21,10 @@ use crate::quota::{Budget, KeyScope, Window};
 use crate::store::{Backend, Durability, OnOutage, StoreConfig};
 use crate::upstream::route::{ApiKind, Upstream};
 
+/// Most query texts a running-time key keeps costs of: each holds up to
+/// `estimate_samples` costs, and making room scans them under the key's lock.
+const MAX_ESTIMATE_QUERIES: usize = 10_000;
+
 /// The longest `send_timeout`: a client silent for a day is gone, and a
 /// longer clock than the runtime's timer can hold would panic.
 const MAX_SEND_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
@@ -409,8 +413,8 @@ fn hunting(h: &HuntingFile, p: &mut Problems) -> Hunting {
             EstimateBy::Query
         }
     };
-    if h.estimate_queries == 0 {
-        p.push(&field.at("estimate_queries"), "must be at least 1");
+    if !(1..=MAX_ESTIMATE_QUERIES).contains(&h.estimate_queries) {
+        p.push(&field.at("estimate_queries"), format!("must be between 1 and {MAX_ESTIMATE_QUERIES}"));
     }
     if h.estimate_query_runs == 0 {
         p.push(&field.at("estimate_query_runs"), "must be at least 1");
@@ -846,7 +850,7 @@ kind = "defender"
         let all = err("estimate_by = \"text\"\nestimate_queries = 0\nestimate_query_runs = 0\n");
         for needle in [
             "t.toml:8: hunting.estimate_by: `text` is not query or key",
-            "t.toml:9: hunting.estimate_queries: must be at least 1",
+            "t.toml:9: hunting.estimate_queries: must be between 1 and 10000",
             "t.toml:10: hunting.estimate_query_runs: must be at least 1",
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");

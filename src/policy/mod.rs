@@ -81,6 +81,22 @@ impl Policies {
         self.0.iter().map(|p| crate::quota::ledger::longest(&p.budgets)).max().unwrap_or_default()
     }
 
+    /// What every hunting policy allows on the running-time ledger they
+    /// share: for each window length, the smallest budget. A shared key's
+    /// status is reported against these, whichever policy admitted last
+    /// (the built-in `hunting` and `hunting-mde` allow 4 h and 3 h a day).
+    pub fn strictest_budgets(&self) -> Vec<Budget> {
+        let mut out: Vec<Budget> = Vec::new();
+        for b in self.0.iter().filter(|p| p.hunting).flat_map(|p| &p.budgets) {
+            match out.iter_mut().find(|o| o.per == b.per) {
+                Some(o) => o.limit = o.limit.min(b.limit),
+                None => out.push(*b),
+            }
+        }
+        out.sort_by_key(|b| b.per);
+        out
+    }
+
     /// The first policy that meters this request, if any.
     pub fn find(&self, method: &Method, upstream: usize, path: &str) -> Option<&Policy> {
         self.0.iter().find(|p| p.matches(method, upstream, path))

@@ -255,15 +255,23 @@ impl Store {
     /// against on this replica: the policy's, or its share of them while a
     /// Redis store is down and the config falls back to local limits.
     pub fn runtime_budgets<'a>(&self, policy: &'a Policy) -> std::borrow::Cow<'a, [crate::quota::Budget]> {
+        self.budgets_now(&policy.budgets)
+    }
+
+    /// `budgets` as this replica applies them now: whole, or its share
+    /// while a Redis outage has it admit alone.
+    pub fn budgets_now<'a>(
+        &self,
+        budgets: &'a [crate::quota::Budget],
+    ) -> std::borrow::Cow<'a, [crate::quota::Budget]> {
         match &self.redis {
             Some(r) if !r.is_up() && r.on_outage() == OnOutage::Local => std::borrow::Cow::Owned(
-                policy
-                    .budgets
+                budgets
                     .iter()
                     .map(|b| crate::quota::Budget { limit: b.limit / r.replicas(), per: b.per })
                     .collect(),
             ),
-            _ => std::borrow::Cow::Borrowed(&policy.budgets),
+            _ => std::borrow::Cow::Borrowed(budgets),
         }
     }
 
