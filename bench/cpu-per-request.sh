@@ -28,8 +28,7 @@ if [[ -n ${BARE:-} && -z ${BARE_BIN:-} ]]; then
   BARE_BIN=${CARGO_TARGET_DIR:-target}/release/examples/bare_proxy
 fi
 
-b64() { printf '%s' "$1" | base64 -w0 | tr '+/' '-_' | tr -d '='; }
-TOKEN="$(b64 '{"alg":"none","typ":"JWT"}').$(b64 '{"tid":"11111111-2222-3333-4444-555555555555","appid":"aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee","ver":"1.0","aud":"https://api.security.microsoft.com"}').sig"
+. bench/token.sh
 work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }

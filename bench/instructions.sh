@@ -20,8 +20,7 @@ done
 [[ -d $anchors ]] || { echo "no anchor configs at $anchors (set ANCHORS)" >&2; exit 2; }
 for bin in "$@"; do [[ -x $bin ]] || { echo "not an executable: $bin" >&2; exit 2; }; done
 
-b64() { printf '%s' "$1" | base64 -w0 | tr '+/' '-_' | tr -d '='; }
-TOKEN="$(b64 '{"alg":"none","typ":"JWT"}').$(b64 '{"tid":"11111111-2222-3333-4444-555555555555","appid":"aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee","ver":"1.0","aud":"https://api.security.microsoft.com"}').sig"
+. bench/token.sh
 URL="http://127.0.0.1:18004/api/incidents?\$top=10"
 work=$(mktemp -d)
 pids=()

@@ -22,8 +22,7 @@ DUR=${DUR:-8}; CONNS=${CONNS:-32}; ROUNDS=${ROUNDS:-3}
 for tool in nginx wrk curl redis-server; do
   command -v "$tool" >/dev/null || { echo "missing $tool" >&2; exit 2; }
 done
-b64() { printf '%s' "$1" | base64 -w0 | tr '+/' '-_' | tr -d '='; }
-TOKEN="$(b64 '{"alg":"none","typ":"JWT"}').$(b64 '{"tid":"11111111-2222-3333-4444-555555555555","appid":"aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee","ver":"1.0","aud":"https://api.security.microsoft.com"}').sig"
+. bench/token.sh
 work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done; wait 2>/dev/null; rm -rf "$work"; }
