@@ -137,22 +137,22 @@ impl History {
         let keep = e.samples.max(1);
         push(&mut self.recent, cost, keep);
         self.runs += 1;
-        let Some(id) = text.filter(|_| e.by == EstimateBy::Query && e.queries > 0) else {
+        if e.by == EstimateBy::Key || e.queries == 0 {
             // Estimating by key (perhaps since a reload): no text is kept.
             self.texts.clear();
             return;
-        };
+        }
+        let Some(id) = text else { return };
         // Room for this text among the `queries` kept: forget the least
-        // recently run (several, after a reload lowered the limit).
-        let room = if self.texts.contains_key(&id) { e.queries } else { e.queries - 1 };
-        while self.texts.len() > room {
+        // recently run others (several, after a reload lowered the limit).
+        let mut t = self.texts.remove(&id).unwrap_or_default();
+        while self.texts.len() >= e.queries {
             let oldest = self.texts.iter().min_by_key(|(_, t)| t.last_run).map(|(id, _)| *id);
             self.texts.remove(&oldest.expect("the map is not empty"));
         }
-        let runs = self.runs;
-        let t = self.texts.entry(id).or_default();
-        t.last_run = runs;
+        t.last_run = self.runs;
         push(&mut t.costs, cost, keep);
+        self.texts.insert(id, t);
     }
 
     /// How many texts have costs kept.
@@ -264,6 +264,28 @@ mod tests {
         assert_eq!(h.texts(), 1);
         assert_eq!(h.estimate(&one, Some(b)), Duration::from_millis(50));
         assert_eq!(h.estimate(&one, Some(a)), Duration::from_millis(300));
+    }
+
+    /// After a reload lowered the limit, the text that runs keeps its
+    /// costs even when it ran least recently of those kept.
+    #[test]
+    fn a_lower_limit_never_forgets_the_text_that_runs() {
+        let three = by_query(3, 1);
+        let ids = QueryIds::default();
+        let (a, b, c) = (ids.of(text("a")), ids.of(text("b")), ids.of(text("c")));
+        let mut h = History::default();
+        for (id, cost) in [(a, 100), (b, 200), (c, 300)] {
+            h.learn(&three, Some(id), ms(cost));
+        }
+        let two = by_query(2, 1);
+        h.learn(&two, Some(a), ms(110));
+        assert_eq!(h.texts(), 2);
+        // a keeps both its costs (p90 of 100 and 110); b, the oldest other, went.
+        assert_eq!(h.estimate(&two, Some(a)), Duration::from_millis(110));
+        assert_eq!(h.estimate(&two, Some(c)), Duration::from_millis(300));
+        // A query without a text teaches the key only, and forgets no text.
+        h.learn(&two, None, ms(5));
+        assert_eq!(h.texts(), 2);
     }
 
     #[test]

@@ -21,9 +21,14 @@ use crate::quota::{Budget, KeyScope, Window};
 use crate::store::{Backend, Durability, OnOutage, StoreConfig};
 use crate::upstream::route::{ApiKind, Upstream};
 
-/// Most query texts a running-time key keeps costs of: each holds up to
-/// `estimate_samples` costs, and making room scans them under the key's lock.
+/// Most query texts a running-time key keeps costs of: making room scans
+/// them under the key's lock.
 const MAX_ESTIMATE_QUERIES: usize = 10_000;
+
+/// Most costs kept per key and per text, so that a key's history stays
+/// under 10,000 × 1,000 × 8 bytes however it is configured (the defaults,
+/// 100 texts of 50 costs, keep at most 40 KB).
+const MAX_ESTIMATE_SAMPLES: usize = 1_000;
 
 /// The longest `send_timeout`: a client silent for a day is gone, and a
 /// longer clock than the runtime's timer can hold would panic.
@@ -402,8 +407,8 @@ fn hunting(h: &HuntingFile, p: &mut Problems) -> Hunting {
     if !(1..=100).contains(&h.estimate_percentile) {
         p.push(&field.at("estimate_percentile"), "must be between 1 and 100");
     }
-    if h.estimate_samples == 0 {
-        p.push(&field.at("estimate_samples"), "must be at least 1");
+    if !(1..=MAX_ESTIMATE_SAMPLES).contains(&h.estimate_samples) {
+        p.push(&field.at("estimate_samples"), format!("must be between 1 and {MAX_ESTIMATE_SAMPLES}"));
     }
     let by = match h.estimate_by.as_str() {
         "query" => EstimateBy::Query,
@@ -855,6 +860,8 @@ kind = "defender"
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
+        let many = err("estimate_samples = 1001\n");
+        assert!(many.contains("t.toml:8: hunting.estimate_samples: must be between 1 and 1000"), "{many}");
         let more = err("estimate_samples = 5\nestimate_query_runs = 6\n");
         assert!(
             more.contains("t.toml:9: hunting.estimate_query_runs: must be at most estimate_samples (5)"),
