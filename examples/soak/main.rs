@@ -115,8 +115,10 @@ const USAGE: &str = "--minutes N --rate R --bin PATH --sample-secs S --warmup-pe
 
 impl Settings {
     fn from_args() -> Settings {
-        let bin = std::env::var_os("QUOTAGATE_BIN")
+        let bin: PathBuf = std::env::var_os("QUOTAGATE_BIN")
             .map_or_else(|| "target/release/quotagate".into(), PathBuf::from);
+        // Absolute: the gateway runs in a directory of its own.
+        let bin = std::path::absolute(&bin).unwrap_or(bin);
         let mut s = Settings {
             minutes: 10.0,
             rate: 150.0,
