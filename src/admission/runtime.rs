@@ -35,8 +35,8 @@ use std::time::Duration;
 use prometheus::IntGauge;
 use tokio::sync::Notify;
 
-pub use super::estimate::{EstimateBy, Estimator, QueryText};
-use super::estimate::{History, QueryId, QueryIds};
+pub use super::estimate::{EstimateBy, Estimator, QueryId, QueryText};
+use super::estimate::{History, QueryIds};
 use super::rejection::Drain;
 use super::Reason;
 use crate::policy::Mode;
@@ -60,8 +60,8 @@ pub struct Demand<'a> {
     /// Most queries in flight at once per key; `None` for no cap.
     pub max_concurrent: Option<usize>,
     pub estimate: &'a Estimator,
-    /// What the query asks, for an estimate by query.
-    pub query: Option<QueryText<'a>>,
+    /// Its text, for an estimate by query ([`RuntimeLimiter::query_id`]).
+    pub query: Option<QueryId>,
 }
 
 /// Why a query was not admitted, and when it could be.
@@ -230,6 +230,12 @@ impl RuntimeLimiter {
         self.keys.get(key).map_or(0, |c| c.lock().hold_until)
     }
 
+    /// How this limiter's histories name `text`: hashed as soon as the
+    /// request is read, so no query text waits in a queue twice.
+    pub fn query_id(&self, text: QueryText<'_>) -> QueryId {
+        self.ids.of(text)
+    }
+
     /// The gateway's estimate settings.
     pub fn estimator(&self) -> &Estimator {
         &self.estimator
@@ -250,7 +256,7 @@ impl RuntimeLimiter {
         let cell = self.cell(key);
         let start = self.clock.now();
         let deadline = start.saturating_add(nanos(demand.max_wait));
-        let text = demand.query.filter(|_| demand.estimate.by == EstimateBy::Query).map(|q| self.ids.of(q));
+        let text = demand.query.filter(|_| demand.estimate.by == EstimateBy::Query);
         let asked = Asked { estimator: *demand.estimate, text, arrived: start };
         let (id, wake) = {
             let mut st = cell.lock();
@@ -846,10 +852,8 @@ mod tests {
         let e = Estimator { by: EstimateBy::Query, queries: 10, query_runs: 2, ..estimator(1000) };
         let l = RuntimeLimiter::new(Duration::ZERO, e);
         let b = budgets();
-        let of = |query| Demand {
-            query: Some(QueryText { query, timespan: None }),
-            ..demand(&b, &e, Mode::Reject, 0)
-        };
+        let id = |query| Some(l.query_id(QueryText { query, timespan: None }));
+        let of = |query| Demand { query: id(query), ..demand(&b, &e, Mode::Reject, 0) };
         for (text, cost) in [("cheap", 500), ("cheap", 500), ("dear", 4000), ("dear", 4000)] {
             run(&l, &of(text), Duration::from_millis(cost)).await;
         }
@@ -860,10 +864,7 @@ mod tests {
             assert_eq!((no.reason, no.retry_after), (Reason::NoSlot, Duration::from_secs(60)), "{text}");
         }
         let by_key = Estimator { by: EstimateBy::Key, ..e };
-        let d = Demand {
-            query: Some(QueryText { query: "cheap", timespan: None }),
-            ..demand(&b, &by_key, Mode::Reject, 0)
-        };
+        let d = Demand { query: id("cheap"), ..demand(&b, &by_key, Mode::Reject, 0) };
         assert!(l.reserve(&key("t"), &d, &gauge()).await.is_err(), "by key, the cheap text reserves 4 s too");
         let r = l.reserve(&key("t"), &of("cheap"), &gauge()).await.unwrap();
         assert_eq!(r.estimate(), Duration::from_millis(500));

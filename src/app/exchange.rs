@@ -30,11 +30,10 @@ use http_body_util::{BodyExt, Limited};
 use tokio::time::Instant;
 
 use super::{ratelimit, View, Worker};
-use crate::admission::runtime::{Demand, QueryText, Reservation};
+use crate::admission::runtime::{Demand, QueryId, Reservation};
 use crate::admission::{Admitted, Share};
 use crate::error::{GatewayError, THROTTLED_BY};
 use crate::hunting::meter;
-use crate::hunting::request::HuntingRequest;
 use crate::metrics::{Failure, PolicyMetrics};
 use crate::policy::{Mode, Policy, Timeouts};
 use crate::quota::{QuotaKey, Window};
@@ -94,8 +93,9 @@ pub(super) struct Metered<'a> {
     pub key: QuotaKey,
     /// The running-time key of a hunting call.
     pub runtime: Option<QuotaKey>,
-    /// A hunting call's query and `Timespan`.
-    pub query: Option<HuntingRequest>,
+    /// A hunting call's query and `Timespan`, as the running-time
+    /// histories name them.
+    pub query: Option<QueryId>,
     pub tenant: String,
     /// The client's name, for logs.
     pub client: &'a str,
@@ -355,10 +355,7 @@ impl Metered<'_> {
             max_queue: self.policy.max_queue,
             max_concurrent: h.max_concurrent,
             estimate: &h.estimator,
-            query: self
-                .query
-                .as_ref()
-                .map(|q| QueryText { query: &q.query, timespan: q.timespan.as_deref() }),
+            query: self.query,
         };
         let reserved = gw.runtime.reserve(key, &demand, &self.metrics.depth).await;
         let mut reserved = reserved.map_err(|r| {

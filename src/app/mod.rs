@@ -22,7 +22,7 @@ use http::header::CONTENT_LENGTH;
 use http::HeaderMap;
 
 use crate::admission::guard::Guards;
-use crate::admission::runtime::RuntimeLimiter;
+use crate::admission::runtime::{QueryText, RuntimeLimiter};
 use crate::admission::Limiter;
 use crate::config::live::Live;
 use crate::config::Config;
@@ -266,7 +266,10 @@ pub(crate) async fn proxy(worker: &Worker, bound: Option<usize>, req: Request) -
     };
     let (req, lookback, asked) = if policy.hunting {
         match hunting::inspect(req, config).await {
-            Ok(i) => (i.req, i.lookback, Some(i.asked)),
+            Ok(i) => {
+                let text = QueryText { query: &i.asked.query, timespan: i.asked.timespan.as_deref() };
+                (i.req, i.lookback, Some(worker.gateway.runtime.query_id(text)))
+            }
             Err(e) => {
                 metrics.invalid.inc();
                 if matches!(e, GatewayError::LookbackTooLong { .. }) {
