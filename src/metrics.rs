@@ -10,6 +10,7 @@
 //! Gauges of shared state (queue depth) live in the shared registry.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use prometheus::proto::{self, MetricFamily};
 use prometheus::{
@@ -75,7 +76,7 @@ pub struct StoreMetrics {
 }
 
 impl crate::store::sqlite::Observer for StoreMetrics {
-    fn committed(&self, jobs: usize, took: std::time::Duration, ok: bool) {
+    fn committed(&self, jobs: usize, took: Duration, ok: bool) {
         if ok {
             self.commits.inc();
             self.jobs.inc_by(jobs as u64);
@@ -106,6 +107,27 @@ struct WorkerMetrics {
     client_requests: IntCounterVec,
 }
 
+/// One policy's running-time charges: a reservation counts here whatever
+/// ends it (`Stats`, wall time, or the rule for an unknown cost).
+#[derive(Clone)]
+pub struct Charges {
+    charged: Counter,
+    overrun: Counter,
+    overruns: IntCounter,
+}
+
+impl Charges {
+    /// A query was charged `cost` against a reservation of `estimate`.
+    pub fn count(&self, cost: Duration, estimate: Duration) {
+        self.charged.inc_by(cost.as_secs_f64());
+        let over = cost.saturating_sub(estimate);
+        if !over.is_zero() {
+            self.overrun.inc_by(over.as_secs_f64());
+            self.overruns.inc();
+        }
+    }
+}
+
 /// One policy's handles on one worker, resolved once so the request path
 /// does no label lookups.
 pub struct PolicyMetrics {
@@ -128,12 +150,8 @@ pub struct PolicyMetrics {
     pub revealed_limit: IntGauge,
     failures: [IntCounter; 4],
     pub duration: Histogram,
-    /// Hunting: seconds of running time charged from `Stats` or wall time.
-    pub charged: Counter,
-    /// Hunting: metered seconds beyond the estimate the query reserved.
-    pub overrun: Counter,
-    /// Hunting: queries metered at more than they reserved.
-    pub overruns: IntCounter,
+    /// Hunting: every running-time charge, and what went beyond its estimate.
+    pub charges: Charges,
     /// Hunting: results at the row cap.
     pub truncated: IntCounter,
     /// Hunting: responses whose cost could not be read, charged by rule.
@@ -250,15 +268,15 @@ impl WorkerMetrics {
             ),
             hunting_charged: seconds(
                 "quotagate_hunting_charged_seconds_total",
-                "Running time charged to hunting budgets: Stats.ExecutionTime, or wall time for Graph.",
+                "Running time charged to hunting budgets: Stats.ExecutionTime, wall time for Graph and for error answers, or the larger of the estimate and the wall time when the cost is unknown.",
             ),
             hunting_overrun: seconds(
                 "quotagate_hunting_overrun_seconds_total",
-                "Metered running time beyond the estimates the queries reserved: what can carry a tenant past a budget.",
+                "Running time charged beyond the estimates the queries reserved: what can carry a tenant past a budget.",
             ),
             hunting_overruns: counter(
                 "quotagate_hunting_overruns_total",
-                "Hunting queries metered at more than the estimate they reserved.",
+                "Hunting queries charged more than the estimate they reserved.",
                 &["policy"],
             ),
             hunting_truncated: counter(
@@ -454,9 +472,11 @@ impl Metrics {
             revealed_limit: self.revealed.with_label_values(&[policy]),
             failures: [fail("connect"), fail("timeout"), fail("protocol"), fail("body_too_large")],
             duration: w.upstream_duration.with_label_values(&[policy]),
-            charged: w.hunting_charged.with_label_values(&[policy]),
-            overrun: w.hunting_overrun.with_label_values(&[policy]),
-            overruns: w.hunting_overruns.with_label_values(&[policy]),
+            charges: Charges {
+                charged: w.hunting_charged.with_label_values(&[policy]),
+                overrun: w.hunting_overrun.with_label_values(&[policy]),
+                overruns: w.hunting_overruns.with_label_values(&[policy]),
+            },
             truncated: w.hunting_truncated.with_label_values(&[policy]),
             unmetered: w.hunting_unmetered.with_label_values(&[policy]),
             lookback_warned: w.hunting_lookback.with_label_values(&[policy, "warned"]),

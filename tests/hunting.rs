@@ -312,6 +312,14 @@ async fn a_client_that_disconnects_mid_query_is_charged_by_the_documented_rule()
     }
     // max(estimate 40 ms, ~300 ms sent until the client left)
     assert!((0.25..1.0).contains(&charged), "charged {charged}");
+    // The metrics count the charge by rule as the ledger does, and the
+    // time beyond the 40 ms the query reserved as an overrun.
+    let metric = |name: &'static str| gw.metric(name);
+    let counted = metric("quotagate_hunting_charged_seconds_total{policy=\"hunting\"}").await;
+    assert!((counted - charged).abs() < 1e-6, "metric {counted}, ledger {charged}");
+    assert_eq!(metric("quotagate_hunting_overruns_total{policy=\"hunting\"}").await, 1.0);
+    let over = metric("quotagate_hunting_overrun_seconds_total{policy=\"hunting\"}").await;
+    assert!((over - (charged - 0.04)).abs() < 1e-6, "overrun {over}, charged {charged}");
     // The upstream query was cancelled too: it ran about as long.
     tokio::time::sleep(Duration::from_millis(100)).await;
     let ran: Duration = emu.charges("t").0.iter().map(|c| c.1).sum();
@@ -552,6 +560,12 @@ async fn an_upstream_reset_before_stats_aborts_the_transfer() {
     assert_eq!(l["budgets"][0]["reserved_seconds"].as_f64().unwrap(), 0.0);
     assert_eq!(l["budgets"][0]["charged_seconds"].as_f64().unwrap(), 0.04, "the estimate, by rule");
     assert_eq!(gw.metric("quotagate_hunting_unmetered_total{policy=\"hunting\"}").await, 1.0);
+    assert_eq!(gw.metric("quotagate_hunting_charged_seconds_total{policy=\"hunting\"}").await, 0.04);
+    assert_eq!(
+        gw.metric("quotagate_hunting_overruns_total{policy=\"hunting\"}").await,
+        0.0,
+        "no more than it reserved"
+    );
 }
 
 /// Issue #3, case 6: the 30-day lookback, in both modes.

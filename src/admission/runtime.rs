@@ -39,6 +39,7 @@ pub use super::estimate::{EstimateBy, Estimator, QueryId, QueryText};
 use super::estimate::{History, QueryIds};
 use super::rejection::Drain;
 use super::Reason;
+use crate::metrics::Charges;
 use crate::policy::Mode;
 use crate::quota::ledger::{longest, nanos};
 use crate::quota::{Budget, BudgetUse, Clock, Fit, KeyMap, Ledger, QuotaKey};
@@ -236,11 +237,6 @@ impl RuntimeLimiter {
         self.ids.of(text)
     }
 
-    /// The gateway's estimate settings.
-    pub fn estimator(&self) -> &Estimator {
-        &self.estimator
-    }
-
     fn cell(&self, key: &QuotaKey) -> Arc<Cell> {
         super::cell_of(&self.keys, key)
     }
@@ -366,6 +362,7 @@ impl RuntimeLimiter {
             done: false,
             journal: self.journal.get().map(|j| (j.clone(), key.clone())),
             pending: None,
+            charges: None,
         }
     }
 
@@ -537,6 +534,8 @@ pub struct Reservation {
     journal: Option<(Arc<dyn ChargeJournal>, QuotaKey)>,
     /// The journal's record of this query in flight.
     pending: Option<u64>,
+    /// Where the charge is counted, whatever ends the reservation.
+    charges: Option<Charges>,
 }
 
 impl std::fmt::Debug for Reservation {
@@ -559,6 +558,12 @@ impl Reservation {
     /// or release will name it.
     pub fn set_pending(&mut self, id: u64) {
         self.pending = Some(id);
+    }
+
+    /// Count the charge that ends this reservation in `charges`, whether
+    /// metered, charged by wall time or by the rule for an unknown cost.
+    pub fn count_in(&mut self, charges: Charges) {
+        self.charges = Some(charges);
     }
 
     /// The query is being sent upstream now (from here on a drop charges).
@@ -605,6 +610,9 @@ impl Reservation {
             return;
         }
         let now = self.clock.now();
+        if let (Some(charges), Some(cost)) = (&self.charges, cost) {
+            charges.count(cost, self.estimate);
+        }
         {
             let mut st = self.cell.lock();
             match cost {

@@ -363,6 +363,7 @@ impl Metered<'_> {
                 retry_after_ms = r.retry_after.as_millis() as u64, "running time not available");
             RuntimeRefusal::Rejected(r)
         })?;
+        reserved.count_in(self.metrics.charges.clone());
         // Then in the ledger the replicas share, if there is one. Its
         // deadline covers the wait for the call slot still to come (at most
         // what is left of max_wait: the query is already read), then the
@@ -386,18 +387,15 @@ impl Metered<'_> {
             reservation.charge(cost);
             return response;
         }
-        let report = meter::Report {
-            charged: self.metrics.charged.clone(),
-            overrun: self.metrics.overrun.clone(),
-            overruns: self.metrics.overruns.clone(),
-            truncated: self.metrics.truncated.clone(),
-            unmetered: self.metrics.unmetered.clone(),
-            max_rows: config.hunting.max_rows,
-            policy: self.policy.name.clone(),
-            tenant: self.tenant.clone(),
-        };
         match self.upstream.kind {
             ApiKind::Defender => {
+                let report = meter::Report {
+                    truncated: self.metrics.truncated.clone(),
+                    unmetered: self.metrics.unmetered.clone(),
+                    max_rows: config.hunting.max_rows,
+                    policy: self.policy.name.clone(),
+                    tenant: self.tenant.clone(),
+                };
                 // The body's own deadline: the total timeout from the send
                 // (before the shared ledger's deadline for this query).
                 let left = self.policy.timeouts.total.saturating_sub(reservation.wall_time());
@@ -412,7 +410,7 @@ impl Metered<'_> {
                 )
                 .await
             }
-            ApiKind::Graph => meter::graph(response, reservation, &report),
+            ApiKind::Graph => meter::graph(response, reservation),
         }
     }
 

@@ -36,7 +36,7 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
-use prometheus::{Counter, IntCounter};
+use prometheus::IntCounter;
 
 use super::stats::{Scanner, Stats};
 use crate::admission::runtime::Reservation;
@@ -52,12 +52,6 @@ pub const TRUNCATED: HeaderName = HeaderName::from_static("x-quotagate-truncated
 /// Where a query's metered cost is reported.
 #[derive(Clone)]
 pub struct Report {
-    /// Seconds of running time charged from `Stats` or wall time.
-    pub charged: Counter,
-    /// Metered seconds beyond the queries' reservations.
-    pub overrun: Counter,
-    /// Queries metered at more than they reserved.
-    pub overruns: IntCounter,
     /// Results at the row cap.
     pub truncated: IntCounter,
     /// Responses whose cost could not be read (charged conservatively).
@@ -73,24 +67,13 @@ impl Report {
         let Some(cost) = stats.execution_time.and_then(|s| Duration::try_from_secs_f64(s).ok()) else {
             return Some(reservation);
         };
-        self.metered(reservation, cost);
+        reservation.settle(cost);
         if self.truncated(stats) {
             self.truncated.inc();
             tracing::warn!(policy = %self.policy, tenant = %self.tenant, rows = stats.rows,
                 max_rows = self.max_rows, "hunting result reached the row cap: it is probably truncated");
         }
         None
-    }
-
-    /// Settle `reservation` at its metered `cost`, and count what went
-    /// beyond its estimate.
-    fn metered(&self, reservation: Reservation, cost: Duration) {
-        self.charged.inc_by(cost.as_secs_f64());
-        let over = reservation.settle(cost);
-        if !over.is_zero() {
-            self.overrun.inc_by(over.as_secs_f64());
-            self.overruns.inc();
-        }
     }
 
     fn truncated(&self, stats: &Stats) -> bool {
@@ -228,12 +211,12 @@ pub async fn defender(
 }
 
 /// Meter a Graph hunting response: the wall time until its headers.
-pub fn graph(mut response: Response, reservation: Reservation, report: &Report) -> Response {
+pub fn graph(mut response: Response, reservation: Reservation) -> Response {
     let cost = reservation.wall_time();
     let value =
         HeaderValue::from_str(&format!("{:.3}", cost.as_secs_f64())).expect("a float is a valid value");
     response.headers_mut().insert(EXECUTION_TIME, value);
-    report.metered(reservation, cost);
+    reservation.settle(cost);
     response
 }
 
