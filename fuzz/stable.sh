@@ -15,62 +15,73 @@
 # coverage it keeps when its least exceeds the most of the one before.
 # docs/fuzzing.md says how a session's plateau is judged from it.
 set -euo pipefail
-cd "$(dirname "$0")"
 
 target="${1:?usage: fuzz/stable.sh <target> <times> <corpus>...}"
 times="${2:?usage: fuzz/stable.sh <target> <times> <corpus>...}"
 shift 2
 (($# > 0)) || { echo "usage: fuzz/stable.sh <target> <times> <corpus>..." >&2; exit 2; }
+# Paths are the caller's: made absolute before moving into fuzz/.
+corpora=()
+for corpus in "$@"; do
+  case "$corpus" in
+    git:*) corpora+=("$corpus") ;;
+    *)
+      path="$(realpath -e -- "$corpus")" || { echo "no such corpus: $corpus" >&2; exit 2; }
+      corpora+=("$path") ;;
+  esac
+done
+cd "$(dirname "$0")"
 [[ -f "fuzz_targets/$target.rs" ]] || { echo "no fuzz target $target" >&2; exit 2; }
 [[ "$times" =~ ^[1-9][0-9]*$ ]] || { echo "times must be a positive whole number, not '$times'" >&2; exit 2; }
 
 host="$(rustc -vV | sed -n 's/^host: //p')"
 bin="${CARGO_TARGET_DIR:-target}/$host/release/$target"
 args=()
-if [[ "$target" == http ]]; then
-  # As fuzz/session.sh runs it.
-  export QG_FUZZ_HTTP_DEADLINE_S=300
-  args+=(-timeout=600)
-fi
+# As fuzz/session.sh runs it.
+[[ "$target" == http ]] && args+=(-timeout=600)
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 RUSTC_BOOTSTRAP=1 cargo fuzz build -s none "$target" >"$work/build.log" 2>&1 || { cat "$work/build.log" >&2; exit 1; }
 
-# The inputs of corpus $1, in a directory of their own: its path on stdout.
+# The inputs of corpus $1, in a directory of their own: its path on
+# stdout. Called in a command substitution, where errexit is off, so each
+# step's failure is returned.
 inputs() {
   local corpus="$1" dir
-  dir="$(mktemp -d "$work/corpus.XXXXXX")"
+  dir="$(mktemp -d "$work/corpus.XXXXXX")" || return 1
   case "$corpus" in
     git:*)
-      git show "${corpus#git:}:fuzz/grown/$target.tar.gz" | tar -xz -C "$dir" ;;
+      git show "${corpus#git:}:fuzz/grown/$target.tar.gz" | tar -xz -C "$dir" || return 1 ;;
     *.tar.gz)
-      tar -xzf "$corpus" -C "$dir" ;;
+      tar -xzf "$corpus" -C "$dir" || return 1 ;;
     *)
-      [[ -d "$corpus" ]] || { echo "no such corpus: $corpus" >&2; exit 2; }
-      cp -r "$corpus/." "$dir" ;;
+      [[ -d "$corpus" ]] && cp -r "$corpus/." "$dir" || return 1 ;;
   esac
   echo "$dir"
 }
 
-# "cov ft" of one replay of directory $1 with the seeds.
+# "cov ft" of one replay of directory $1 with the seeds; fails when
+# libFuzzer printed no INITED line (a crash, say).
 replay() {
-  local out
+  local out status=0
   out="$(mktemp -d "$work/out.XXXXXX")"
   "$bin" "${args[@]}" -runs=0 "$out" "$1" "corpus/$target" 2>&1 |
     awk '/INITED/ { for (i = 1; i <= NF; i++) { if ($i == "cov:") c = $(i + 1); if ($i == "ft:") f = $(i + 1) } }
-         END { if (c == "") exit 1; print c, f }'
+         END { if (c == "") exit 1; print c, f }' || status=$?
   rm -rf "$out"
+  return "$status"
 }
 
-# The least, median and most of the numbers on stdin.
+# The least, median (the lower middle one of an even count) and most of
+# the numbers on stdin.
 spread() {
   sort -n | awk '{ v[NR] = $1 } END { printf "%d / %d / %d", v[1], v[int((NR + 1) / 2)], v[NR] }'
 }
 
 printf '| Corpus | Inputs | `cov` least / median / most | `ft` least / median / most |\n|---|---:|---:|---:|\n'
-for corpus in "$@"; do
-  dir="$(inputs "$corpus")"
+for corpus in "${corpora[@]}"; do
+  dir="$(inputs "$corpus")" || { echo "cannot read corpus $corpus" >&2; exit 2; }
   results="$work/results"
   : >"$results"
   for _ in $(seq "$times"); do

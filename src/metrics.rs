@@ -694,4 +694,17 @@ mod tests {
         assert!(text.contains("quotagate_build_info{version="), "{text}");
         assert_eq!(text.matches("# TYPE quotagate_requests_total counter").count(), 1);
     }
+
+    #[test]
+    fn a_charge_beyond_its_estimate_counts_as_an_overrun() {
+        let m = Metrics::new(1);
+        let p = m.policy(0, "hunting");
+        p.charges.count(Duration::from_secs(9), Duration::from_secs(2));
+        p.charges.count(Duration::from_millis(500), Duration::from_secs(2));
+        p.charges.count(Duration::from_secs(2), Duration::from_secs(2));
+        let text = m.render(&[], &[], 10);
+        assert!(text.contains("quotagate_hunting_charged_seconds_total{policy=\"hunting\"} 11.5"), "{text}");
+        assert!(text.contains("quotagate_hunting_overruns_total{policy=\"hunting\"} 1"), "{text}");
+        assert!(text.contains("quotagate_hunting_overrun_seconds_total{policy=\"hunting\"} 7"), "{text}");
+    }
 }

@@ -76,14 +76,9 @@ const HOSTS: [&str; 3] =
 /// The SHA-256 of the keyed client's API key, `fuzz-key`.
 const KEY_SHA256: &str = "231e9b2f757db8d48ecd0711b60135e1cc57a3a807be9dc12638856f17a7872c";
 /// Longest a connection may take to be answered and closed, on the
-/// runtime's paused clock: 10 s, or `QG_FUZZ_HTTP_DEADLINE_S` seconds.
-fn deadline() -> Duration {
-    static DEADLINE: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
-    *DEADLINE.get_or_init(|| {
-        let secs = std::env::var("QG_FUZZ_HTTP_DEADLINE_S").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
-        Duration::from_secs(secs)
-    })
-}
+/// runtime's paused clock (which stands still while the process is paused
+/// or starved, so only the gateway's own timers count against it).
+const DEADLINE: Duration = Duration::from_secs(10);
 /// Response bytes read at most; the rest is left unread.
 const READ_CAP: usize = 1 << 20;
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -121,8 +116,11 @@ fn env() -> &'static Env {
             }
             previous(info)
         }));
-        let runtime =
-            tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().expect("runtime");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .expect("runtime");
         let decoy = TcpListener::bind("127.0.0.1:0").expect("decoy");
         decoy.set_nonblocking(true).expect("non-blocking decoy");
         let decoy_addr = decoy.local_addr().expect("decoy address");
@@ -312,9 +310,9 @@ async fn exchange(env: &Env, mode: u8, input: &[u8]) -> (Vec<u8>, Vec<super::emu
         }
         out
     };
-    let ((), (), out) = tokio::time::timeout(deadline(), async { tokio::join!(serve, write, read) })
+    let ((), (), out) = tokio::time::timeout(DEADLINE, async { tokio::join!(serve, write, read) })
         .await
-        .unwrap_or_else(|_| panic!("the connection was not answered and closed within {:?}", deadline()));
+        .unwrap_or_else(|_| panic!("the connection was not answered and closed within {DEADLINE:?}"));
     (out, emulator.requests())
 }
 

@@ -582,11 +582,9 @@ impl Reservation {
         Duration::from_nanos(end.saturating_sub(self.sent.unwrap_or(end)))
     }
 
-    /// Replace the estimate by the metered cost, and learn from it. Returns
-    /// how far the cost went beyond the estimate (zero when it did not).
-    pub fn settle(mut self, cost: Duration) -> Duration {
+    /// Replace the estimate by the metered cost, and learn from it.
+    pub fn settle(mut self, cost: Duration) {
         self.finish(Some(cost), true);
-        cost.saturating_sub(self.estimate)
     }
 
     /// Charge a cost that was not metered (no `Stats`, an error answer):
@@ -691,8 +689,7 @@ mod tests {
         r.sent();
         tokio::time::advance(Duration::from_secs(9)).await;
         r.answered();
-        // 7 s beyond the 2 s it reserved.
-        assert_eq!(r.settle(Duration::from_secs(9)), Duration::from_secs(7));
+        r.settle(Duration::from_secs(9));
         // 9 s charged; the learnt estimate is now 9 s: it fits when the charge leaves the window.
         let no = l.reserve(&key("t"), &d, &gauge()).await.unwrap_err();
         assert_eq!(no.reason, Reason::NoSlot);
