@@ -8,8 +8,13 @@
 # (fuzz/corpus/<target>), grows it in /tmp/qg-corpus/<target>, and at the
 # end prints libFuzzer's counts and the plateau criterion of
 # docs/fuzzing.md: no new edge over the last half of the session's runs,
-# nor for at least 20 minutes. It exits with libFuzzer's status (non-zero
-# when it found a crash or a failed property). `--save` afterwards merges
+# nor for at least 20 minutes. It keeps a copy of the corpus as it stood
+# at half the session (/tmp/qg-corpus/<target>.half), and replays that and
+# the end's corpus $REPLAYS times each (5 by default; 0 skips it) with
+# fuzz/stable.sh, for the stable criterion: whether the last half found
+# coverage that a replay reaches reliably, not only edges that come and go.
+# It exits with libFuzzer's status (non-zero when it found a crash or a
+# failed property). `--save` afterwards merges
 # what it grew, with what the archive already holds, into
 # fuzz/grown/<target>.tar.gz, for the next session:
 #
@@ -32,10 +37,12 @@ host="$(rustc -vV | sed -n 's/^host: //p')"
 bin="${CARGO_TARGET_DIR:-target}/$host/release/$target"
 log="/tmp/qg-fuzz-$target.log"
 args=(-artifact_prefix="artifacts/$target/" -dict="dict/$target.dict")
+replays="${REPLAYS:-5}"
+[[ "$replays" =~ ^[0-9]+$ ]] || { echo "REPLAYS must be a whole number, not '$replays'" >&2; exit 2; }
 if [[ "$target" == http ]]; then
-  # A paused or starved machine must not fail an input that replays in
-  # milliseconds: the check's own deadline and libFuzzer's are lengthened.
-  export QG_FUZZ_HTTP_DEADLINE_S=300
+  # A paused or starved machine must not make a slow unit of an input that
+  # replays in milliseconds (the check's own deadline is on its paused
+  # clock, which stands still then).
   args+=(-timeout=600)
 fi
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
@@ -67,14 +74,17 @@ fi
 
 mkdir -p "$grown"
 [[ -f "grown/$target.tar.gz" ]] && tar -xzf "grown/$target.tar.gz" -C "$grown"
+half="$grown.half"
+rm -rf "$half"
 stamp="$(mktemp)"
 fuzzer=
+snapshot=
 # The fuzzer runs in a session of its own (below), out of reach of the
 # terminal's Ctrl-C: this script passes SIGINT and SIGTERM on, so
 # libFuzzer stops as it would in the foreground and the summary still
 # prints; and the fuzzer gets SIGTERM should this script die.
 trap '[[ -n $fuzzer ]] && kill -INT "$fuzzer" 2>/dev/null' INT TERM
-trap '[[ -n $fuzzer ]] && kill "$fuzzer" 2>/dev/null; rm -f "$stamp"' EXIT
+trap '[[ -n $fuzzer ]] && kill "$fuzzer" 2>/dev/null; [[ -n $snapshot ]] && kill "$snapshot" 2>/dev/null; rm -f "$stamp"' EXIT
 started=$(date +%s)
 status=0
 # In a session of its own, so that its low priority holds against other
@@ -102,6 +112,15 @@ if [[ -e /proc/$fuzzer/autogroup ]]; then
   done
   ((lowered)) || echo "warning: could not lower the fuzzer's scheduling group; it competes with other work at full weight" >&2
 fi
+# The corpus at half the session, for the stable criterion (written beside
+# it, then renamed: never half a copy).
+(
+  sleep $((seconds / 2))
+  # An input libFuzzer replaces while this copies is skipped (cp says so).
+  cp -r "$grown" "$half.part" 2>/dev/null || true
+  mv "$half.part" "$half"
+) &
+snapshot=$!
 # A wait a passed-on signal interrupts is waited again, for the real status.
 while kill -0 "$fuzzer" 2>/dev/null; do
   status=0
@@ -109,6 +128,10 @@ while kill -0 "$fuzzer" 2>/dev/null; do
 done
 fuzzer=
 ended=$(date +%s)
+kill "$snapshot" 2>/dev/null || true
+wait "$snapshot" 2>/dev/null || true
+snapshot=
+rm -rf "$half.part"
 
 # libFuzzer's status lines: "#RUNS <event> cov: C ft: F ...".
 awk -v secs=$((ended - started)) -v status="$status" -v logfile="$log" '
@@ -127,4 +150,19 @@ awk -v secs=$((ended - started)) -v status="$status" -v logfile="$log" '
     print "log: " logfile
   }' "$log"
 find "artifacts/$target" -type f -newer "$stamp" | sed 's/^/artifact: /'
+
+# The stable criterion: the corpus at half the session against the end's,
+# each replayed $replays times by the same build.
+if ((status == 0 && replays > 0)) && [[ -d "$half" ]]; then
+  table="$(./stable.sh "$target" "$replays" "$half" "$grown")" || { echo "stable.sh failed" >&2; exit 1; }
+  echo "$table"
+  # Rows 3 and 4: half, end; column 4 is "least / median / most" of cov.
+  echo "$table" | awk -F'|' 'NR == 3 { split($4, h, " / ") } NR == 4 { split($4, e, " / ") }
+    END {
+      if (e[2] + 0 <= h[3] + 0) printf "stable criterion met: the end corpus replays to a median of %d edges, within the half-way corpus'\''s %d-%d\n", e[2], h[1], h[3]
+      else printf "stable criterion not met: the end corpus replays to a median of %d edges, %+d over the most the half-way corpus reached (%d)\n", e[2], e[2] - h[3], h[3]
+    }'
+elif ((status == 0 && replays > 0)); then
+  echo "no half-way corpus (the session ended early): stable criterion not checked"
+fi
 exit "$status"

@@ -13,7 +13,8 @@
 //!   the Graph envelope, which never names the wait;
 //! - lets a test play another consumer of the same budget ([`Emulator::spend`]);
 //! - answers canned success bodies (hunting, incidents, `{"value":[]}`) and offers test
-//!   endpoints under `/api/test/` (and `/v1.0/test/`): `status/{code}`, `flaky/{code}/{n}`,
+//!   endpoints under `/api/test/` (and `/v1.0/test/`): `status/{code}`, `flaky/{code}/{n}`
+//!   (the answers these two make up carry `x-emulator-status: {code}`),
 //!   `bytes/{n}` (n at most [`super::hunt::MAX_BYTES`]), `gzip`,
 //!   `echo`, `slow/{ms}`; any request carrying [`DELAY_HEADER`] (`x-emulator-delay-ms: N`) is
 //!   answered N ms late (the metering decision still falls on arrival);
@@ -800,7 +801,8 @@ fn flaky(route: &Route, fails: bool, graph: bool, uri: &http::Uri) -> Response {
     } else {
         json!({"error": {"code": status.to_string(), "message": message, "target": "flaky"}})
     };
-    let response = json_response(status, body);
+    // Marked as made up by a test endpoint, as `status/{code}`'s answers are.
+    let response = with_header(json_response(status, body), "x-emulator-status", &status.to_string());
     match param("retry_after") {
         Some(s) => with_header(response, "retry-after", &s),
         None => response,
