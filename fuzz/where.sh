@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Where a corpus's coverage lies, and where a later corpus gained over an
+# earlier one: covered edges summed by origin (the gateway's src/, the
+# checks and emulator, the TOML parser, other crates, the standard
+# library), and the gateway's functions whose covered edges changed.
+#
+#   fuzz/where.sh <target> <before> <after>
+#
+# <before> and <after> are corpora as fuzz/stable.sh takes them (a
+# directory, an archive, or git:<rev>); the seeds are replayed with each.
+# libFuzzer names covered functions only with a sanitizer's runtime, so
+# this builds the target with AddressSanitizer in its own target directory
+# (/tmp/qg-fuzz-asan, or $ASAN_TARGET_DIR) and needs llvm-symbolizer. Its
+# edge counts are the instrumented build's, higher than a session's `cov`.
+# An edge that comes and goes between replays (see fuzz/stable.sh) shows up
+# here as a change too: compare a corpus with itself to see how much.
+set -euo pipefail
+
+target="${1:?usage: fuzz/where.sh <target> <before> <after>}"
+(($# == 3)) || { echo "usage: fuzz/where.sh <target> <before> <after>" >&2; exit 2; }
+corpora=()
+for corpus in "$2" "$3"; do
+  case "$corpus" in
+    git:*) corpora+=("$corpus") ;;
+    *)
+      path="$(realpath -e -- "$corpus")" || { echo "no such corpus: $corpus" >&2; exit 2; }
+      corpora+=("$path") ;;
+  esac
+done
+cd "$(dirname "$0")"
+[[ -f "fuzz_targets/$target.rs" ]] || { echo "no fuzz target $target" >&2; exit 2; }
+command -v llvm-symbolizer >/dev/null || { echo "llvm-symbolizer is needed (apt-get install llvm)" >&2; exit 2; }
+
+host="$(rustc -vV | sed -n 's/^host: //p')"
+dir="${ASAN_TARGET_DIR:-/tmp/qg-fuzz-asan}"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+CARGO_TARGET_DIR="$dir" RUSTC_BOOTSTRAP=1 cargo fuzz build -s address "$target" >"$work/build.log" 2>&1 ||
+  { cat "$work/build.log" >&2; exit 1; }
+args=()
+[[ "$target" == http ]] && args+=(-timeout=600)
+
+# "<edges> <function> <file>" for every covered function of corpus $1.
+covered() {
+  local corpus="$1" inputs out
+  inputs="$(mktemp -d "$work/in.XXXXXX")" out="$(mktemp -d "$work/out.XXXXXX")"
+  case "$corpus" in
+    git:*) git show "${corpus#git:}:fuzz/grown/$target.tar.gz" | tar -xz -C "$inputs" || return 1 ;;
+    *.tar.gz) tar -xzf "$corpus" -C "$inputs" || return 1 ;;
+    *) cp -r "$corpus/." "$inputs" || return 1 ;;
+  esac
+  ASAN_OPTIONS=detect_leaks=0 "$dir/$host/release/$target" "${args[@]}" -runs=0 -print_coverage=1 \
+    "$out" "$inputs" "corpus/$target" 2>&1 |
+    awk '/^COVERED_FUNC:/ { split($5, e, "/"); name = $6; for (i = 7; i < NF; i++) name = name " " $i; print e[1], name, $NF }'
+}
+
+covered "${corpora[0]}" >"$work/before" || { echo "cannot replay ${corpora[0]}" >&2; exit 1; }
+covered "${corpora[1]}" >"$work/after" || { echo "cannot replay ${corpora[1]}" >&2; exit 1; }
+
+origin='function origin(path) {
+  if (path ~ /checks\/[a-z_]+\.rs$|tests\/support\//) return "fuzz checks, emulator"
+  if (path ~ /\/src\// && path !~ /registry|^\/rustc\//) return "gateway src/"
+  if (path ~ /registry\/src\/[^\/]*\/(toml|winnow|serde_spanned)/) return "TOML parser crates"
+  if (path ~ /registry\//) return "other crates"
+  if (path ~ /^\/rustc\//) return "std, core, alloc"
+  return "other"
+}'
+printf '| Origin | Edges before | Edges after | Change |\n|---|---:|---:|---:|\n'
+awk "$origin"'
+  FNR == 1 { f++ }
+  { g = origin($NF); if (f == 1) b[g] += $1; else a[g] += $1; seen[g] = 1 }
+  END { for (g in seen) { tb += b[g]; ta += a[g]; printf "| %s | %d | %d | %+d |\n", g, b[g], a[g], a[g] - b[g] | "sort" }
+        close("sort"); printf "| all | %d | %d | %+d |\n", tb, ta, ta - tb }' "$work/before" "$work/after"
+echo
+echo "The gateway's functions whose covered edges changed:"
+awk "$origin"'
+  FNR == 1 { f++ }
+  origin($NF) == "gateway src/" { key = $0; sub(/^[0-9]+ /, "", key); if (f == 1) b[key] = $1; else a[key] = $1; seen[key] = 1 }
+  END { for (k in seen) if (a[k] != b[k]) printf "%+d\t%s\n", a[k] - b[k], k }' "$work/before" "$work/after" |
+  sort -t$'\t' -k1,1gr | sed 's/^/  /'
