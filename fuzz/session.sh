@@ -38,7 +38,7 @@ bin="${CARGO_TARGET_DIR:-target}/$host/release/$target"
 log="/tmp/qg-fuzz-$target.log"
 args=(-artifact_prefix="artifacts/$target/" -dict="dict/$target.dict")
 replays="${REPLAYS:-5}"
-[[ "$replays" =~ ^[0-9]+$ ]] || { echo "REPLAYS must be a whole number, not '$replays'" >&2; exit 2; }
+[[ "$replays" =~ ^(0|[1-9][0-9]*)$ ]] || { echo "REPLAYS must be a whole number, not '$replays'" >&2; exit 2; }
 if [[ "$target" == http ]]; then
   # A paused or starved machine must not make a slow unit of an input that
   # replays in milliseconds (the check's own deadline is on its paused
@@ -112,13 +112,26 @@ if [[ -e /proc/$fuzzer/autogroup ]]; then
   done
   ((lowered)) || echo "warning: could not lower the fuzzer's scheduling group; it competes with other work at full weight" >&2
 fi
-# The corpus at half the session, for the stable criterion (written beside
-# it, then renamed: never half a copy).
+# The corpus at half the session, for the stable criterion. Hard links:
+# made in milliseconds, and an input libFuzzer replaces meanwhile keeps its
+# content. Written beside it, then renamed: never half a copy. Stopped
+# while it sleeps (its sleep with it), never while it copies.
 (
-  sleep $((seconds / 2))
-  # An input libFuzzer replaces while this copies is skipped (cp says so).
-  cp -r "$grown" "$half.part" 2>/dev/null || true
-  mv "$half.part" "$half"
+  trap 'kill "$nap" 2>/dev/null; exit 143' TERM
+  sleep $((seconds / 2)) &
+  nap=$!
+  wait "$nap"
+  trap '' TERM
+  # One retry: an input removed between listing and linking fails a copy.
+  for _ in 1 2; do
+    rm -rf "$half.part"
+    if cp -al "$grown" "$half.part" 2>/dev/null; then
+      mv -T "$half.part" "$half"
+      exit 0
+    fi
+  done
+  rm -rf "$half.part"
+  echo "warning: could not keep the half-way corpus; the stable criterion will not be checked" >&2
 ) &
 snapshot=$!
 # A wait a passed-on signal interrupts is waited again, for the real status.
@@ -128,10 +141,11 @@ while kill -0 "$fuzzer" 2>/dev/null; do
 done
 fuzzer=
 ended=$(date +%s)
+# From here on a signal stops this script, the replays below included.
+trap - INT TERM
 kill "$snapshot" 2>/dev/null || true
 wait "$snapshot" 2>/dev/null || true
 snapshot=
-rm -rf "$half.part"
 
 # libFuzzer's status lines: "#RUNS <event> cov: C ft: F ...".
 awk -v secs=$((ended - started)) -v status="$status" -v logfile="$log" '
@@ -159,7 +173,7 @@ if ((status == 0 && replays > 0)) && [[ -d "$half" ]]; then
   # Rows 3 and 4: half, end; column 4 is "least / median / most" of cov.
   echo "$table" | awk -F'|' 'NR == 3 { split($4, h, " / ") } NR == 4 { split($4, e, " / ") }
     END {
-      if (e[2] + 0 <= h[3] + 0) printf "stable criterion met: the end corpus replays to a median of %d edges, within the half-way corpus'\''s %d-%d\n", e[2], h[1], h[3]
+      if (e[2] + 0 <= h[3] + 0) printf "stable criterion met: the end corpus replays to a median of %d edges, no more than the most the half-way corpus reached (%d-%d)\n", e[2], h[1], h[3]
       else printf "stable criterion not met: the end corpus replays to a median of %d edges, %+d over the most the half-way corpus reached (%d)\n", e[2], e[2] - h[3], h[3]
     }'
 elif ((status == 0 && replays > 0)); then

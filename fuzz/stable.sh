@@ -66,7 +66,7 @@ inputs() {
 replay() {
   local out status=0
   out="$(mktemp -d "$work/out.XXXXXX")"
-  "$bin" "${args[@]}" -runs=0 "$out" "$1" "corpus/$target" 2>&1 |
+  "$bin" "${args[@]}" -artifact_prefix="$work/" -runs=0 "$out" "$1" "corpus/$target" 2>&1 |
     awk '/INITED/ { for (i = 1; i <= NF; i++) { if ($i == "cov:") c = $(i + 1); if ($i == "ft:") f = $(i + 1) } }
          END { if (c == "") exit 1; print c, f }' || status=$?
   rm -rf "$out"

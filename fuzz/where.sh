@@ -50,32 +50,39 @@ covered() {
     *.tar.gz) tar -xzf "$corpus" -C "$inputs" || return 1 ;;
     *) cp -r "$corpus/." "$inputs" || return 1 ;;
   esac
-  ASAN_OPTIONS=detect_leaks=0 "$dir/$host/release/$target" "${args[@]}" -runs=0 -print_coverage=1 \
+  ASAN_OPTIONS=detect_leaks=0 "$dir/$host/release/$target" "${args[@]}" -artifact_prefix="$work/" -runs=0 -print_coverage=1 \
     "$out" "$inputs" "corpus/$target" 2>&1 |
     awk '/^COVERED_FUNC:/ { split($5, e, "/"); name = $6; for (i = 7; i < NF; i++) name = name " " $i; print e[1], name, $NF }'
 }
 
-covered "${corpora[0]}" >"$work/before" || { echo "cannot replay ${corpora[0]}" >&2; exit 1; }
-covered "${corpora[1]}" >"$work/after" || { echo "cannot replay ${corpora[1]}" >&2; exit 1; }
+for i in 0 1; do
+  file="$work/$([[ $i == 0 ]] && echo before || echo after)"
+  covered "${corpora[$i]}" >"$file" || { echo "cannot replay ${corpora[$i]}" >&2; exit 1; }
+  [[ -s "$file" ]] || { echo "no covered function replaying ${corpora[$i]} (is llvm-symbolizer working?)" >&2; exit 1; }
+done
 
+# The origin of a "file:line": the repository's src/ (absolute paths in
+# the debug info), the checks and emulator (relative to fuzz/), crates from
+# the registry, or the standard library (/rustc/<hash>/library, and the
+# crates it vendors under /rust/deps).
+root="$(cd .. && pwd)"
 origin='function origin(path) {
-  if (path ~ /checks\/[a-z_]+\.rs$|tests\/support\//) return "fuzz checks, emulator"
-  if (path ~ /\/src\// && path !~ /registry|^\/rustc\//) return "gateway src/"
+  sub(/:[0-9]+$/, "", path)
+  if (index(path, root "/src/") == 1) return "gateway src/"
+  if (path ~ /(^|\/)checks\/[a-z_]+\.rs$|tests\/support\//) return "fuzz checks, emulator"
   if (path ~ /registry\/src\/[^\/]*\/(toml|winnow|serde_spanned)/) return "TOML parser crates"
   if (path ~ /registry\//) return "other crates"
-  if (path ~ /^\/rustc\//) return "std, core, alloc"
+  if (path ~ /^\/rustc\/|^\/rust\/deps\//) return "std, core, alloc"
   return "other"
 }'
 printf '| Origin | Edges before | Edges after | Change |\n|---|---:|---:|---:|\n'
-awk "$origin"'
-  FNR == 1 { f++ }
-  { g = origin($NF); if (f == 1) b[g] += $1; else a[g] += $1; seen[g] = 1 }
+awk -v root="$root" "$origin"'
+  { g = origin($NF); if (FILENAME == ARGV[1]) b[g] += $1; else a[g] += $1; seen[g] = 1 }
   END { for (g in seen) { tb += b[g]; ta += a[g]; printf "| %s | %d | %d | %+d |\n", g, b[g], a[g], a[g] - b[g] | "sort" }
         close("sort"); printf "| all | %d | %d | %+d |\n", tb, ta, ta - tb }' "$work/before" "$work/after"
 echo
 echo "The gateway's functions whose covered edges changed:"
-awk "$origin"'
-  FNR == 1 { f++ }
-  origin($NF) == "gateway src/" { key = $0; sub(/^[0-9]+ /, "", key); if (f == 1) b[key] = $1; else a[key] = $1; seen[key] = 1 }
+awk -v root="$root" "$origin"'
+  origin($NF) == "gateway src/" { key = $0; sub(/^[0-9]+ /, "", key); if (FILENAME == ARGV[1]) b[key] += $1; else a[key] += $1; seen[key] = 1 }
   END { for (k in seen) if (a[k] != b[k]) printf "%+d\t%s\n", a[k] - b[k], k }' "$work/before" "$work/after" |
   sort -t$'\t' -k1,1gr | sed 's/^/  /'
