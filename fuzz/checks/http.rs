@@ -79,7 +79,7 @@ const KEY_SHA256: &str = "231e9b2f757db8d48ecd0711b60135e1cc57a3a807be9dc1263885
 /// runtime's paused clock (which stands still while the process is paused
 /// or starved, so only the gateway's own timers count against it).
 const DEADLINE: Duration = Duration::from_secs(10);
-/// Response bytes read at most; the rest is left unread.
+/// Response bytes kept at most; the rest is read and dropped.
 const READ_CAP: usize = 1 << 20;
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -301,11 +301,13 @@ async fn exchange(env: &Env, mode: u8, input: &[u8]) -> (Vec<u8>, Vec<super::emu
     };
     let read = async {
         let mut out = Vec::new();
-        let mut buf = [0u8; 16 * 1024];
-        while out.len() < READ_CAP {
+        let mut buf = [0u8; 64 * 1024];
+        loop {
             match reader.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
-                Ok(n) => out.extend_from_slice(&buf[..n]),
+                // Past READ_CAP the rest is read and dropped: a client that
+                // stopped reading would hold the connection open itself.
+                Ok(n) => out.extend_from_slice(&buf[..n.min(READ_CAP.saturating_sub(out.len()))]),
             }
         }
         out
