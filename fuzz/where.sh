@@ -2,7 +2,8 @@
 # Where a corpus's coverage lies, and where a later corpus gained over an
 # earlier one: covered edges summed by origin (the gateway's src/, the
 # checks and emulator, the TOML parser, other crates, the standard
-# library), and the gateway's functions whose covered edges changed.
+# library), the gateway's functions whose covered edges changed, and the
+# crates whose covered edges changed.
 #
 #   fuzz/where.sh <target> <before> <after>
 #
@@ -85,4 +86,13 @@ echo "The gateway's functions whose covered edges changed:"
 awk -v root="$root" "$origin"'
   origin($NF) == "gateway src/" { key = $0; sub(/^[0-9]+ /, "", key); if (FILENAME == ARGV[1]) b[key] += $1; else a[key] += $1; seen[key] = 1 }
   END { for (k in seen) if (a[k] != b[k]) printf "%+d\t%s\n", a[k] - b[k], k }' "$work/before" "$work/after" |
+  sort -t$'\t' -k1,1gr | sed 's/^/  /'
+echo
+echo "The crates whose covered edges changed:"
+awk '
+  match($NF, /registry\/src\/[^\/]*\/[^\/]+\//) {
+    c = substr($NF, RSTART, RLENGTH - 1); sub(/.*\//, "", c); sub(/-[0-9]+\.[0-9]+\.[0-9]+.*$/, "", c)
+    if (FILENAME == ARGV[1]) b[c] += $1; else a[c] += $1; seen[c] = 1
+  }
+  END { for (c in seen) if (a[c] != b[c]) printf "%+d\t%s\n", a[c] - b[c], c }' "$work/before" "$work/after" |
   sort -t$'\t' -k1,1gr | sed 's/^/  /'
