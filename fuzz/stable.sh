@@ -20,16 +20,10 @@ target="${1:?usage: fuzz/stable.sh <target> <times> <corpus>...}"
 times="${2:?usage: fuzz/stable.sh <target> <times> <corpus>...}"
 shift 2
 (($# > 0)) || { echo "usage: fuzz/stable.sh <target> <times> <corpus>..." >&2; exit 2; }
+# shellcheck source=fuzz/corpora.sh
+source "$(dirname "$0")/corpora.sh"
 # Paths are the caller's: made absolute before moving into fuzz/.
-corpora=()
-for corpus in "$@"; do
-  case "$corpus" in
-    git:*) corpora+=("$corpus") ;;
-    *)
-      path="$(realpath -e -- "$corpus")" || { echo "no such corpus: $corpus" >&2; exit 2; }
-      corpora+=("$path") ;;
-  esac
-done
+resolve_corpora "$@"
 cd "$(dirname "$0")"
 [[ -f "fuzz_targets/$target.rs" ]] || { echo "no fuzz target $target" >&2; exit 2; }
 [[ "$times" =~ ^[1-9][0-9]*$ ]] || { echo "times must be a positive whole number, not '$times'" >&2; exit 2; }
@@ -50,14 +44,7 @@ RUSTC_BOOTSTRAP=1 cargo fuzz build -s none "$target" >"$work/build.log" 2>&1 || 
 inputs() {
   local corpus="$1" dir
   dir="$(mktemp -d "$work/corpus.XXXXXX")" || return 1
-  case "$corpus" in
-    git:*)
-      git show "${corpus#git:}:fuzz/grown/$target.tar.gz" | tar -xz -C "$dir" || return 1 ;;
-    *.tar.gz)
-      tar -xzf "$corpus" -C "$dir" || return 1 ;;
-    *)
-      [[ -d "$corpus" ]] && cp -r "$corpus/." "$dir" || return 1 ;;
-  esac
+  extract_corpus "$target" "$corpus" "$dir" || return 1
   echo "$dir"
 }
 

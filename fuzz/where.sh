@@ -19,15 +19,9 @@ set -euo pipefail
 
 target="${1:?usage: fuzz/where.sh <target> <before> <after>}"
 (($# == 3)) || { echo "usage: fuzz/where.sh <target> <before> <after>" >&2; exit 2; }
-corpora=()
-for corpus in "$2" "$3"; do
-  case "$corpus" in
-    git:*) corpora+=("$corpus") ;;
-    *)
-      path="$(realpath -e -- "$corpus")" || { echo "no such corpus: $corpus" >&2; exit 2; }
-      corpora+=("$path") ;;
-  esac
-done
+# shellcheck source=fuzz/corpora.sh
+source "$(dirname "$0")/corpora.sh"
+resolve_corpora "$2" "$3"
 cd "$(dirname "$0")"
 [[ -f "fuzz_targets/$target.rs" ]] || { echo "no fuzz target $target" >&2; exit 2; }
 command -v llvm-symbolizer >/dev/null || { echo "llvm-symbolizer is needed (apt-get install llvm)" >&2; exit 2; }
@@ -46,11 +40,7 @@ args=()
 covered() {
   local corpus="$1" inputs out
   inputs="$(mktemp -d "$work/in.XXXXXX")" out="$(mktemp -d "$work/out.XXXXXX")"
-  case "$corpus" in
-    git:*) git show "${corpus#git:}:fuzz/grown/$target.tar.gz" | tar -xz -C "$inputs" || return 1 ;;
-    *.tar.gz) tar -xzf "$corpus" -C "$inputs" || return 1 ;;
-    *) cp -r "$corpus/." "$inputs" || return 1 ;;
-  esac
+  extract_corpus "$target" "$corpus" "$inputs" || return 1
   ASAN_OPTIONS=detect_leaks=0 "$dir/$host/release/$target" "${args[@]}" -artifact_prefix="$work/" -runs=0 -print_coverage=1 \
     "$out" "$inputs" "corpus/$target" 2>&1 |
     awk '/^COVERED_FUNC:/ { split($5, e, "/"); name = $6; for (i = 7; i < NF; i++) name = name " " $i; print e[1], name, $NF }'
