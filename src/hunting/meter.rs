@@ -49,7 +49,8 @@ pub const ROWS: HeaderName = HeaderName::from_static("x-quotagate-rows");
 /// Response header: `true` when the result reached the service's row cap.
 pub const TRUNCATED: HeaderName = HeaderName::from_static("x-quotagate-truncated");
 
-/// Where a query's metered cost is reported.
+/// What metering a Defender response reports beside the charge, which the
+/// reservation counts itself: results at the row cap, and costs unread.
 #[derive(Clone)]
 pub struct Report {
     /// Results at the row cap.
