@@ -2,8 +2,9 @@
 # Where a corpus's coverage lies, and where a later corpus gained over an
 # earlier one: covered edges summed by origin (the gateway's src/, the
 # checks and emulator, the TOML parser, other crates, the standard
-# library), the gateway's functions whose covered edges changed, and the
-# crates whose covered edges changed.
+# library), the gateway's functions whose covered edges changed, the
+# crates whose covered edges changed, and the gateway's source lines where
+# a function covered both times took new edges.
 #
 #   fuzz/where.sh <target> <before> <after>
 #
@@ -36,19 +37,26 @@ CARGO_TARGET_DIR="$dir" RUSTC_BOOTSTRAP=1 cargo fuzz build -s address "$target" 
 args=()
 [[ "$target" == http ]] && args+=(-timeout=600)
 
-# "<edges> <function> <file>" for every covered function of corpus $1.
-covered() {
+# libFuzzer's coverage listing for corpus $1: a COVERED_FUNC line for
+# every covered function, and an UNCOVERED_PC line ("file:line") for every
+# edge a covered function has not taken.
+coverage() {
   local corpus="$1" inputs out
   inputs="$(mktemp -d "$work/in.XXXXXX")" out="$(mktemp -d "$work/out.XXXXXX")"
   extract_corpus "$target" "$corpus" "$inputs" || return 1
   ASAN_OPTIONS=detect_leaks=0 "$dir/$host/release/$target" "${args[@]}" -artifact_prefix="$work/" -runs=0 -print_coverage=1 \
-    "$out" "$inputs" "corpus/$target" 2>&1 |
-    awk '/^COVERED_FUNC:/ { split($5, e, "/"); name = $6; for (i = 7; i < NF; i++) name = name " " $i; print e[1], name, $NF }'
+    "$out" "$inputs" "corpus/$target" 2>&1 | grep -E '^ *(COVERED_FUNC|UNCOVERED_PC):'
+}
+
+# "<edges> <function> <file>" for every covered function of listing $1.
+covered() {
+  awk '/^COVERED_FUNC:/ { split($5, e, "/"); name = $6; for (i = 7; i < NF; i++) name = name " " $i; print e[1], name, $NF }' "$1"
 }
 
 for i in 0 1; do
   file="$work/$([[ $i == 0 ]] && echo before || echo after)"
-  covered "${corpora[$i]}" >"$file" || { echo "cannot replay ${corpora[$i]}" >&2; exit 1; }
+  coverage "${corpora[$i]}" >"$file.listing" || { echo "cannot replay ${corpora[$i]}" >&2; exit 1; }
+  covered "$file.listing" >"$file"
   [[ -s "$file" ]] || { echo "no covered function replaying ${corpora[$i]} (is llvm-symbolizer working?)" >&2; exit 1; }
 done
 
@@ -86,3 +94,11 @@ awk '
   }
   END { for (c in seen) if (a[c] != b[c]) printf "%+d\t%s\n", a[c] - b[c], c }' "$work/before" "$work/after" |
   sort -t$'\t' -k1,1gr | sed 's/^/  /'
+echo
+# An edge of a function covered both times is listed as an UNCOVERED_PC
+# before and not after: the lines it is on, with how many such edges each.
+echo "The gateway's source lines with edges newly taken in functions covered both times:"
+awk -v root="$root" '
+  /UNCOVERED_PC:/ && index($2, root "/src/") == 1 { line = substr($2, length(root) + 2); if (FILENAME == ARGV[1]) b[line]++; else a[line]++ }
+  END { for (l in b) if (b[l] > a[l]) printf "%+d\t%s\n", b[l] - a[l], l }' "$work/before.listing" "$work/after.listing" |
+  sort -t$'\t' -k2,2V | sed 's/^/  /'
