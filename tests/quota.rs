@@ -313,3 +313,36 @@ async fn a_call_whose_body_comes_slowly_is_counted_from_when_it_leaves() {
         "and went as soon as the window aged from the first's departure: {gap:?}"
     );
 }
+
+/// A body that comes slower than the window lasts: the call queued behind
+/// it went once the window had aged from the slow call's admission, so the
+/// slow call is admitted again once its body is in, behind that one, and
+/// the upstream never counts two calls in one window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_body_outlasts_the_window_is_admitted_again() {
+    let _one_at_a_time = support::timing_exclusive().await;
+    let emu = Emulator::start(incidents_upstream(1, SEC)).await;
+    let gw =
+        incidents_gateway(&emu, "5ms", "windows = [{ limit = 1, per = \"1s\" }]\nmax_wait = \"5s\"").await;
+    let slow = support::SlowPost::start(&gw.proxy.to_string(), "/api/incidents", &bearer("t", "a")).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (http, url, auth) = (client(), gw.url("/api/incidents"), bearer("t", "a"));
+    let next =
+        tokio::spawn(
+            async move { http.get(url).header("authorization", auth).send().await.unwrap().status() },
+        );
+    // The rest of the body 1.5 s after its head: the next call's slot came
+    // at 1 s from the slow call's admission.
+    tokio::time::sleep(Duration::from_millis(1_400)).await;
+    assert_eq!(next.await.unwrap(), 200, "the next call went when the window had aged");
+    let answer = slow.finish().await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(!answer.contains("x-quotagate-throttled-by: upstream"), "{answer}");
+
+    let seen = emu.requests();
+    assert_eq!(emu.throttled(), 0, "the upstream never counted two calls in one second");
+    assert_eq!(seen.len(), 2, "each call went once");
+    let gap = seen[1].at - seen[0].at;
+    assert!(gap >= SEC, "the slow call arrived {gap:?} after the next one");
+    assert_eq!(seen[1].body.len(), 10, "with its whole body");
+}

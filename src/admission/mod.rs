@@ -521,6 +521,21 @@ impl Limiter {
         late
     }
 
+    /// Whether the call of `admitted` has not left within the shortest of its
+    /// windows since its admission was decided. The windows' guarantee
+    /// (`crate::quota::window`) asks every call to leave within `W + g` of
+    /// its admission: an admission decided meanwhile sees the entry where it
+    /// was, and may have counted it as aged out. Such a call (its body came
+    /// slowly) must be [refunded](Self::refund) and admitted again; the
+    /// shortest window without the guard leaves room for a shared store's
+    /// clock to differ from this one by up to `g`.
+    pub fn outlived(&self, admitted: &Admitted) -> bool {
+        let shortest = admitted.usage.iter().map(|u| u.window.per).min();
+        shortest.is_some_and(|w| {
+            self.clock.now() >= admitted.decided.saturating_add(crate::quota::ledger::nanos(w))
+        })
+    }
+
     /// Apply a limit the upstream revealed (lower than configured) to `key`
     /// from now on. Returns whether it tightened anything.
     pub fn reveal(&self, key: &QuotaKey, policy: &Policy, window: Window) -> bool {

@@ -257,6 +257,26 @@ async fn draining_turns_away_at_once_only_the_waiters_whose_slot_comes_too_late(
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_call_that_has_not_left_within_its_shortest_window_has_outlived_its_admission() {
+    let limiter = Limiter::new(Duration::from_millis(50));
+    let mut p = policy(Mode::Queue, 10, Duration::from_secs(60), 10, Duration::from_secs(60));
+    Arc::get_mut(&mut p)
+        .unwrap()
+        .windows
+        .push(Window::new(NonZeroU32::new(1).unwrap(), Duration::from_secs(2)));
+    let g = gauge();
+    let admitted = limiter.acquire(&key("t"), &p, p.max_wait, &g).await.unwrap();
+    tokio::time::advance(Duration::from_millis(1_999)).await;
+    assert!(!limiter.outlived(&admitted), "within the 2 s window of its admission");
+    tokio::time::advance(Duration::from_millis(1)).await;
+    assert!(limiter.outlived(&admitted), "the shortest window, not the minute, bounds it");
+    // Refunded, it is admitted again at once: its own entry is gone.
+    limiter.refund(&key("t"), &admitted);
+    let again = limiter.acquire(&key("t"), &p, Duration::ZERO, &g).await.unwrap();
+    assert!(!limiter.outlived(&again));
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_call_released_late_is_aged_from_its_release() {
     let limiter = Arc::new(Limiter::new(Duration::ZERO));
     let p = policy(Mode::Queue, 1, Duration::from_secs(10), 10, Duration::from_secs(60));

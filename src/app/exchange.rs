@@ -116,7 +116,8 @@ impl Metered<'_> {
         // A small body is kept for a replay, a larger one streamed once. It is
         // read only once the call is admitted: a queued request's body waits
         // in its connection, not in the gateway's memory. The windows count
-        // the call from when it leaves (`Limiter::released`), after that read.
+        // the call from when it leaves (`Limiter::released`), after that read;
+        // a read that outlasts the shortest window admits the call again.
         let keep = keep_for_replay(&parts, &body, config.retry_body_bytes);
         let mut stream = Some(body);
         let mut replay: Option<bytes::Bytes> = None;
@@ -184,7 +185,8 @@ impl Metered<'_> {
                     retry_after: Duration::from_secs(1),
                 });
             }
-            if keep && replay.is_none() {
+            let read_now = keep && replay.is_none();
+            if read_now {
                 let body = stream.take().unwrap_or_default();
                 match Limited::new(body, limit(config.retry_body_bytes)).collect().await {
                     Ok(collected) => replay = Some(collected.to_bytes()),
@@ -196,6 +198,20 @@ impl Metered<'_> {
                         return self.fail(GatewayError::BadBody { detail: e.to_string() });
                     }
                 }
+            }
+            if read_now && gw.limiter.outlived(&admitted) {
+                // The body came so slowly that a call admitted meanwhile may
+                // have counted this one's slot as aged out: admit it again,
+                // its body kept, as if it had just arrived. Nothing was sent.
+                gw.limiter.refund(&self.key, &admitted);
+                gw.store.refunded(&self.key, &admitted);
+                if let Some(r) = reservation.take() {
+                    r.release();
+                }
+                tracing::debug!(policy = %self.policy.name, tenant = %self.tenant, client = self.client,
+                    "the body outlasted the admission's shortest window; admitting the call again");
+                attempt -= 1;
+                continue;
             }
             // A streamed body is sent once: only a kept one is ever retried.
             let body = replay.clone().map_or_else(|| stream.take().unwrap_or_default(), Body::from);

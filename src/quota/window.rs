@@ -28,8 +28,11 @@
 //! after it; the spacing above still holds as long as every call leaves
 //! within `W + g` of its admission (an admission decided meanwhile sees the
 //! entry at its admission time, which it could only have counted as free
-//! `W + g` after it). The Redis store moves its members the same way, and
-//! the state file its rows ([`crate::store::Store::released`]).
+//! `W + g` after it). A call that has not left within its shortest `W` is
+//! refunded and admitted again (`Limiter::outlived`), so every call that
+//! leaves does so within `W + g` of the admission it leaves under. The
+//! Redis store moves its members the same way, and the state file its rows
+//! ([`crate::store::Store::released`]).
 //!
 //! The bound is also tight: `next_free` is the earliest time at which one more
 //! admission keeps the property, so no capacity is left unused beyond the
