@@ -456,6 +456,42 @@ async fn a_concurrency_throttle_affects_only_its_request() {
     assert_eq!(gw.metric("quotagate_upstream_holds_total{policy=\"flaky\"}").await, 0.0);
 }
 
+/// A 429 whose body is too long to read is still a throttle: the status
+/// and `Retry-After` say how long to wait, the key is held, and the client
+/// gets a 429 it can read, not a 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_with_an_unreadable_body_still_holds_the_key() {
+    let emu = Emulator::start(EmulatorConfig::new()).await;
+    let gw = TestGateway::start(&emu.url(), FLAKY).await;
+    let http = client();
+    let r = http
+        .get(gw.url("/api/test/flaky/429/1?retry_after=3&pad=100000"))
+        .header("authorization", bearer("t", "a"))
+        .header("x-quotagate-max-wait", "0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["x-quotagate-throttled-by"], "upstream");
+    let n: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((3..=4).contains(&n), "the upstream's Retry-After: {n}");
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "TooManyRequests", "{body}");
+    let held = http
+        .get(gw.url("/api/test/status/200"))
+        .header("authorization", bearer("t", "a"))
+        .header("x-quotagate-max-wait", "0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (held.status().as_u16(), &held.headers()["x-quotagate-throttled-by"]),
+        (429, &"gateway".parse().unwrap())
+    );
+    assert_eq!(emu.count(), 1, "the held call never reached the upstream");
+    assert_eq!(gw.metric("quotagate_upstream_holds_total{policy=\"flaky\"}").await, 1.0);
+}
+
 /// A hold in force shows in `/quota` and in the metrics while it lasts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hold_in_force_is_visible_to_operators() {

@@ -262,17 +262,20 @@ impl Metered<'_> {
                 return response;
             }
             let (head, body) = response.into_parts();
-            let bytes = match Limited::new(body, THROTTLE_BODY_LIMIT).collect().await {
-                Ok(collected) => collected.to_bytes(),
-                Err(e) => {
-                    // Never pass on a cut error body as if it were whole.
-                    outcome.decision = "failed";
-                    let detail = format!("its {} answer could not be read: {e}", head.status.as_u16());
-                    return failed(self.view, self.upstream, self.metrics, UpstreamError::Protocol(detail));
-                }
+            // A body cut short or too long to read is not passed on, but the
+            // status and headers still say whether, and how long, to wait.
+            let (bytes, unread) = match Limited::new(body, THROTTLE_BODY_LIMIT).collect().await {
+                Ok(collected) => (collected.to_bytes(), None),
+                Err(e) => (bytes::Bytes::new(), Some(e)),
             };
             let text = encoding::decoded(Coding::of(&head.headers), &bytes, THROTTLE_BODY_LIMIT);
             let parsed = throttle::parse(head.status, &head.headers, &text, SystemTime::now());
+            if let (Some(e), None) = (&unread, &parsed) {
+                // Never pass on a cut error body as if it were whole.
+                outcome.decision = "failed";
+                let detail = format!("its {} answer could not be read: {e}", head.status.as_u16());
+                return failed(self.view, self.upstream, self.metrics, UpstreamError::Protocol(detail));
+            }
             if let Some(r) = reservation.take() {
                 if head.status == StatusCode::TOO_MANY_REQUESTS {
                     // The service refused the query: it did not run.
@@ -303,7 +306,13 @@ impl Metered<'_> {
             }
             self.metrics.rejected.inc();
             outcome.decision = "upstream_throttled";
-            let retry_after = gw.limiter.held_for(&self.key).unwrap_or(Duration::ZERO).max(wait);
+            // The longest of the holds a retry would meet: the call key's,
+            // the tenant's running time (for hunting), and this answer's.
+            let runtime_hold = self.runtime.as_ref().and_then(|k| gw.runtime.held_for(k));
+            let retry_after = [gw.limiter.held_for(&self.key), runtime_hold]
+                .into_iter()
+                .flatten()
+                .fold(wait, Duration::max);
             tracing::debug!(policy = %self.policy.name, tenant = %self.tenant, attempt, status = head.status.as_u16(),
                 retry_after_ms = retry_after.as_millis() as u64, "upstream throttle passed on");
             let mut response = self.fail(GatewayError::UpstreamThrottled {

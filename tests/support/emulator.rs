@@ -437,7 +437,8 @@ enum Route {
     Echo,
     Slow(u64),
     /// `flaky/{status}/{n}`: the first n requests to the exact path and query answer `status`
-    /// (with `?retry_after=S` as `Retry-After` and `&message=M` in the error body), then 200.
+    /// (with `?retry_after=S` as `Retry-After`, `&message=M` in the error body, and `&pad=N`
+    /// adding N bytes (at most 1 MiB) of padding to it), then 200.
     Flaky(u16, usize),
     BadTest,
     /// A hunting query: Graph's or Defender's.
@@ -795,12 +796,15 @@ fn flaky(route: &Route, fails: bool, graph: bool, uri: &http::Uri) -> Response {
     };
     let message = param("message").unwrap_or_else(|| format!("status {status}"));
     let code = if status == 429 { "TooManyRequests" } else { "ServiceUnavailable" };
-    let body = if graph {
+    let mut body = if graph {
         json!({"error": {"code": code, "innerError": {"code": status.to_string(), "date": utc_now(),
             "message": message, "request-id": request_id(), "status": status.to_string()}, "message": message}})
     } else {
         json!({"error": {"code": status.to_string(), "message": message, "target": "flaky"}})
     };
+    if let Some(pad) = param("pad").and_then(|n| n.parse::<usize>().ok()) {
+        body["padding"] = "x".repeat(pad.min(1 << 20)).into();
+    }
     // Marked as made up by a test endpoint, as `status/{code}`'s answers are.
     let response = with_header(json_response(status, body), "x-emulator-status", &status.to_string());
     match param("retry_after") {
