@@ -71,6 +71,12 @@ async fn unmetered_responses_come_through_byte_identical() {
         let (a, b) = (direct.bytes().await.unwrap(), proxied.bytes().await.unwrap());
         assert!(a == b, "{path}: bodies differ ({} vs {} bytes)", a.len(), b.len());
     }
+    // The gateway's own headers from an upstream are not passed on as its own.
+    let r = http.get(gw.url("/api/test/status/200?gateway_headers")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("x-quotagate-throttled-by").is_none());
+    assert!(r.headers().get("x-quotagate-execution-time").is_none());
+    assert_eq!(r.headers()["x-emulator-status"], "200", "the upstream's other headers are");
     let gz = http.get(gw.url("/api/test/gzip")).send().await.unwrap();
     assert_eq!(gz.headers()["content-encoding"], "gzip");
     assert_eq!(gz.bytes().await.unwrap(), gzip_payload(), "compressed bodies pass untouched");
@@ -79,7 +85,7 @@ async fn unmetered_responses_come_through_byte_identical() {
     assert_eq!(big.bytes().await.unwrap(), bytes_pattern(5_000_000));
     assert_eq!(
         gw.metric("quotagate_requests_total{decision=\"forwarded\",policy=\"unmetered\"}").await,
-        10.0
+        11.0
     );
 }
 

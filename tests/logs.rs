@@ -40,6 +40,9 @@ hunting = true
 [[client]]
 name = "logs-tool"
 key_sha256 = "KEY_HASH"
+
+[hunting]
+lookback = "reject"
 "#
             .replace("KEY_HASH", &sha256_hex(API_KEY))
             .as_str(),
@@ -81,6 +84,18 @@ key_sha256 = "KEY_HASH"
             .unwrap();
         assert_eq!(r.status(), 200);
     }
+    // A lookback refused at info level: its message names the date, not the query.
+    let far_back = "DeviceEvents | where Timestamp > datetime(2001-01-01 LOOKBACK-TEXT-THAT-MUST-NOT-LEAK)";
+    let r = http
+        .post(format!("http://{proxy}/api/advancedhunting/run"))
+        .header("authorization", format!("Bearer {token}"))
+        .header("x-quotagate-key", API_KEY)
+        .json(&serde_json::json!({ "Query": far_back }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("datetime(2001-01-01)"));
     let bad = http
         .post(format!("http://{proxy}/api/advancedhunting/run"))
         .header("authorization", "Bearer BROKEN-TOKEN-THAT-MUST-NOT-LEAK")
@@ -107,6 +122,7 @@ key_sha256 = "KEY_HASH"
         payload,
         "SIGNATURE-THAT-MUST-NOT-LEAK",
         "QUERY-TEXT-THAT-MUST-NOT-LEAK",
+        "LOOKBACK-TEXT-THAT-MUST-NOT-LEAK",
         "BROKEN-TOKEN-THAT-MUST-NOT-LEAK",
         API_KEY,
         "WRONG-KEY-THAT-MUST-NOT-LEAK",

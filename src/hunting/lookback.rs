@@ -38,7 +38,11 @@ pub fn beyond(query: &str, timespan: Option<&str>, limit: Duration, now: SystemT
         let inner = argument(&query[at + 9..]).trim();
         if let Some(when) = date(inner) {
             if let Ok(reach) = now.duration_since(when) {
-                consider(format!("datetime({inner})"), reach);
+                // Only what was read as a date and time: the rest of the
+                // query's text never reaches a message or the logs.
+                let timestamp = inner.chars().all(|c| c.is_ascii_digit() || "-:.TZ+ ".contains(c));
+                let shown = if timestamp { inner } else { &inner[..10] };
+                consider(format!("datetime({shown})"), reach);
             }
         }
     }
@@ -159,6 +163,8 @@ mod tests {
         assert_eq!(hit.found, "datetime(2026-09-01T00:00:00Z)");
         assert_eq!(hit.reach, Duration::from_secs(87 * DAY));
         assert!(q("T | where Timestamp > datetime(not a date)").is_none());
+        let hit = q("T | where Timestamp > datetime(2026-09-01 and the rest of a secret query)").unwrap();
+        assert_eq!(hit.found, "datetime(2026-09-01)", "only the date is repeated");
     }
 
     #[test]

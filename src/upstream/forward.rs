@@ -110,12 +110,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
+            // Bytes, not text: a value with a non-ASCII byte still names its headers.
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
             // `close` names no header; the others are removed below when present.
-            .filter(|n| !["close", "keep-alive", "upgrade"].iter().any(|t| n.eq_ignore_ascii_case(t)))
-            .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+            .filter(|n| {
+                !["close", "keep-alive", "upgrade"].iter().any(|t| n.eq_ignore_ascii_case(t.as_bytes()))
+            })
+            .filter_map(|n| HeaderName::from_bytes(n).ok())
             .collect();
         for name in named {
             headers.remove(name);
@@ -170,6 +172,8 @@ pub async fn send(
     deadline.as_mut().reset(start + timeouts.total);
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    // The gateway's own headers are its statements: an upstream's are dropped.
+    strip_gateway_headers(&mut parts.headers);
     let body = DeadlineBody::new(body, deadline);
     Ok(Response::from_parts(parts, Body::new(body.map_err(axum::Error::new))))
 }
@@ -202,6 +206,7 @@ mod tests {
         let mut h = HeaderMap::new();
         for (k, v) in [
             ("connection", "keep-alive, x-private"),
+            ("x-other", "1"),
             ("keep-alive", "timeout=5"),
             ("x-private", "1"),
             ("transfer-encoding", "chunked"),
@@ -211,9 +216,12 @@ mod tests {
         ] {
             h.append(HeaderName::from_static(k), v.parse().unwrap());
         }
+        // A second `Connection` line with a byte outside ASCII, as HTTP/1.1 allows.
+        h.append(header::CONNECTION, http::HeaderValue::from_bytes(b"x-other, caf\xe9").unwrap());
         strip_hop_by_hop(&mut h);
-        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
-        assert_eq!(left, vec!["content-encoding", "authorization"]);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, vec!["authorization", "content-encoding"]);
     }
 
     #[test]

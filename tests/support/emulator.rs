@@ -879,7 +879,15 @@ async fn respond(
             let r = json_response(code, err);
             let r = with_header(r, "x-emulator-status", &code.to_string());
             let r = with_header(r, "set-cookie", "a=b; Path=/");
-            with_header(r, "cache-control", "no-store")
+            let r = with_header(r, "cache-control", "no-store");
+            if pq.contains("gateway_headers") {
+                // Headers in the gateway's own namespace, which it must
+                // never pass on as if it had said them.
+                let r = with_header(r, "x-quotagate-throttled-by", "gateway");
+                with_header(r, "x-quotagate-execution-time", "999")
+            } else {
+                r
+            }
         }
         Route::Bytes(n) => {
             let r = Response::new(streamed(shared, Bytes::from(bytes_pattern(n))));
