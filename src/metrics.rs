@@ -148,7 +148,7 @@ pub struct PolicyMetrics {
     pub holds: IntCounter,
     /// The lowest limit the upstream revealed for this policy, 0 when none.
     pub revealed_limit: IntGauge,
-    failures: [IntCounter; 4],
+    failures: [IntCounter; 5],
     pub duration: Histogram,
     /// Hunting: every running-time charge, and what went beyond its estimate.
     pub charges: Charges,
@@ -169,6 +169,8 @@ pub enum Failure {
     Timeout,
     Protocol,
     BodyTooLarge,
+    /// The client's request body failed while it was streamed upstream.
+    BadBody,
 }
 
 impl PolicyMetrics {
@@ -470,7 +472,13 @@ impl Metrics {
             retries: w.upstream_retries.with_label_values(&[policy]),
             holds: self.holds.with_label_values(&[policy]),
             revealed_limit: self.revealed.with_label_values(&[policy]),
-            failures: [fail("connect"), fail("timeout"), fail("protocol"), fail("body_too_large")],
+            failures: [
+                fail("connect"),
+                fail("timeout"),
+                fail("protocol"),
+                fail("body_too_large"),
+                fail("bad_body"),
+            ],
             duration: w.upstream_duration.with_label_values(&[policy]),
             charges: Charges {
                 charged: w.hunting_charged.with_label_values(&[policy]),

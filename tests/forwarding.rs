@@ -197,6 +197,36 @@ async fn upstream_down_is_a_502_and_upstream_slow_is_a_504() {
     assert_eq!(gw.metric("quotagate_upstream_failures_total{kind=\"timeout\",policy=\"slow\"}").await, 1.0);
 }
 
+/// A streamed upload whose chunk framing breaks is the client's error: a
+/// 400 in the upstream's error shape that says so, not an upstream failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_streamed_body_is_the_clients_error() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let emu = Emulator::start(upstream()).await;
+    let gw = TestGateway::start(&emu.url(), POLICIES).await;
+    let mut conn = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    conn.write_all(
+        b"POST /api/test/echo HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\nZZ\r\n",
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut answer)).await.unwrap().unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let body: serde_json::Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(body["error"]["code"], "BadRequest", "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("request body"), "{body}");
+    assert_eq!(
+        gw.metric("quotagate_upstream_failures_total{kind=\"protocol\",policy=\"unmetered\"}").await,
+        0.0
+    );
+    assert_eq!(
+        gw.metric("quotagate_upstream_failures_total{kind=\"bad_body\",policy=\"unmetered\"}").await,
+        1.0
+    );
+}
+
 /// A client that stops reading a response is disconnected once a write to
 /// it has waited `send_timeout`, and the upstream transfer feeding it ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

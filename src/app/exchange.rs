@@ -510,6 +510,7 @@ fn failed(view: &View, upstream: &Upstream, metrics: &PolicyMetrics, e: Upstream
         UpstreamError::Protocol(detail) => {
             (Failure::Protocol, GatewayError::UpstreamFailed { upstream: name, detail })
         }
+        UpstreamError::ClientBody(detail) => (Failure::BadBody, GatewayError::BadBody { detail }),
     };
     metrics.failure(kind).inc();
     tracing::warn!(upstream = %upstream.name, error = %error, "upstream exchange failed");

@@ -29,6 +29,10 @@ pub enum UpstreamError {
     BodyTooLarge,
     #[error("{0}")]
     Protocol(String),
+    /// The client's own request body failed as it was streamed upstream
+    /// (broken chunk framing, or the client left mid-upload).
+    #[error("the request body could not be read: {0}")]
+    ClientBody(String),
 }
 
 /// The request header with which a caller shortens its own wait.
@@ -181,16 +185,21 @@ pub async fn send(
 fn classify(e: &hyper_util::client::legacy::Error) -> UpstreamError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     let mut detail = Vec::new();
+    let mut from_client = false;
     while let Some(err) = source {
         if err.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
             return UpstreamError::BodyTooLarge;
         }
+        // Only the request body is an axum `Body` here: its errors are the client's.
+        from_client |= err.downcast_ref::<axum::Error>().is_some();
         detail.push(err.to_string());
         source = err.source();
     }
     detail.dedup();
     let detail = detail.join(": ");
-    if e.is_connect() {
+    if from_client {
+        UpstreamError::ClientBody(detail)
+    } else if e.is_connect() {
         UpstreamError::Connect(detail)
     } else {
         UpstreamError::Protocol(detail)
