@@ -26,7 +26,7 @@ use crate::app::{proxy, Worker};
 use crate::error::GatewayError;
 use crate::identity::client::IdentityMode;
 use crate::metrics::ConnectOutcome;
-use crate::upstream::route::by_host;
+use crate::upstream::route::{by_host, by_host_and_port};
 use crate::upstream::ApiKind;
 
 /// Longest wait for a client's TLS handshake, and for a blind tunnel's connection.
@@ -63,7 +63,11 @@ async fn handle(
                     .into(),
         });
     };
-    let Some(up) = by_host(&worker.gateway().config().upstreams, host) else {
+    // A port in the URL picks among upstreams of one host; `http://host/`
+    // (port 80) names the host's first.
+    let upstreams = &worker.gateway().config().upstreams;
+    let on_port = req.uri().port_u16().and_then(|p| by_host_and_port(upstreams, host, p));
+    let Some(up) = on_port.or_else(|| by_host(upstreams, host)) else {
         tracing::debug!(target = host, "forward proxy refused a host");
         return refuse(GatewayError::ProxyRefused { target: host.to_string() });
     };
@@ -98,10 +102,7 @@ async fn connect(
         });
     };
     let upstreams = &worker.gateway().config().upstreams;
-    let intercepted = by_host(upstreams, target.host()).filter(|&u| {
-        let own = upstreams[u].authority.port_u16();
-        port == own.unwrap_or(443)
-    });
+    let intercepted = by_host_and_port(upstreams, target.host(), port);
     if let Some(up) = intercepted {
         let tls = match fp.leaves.server_config(up, upstreams[up].host()) {
             Ok(tls) => tls,

@@ -86,6 +86,15 @@ pub fn by_host(upstreams: &[Upstream], host: &str) -> Option<usize> {
     upstreams.iter().position(|u| u.host.eq_ignore_ascii_case(host))
 }
 
+/// The first upstream whose host is `host` and whose port is `port`: its
+/// url's, or 443, the port a client's TLS (`CONNECT host:443`) asks for.
+/// Two upstreams may share a host on different ports.
+pub fn by_host_and_port(upstreams: &[Upstream], host: &str, port: u16) -> Option<usize> {
+    upstreams
+        .iter()
+        .position(|u| u.host.eq_ignore_ascii_case(host) && u.authority.port_u16().unwrap_or(443) == port)
+}
+
 /// Pick the upstream for a request; `bound` is the listener's own upstream.
 pub fn select(upstreams: &[Upstream], bound: Option<usize>, uri: &Uri, headers: &HeaderMap) -> Option<usize> {
     if bound.is_some() {
@@ -176,6 +185,20 @@ mod tests {
         assert_eq!(by_host(&t, "api.securitycenter.microsoft.com"), Some(1));
         assert_eq!(by_host(&t, "microsoft.com"), None);
         assert_eq!(by_host(&t, "evil.api.security.microsoft.com"), None);
+    }
+
+    #[test]
+    fn a_proxy_target_with_a_port_names_the_upstream_on_that_port() {
+        let t = [
+            up("a", "https://x.example:8443", &[]),
+            up("b", "https://x.example:9443", &[]),
+            up("c", "https://y.example", &[]),
+        ];
+        assert_eq!(by_host_and_port(&t, "x.example", 9443), Some(1));
+        assert_eq!(by_host_and_port(&t, "X.example", 8443), Some(0));
+        assert_eq!(by_host_and_port(&t, "x.example", 443), None);
+        assert_eq!(by_host_and_port(&t, "y.example", 443), Some(2));
+        assert_eq!(by_host_and_port(&t, "y.example", 8443), None);
     }
 
     #[test]
