@@ -150,6 +150,53 @@ async fn light_behind_heavy(store: &str) {
     assert!(heavy_statuses.iter().all(|&s| s == 200 || s == 429), "{heavy_statuses:?}");
 }
 
+/// A client that fills the key's queue cannot keep another out: the
+/// newcomer takes the place of the flood's latest waiter, which is answered
+/// at once with a 429, and goes at its fair turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_that_fills_the_queue_cannot_keep_another_client_out() {
+    let _one_at_a_time = support::timing_exclusive().await;
+    flood_fills_the_queue("").await;
+}
+
+/// The same with the quota in Redis, whose replica keeps its own queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_that_fills_the_queue_cannot_keep_another_client_out_on_redis() {
+    let _one_at_a_time = support::timing_exclusive().await;
+    let redis = support::process::Redis::start();
+    flood_fills_the_queue(&redis_store(&redis)).await;
+}
+
+async fn flood_fills_the_queue(store: &str) {
+    let emu = Emulator::start(upstream(2, SEC)).await;
+    let clients = client_toml("heavy", "") + &client_toml("light", "");
+    let text = config_text(&emu.url(), &gateway_toml("", 2, "1s", "10s", &(clients + store)))
+        .replace("guard = \"5ms\"", "guard = \"50ms\"")
+        .replace("max_queue = 1000", "max_queue = 5");
+    let gw = TestGateway::start_with(&text).await;
+    let http = client();
+    let url = format!("http://{}", gw.proxy);
+    let heavy: Vec<_> = (0..12)
+        .map(|_| {
+            let (http, url) = (http.clone(), url.clone());
+            tokio::spawn(async move { call(&http, &url, "heavy").await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, waited) = call(&http, &url, "light").await;
+    assert_eq!(status, 200, "the light client got a place in the full queue");
+    assert!(waited < Duration::from_millis(1500), "and went at the next slot: {waited:?}");
+    let heavy: Vec<(u16, Duration)> = futures_join(heavy).await;
+    let served = heavy.iter().filter(|(s, _)| *s == 200).count();
+    let refused = heavy.iter().filter(|(s, _)| *s == 429).count();
+    assert_eq!(served + refused, 12, "every heavy call was answered: {heavy:?}");
+    // Two went at once and five queued; the light call pushed one of those out.
+    assert_eq!(served, 6, "{heavy:?}");
+    let pushed_out = heavy.iter().filter(|(s, w)| *s == 429 && *w >= Duration::from_millis(250)).count();
+    assert_eq!(pushed_out, 1, "one queued heavy call was answered when the light one came: {heavy:?}");
+    assert_eq!(emu.throttled(), 0);
+}
+
 async fn futures_join<T: Send + 'static>(tasks: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
     let mut out = Vec::new();
     for t in tasks {

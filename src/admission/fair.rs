@@ -337,6 +337,32 @@ impl Lanes {
     }
 }
 
+/// Which waiter makes room in a full queue for a newcomer of `client`: the
+/// latest arrival of the client with the most waiters, when that client has
+/// at least two more than `client` (so the move evens the queue out, and
+/// never just trades one waiter for another). `None` when no client has.
+///
+/// The bound then holds per client, not first come: one client that floods
+/// a key's queue can fill it only while no one else asks, and a newcomer of
+/// another client gets a place (and its fair rank) by pushing out the
+/// flooder's last waiter, which is answered `QueueFull` at once.
+pub(crate) fn push_out<'t>(
+    tickets: impl IntoIterator<Item = &'t Ticket> + Clone,
+    client: u16,
+) -> Option<u64> {
+    let count = |c: u16| tickets.clone().into_iter().filter(|t| t.client == c).count();
+    let own = count(client);
+    let (heaviest, most) = tickets
+        .clone()
+        .into_iter()
+        .map(|t| (t.client, count(t.client)))
+        .max_by_key(|&(c, n)| (n, std::cmp::Reverse(c)))?;
+    if most < own + 2 {
+        return None;
+    }
+    tickets.into_iter().filter(|t| t.client == heaviest).map(|t| t.id).max()
+}
+
 /// Not below its reserve, class, start tag, arrival: lower goes first.
 type Rank = (bool, Class, u64, u64);
 
@@ -373,6 +399,18 @@ mod tests {
 
     fn share(client: u16, weight: u32) -> Share {
         Share { client, weight, ..Share::default() }
+    }
+
+    #[test]
+    fn a_full_queue_makes_room_by_the_heaviest_clients_latest_waiter() {
+        let q =
+            [waiter(1, 0, Class::Normal, 0), waiter(2, 0, Class::Normal, 1), waiter(3, 1, Class::Normal, 0)];
+        assert_eq!(push_out(&q, 2), Some(2), "client 0 has two, the newcomer's none");
+        assert_eq!(push_out(&q, 1), None, "two against one would become one against two");
+        assert_eq!(push_out(&q, 0), None, "a client never pushes out its own");
+        let flood: Vec<Ticket> = (1..=5).map(|id| waiter(id, 3, Class::Batch, id)).collect();
+        assert_eq!(push_out(&flood, 4), Some(5));
+        assert_eq!(push_out(&[], 4), None);
     }
 
     #[test]

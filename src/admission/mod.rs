@@ -69,6 +69,9 @@ pub(crate) struct KeyState {
     revealed: Option<Window>,
     /// The policy of the latest call on this key (for status reports).
     policy: u16,
+    /// Waiters pushed out of the full queue for another client's newcomer
+    /// ([`fair::push_out`]), not yet told.
+    pushed_out: Vec<u64>,
 }
 
 impl KeyState {
@@ -148,6 +151,24 @@ impl KeyState {
         } else {
             (slot, false)
         }
+    }
+
+    /// Make room in the full queue for a newcomer of `client`, if another
+    /// client holds at least two more places: its latest waiter leaves the
+    /// queue and is woken to answer `QueueFull`. Returns whether it did.
+    fn push_out_for(&mut self, client: u16) -> bool {
+        let Some(id) = fair::push_out(self.tickets(), client) else { return false };
+        let i = self.queue.iter().position(|w| w.ticket.id == id).expect("a queued waiter");
+        let waiter = self.queue.remove(i);
+        self.pushed_out.push(id);
+        waiter.wake.notify_one();
+        true
+    }
+
+    /// Whether waiter `id` was pushed out (and forget it).
+    fn was_pushed_out(&mut self, id: u64) -> bool {
+        let found = self.pushed_out.iter().position(|&p| p == id);
+        found.map(|i| self.pushed_out.swap_remove(i)).is_some()
     }
 
     /// Wake a waiter to re-decide who goes next; one that is not chosen
@@ -372,7 +393,7 @@ impl Limiter {
         let cell = self.cell(key);
         let start = self.clock.now();
         let guard = self.guard;
-        let (id, wake) = {
+        let (mine, wake) = {
             let mut st = cell.lock();
             st.policy = policy.key_id;
             let windows = st.windows(policy);
@@ -391,14 +412,16 @@ impl Limiter {
             let (ahead, own) = st.lanes.ahead(st.tickets(), &ticket, &windows, guard, start);
             let (grant, capped) = st.grant(ahead, own, share.client, &windows, guard, from);
             let wait = Duration::from_nanos(grant.at - start);
+            // A full queue is the last check: making room pushes another
+            // client's waiter out, only for a newcomer that will wait.
             let reason = if policy.mode == Mode::Reject {
                 Some(Reason::NoSlot)
             } else if self.drain.past(grant.at) {
                 Some(Reason::Draining)
-            } else if st.queue.len() >= policy.max_queue {
-                Some(Reason::QueueFull)
             } else if wait > max_wait {
                 Some(Reason::WaitTooLong)
+            } else if st.queue.len() >= policy.max_queue && !st.push_out_for(share.client) {
+                Some(Reason::QueueFull)
             } else {
                 None
             };
@@ -409,8 +432,9 @@ impl Limiter {
             }
             let wake = Arc::new(Notify::new());
             st.queue.push(Waiter { ticket, wake: wake.clone() });
-            (id, wake)
+            (ticket, wake)
         };
+        let id = mine.id;
         depth.inc();
         let mut place = Place { cell: cell.clone(), id, depth: depth.clone(), queued: true };
         let deadline = start + u64::try_from((max_wait + TIMER_SLACK).as_nanos()).unwrap_or(u64::MAX);
@@ -421,6 +445,20 @@ impl Limiter {
                 st.prune(now);
                 let windows = st.windows(policy);
                 let from = now.max(st.hold_until);
+                if st.was_pushed_out(id) {
+                    // Another client's newcomer took this place in the full
+                    // queue: say when this one would go, were it queued.
+                    place.queued = false;
+                    let (ahead, own) = st.lanes.ahead(st.tickets(), &mine, &windows, guard, now);
+                    let (grant, capped) = st.grant(ahead, own, share.client, &windows, guard, from);
+                    return Err(Rejection {
+                        reason: Reason::QueueFull,
+                        retry_after: Duration::from_nanos(grant.at - now),
+                        window: grant.window,
+                        capped,
+                        usage: st.log.usage(&windows, guard, now),
+                    });
+                }
                 let slot = st.log.next_free(&windows, guard, from).at;
                 let chosen = st.lanes.pick(st.tickets(), &windows, guard, slot);
                 let mine = chosen.filter(|&(c, _)| c == id).map(|(_, at)| at);

@@ -32,6 +32,9 @@ impl Drop for Place {
             }
             // It may have been the one going next: let the others re-decide.
             st.nudge();
+        } else {
+            // Pushed out of the queue, and gone before it was told.
+            st.was_pushed_out(self.id);
         }
     }
 }

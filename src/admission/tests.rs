@@ -97,7 +97,7 @@ async fn waiters_go_in_fifo_order_at_the_exact_moment_their_slot_frees() {
 #[tokio::test(start_paused = true)]
 async fn a_full_queue_and_a_too_long_wait_are_rejected_at_once() {
     let limiter = Arc::new(Limiter::new(Duration::ZERO));
-    let p = policy(Mode::Queue, 1, Duration::from_secs(1), 2, Duration::from_millis(2500));
+    let p = policy(Mode::Queue, 1, Duration::from_secs(1), 2, Duration::from_secs(5));
     let g = gauge();
     limiter.acquire(&key("t"), &p, p.max_wait, &g).await.unwrap();
     let mut waiters = Vec::new();
@@ -109,13 +109,50 @@ async fn a_full_queue_and_a_too_long_wait_are_rejected_at_once() {
     assert_eq!(g.get(), 2);
     let full = limiter.acquire(&key("t"), &p, p.max_wait, &g).await.unwrap_err();
     assert_eq!((full.reason, full.retry_after), (Reason::QueueFull, Duration::from_secs(3)));
-    // A caller that will wait only 1.5 s cannot get the slot 3 s away.
+    // A caller that will wait only 1.5 s cannot get the slot 3 s away (and
+    // is told so, full queue or not).
     let p2 = policy(Mode::Queue, 1, Duration::from_secs(1), 5, Duration::from_millis(2500));
     let short = limiter.acquire(&key("t"), &p2, Duration::from_millis(1500), &g).await.unwrap_err();
     assert_eq!((short.reason, short.retry_after), (Reason::WaitTooLong, Duration::from_secs(3)));
     for w in waiters {
         assert!(w.await.unwrap().is_ok());
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_queue_makes_room_for_another_client_by_pushing_out_the_floods_last() {
+    let limiter = Arc::new(Limiter::new(Duration::ZERO));
+    let p = policy(Mode::Queue, 1, Duration::from_secs(1), 3, Duration::from_secs(10));
+    let g = gauge();
+    let (flood, light) = (Share { client: 1, ..Share::default() }, Share { client: 2, ..Share::default() });
+    limiter.acquire_as(&key("t"), &p, &flood, p.max_wait, &g).await.unwrap();
+    let mut waiters = Vec::new();
+    for _ in 0..3 {
+        let (limiter, p, g) = (limiter.clone(), p.clone(), g.clone());
+        waiters.push(tokio::spawn(
+            async move { limiter.acquire_as(&key("t"), &p, &flood, p.max_wait, &g).await },
+        ));
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(g.get(), 3, "the flood filled the queue");
+    let again = limiter.acquire_as(&key("t"), &p, &flood, p.max_wait, &g).await.unwrap_err();
+    assert_eq!(again.reason, Reason::QueueFull, "the flood cannot push out its own");
+    let t0 = Instant::now();
+    let light_call = {
+        let (limiter, p, g) = (limiter.clone(), p.clone(), g.clone());
+        tokio::spawn(async move { limiter.acquire_as(&key("t"), &p, &light, p.max_wait, &g).await })
+    };
+    tokio::task::yield_now().await;
+    let last = waiters.pop().unwrap().await.unwrap().unwrap_err();
+    assert_eq!(last.reason, Reason::QueueFull, "the flood's latest waiter was pushed out");
+    assert_eq!(last.retry_after, Duration::from_secs(4), "the slot after the light call and its own two");
+    assert_eq!(g.get(), 3);
+    light_call.await.unwrap().unwrap();
+    assert_eq!(t0.elapsed(), Duration::from_secs(1), "the light call took the next slot");
+    for w in waiters {
+        assert!(w.await.unwrap().is_ok(), "the others stayed queued and went");
+    }
+    assert_eq!(g.get(), 0);
 }
 
 #[tokio::test(start_paused = true)]

@@ -44,6 +44,9 @@ struct Waiting {
     /// drain's end (clock time), and the window that set it. No waiter here
     /// gets an earlier one.
     refused_from: Option<(u64, Option<crate::quota::Window>)>,
+    /// Waiters pushed out of the full queue for another client's newcomer
+    /// (`fair::push_out`), not yet told.
+    pushed_out: Vec<u64>,
 }
 
 impl Waiting {
@@ -74,8 +77,23 @@ impl Waiting {
         }
     }
 
-    /// Take `id` out of the queue (admitted, or gone).
+    /// Make room in the full queue for a newcomer of `client`, if another
+    /// client holds at least two more places: its latest waiter (never the
+    /// one asking Redis) leaves and is woken to answer `QueueFull`.
+    fn push_out_for(&mut self, client: u16) -> bool {
+        let asking = self.asking;
+        let candidates = self.tickets().filter(move |t| Some(t.id) != asking);
+        let Some(id) = crate::admission::fair::push_out(candidates, client) else { return false };
+        if let Some(i) = self.waiters.iter().position(|w| w.ticket.id == id) {
+            self.waiters.remove(i).wake.notify_one();
+        }
+        self.pushed_out.push(id);
+        true
+    }
+
+    /// Take `id` out of the queue (admitted, pushed out, or gone).
     fn leave(&mut self, id: u64) {
+        self.pushed_out.retain(|&p| p != id);
         self.waiters.retain(|w| w.ticket.id != id);
         if self.asking == Some(id) {
             self.asking = None;
@@ -223,7 +241,7 @@ impl RedisStore {
         let wake = Arc::new(Notify::new());
         {
             let mut st = queue.lock();
-            if st.waiters.len() >= policy.max_queue {
+            if st.waiters.len() >= policy.max_queue && !st.push_out_for(share.client) {
                 drop(st);
                 untag();
                 return Ok(Err(rejection(Reason::QueueFull, policy.max_wait, None)));
@@ -240,6 +258,12 @@ impl RedisStore {
             // Whose turn it is: `Some(at)` when it is this request's from `at`.
             let turn = {
                 let mut st = queue.lock();
+                if st.pushed_out.contains(&ticket.id) {
+                    // Another client's newcomer took this place (Place's
+                    // drop forgets it).
+                    drop(st);
+                    return Ok(Err(rejection(Reason::QueueFull, policy.max_wait, None)));
+                }
                 if let Some((from, window)) = st.refused_from.filter(|&(from, _)| self.drain.past(from)) {
                     drop(st);
                     let wait = Duration::from_nanos(from.saturating_sub(now));
