@@ -76,6 +76,13 @@ pub(crate) fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
+/// The charges' total, saturating: a cost the service reports is trusted,
+/// however absurd, and two near `u64::MAX` nanoseconds must not wrap to
+/// room in the budget.
+fn sum<'c>(charges: impl Iterator<Item = &'c Charge>) -> u64 {
+    charges.fold(0, |total, c| total.saturating_add(c.cost))
+}
+
 /// When a query of a given estimate fits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fit {
@@ -155,7 +162,7 @@ impl Ledger {
             let Some(room) = room else { return Fit::Unknown(*b) };
             let expiry = |c: &Charge| c.end.saturating_add(b.per_nanos()).saturating_add(guard);
             let first = self.charges.partition_point(|c| expiry(c) <= now);
-            let mut live: u64 = self.charges.iter().skip(first).map(|c| c.cost).sum();
+            let mut live = sum(self.charges.iter().skip(first));
             for c in self.charges.iter().skip(first) {
                 if live <= room {
                     break;
@@ -207,7 +214,7 @@ impl Ledger {
     pub fn release(&mut self, id: u64) -> bool {
         let Some(pos) = self.reservations.iter().position(|&(r, _)| r == id) else { return false };
         let (_, e) = self.reservations.swap_remove(pos);
-        self.reserved -= e;
+        self.reserved = self.reserved.saturating_sub(e);
         true
     }
 
@@ -229,7 +236,7 @@ impl Ledger {
             .map(|b| {
                 let expiry = |c: &Charge| c.end.saturating_add(b.per_nanos()).saturating_add(guard);
                 let first = self.charges.partition_point(|c| expiry(c) <= now);
-                let charged: u64 = self.charges.iter().skip(first).map(|c| c.cost).sum();
+                let charged = sum(self.charges.iter().skip(first));
                 let reset = self.charges.get(first).map_or(0, |c| expiry(c) - now);
                 BudgetUse {
                     budget: *b,
@@ -280,6 +287,25 @@ mod tests {
         assert_eq!(l.fit(&b, Duration::ZERO, secs(100), 3700 * S), Fit::Now);
         // Both charges must go for 500 s.
         assert_eq!(l.fit(&b, Duration::ZERO, secs(500), 300 * S), Fit::At(3800 * S, b[0]));
+    }
+
+    #[test]
+    fn absurd_costs_saturate_and_never_wrap_into_room() {
+        let b = hour();
+        let mut l = Ledger::new();
+        // 3e10 s is past u64 nanoseconds: the charge saturates, and the next
+        // one must not wrap the total back below the budget.
+        let a = l.reserve(secs(1));
+        assert!(l.settle(a, Duration::from_secs_f64(3e10), S));
+        let c = l.reserve(secs(1));
+        assert!(l.settle(c, secs(2), 2 * S));
+        assert_ne!(l.fit(&b, Duration::ZERO, secs(1), 3 * S), Fit::Now);
+        let used = &l.usage(&b, Duration::ZERO, 3 * S)[0];
+        assert_eq!(used.remaining(), Duration::ZERO);
+        // Reservations near the limit of u64 come and go without a wrap.
+        let (x, y) = (l.reserve(Duration::MAX), l.reserve(Duration::MAX));
+        assert!(l.release(x) && l.release(y));
+        assert_eq!(l.usage(&b, Duration::ZERO, 3 * S)[0].reserved, Duration::ZERO);
     }
 
     #[test]
