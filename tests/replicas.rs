@@ -311,6 +311,34 @@ async fn redis_outage_falls_back_to_a_local_share_then_recovers() {
     assert_eq!((emu.accepted("incidents"), emu.throttled()), (10, 0));
 }
 
+/// A Redis that restarts empty between two calls is noticed though no
+/// call failed (the next one would find a fresh connection and an empty
+/// log): the replica adds back the window's admissions before it admits
+/// again, so the window still holds every call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_restarts_empty_between_calls_gets_the_window_back() {
+    let Setup { mut redis, emu, dir, cfg } = setup(
+        Some((10, Duration::from_secs(8))),
+        "",
+        "windows = [{ limit = 10, per = \"8s\" }]\nmode = \"reject\"",
+    )
+    .await;
+    let gws = replicas(1, &cfg, dir.path());
+    until_mode(&gws[0], "shared").await;
+    for _ in 0..10 {
+        assert_eq!(get(gws[0].url("/api/incidents")).await.status(), 200);
+    }
+    redis.kill();
+    redis.restart();
+    // No call meanwhile; the replica looks at Redis's epoch every 500 ms.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    until_mode(&gws[0], "shared").await;
+    let r = get(gws[0].url("/api/incidents")).await;
+    assert_eq!(r.status(), 429, "the window still holds the ten calls");
+    assert_eq!(r.headers()["x-quotagate-throttled-by"], "gateway");
+    assert_eq!((emu.accepted("incidents"), emu.throttled()), (10, 0));
+}
+
 /// The hunting running-time ledger lives in Redis too: two replicas
 /// saturating one tenant's running time never carry it past its budget,
 /// which one replica alone would spend whole.

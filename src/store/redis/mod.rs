@@ -320,7 +320,12 @@ impl RedisStore {
                     .set_response_timeout(Some(TIMEOUT))
                     .set_number_of_retries(1)
                     .set_max_delay(Duration::from_millis(500));
-                ConnectionManager::new_with_config(self.client.clone(), config).await
+                let mut c = ConnectionManager::new_with_config(self.client.clone(), config).await?;
+                // The epoch of the data this replica is about to use, so a
+                // loss of it is noticed from the first admission on.
+                let epoch = self.current_epoch(&mut c).await?;
+                self.epoch.store(epoch, std::sync::atomic::Ordering::SeqCst);
+                Ok::<_, redis::RedisError>(c)
             })
             .await?;
         Ok(conn.clone())

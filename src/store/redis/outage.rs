@@ -80,6 +80,9 @@ impl RedisStore {
         stop: impl std::future::Future<Output = ()>,
     ) {
         tokio::pin!(stop);
+        // Redis was found to have lost its data while up, and the open
+        // windows have not been given back yet.
+        let mut lost_while_up = false;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(PROBE_EVERY) => {}
@@ -87,7 +90,26 @@ impl RedisStore {
             }
             // Also connect once at start, so /readyz tells the truth early.
             if self.is_up() && self.conn.initialized() {
-                continue;
+                // A Redis that restarted empty between two calls answers the
+                // next as if nothing happened (the connection is remade):
+                // only its epoch tells. Until the windows are given back,
+                // the store is down.
+                match tokio::time::timeout(TIMEOUT * 2, self.lost_data()).await {
+                    Ok(Ok(false)) => continue,
+                    Ok(Ok(true)) => {
+                        tracing::warn!("redis lost its data; adding back this replica's open windows");
+                        lost_while_up = true;
+                        self.set_up(false, "redis lost its data");
+                    }
+                    Ok(Err(e)) => {
+                        self.set_up(false, &e.to_string());
+                        continue;
+                    }
+                    Err(_) => {
+                        self.set_up(false, "timed out");
+                        continue;
+                    }
+                }
             }
             let ping = async {
                 let mut c = self.conn().await?;
@@ -100,7 +122,7 @@ impl RedisStore {
                     // back; one that kept it, those made alone since the
                     // outage began.
                     let lost = match self.lost_data().await {
-                        Ok(lost) => lost,
+                        Ok(lost) => lost || lost_while_up,
                         Err(e) => {
                             self.set_up(false, &e.to_string());
                             continue;
@@ -138,6 +160,7 @@ impl RedisStore {
                         }
                     }
                     if caught_up {
+                        lost_while_up = false;
                         self.set_up(true, "");
                     }
                 }
@@ -150,9 +173,21 @@ impl RedisStore {
     /// Whether Redis lost its data since this replica last looked: Redis
     /// holds an epoch, made by the first replica to find it missing; a
     /// replica that finds another epoch than the one it saw last knows the
-    /// data it saw went with the old one.
+    /// data it saw went with the old one. The epoch is first read when the
+    /// connection is made ([`RedisStore::conn`]).
     async fn lost_data(&self) -> Result<bool, redis::RedisError> {
         let mut c = self.conn().await?;
+        let current = self.current_epoch(&mut c).await?;
+        let seen = self.epoch.swap(current, Ordering::SeqCst);
+        Ok(seen != 0 && seen != current)
+    }
+
+    /// Redis's epoch, made now if it has none. The connection reads it
+    /// first when it is made, before any admission goes through it.
+    pub(super) async fn current_epoch(
+        &self,
+        c: &mut redis::aio::ConnectionManager,
+    ) -> Result<u64, redis::RedisError> {
         let key = format!("{}:epoch", self.prefix);
         let candidate = self.nonce ^ u64::try_from(crate::store::sqlite::unix_now()).unwrap_or(0);
         let (current,): (u64,) = redis::pipe()
@@ -163,9 +198,9 @@ impl RedisStore {
             .ignore()
             .cmd("GET")
             .arg(&key)
-            .query_async(&mut c)
+            .query_async(c)
             .await?;
-        Ok(self.epoch.swap(current, Ordering::SeqCst) != current)
+        Ok(current)
     }
 
     /// Add this replica's admissions (clock readings) to the shared log,
