@@ -217,7 +217,7 @@ impl RedisStore {
             let us = self.clock.to_unix(at) / 1000;
             (us, format!("{:x}-L{us}", self.nonce))
         });
-        self.add_missing(self.key("log", key), entries, longest).await
+        self.add_missing(self.key("log", key), distinct(entries), longest).await
     }
 
     /// Add this replica's running-time charges (`(end, cost)`: clock
@@ -236,7 +236,7 @@ impl RedisStore {
             let us = self.clock.to_unix(end) / 1000;
             (us, format!("{:x}-L{us}:{}", self.nonce, (cost / 1000).max(1)))
         });
-        self.add_missing(self.key("rt-charges", key), entries, longest).await
+        self.add_missing(self.key("rt-charges", key), distinct(entries), longest).await
     }
 
     /// Add `(score, member)` entries the sorted set `set` lacks, and keep it
@@ -259,5 +259,37 @@ impl RedisStore {
             .await
             .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "timed out")))??;
         Ok(())
+    }
+}
+
+/// Members named by time (and cost) alone collide for the calls one script
+/// run admitted together (they share its `now`): the second and later of a
+/// name become `name#2`, `name#3`…, the same at every catch-up of the same
+/// admissions, so a repeat still adds nothing.
+fn distinct(entries: impl Iterator<Item = (i64, String)>) -> impl Iterator<Item = (i64, String)> {
+    let mut seen: std::collections::HashMap<String, u32> = std::collections::HashMap::new();
+    entries.map(move |(score, name)| {
+        let n = seen.entry(name.clone()).or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            (score, name)
+        } else {
+            (score, format!("{name}#{n}"))
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::distinct;
+
+    #[test]
+    fn admissions_of_one_moment_keep_a_member_each() {
+        let names = |times: &[i64]| -> Vec<String> {
+            distinct(times.iter().map(|&t| (t, format!("n-L{t}")))).map(|(_, m)| m).collect()
+        };
+        let once = names(&[5, 5, 5, 7]);
+        assert_eq!(once, ["n-L5", "n-L5#2", "n-L5#3", "n-L7"]);
+        assert_eq!(names(&[5, 5, 5, 7]), once, "a second catch-up names them the same");
     }
 }
