@@ -270,7 +270,9 @@ impl RuntimeLimiter {
                 Some(Reason::Draining)
             } else if st.queue.len() >= demand.max_queue {
                 Some(Reason::QueueFull)
-            } else if st.queue.is_empty() && wait > demand.max_wait {
+            } else if wait > demand.max_wait && (st.queue.is_empty() || matches!(verdict, Verdict::Held(_))) {
+                // Behind others only an upstream hold is known for sure: it
+                // keeps every waiter until its end.
                 Some(Reason::WaitTooLong)
             } else {
                 None
@@ -300,13 +302,15 @@ impl RuntimeLimiter {
                         return Ok(self.admit(key, &cell, &mut st, asked, estimate, now));
                     }
                 }
+                // Only the head knows when it goes; anyone knows a hold.
+                let known = head || matches!(verdict, Verdict::Held(_));
                 if now >= deadline {
-                    let verdict = if head { verdict } else { Verdict::Unknown(None) };
+                    let verdict = if known { verdict } else { Verdict::Unknown(None) };
                     return Err(verdict.rejection(Reason::Expired, now, demand.max_wait));
                 }
                 // Draining: only the head can know it starts in time.
                 if self.drain.on() && (!head || verdict.past(&self.drain)) {
-                    let verdict = if head { verdict } else { Verdict::Unknown(None) };
+                    let verdict = if known { verdict } else { Verdict::Unknown(None) };
                     return Err(verdict.rejection(Reason::Draining, now, demand.max_wait));
                 }
                 match verdict {
@@ -700,6 +704,30 @@ mod tests {
         assert_eq!(r.estimate(), Duration::from_secs(9));
         // Another tenant is untouched.
         assert!(l.reserve(&key("u"), &d, &gauge()).await.is_ok());
+    }
+
+    /// An upstream hold keeps every waiter until its end: a query that
+    /// cannot wait that long is told so at once, with the hold's end, even
+    /// behind another waiter.
+    #[tokio::test(start_paused = true)]
+    async fn a_hold_turns_away_at_once_what_cannot_wait_for_it_queued_or_not() {
+        let e = estimator(1000);
+        let l = std::sync::Arc::new(RuntimeLimiter::new(Duration::ZERO, e));
+        let b = budgets();
+        l.hold(&key("t"), Duration::from_secs(60));
+        let patient = {
+            let (l, b) = (l.clone(), b.clone());
+            tokio::spawn(async move {
+                l.reserve(&key("t"), &demand(&b, &e, Mode::Queue, 120), &gauge()).await.is_ok()
+            })
+        };
+        tokio::task::yield_now().await;
+        let t0 = tokio::time::Instant::now();
+        let no = l.reserve(&key("t"), &demand(&b, &e, Mode::Queue, 5), &gauge()).await.unwrap_err();
+        assert_eq!(no.reason, Reason::WaitTooLong);
+        assert_eq!(no.retry_after, Duration::from_secs(60), "the hold's end, not the caller's wait");
+        assert_eq!(t0.elapsed(), Duration::ZERO, "at once");
+        assert!(patient.await.unwrap(), "the patient one goes when the hold ends");
     }
 
     /// Two policies share a tenant's ledger: one counts an hour, the other
