@@ -342,6 +342,41 @@ async fn a_redis_that_restarts_empty_between_calls_gets_the_window_back() {
     assert_eq!((emu.accepted("incidents"), emu.throttled()), (10, 0));
 }
 
+/// Two policies share the tenant's key, one counting 3 calls per 10 s and
+/// one 100 per second: a call under the second must not make Redis forget
+/// (trim or expire) what the first still counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_shared_by_two_policies_keeps_what_the_longer_window_counts() {
+    let Setup { redis: _redis, emu, dir, cfg } = setup(
+        Some((3, Duration::from_secs(10))),
+        "",
+        r#"windows = [{ limit = 3, per = "10s" }]
+mode = "reject"
+key = "tenant"
+
+[[policy]]
+name = "machines"
+paths = ["/api/machines"]
+windows = [{ limit = 100, per = "1s" }]
+mode = "reject"
+key = "tenant""#,
+    )
+    .await;
+    let gws = replicas(1, &cfg, dir.path());
+    until_mode(&gws[0], "shared").await;
+    for _ in 0..3 {
+        assert_eq!(get(gws[0].url("/api/incidents")).await.status(), 200);
+    }
+    let other = get(gws[0].url("/api/machines")).await;
+    assert!(other.headers().get("x-quotagate-throttled-by").is_none(), "the machines call went");
+    // Past the machines policy's second, well inside the incidents' ten.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let r = get(gws[0].url("/api/incidents")).await;
+    assert_eq!(r.status(), 429, "the three incidents calls still count");
+    assert_eq!(r.headers()["x-quotagate-throttled-by"], "gateway");
+    assert_eq!(emu.throttled(), 0);
+}
+
 /// The hunting running-time ledger lives in Redis too: two replicas
 /// saturating one tenant's running time never carry it past its budget,
 /// which one replica alone would spend whole.

@@ -49,6 +49,13 @@ const TIMER_SLACK: Duration = Duration::from_millis(50);
 /// one is restamped ([`Limiter::released`]).
 const RELEASE_SLACK: Duration = Duration::from_millis(1);
 
+/// What a key's log must keep under `policy`: enough for its `windows`
+/// (tightened by a revealed limit) and for every window of the policies
+/// that may share the key ([`Policy::kept`]).
+fn kept(policy: &Policy, windows: &[Window], guard: Duration) -> Retention {
+    Retention::for_windows(windows, guard).union(Retention::for_windows(&policy.kept, guard))
+}
+
 /// A queued request: its ticket and how to wake it.
 struct Waiter {
     ticket: Ticket,
@@ -320,7 +327,7 @@ impl Limiter {
             });
         }
         let windows = st.windows(policy);
-        st.retention = st.retention.union(Retention::for_windows(&windows, self.guard));
+        st.retention = st.retention.union(kept(policy, &windows, self.guard));
         let retention = st.retention;
         let mut times = times.to_vec();
         times.sort_unstable();
@@ -337,7 +344,7 @@ impl Limiter {
         let mut st = cell.lock();
         st.policy = policy.key_id;
         let windows = st.windows(policy);
-        st.retention = st.retention.union(Retention::for_windows(&windows, self.guard));
+        st.retention = st.retention.union(kept(policy, &windows, self.guard));
         let retention = st.retention;
         st.log.prune(retention, at);
         st.log.record(at, retention);
@@ -397,7 +404,7 @@ impl Limiter {
             let mut st = cell.lock();
             st.policy = policy.key_id;
             let windows = st.windows(policy);
-            st.retention = st.retention.union(Retention::for_windows(&windows, guard));
+            st.retention = st.retention.union(kept(policy, &windows, guard));
             st.prune(start);
             let (tag, before) = st.lanes.tag(share);
             st.next_id += 1;

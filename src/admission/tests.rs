@@ -26,6 +26,7 @@ pub(super) fn policy(
         methods: vec![],
         upstreams: vec![],
         paths: vec![],
+        kept: windows.clone(),
         windows,
         key: KeyScope::TenantAppPolicy,
         mode,

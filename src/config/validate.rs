@@ -284,6 +284,7 @@ pub fn validate(file: &File) -> Result<Config, Vec<Problem>> {
             methods,
             upstreams: ups,
             paths,
+            kept: windows.clone(),
             windows,
             key,
             mode,
@@ -309,6 +310,12 @@ pub fn validate(file: &File) -> Result<Config, Vec<Problem>> {
         p.push("listen", problem);
     }
 
+    // Policies of one shared key scope keep each other's windows.
+    let shared: Vec<(KeyScope, Vec<Window>)> = policies.iter().map(|p| (p.key, p.windows.clone())).collect();
+    for policy in policies.iter_mut().filter(|p| p.key != KeyScope::TenantAppPolicy) {
+        policy.kept =
+            shared.iter().filter(|(k, _)| *k == policy.key).flat_map(|(_, w)| w.iter().copied()).collect();
+    }
     let policies = Policies(policies);
     hunting.retention = policies.longest_budget();
     if p.0.is_empty() {

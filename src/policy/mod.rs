@@ -47,6 +47,11 @@ pub struct Policy {
     pub paths: Vec<PathPattern>,
     /// Non-empty.
     pub windows: Vec<Window>,
+    /// The windows of every policy whose calls may share a key with this
+    /// one's (the same `key` scope, unless it names the policy), this
+    /// one's included: a key's log keeps what the longest and largest of
+    /// them still counts, whichever policy touched it last.
+    pub kept: Vec<Window>,
     pub key: KeyScope,
     pub mode: Mode,
     pub max_wait: Duration,
@@ -61,6 +66,11 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// The longest window a key of this policy's must be kept for.
+    pub fn longest_kept(&self) -> Duration {
+        self.kept.iter().map(|w| w.per).max().unwrap_or_default()
+    }
+
     pub fn matches(&self, method: &Method, upstream: usize, path: &str) -> bool {
         (self.methods.is_empty() || self.methods.contains(method))
             && (self.upstreams.is_empty() || self.upstreams.contains(&upstream))

@@ -407,8 +407,7 @@ impl Store {
         if let Some(j) = &self.journal {
             let now = sqlite::unix_now();
             let per = nanos(window.per);
-            let longest = policy.windows.iter().map(|w| w.per).max().unwrap_or_default();
-            let horizon = nanos((longest + j.guard).max(REVEALED_FOR)).max(per);
+            let horizon = nanos((policy.longest_kept() + j.guard).max(REVEALED_FOR)).max(per);
             j.send(
                 vec![Event::Reveal {
                     key: self.names.encode(key),
@@ -443,7 +442,8 @@ impl Store {
 }
 
 /// How long an admission under `policy` counts after its call: the longest
-/// window and the guard, in nanoseconds.
+/// window of the policies that may share its key, and the guard, in
+/// nanoseconds.
 fn call_horizon(policy: &Policy, guard: Duration) -> i64 {
-    nanos(policy.windows.iter().map(|w| w.per).max().unwrap_or_default() + guard)
+    nanos(policy.longest_kept() + guard)
 }

@@ -21,6 +21,7 @@
 //! driver.
 
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 
@@ -44,6 +45,8 @@ struct Pending {
 struct Ask {
     number: u64,
     windows: Vec<Window>,
+    /// How long the key's log is kept ([`crate::policy::Policy::longest_kept`]).
+    kept: Duration,
     reply: oneshot::Sender<Result<Answer, redis::RedisError>>,
 }
 
@@ -62,11 +65,11 @@ impl Batch {
             st.driving = false;
             return None;
         }
-        let windows = st.asks[0].windows.clone();
+        let (windows, kept) = (st.asks[0].windows.clone(), st.asks[0].kept);
         let mut run = Vec::new();
         let mut rest = Vec::new();
         for ask in st.asks.drain(..) {
-            if run.len() < MAX_BATCH && ask.windows == windows {
+            if run.len() < MAX_BATCH && ask.windows == windows && ask.kept == kept {
                 run.push(ask);
             } else {
                 rest.push(ask);
@@ -102,12 +105,13 @@ impl RedisStore {
         queue: &Arc<KeyQueue>,
         key: &QuotaKey,
         windows: &[Window],
+        kept: Duration,
         number: u64,
     ) -> Result<Answer, redis::RedisError> {
         let (reply, answer) = oneshot::channel();
         let start = {
             let mut st = queue.batch.lock();
-            st.asks.push(Ask { number, windows: windows.to_vec(), reply });
+            st.asks.push(Ask { number, windows: windows.to_vec(), kept, reply });
             !std::mem::replace(&mut st.driving, true)
         };
         if start {
@@ -128,7 +132,7 @@ impl RedisStore {
                 return;
             };
             let numbers: Vec<u64> = run.iter().map(|a| a.number).collect();
-            match self.ask_many(&name, &run[0].windows, &numbers).await {
+            match self.ask_many(&name, &run[0].windows, run[0].kept, &numbers).await {
                 Ok(outcome) => {
                     let mut gone = Vec::new();
                     for (j, ask) in run.into_iter().enumerate() {

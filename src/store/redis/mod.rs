@@ -63,9 +63,11 @@ use crate::quota::{KeyMap, QuotaKey, Window, WindowUse};
 /// Check every window of a key and record calls, or say when one could go.
 ///
 /// KEYS: the log (sorted set), the hold, the revealed limits (a hash of
-/// window length µs to limit). ARGV: guard µs, window count `n`, then limit
-/// and length µs per window, then the new entries' members (each unique:
-/// the replica's nonce and a counter), in the order their calls asked. A
+/// window length µs to limit). ARGV: guard µs, window count `n`, how long
+/// the log is kept µs (at least the longest window of any policy sharing
+/// the key, plus the guard), then limit and length µs per window, then the
+/// new entries' members (each unique: the replica's nonce and a counter), in
+/// the order their calls asked. A
 /// revealed limit lowers the window of its length, or adds one
 /// ([`crate::quota::tightened`]).
 ///
@@ -88,9 +90,9 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local guard = tonumber(ARGV[1])
 local n = tonumber(ARGV[2])
-local k = #ARGV - 2 - 2 * n
+local k = #ARGV - 3 - 2 * n
 local wins = {}
-for i = 1, n do wins[i] = {tonumber(ARGV[1 + 2 * i]), tonumber(ARGV[2 + 2 * i])} end
+for i = 1, n do wins[i] = {tonumber(ARGV[2 + 2 * i]), tonumber(ARGV[3 + 2 * i])} end
 local revealed = redis.call('HGETALL', KEYS[3])
 for j = 1, #revealed, 2 do
   local per, limit = tonumber(revealed[j]), tonumber(revealed[j + 1])
@@ -107,7 +109,7 @@ local m = k
 local free, binding = now, 0
 local hold = tonumber(redis.call('GET', KEYS[2]) or '0')
 if hold > now then m = 0; free = hold; binding = -1 end
-local longest = 0
+local longest = tonumber(ARGV[3])
 local old = {}
 for i = 1, #wins do
   local limit, per = wins[i][1], wins[i][2]
@@ -141,12 +143,12 @@ end
 local out = {m, now, free, binding}
 if m == 0 then return out end
 local add = {}
-for j = 1, m do add[2 * j - 1] = now; add[2 * j] = ARGV[2 + 2 * n + j] end
+for j = 1, m do add[2 * j - 1] = now; add[2 * j] = ARGV[3 + 2 * n + j] end
 redis.call('ZADD', KEYS[1], unpack(add))
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. string.format('%.0f', now - longest))
 redis.call('PEXPIRE', KEYS[1], math.floor(longest / 1000) + 1)
 for i = 1, n do
-  local per = tonumber(ARGV[2 + 2 * i])
+  local per = tonumber(ARGV[3 + 2 * i])
   out[4 + i] = redis.call('ZCOUNT', KEYS[1], '(' .. string.format('%.0f', now - per), '+inf')
 end
 return out
@@ -426,11 +428,13 @@ impl RedisStore {
         &self,
         name: &str,
         windows: &[Window],
+        kept: Duration,
         numbers: &[u64],
     ) -> Result<Outcome, redis::RedisError> {
         let mut call = self.admit.key(self.named("log", name));
         call.key(self.named("hold", name)).key(self.named("revealed", name));
-        call.arg(self.guard_us).arg(windows.len());
+        let kept_us = u64::try_from(kept.as_micros()).unwrap_or(u64::MAX).saturating_add(self.guard_us);
+        call.arg(self.guard_us).arg(windows.len()).arg(kept_us);
         for w in windows {
             call.arg(w.limit.get()).arg(u64::try_from(w.per.as_micros()).unwrap_or(u64::MAX));
         }
@@ -450,7 +454,8 @@ impl RedisStore {
 
     /// Ask Redis for one call numbered `number`.
     async fn ask(&self, key: &QuotaKey, policy: &Policy, number: u64) -> Result<Answer, redis::RedisError> {
-        let outcome = self.ask_many(&self.names.encode(key), &policy.windows, &[number]).await?;
+        let outcome =
+            self.ask_many(&self.names.encode(key), &policy.windows, policy.longest_kept(), &[number]).await?;
         Ok(outcome.answer(0, &policy.windows))
     }
 
@@ -476,8 +481,7 @@ impl RedisStore {
         if !self.is_up() {
             return;
         }
-        let longest = policy.windows.iter().map(|w| w.per).max().unwrap_or_default()
-            + Duration::from_micros(self.guard_us);
+        let longest = policy.longest_kept() + Duration::from_micros(self.guard_us);
         let mut call = self.restamp.key(self.key("log", key));
         call.arg(self.member(admitted.ticket()))
             .arg(u64::try_from(longest.as_millis()).unwrap_or(u64::MAX).saturating_add(1));
@@ -545,8 +549,8 @@ impl RedisStore {
         if !self.is_up() {
             return;
         }
-        let windows = policy.windows.iter().map(|w| w.per);
-        let longest = windows.chain([window.per, super::REVEALED_FOR]).max().unwrap_or_default();
+        let longest =
+            [policy.longest_kept(), window.per, super::REVEALED_FOR].into_iter().max().unwrap_or_default();
         let ttl_ms = u64::try_from(longest.as_millis()).unwrap_or(u64::MAX) + self.guard_us / 1000 + 1;
         let mut call = self.reveal.key(self.key("revealed", key));
         call.arg(u64::try_from(window.per.as_micros()).unwrap_or(u64::MAX))

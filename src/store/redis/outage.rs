@@ -212,7 +212,7 @@ impl RedisStore {
         policy: &Policy,
         times: &[u64],
     ) -> Result<(), redis::RedisError> {
-        let longest = policy.windows.iter().map(|w| w.per).max().unwrap_or_default();
+        let longest = policy.longest_kept();
         let entries = times.iter().map(|&at| {
             let us = self.clock.to_unix(at) / 1000;
             (us, format!("{:x}-L{us}", self.nonce))

@@ -204,7 +204,7 @@ impl RedisStore {
         if alone || policy.mode == Mode::Reject {
             if capped.at <= now {
                 let number = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                match self.ask_batched(&queue, key, &policy.windows, number).await {
+                match self.ask_batched(&queue, key, &policy.windows, policy.longest_kept(), number).await {
                     Ok(Answer::Admitted { at_us, counts }) => {
                         let admitted = self
                             .admitted(limiter, key, policy, (at_us, number), counts, started)
