@@ -163,6 +163,29 @@ async fn over_demand_for_three_hours_uses_the_budget_without_upstream_429s() {
     assert_eq!(l["in_flight"], 0);
 }
 
+/// A query whose responses never carry `Stats` is charged its wall time,
+/// and that cost, above its estimate, is what its next run reserves: the
+/// second run waits for room instead of carrying the tenant past its budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_without_stats_reserves_what_it_was_charged() {
+    let _one_at_a_time = support::timing_exclusive().await;
+    let hour = Duration::from_secs(3);
+    let budget = Duration::from_secs(1);
+    let emu = Emulator::start(EmulatorConfig::new().running_time(budget, hour)).await;
+    let gw = TestGateway::start(&emu.url(), &hunting_config(r#"[{ limit = "1s", per = "3s" }]"#, "")).await;
+    let q = query(0.8, "stats=none");
+    for _ in 0..2 {
+        let r = post(&gw, HUNT, "t", body(&q)).await;
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+    }
+    let charges = emu.charges("t");
+    assert!(charges.max_in_any(hour) <= budget, "{:?} in one window", charges.max_in_any(hour));
+    assert_eq!(emu.throttled(), 0);
+    let estimate = ledger(&quota(&gw).await, "t")["estimate_seconds"].as_f64().unwrap();
+    assert!(estimate >= 0.8, "the estimate learnt the 0.8 s charge: {estimate}");
+}
+
 /// Issue #3, case 2: several tenants at once, each inside its own budget,
 /// and a light tenant is not slowed by the saturated ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -591,10 +591,13 @@ impl Reservation {
         self.finish(Some(cost), true);
     }
 
-    /// Charge a cost that was not metered (no `Stats`, an error answer):
-    /// it is not learnt from.
+    /// Charge a cost that was not metered (no `Stats`, an error answer).
+    /// It is learnt from only when above the estimate: the text then cost
+    /// at least that much, and a query that never reports `Stats` (one the
+    /// service preempts, say) must not reserve its small estimate forever.
     pub fn charge(mut self, cost: Duration) {
-        self.finish(Some(cost), false);
+        let above = cost > self.estimate;
+        self.finish(Some(cost), above);
     }
 
     /// Nothing ran: release the reservation without a charge.
@@ -645,8 +648,10 @@ impl Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
+        // Charged by rule; learnt from, as `charge`, only above the estimate.
         let cost = self.unknown_cost();
-        self.finish(cost, false);
+        let above = cost.is_some_and(|c| c > self.estimate);
+        self.finish(cost, above);
     }
 }
 
@@ -728,6 +733,36 @@ mod tests {
         assert_eq!(no.retry_after, Duration::from_secs(60), "the hold's end, not the caller's wait");
         assert_eq!(t0.elapsed(), Duration::ZERO, "at once");
         assert!(patient.await.unwrap(), "the patient one goes when the hold ends");
+    }
+
+    /// A text whose cost never comes from `Stats` still teaches the
+    /// estimate when it costs more than it reserved: its next run reserves
+    /// that, not the default again.
+    #[tokio::test(start_paused = true)]
+    async fn an_unmetered_charge_above_the_estimate_is_learnt() {
+        let e = estimator(40);
+        let l = RuntimeLimiter::new(Duration::ZERO, e);
+        let b = budgets();
+        let d = demand(&b, &e, Mode::Reject, 0);
+        let mut r = l.reserve(&key("t"), &d, &gauge()).await.unwrap();
+        assert_eq!(r.estimate(), Duration::from_millis(40));
+        r.sent();
+        tokio::time::advance(Duration::from_millis(800)).await;
+        r.answered();
+        let wall = r.wall_time();
+        r.charge(wall);
+        let mut r = l.reserve(&key("t"), &d, &gauge()).await.unwrap();
+        assert_eq!(r.estimate(), Duration::from_millis(800), "learnt from the wall-time charge");
+        // Dropped mid-query (charged by rule): above the estimate, learnt too.
+        r.sent();
+        tokio::time::advance(Duration::from_secs(2)).await;
+        drop(r);
+        let r = l.reserve(&key("t"), &d, &gauge()).await.unwrap();
+        assert!(r.estimate() >= Duration::from_secs(2), "{:?}", r.estimate());
+        // A quick error below the estimate teaches nothing.
+        r.charge(Duration::from_millis(5));
+        let r = l.reserve(&key("t"), &d, &gauge()).await.unwrap();
+        assert!(r.estimate() >= Duration::from_secs(2), "{:?}", r.estimate());
     }
 
     /// Two policies share a tenant's ledger: one counts an hour, the other
@@ -834,13 +869,15 @@ mod tests {
             (s.budgets[0].charged, s.budgets[0].reserved, s.in_flight),
             (Duration::from_secs(5), Duration::ZERO, 0)
         );
-        // Sent and dropped at once: the estimate.
+        // The 5 s charge, above the 2 s estimate, was learnt: sent and
+        // dropped at once, the next query is charged that estimate.
+        assert_eq!(l.snapshot(&[])[0].estimate, Duration::from_secs(5));
         let mut r = l.reserve(&key("t"), &d, &gauge()).await.unwrap();
         r.sent();
         drop(r);
-        assert_eq!(l.snapshot(&[])[0].budgets[0].charged, Duration::from_secs(7));
-        // An unmetered charge teaches nothing: the estimate stays the default.
-        assert_eq!(l.snapshot(&[])[0].estimate, Duration::from_secs(2));
+        assert_eq!(l.snapshot(&[])[0].budgets[0].charged, Duration::from_secs(10));
+        // A charge of the estimate itself teaches nothing new.
+        assert_eq!(l.snapshot(&[])[0].estimate, Duration::from_secs(5));
     }
 
     #[tokio::test(start_paused = true)]
