@@ -25,6 +25,11 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::time::Duration;
 
+/// The least a query reserves: one whose text has cost nothing so far
+/// (`Stats` said 0) still needs room, so none is admitted to a tenant whose
+/// budget is spent to the nanosecond.
+pub const MIN_ESTIMATE: Duration = Duration::from_millis(1);
+
 /// Whose history a query's estimate is learnt from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EstimateBy {
@@ -129,7 +134,7 @@ impl History {
                 .and_then(|t| e.percentile_of(&t.costs)),
             _ => None,
         };
-        own.or_else(|| e.percentile_of(&self.recent)).unwrap_or(e.default)
+        own.or_else(|| e.percentile_of(&self.recent)).unwrap_or(e.default).max(MIN_ESTIMATE)
     }
 
     /// A query of `text` was metered at `cost` nanoseconds.
@@ -189,6 +194,16 @@ mod tests {
             queries,
             query_runs,
         }
+    }
+
+    #[test]
+    fn a_text_that_cost_nothing_still_reserves_a_millisecond() {
+        let e = Estimator::by_key(Duration::from_secs(7), 90, 10);
+        let mut h = History::default();
+        for _ in 0..3 {
+            h.learn(&e, None, 0);
+        }
+        assert_eq!(h.estimate(&e, None), MIN_ESTIMATE);
     }
 
     #[test]
