@@ -302,6 +302,48 @@ async fn charges_made_after_a_reload_count_for_the_reloaded_budget_across_a_rest
     assert_eq!(emu.requests().len(), 1, "the upstream ran the first query only");
 }
 
+/// A query in flight when the gateway is killed ran on at the service: the
+/// restarted gateway charges it the time since it was sent (up to the
+/// policy's total timeout), not only its estimate.
+#[tokio::test]
+async fn a_query_in_flight_at_a_crash_is_charged_what_it_may_have_run() {
+    use support::hunt::{body, query};
+    let emu = Emulator::start(EmulatorConfig::new()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.db");
+    let cfg = dir.path().join("gateway.toml");
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\naccess_log = false\nguard = \"50ms\"\n\
+         [[upstream]]\nname = \"defender\"\nurl = \"{}\"\nkind = \"defender\"\nroute_prefixes = [\"/api/\"]\n\
+         [store]\nbackend = \"sqlite\"\npath = {:?}\n\
+         [hunting]\nbudgets = [{{ limit = \"3s\", per = \"60s\" }}]\nestimate = \"1s\"\n\
+         [[policy]]\nname = \"hunting\"\nmethods = [\"POST\"]\npaths = [\"/api/advancedhunting/run\"]\n\
+         hunting = true\nwindows = [{{ limit = 100, per = \"1s\" }}]\nmode = \"reject\"\n",
+        emu.url(),
+        db.to_str().unwrap(),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let http = client();
+    let hunt = |gw: &Gateway, cost: f64| {
+        let request = http
+            .post(gw.url("/api/advancedhunting/run"))
+            .header("authorization", bearer("tenant-rt", "app"))
+            .body(body(&query(cost, "")));
+        async move { request.send().await.map(|r| r.status().as_u16()).unwrap_or(0) }
+    };
+    let gw = Gateway::start(&cfg, dir.path()).unwrap();
+    let long = tokio::spawn(hunt(&gw, 5.0));
+    // The query is on its way (its 1 s estimate committed as in flight)...
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    gw.kill();
+    let _ = long.await;
+    // ...and ran 2.5 s or more: of the 3 s budget, less than the next
+    // query's 1 s estimate is left.
+    let gw = Gateway::start(&cfg, dir.path()).unwrap();
+    assert_eq!(hunt(&gw, 1.0).await, 429, "the crashed query counts what it may have run");
+    assert_eq!(emu.requests().len(), 1, "the upstream ran the first query only");
+}
+
 /// A call whose body comes slowly is counted from when it leaves: the
 /// state file moves its admission there too, so a restart restores the
 /// window as the upstream counts it.

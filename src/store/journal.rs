@@ -101,7 +101,10 @@ pub(super) fn open(
         Err(e) => return Err(e),
     };
     let clock = limiter.clock();
-    let contents = sqlite::load(&conn, sqlite::unix_now())
+    // The longest a hunting query may run: the gateway gives up on it at
+    // its policy's total timeout.
+    let longest_run = config.policies.0.iter().filter(|p| p.hunting).map(|p| p.timeouts.total).max();
+    let contents = sqlite::load(&conn, sqlite::unix_now(), nanos(longest_run.unwrap_or_default()))
         .map_err(|e| StoreError::Corrupt { path: path.display().to_string(), detail: e.to_string() })?;
     let restored = restore(config, &names, &contents, clock, limiter, runtime);
     tracing::info!(path = %path.display(), admissions = restored.0, charges = restored.1, holds = restored.2,

@@ -87,7 +87,8 @@ pub struct Contents {
     /// `(key, policy, at)`.
     pub admissions: Vec<(String, String, i64)>,
     /// `(key, end, cost)`; queries in flight at a crash appear here charged
-    /// their estimate at the moment the file was read.
+    /// at the moment the file was read: the larger of their estimate and the
+    /// time since they were sent, up to the longest a query may run.
     pub charges: Vec<(String, i64, i64)>,
     /// `(scope, key, policy, until)`.
     pub holds: Vec<(String, String, String, i64)>,
@@ -159,8 +160,9 @@ fn policy(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<String> {
     })
 }
 
-/// Everything in the file that still counts at `now`.
-pub fn load(conn: &Connection, now: i64) -> rusqlite::Result<Contents> {
+/// Everything in the file that still counts at `now`; a query in flight at
+/// a crash is taken to have run at most `longest_run` nanoseconds.
+pub fn load(conn: &Connection, now: i64, longest_run: i64) -> rusqlite::Result<Contents> {
     let mut c = Contents::default();
     let mut q = conn.prepare("SELECT key, policy, at FROM admissions WHERE expires > ?1 ORDER BY key, at")?;
     c.admissions =
@@ -168,12 +170,18 @@ pub fn load(conn: &Connection, now: i64) -> rusqlite::Result<Contents> {
     let mut q =
         conn.prepare("SELECT key, end_at, cost FROM charges WHERE expires > ?1 ORDER BY key, end_at")?;
     c.charges = q.query_map([now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?;
-    // A query that was in flight when the process died may have run: charge
-    // its estimate, as ending now (the latest it can have been charged).
-    let mut q = conn.prepare("SELECT key, estimate FROM pending WHERE expires > ?1")?;
-    let pending: Vec<(String, i64)> =
-        q.query_map([now], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
-    c.charges.extend(pending.into_iter().map(|(k, e)| (k, now, e)));
+    // A query that was in flight when the process died may have run on: the
+    // service charges what it ran, which the gateway never learnt. Charge
+    // the rule's max(estimate, wall time), the wall time up to now but no
+    // longer than a query may run, as ending now (the latest it can have
+    // been charged).
+    let mut q = conn.prepare("SELECT key, sent, estimate FROM pending WHERE expires > ?1")?;
+    let pending: Vec<(String, i64, i64)> =
+        q.query_map([now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?;
+    c.charges.extend(pending.into_iter().map(|(k, sent, e)| {
+        let ran = now.saturating_sub(sent).clamp(0, longest_run.max(0));
+        (k, now, e.max(ran))
+    }));
     let mut q = conn.prepare("SELECT scope, key, policy, until FROM holds WHERE until > ?1")?;
     c.holds = q
         .query_map([now], |r| Ok((r.get(0)?, r.get(1)?, policy(r, 2)?, r.get(3)?)))?
@@ -359,14 +367,14 @@ mod tests {
             Event::Reveal { key: k.clone(), policy: "incidents".into(), per: 60, limit: 30, expires: 2_000 },
         ];
         let (_dir, conn) = written(&events);
-        let c = load(&conn, 60).unwrap();
+        let c = load(&conn, 60, 0).unwrap();
         assert_eq!(c.admissions, vec![(k.clone(), "incidents".to_string(), 100)]);
         assert_eq!(c.charges, vec![(k.clone(), 400, 25)]);
         assert_eq!(c.holds, vec![("call".to_string(), k.clone(), "incidents".to_string(), 900)]);
         assert_eq!(c.reveals, vec![(k.clone(), "incidents".to_string(), 60, 30)]);
         assert_eq!(prune(&conn, 1_000, 1).unwrap(), (2, true), "one row a table at a time");
         assert_eq!(prune(&conn, 1_000, 100).unwrap(), (1, false), "two admissions and the hold have expired");
-        assert!(load(&conn, 1_000).unwrap().admissions.is_empty());
+        assert!(load(&conn, 1_000, 0).unwrap().admissions.is_empty());
     }
 
     #[test]
@@ -385,14 +393,14 @@ mod tests {
             Event::Restamp { key: k.clone(), at: 150, to: 500, expires: 1_400 },
         ];
         let (_dir, conn) = written(&events);
-        let c = load(&conn, 60).unwrap();
+        let c = load(&conn, 60, 0).unwrap();
         let at = |t| (k.clone(), "incidents".to_string(), t);
         assert_eq!(c.admissions, vec![at(100), at(400)]);
-        assert_eq!(load(&conn, 1_000).unwrap().admissions, vec![at(400)], "it counts from its departure");
+        assert_eq!(load(&conn, 1_000, 0).unwrap().admissions, vec![at(400)], "it counts from its departure");
     }
 
     #[test]
-    fn garbage_is_corrupt_and_a_pending_query_is_charged_its_estimate() {
+    fn garbage_is_corrupt_and_a_pending_query_is_charged_by_the_rule() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.db");
         std::fs::write(&path, vec![0x5a; 8192]).unwrap();
@@ -402,6 +410,11 @@ mod tests {
         let mut conn = open(&path, Durability::Full).unwrap();
         let e = Event::Pending { id: 1, key: "k".into(), sent: 5, estimate: 9, expires: 100 };
         write(&mut conn, &[&e]).unwrap();
-        assert_eq!(load(&conn, 50).unwrap().charges, vec![("k".to_string(), 50, 9)]);
+        // Sent at 5: read at 10, its estimate (9) is more than the 5 it ran.
+        assert_eq!(load(&conn, 10, 1_000).unwrap().charges, vec![("k".to_string(), 10, 9)]);
+        // Read at 50, it ran 45: more than its estimate.
+        assert_eq!(load(&conn, 50, 1_000).unwrap().charges, vec![("k".to_string(), 50, 45)]);
+        // A query runs 20 at the most: read at 90, it ran no more than that.
+        assert_eq!(load(&conn, 90, 20).unwrap().charges, vec![("k".to_string(), 90, 20)]);
     }
 }
