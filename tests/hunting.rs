@@ -186,6 +186,27 @@ async fn a_query_without_stats_reserves_what_it_was_charged() {
     assert!(estimate >= 0.8, "the estimate learnt the 0.8 s charge: {estimate}");
 }
 
+/// A response of announced length without `Stats`, read to its end, is
+/// counted as unmetered and charged by rule as its last bytes go: the
+/// server never polls such a body past its last byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sized_response_without_stats_is_reported_unmetered() {
+    let emu = Emulator::start(EmulatorConfig::new()).await;
+    let gw = TestGateway::start(&emu.url(), &hunting_config(r#"[{ limit = "10m", per = "1h" }]"#, "")).await;
+    for (i, extra) in ["bytes=400000 stats=none", "stats=none"].into_iter().enumerate() {
+        let r = post(&gw, HUNT, "t", body(&query(0.05, extra))).await;
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let want = (i + 1) as f64;
+        while gw.metric("quotagate_hunting_unmetered_total{policy=\"hunting\"}").await < want {
+            assert!(Instant::now() < deadline, "{extra}: never counted as unmetered");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert_eq!(gw.metric("quotagate_runtime_in_flight{tenant=\"t\"}").await, 0.0);
+}
+
 /// Issue #3, case 2: several tenants at once, each inside its own budget,
 /// and a light tenant is not slowed by the saturated ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -307,6 +307,15 @@ impl MeterBody {
             s.settle();
         }
     }
+
+    /// Settle as the last bytes go out, when nothing is left to send: the
+    /// server stops polling a body of announced length after its last byte,
+    /// so the end itself may never be polled.
+    fn ended_if_done(&mut self) {
+        if self.prefix.is_empty() && self.inner.as_ref().is_none_or(http_body::Body::is_end_stream) {
+            self.ended();
+        }
+    }
 }
 
 impl http_body::Body for MeterBody {
@@ -329,6 +338,9 @@ impl http_body::Body for MeterBody {
             return Poll::Pending;
         }
         if let Some(next) = this.prefix.pop_front() {
+            if next.is_ok() {
+                this.ended_if_done();
+            }
             return Poll::Ready(Some(next.map(Frame::data)));
         }
         let Some(inner) = this.inner.as_mut() else {
@@ -350,6 +362,7 @@ impl http_body::Body for MeterBody {
                         }
                     }
                 }
+                this.ended_if_done();
                 Poll::Ready(Some(Ok(frame)))
             }
             Some(Err(e)) => {
