@@ -72,8 +72,8 @@ pub(crate) struct KeyState {
     next_id: u64,
     /// No admission before this time: the upstream asked the key to pause.
     hold_until: u64,
-    /// A lower limit the upstream revealed for this key.
-    revealed: Option<Window>,
+    /// Lower limits the upstream revealed for this key, one per window length.
+    revealed: Vec<Window>,
     /// The policy of the latest call on this key (for status reports).
     policy: u16,
     /// Waiters pushed out of the full queue for another client's newcomer
@@ -84,9 +84,24 @@ pub(crate) struct KeyState {
 impl KeyState {
     /// The policy's windows, tightened by what the upstream revealed.
     fn windows<'a>(&self, policy: &'a Policy) -> Cow<'a, [Window]> {
-        match self.revealed {
-            Some(r) => Cow::Owned(tightened(&policy.windows, r)),
-            None => Cow::Borrowed(&policy.windows),
+        if self.revealed.is_empty() {
+            return Cow::Borrowed(&policy.windows);
+        }
+        Cow::Owned(self.revealed.iter().fold(policy.windows.clone(), |w, &r| tightened(&w, r)))
+    }
+
+    /// Keep a revealed limit: the lower of it and one already revealed for
+    /// its window length. Returns the limit kept for that length.
+    fn keep_revealed(&mut self, window: Window) -> Window {
+        match self.revealed.iter_mut().find(|r| r.per == window.per) {
+            Some(r) => {
+                *r = Window::new(r.limit.min(window.limit), r.per);
+                *r
+            }
+            None => {
+                self.revealed.push(window);
+                window
+            }
         }
     }
 
@@ -307,24 +322,22 @@ impl Limiter {
     }
 
     /// Put back what a durable store remembered for `key` under `policy`:
-    /// its admissions (clock readings, any order), an upstream hold and a
-    /// revealed limit. Restoring only adds constraints, never loosens one.
+    /// its admissions (clock readings, any order), an upstream hold and the
+    /// limits revealed for it. Restoring only adds constraints, never loosens
+    /// one.
     pub fn restore(
         &self,
         key: &QuotaKey,
         policy: &Policy,
         times: &[u64],
         hold_until: u64,
-        revealed: Option<Window>,
+        revealed: &[Window],
     ) {
         let cell = self.cell(key);
         let mut st = cell.lock();
         st.policy = policy.key_id;
-        if let Some(r) = revealed {
-            st.revealed = Some(match st.revealed {
-                Some(old) if old.per == r.per => Window::new(old.limit.min(r.limit), r.per),
-                _ => r,
-            });
+        for &r in revealed {
+            st.keep_revealed(r);
         }
         let windows = st.windows(policy);
         st.retention = st.retention.union(kept(policy, &windows, self.guard));
@@ -587,14 +600,10 @@ impl Limiter {
         let cell = self.cell(key);
         let mut st = cell.lock();
         let before = st.windows(policy).into_owned();
-        let revealed = match st.revealed {
-            Some(r) if r.per == window.per => Window::new(r.limit.min(window.limit), r.per),
-            _ => window,
-        };
-        if tightened(&before, revealed) == before {
+        if tightened(&before, window) == before {
             return false;
         }
-        st.revealed = Some(revealed);
+        let revealed = st.keep_revealed(window);
         st.retention = st.retention.union(Retention::for_windows(&[revealed], self.guard));
         true
     }

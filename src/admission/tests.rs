@@ -272,6 +272,22 @@ async fn a_revealed_lower_limit_applies_to_its_key_only() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn limits_revealed_for_two_window_lengths_both_hold() {
+    let limiter = Limiter::new(Duration::ZERO);
+    let p = policy(Mode::Reject, 10, Duration::from_secs(1), 0, Duration::ZERO);
+    let g = gauge();
+    let per_second = Window::new(NonZeroU32::new(2).unwrap(), Duration::from_secs(1));
+    let per_hour = Window::new(NonZeroU32::new(1000).unwrap(), Duration::from_secs(3600));
+    assert!(limiter.reveal(&key("t"), &p, per_second));
+    assert!(limiter.reveal(&key("t"), &p, per_hour), "a window the policy lacks");
+    for _ in 0..2 {
+        limiter.acquire(&key("t"), &p, Duration::ZERO, &g).await.unwrap();
+    }
+    let r = limiter.acquire(&key("t"), &p, Duration::ZERO, &g).await.unwrap_err();
+    assert_eq!(r.window, Some(per_second), "the hour's reveal did not replace the second's");
+}
+
+#[tokio::test(start_paused = true)]
 async fn draining_turns_away_at_once_only_the_waiters_whose_slot_comes_too_late() {
     let limiter = Arc::new(Limiter::new(Duration::ZERO));
     let p = policy(Mode::Queue, 1, Duration::from_secs(10), 10, Duration::from_secs(60));

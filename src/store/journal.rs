@@ -168,15 +168,16 @@ fn restore(
         let j = i + c.admissions[i..].iter().take_while(|(k, _, _)| k == key).count();
         let times: Vec<u64> = c.admissions[i..j].iter().map(|(_, _, at)| clock.from_unix(*at)).collect();
         if let (Some(qk), Some(p)) = (decode(key), policy(pid)) {
-            let revealed = c
+            // Every limit revealed for the key, of whatever window length.
+            let revealed: Vec<Window> = c
                 .reveals
                 .iter()
                 .filter(|(k, _, _, _)| k == key)
                 .filter_map(|(_, _, per, lim)| {
                     Some(Window::new(NonZeroU32::new(*lim)?, Duration::from_nanos(u64::try_from(*per).ok()?)))
                 })
-                .min_by_key(|w| w.limit);
-            limiter.restore(&qk, p, &times, 0, revealed);
+                .collect();
+            limiter.restore(&qk, p, &times, 0, &revealed);
             n.0 += times.len();
         }
         i = j;
@@ -199,7 +200,7 @@ fn restore(
         let (Some(qk), until) = (decode(key), clock.from_unix(*until)) else { continue };
         match (scope.as_str(), policy(pid)) {
             ("runtime", _) => runtime.restore(&qk, &hunting_budgets, retention, &[], until),
-            (_, Some(p)) => limiter.restore(&qk, p, &[], until, None),
+            (_, Some(p)) => limiter.restore(&qk, p, &[], until, &[]),
             _ => continue,
         }
         n.2 += 1;
