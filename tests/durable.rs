@@ -50,6 +50,41 @@ max_queue = 1000
     path
 }
 
+/// A hunting gateway on the state file `db`: a running-time budget of
+/// `limit` per `per`, a 1 s estimate, call windows that never bind.
+fn write_hunting_config(cfg: &Path, upstream: &str, db: &Path, limit: &str, per: &str) {
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\naccess_log = false\nguard = \"50ms\"\n\
+         [[upstream]]\nname = \"defender\"\nurl = \"{upstream}\"\nkind = \"defender\"\nroute_prefixes = [\"/api/\"]\n\
+         [store]\nbackend = \"sqlite\"\npath = {:?}\n\
+         [hunting]\nbudgets = [{{ limit = \"{limit}\", per = \"{per}\" }}]\nestimate = \"1s\"\n\
+         [[policy]]\nname = \"hunting\"\nmethods = [\"POST\"]\npaths = [\"/api/advancedhunting/run\"]\n\
+         hunting = true\nwindows = [{{ limit = 100, per = \"1s\" }}]\nmode = \"reject\"\n",
+        db.to_str().unwrap(),
+    );
+    std::fs::write(cfg, text).unwrap();
+}
+
+/// A hunting query of `cost` seconds through `gw`, read to its end: its
+/// status, or 0 when the gateway went away.
+fn hunt(gw: &Gateway, cost: f64) -> impl std::future::Future<Output = u16> + Send + 'static {
+    use support::hunt::{body, query};
+    let request = client()
+        .post(gw.url("/api/advancedhunting/run"))
+        .header("authorization", bearer("tenant-rt", "app"))
+        .body(body(&query(cost, "")));
+    async move {
+        match request.send().await {
+            Ok(r) => {
+                let status = r.status().as_u16();
+                let _ = r.bytes().await;
+                status
+            }
+            Err(_) => 0,
+        }
+    }
+}
+
 fn admissions_in(db: &Path) -> i64 {
     let conn = rusqlite::Connection::open(db).unwrap();
     conn.query_row("SELECT count(*) FROM admissions", [], |r| r.get(0)).unwrap()
@@ -241,37 +276,11 @@ async fn admissions_keep_their_policy_across_a_reload_that_moves_it_and_a_restar
 /// a charge the first config's budget would have let expire.
 #[tokio::test]
 async fn charges_made_after_a_reload_count_for_the_reloaded_budget_across_a_restart() {
-    use support::hunt::{body, query};
     let emu = Emulator::start(EmulatorConfig::new()).await;
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("state.db");
     let cfg = dir.path().join("gateway.toml");
-    let write = |per: &str| {
-        let text = format!(
-            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\naccess_log = false\nguard = \"50ms\"\n\
-             [[upstream]]\nname = \"defender\"\nurl = \"{}\"\nkind = \"defender\"\nroute_prefixes = [\"/api/\"]\n\
-             [store]\nbackend = \"sqlite\"\npath = {:?}\n\
-             [hunting]\nbudgets = [{{ limit = \"2s\", per = \"{per}\" }}]\nestimate = \"1s\"\n\
-             [[policy]]\nname = \"hunting\"\nmethods = [\"POST\"]\npaths = [\"/api/advancedhunting/run\"]\n\
-             hunting = true\nwindows = [{{ limit = 100, per = \"1s\" }}]\nmode = \"reject\"\n",
-            emu.url(),
-            db.to_str().unwrap(),
-        );
-        std::fs::write(&cfg, text).unwrap();
-    };
-    let http = client();
-    let hunt = |gw: &Gateway, cost: f64| {
-        let request = http
-            .post(gw.url("/api/advancedhunting/run"))
-            .header("authorization", bearer("tenant-rt", "app"))
-            .body(body(&query(cost, "")));
-        async move {
-            let r = request.send().await.unwrap();
-            let status = r.status().as_u16();
-            let _ = r.bytes().await;
-            status
-        }
-    };
+    let write = |per: &str| write_hunting_config(&cfg, &emu.url(), &db, "2s", per);
     let horizons = || -> Vec<i64> {
         let conn = rusqlite::Connection::open(&db).unwrap();
         let mut q = conn.prepare("SELECT expires - end_at FROM charges").unwrap();
@@ -307,30 +316,11 @@ async fn charges_made_after_a_reload_count_for_the_reloaded_budget_across_a_rest
 /// policy's total timeout), not only its estimate.
 #[tokio::test]
 async fn a_query_in_flight_at_a_crash_is_charged_what_it_may_have_run() {
-    use support::hunt::{body, query};
     let emu = Emulator::start(EmulatorConfig::new()).await;
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("state.db");
     let cfg = dir.path().join("gateway.toml");
-    let text = format!(
-        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\naccess_log = false\nguard = \"50ms\"\n\
-         [[upstream]]\nname = \"defender\"\nurl = \"{}\"\nkind = \"defender\"\nroute_prefixes = [\"/api/\"]\n\
-         [store]\nbackend = \"sqlite\"\npath = {:?}\n\
-         [hunting]\nbudgets = [{{ limit = \"3s\", per = \"60s\" }}]\nestimate = \"1s\"\n\
-         [[policy]]\nname = \"hunting\"\nmethods = [\"POST\"]\npaths = [\"/api/advancedhunting/run\"]\n\
-         hunting = true\nwindows = [{{ limit = 100, per = \"1s\" }}]\nmode = \"reject\"\n",
-        emu.url(),
-        db.to_str().unwrap(),
-    );
-    std::fs::write(&cfg, text).unwrap();
-    let http = client();
-    let hunt = |gw: &Gateway, cost: f64| {
-        let request = http
-            .post(gw.url("/api/advancedhunting/run"))
-            .header("authorization", bearer("tenant-rt", "app"))
-            .body(body(&query(cost, "")));
-        async move { request.send().await.map(|r| r.status().as_u16()).unwrap_or(0) }
-    };
+    write_hunting_config(&cfg, &emu.url(), &db, "3s", "60s");
     let gw = Gateway::start(&cfg, dir.path()).unwrap();
     let long = tokio::spawn(hunt(&gw, 5.0));
     // The query is on its way (its 1 s estimate committed as in flight)...

@@ -278,18 +278,13 @@ async fn a_caller_can_shorten_its_wait_with_a_header() {
     assert_eq!(emu.throttled(), 0);
 }
 
-/// A call whose body comes slowly is counted from the moment it leaves for
-/// the upstream, not from its admission: the body of a call that may be
-/// retried is read after the admission, and the upstream counts the call
-/// when it arrives, so a waiter behind it must wait for the window to age
-/// from there.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_call_whose_body_comes_slowly_is_counted_from_when_it_leaves() {
-    let _one_at_a_time = support::timing_exclusive().await;
+/// Under 1 call per second, a POST whose 10-byte body comes `after` its
+/// head, and a GET of the same key 100 ms after the head: the emulator, the
+/// slow call's raw answer and the GET's status.
+async fn slow_call_and_the_next(after: Duration) -> (Emulator, String, reqwest::StatusCode) {
     let emu = Emulator::start(incidents_upstream(1, SEC)).await;
     let gw =
         incidents_gateway(&emu, "5ms", "windows = [{ limit = 1, per = \"1s\" }]\nmax_wait = \"5s\"").await;
-    // The slow client: its head now, the rest of its 10-byte body 400 ms later.
     let slow = support::SlowPost::start(&gw.proxy.to_string(), "/api/incidents", &bearer("t", "a")).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     // The next call queues for the slot meanwhile.
@@ -298,10 +293,23 @@ async fn a_call_whose_body_comes_slowly_is_counted_from_when_it_leaves() {
         tokio::spawn(
             async move { http.get(url).header("authorization", auth).send().await.unwrap().status() },
         );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(after - Duration::from_millis(100)).await;
     let answer = slow.finish().await;
+    (emu, answer, next.await.unwrap())
+}
+
+/// A call whose body comes slowly is counted from the moment it leaves for
+/// the upstream, not from its admission: the body of a call that may be
+/// retried is read after the admission, and the upstream counts the call
+/// when it arrives, so a waiter behind it must wait for the window to age
+/// from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_body_comes_slowly_is_counted_from_when_it_leaves() {
+    let _one_at_a_time = support::timing_exclusive().await;
+    // The slow client: its head now, the rest of its 10-byte body 400 ms later.
+    let (emu, answer, next) = slow_call_and_the_next(Duration::from_millis(400)).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    assert_eq!(next.await.unwrap(), 200);
+    assert_eq!(next, 200);
 
     let times = emu.accepted_times("incidents", "t");
     assert_eq!(emu.throttled(), 0, "the upstream never counted two calls in one second");
@@ -321,21 +329,10 @@ async fn a_call_whose_body_comes_slowly_is_counted_from_when_it_leaves() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_whose_body_outlasts_the_window_is_admitted_again() {
     let _one_at_a_time = support::timing_exclusive().await;
-    let emu = Emulator::start(incidents_upstream(1, SEC)).await;
-    let gw =
-        incidents_gateway(&emu, "5ms", "windows = [{ limit = 1, per = \"1s\" }]\nmax_wait = \"5s\"").await;
-    let slow = support::SlowPost::start(&gw.proxy.to_string(), "/api/incidents", &bearer("t", "a")).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let (http, url, auth) = (client(), gw.url("/api/incidents"), bearer("t", "a"));
-    let next =
-        tokio::spawn(
-            async move { http.get(url).header("authorization", auth).send().await.unwrap().status() },
-        );
     // The rest of the body 1.5 s after its head: the next call's slot came
     // at 1 s from the slow call's admission.
-    tokio::time::sleep(Duration::from_millis(1_400)).await;
-    assert_eq!(next.await.unwrap(), 200, "the next call went when the window had aged");
-    let answer = slow.finish().await;
+    let (emu, answer, next) = slow_call_and_the_next(Duration::from_millis(1_500)).await;
+    assert_eq!(next, 200, "the next call went when the window had aged");
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(!answer.contains("x-quotagate-throttled-by: upstream"), "{answer}");
 
