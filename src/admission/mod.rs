@@ -90,6 +90,17 @@ impl KeyState {
         Cow::Owned(self.revealed.iter().fold(policy.windows.clone(), |w, &r| tightened(&w, r)))
     }
 
+    /// The windows by which the key's waiters are ranked and capped: those
+    /// of every policy that may share the key ([`Policy::kept`]), tightened
+    /// by what the upstream revealed. Waiters of different policies on one
+    /// key thus agree on who goes next.
+    fn fair_windows<'a>(&self, policy: &'a Policy) -> Cow<'a, [Window]> {
+        if self.revealed.is_empty() {
+            return Cow::Borrowed(&policy.kept);
+        }
+        Cow::Owned(self.revealed.iter().fold(policy.kept.clone(), |w, &r| tightened(&w, r)))
+    }
+
     /// Keep a revealed limit: the lower of it and one already revealed for
     /// its window length. Returns the limit kept for that length.
     fn keep_revealed(&mut self, window: Window) -> Window {
@@ -123,6 +134,7 @@ impl KeyState {
         ticket: Ticket,
         at: u64,
         windows: &[Window],
+        fair: &[Window],
         guard: Duration,
         start: u64,
     ) -> Admitted {
@@ -131,7 +143,7 @@ impl KeyState {
         self.lanes.admitted(ticket.client, ticket.start, at, retention);
         if !self.queue.is_empty() {
             let slot = self.log.next_free(windows, guard, at.max(self.hold_until)).at;
-            if let Some((next, _)) = self.lanes.pick(self.tickets(), windows, guard, slot) {
+            if let Some((next, _)) = self.lanes.pick(self.tickets(), fair, guard, slot) {
                 self.wake(next);
             }
         }
@@ -162,12 +174,12 @@ impl KeyState {
         ahead: usize,
         own: usize,
         client: u16,
-        windows: &[Window],
+        (windows, fair): (&[Window], &[Window]),
         guard: Duration,
         from: u64,
     ) -> (Binding, bool) {
         let slot = self.log.projected(ahead, windows, guard, from);
-        let cap = self.lanes.cap_free(client, windows, guard, from, own);
+        let cap = self.lanes.cap_free(client, fair, guard, from, own);
         if cap.at > slot.at {
             (cap, true)
         } else {
@@ -425,12 +437,13 @@ impl Limiter {
             let ticket = Ticket { id, client: share.client, class: share.class, start: tag };
             let from = start.max(st.hold_until);
             let slot = st.log.next_free(&windows, guard, from).at;
-            let chosen = st.lanes.pick(st.tickets().chain([&ticket]), &windows, guard, slot);
+            let fair = st.fair_windows(policy);
+            let chosen = st.lanes.pick(st.tickets().chain([&ticket]), &fair, guard, slot);
             if chosen.is_some_and(|(c, at)| c == id && at <= start) {
-                return Ok(st.admit(ticket, start, &windows, guard, start));
+                return Ok(st.admit(ticket, start, &windows, &fair, guard, start));
             }
-            let (ahead, own) = st.lanes.ahead(st.tickets(), &ticket, &windows, guard, start);
-            let (grant, capped) = st.grant(ahead, own, share.client, &windows, guard, from);
+            let (ahead, own) = st.lanes.ahead(st.tickets(), &ticket, &fair, guard, start);
+            let (grant, capped) = st.grant(ahead, own, share.client, (&windows, &fair), guard, from);
             let wait = Duration::from_nanos(grant.at - start);
             // A full queue is the last check: making room pushes another
             // client's waiter out, only for a newcomer that will wait.
@@ -469,8 +482,9 @@ impl Limiter {
                     // Another client's newcomer took this place in the full
                     // queue: say when this one would go, were it queued.
                     place.queued = false;
-                    let (ahead, own) = st.lanes.ahead(st.tickets(), &mine, &windows, guard, now);
-                    let (grant, capped) = st.grant(ahead, own, share.client, &windows, guard, from);
+                    let fair = st.fair_windows(policy);
+                    let (ahead, own) = st.lanes.ahead(st.tickets(), &mine, &fair, guard, now);
+                    let (grant, capped) = st.grant(ahead, own, share.client, (&windows, &fair), guard, from);
                     return Err(Rejection {
                         reason: Reason::QueueFull,
                         retry_after: Duration::from_nanos(grant.at - now),
@@ -480,14 +494,15 @@ impl Limiter {
                     });
                 }
                 let slot = st.log.next_free(&windows, guard, from).at;
-                let chosen = st.lanes.pick(st.tickets(), &windows, guard, slot);
+                let fair = st.fair_windows(policy);
+                let chosen = st.lanes.pick(st.tickets(), &fair, guard, slot);
                 let mine = chosen.filter(|&(c, _)| c == id).map(|(_, at)| at);
                 match (chosen, mine) {
                     (_, Some(at)) if at <= now => {
                         place.queued = false;
                         let i = st.queue.iter().position(|w| w.ticket.id == id).expect("a queued place");
                         let ticket = st.queue.remove(i).ticket;
-                        return Ok(st.admit(ticket, now, &windows, guard, start));
+                        return Ok(st.admit(ticket, now, &windows, &fair, guard, start));
                     }
                     // Whoever goes next must be awake to its timer.
                     (Some((other, _)), None) => st.wake(other),
@@ -495,8 +510,8 @@ impl Limiter {
                 }
                 if now >= deadline || self.drain.on() {
                     let me = st.tickets().find(|t| t.id == id).copied().expect("a queued place");
-                    let (ahead, own) = st.lanes.ahead(st.tickets(), &me, &windows, guard, now);
-                    let (grant, capped) = st.grant(ahead, own, share.client, &windows, guard, from);
+                    let (ahead, own) = st.lanes.ahead(st.tickets(), &me, &fair, guard, now);
+                    let (grant, capped) = st.grant(ahead, own, share.client, (&windows, &fair), guard, from);
                     // Draining, a waiter whose slot comes in time waits on.
                     let reason = if now >= deadline {
                         Some(Reason::Expired)

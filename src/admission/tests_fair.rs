@@ -264,3 +264,48 @@ mod property {
         }
     }
 }
+
+/// Two policies share the tenant's key, 10 and 100 calls a minute, and a
+/// client capped at 10% (and interactive, so it ranks first) has a call
+/// queued under the first (its cap is one
+/// call a minute there). Another client's call under the second policy goes
+/// at once: the waiters rank and cap by the windows of every policy of the
+/// key, so they agree that the capped one is not next (before, each judged
+/// by its own policy's windows, and the two woke each other in turn until
+/// the cap freed).
+#[tokio::test]
+async fn policies_sharing_a_key_agree_on_who_is_capped() {
+    let minute = Duration::from_secs(60);
+    let shared = |limit: u32| {
+        let mut p = (*policy(Mode::Queue, limit, minute, 10, Duration::from_secs(120))).clone();
+        p.key = crate::quota::KeyScope::Tenant;
+        p.kept = vec![
+            Window::new(std::num::NonZeroU32::new(10).unwrap(), minute),
+            Window::new(std::num::NonZeroU32::new(100).unwrap(), minute),
+        ];
+        Arc::new(p)
+    };
+    let (few, many) = (shared(10), shared(100));
+    let limiter = Arc::new(Limiter::new(Duration::ZERO));
+    let capped =
+        Share { client: 1, cap_percent: Some(10), class: fair::Class::Interactive, ..Share::default() };
+    limiter.acquire_as(&key("t"), &few, &capped, few.max_wait, &gauge()).await.unwrap();
+    let queued = {
+        let (limiter, few) = (limiter.clone(), few.clone());
+        tokio::spawn(
+            async move { limiter.acquire_as(&key("t"), &few, &capped, few.max_wait, &gauge()).await },
+        )
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = std::time::Instant::now();
+    let other = tokio::time::timeout(
+        Duration::from_secs(2),
+        limiter.acquire_as(&key("t"), &many, &share(2), many.max_wait, &gauge()),
+    )
+    .await
+    .expect("the other client's call waited on the capped one");
+    assert!(other.unwrap().waited < Duration::from_millis(100));
+    assert!(started.elapsed() < Duration::from_millis(500));
+    assert!(!queued.is_finished(), "the capped call still waits for its cap");
+    queued.abort();
+}

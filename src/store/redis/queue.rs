@@ -59,7 +59,7 @@ impl Waiting {
         if self.asking.is_some() {
             return;
         }
-        if let Some((next, _)) = self.lanes.pick(self.tickets(), &policy.windows, guard, now) {
+        if let Some((next, _)) = self.lanes.pick(self.tickets(), &policy.kept, guard, now) {
             if let Some(w) = self.waiters.iter().find(|w| w.ticket.id == next) {
                 w.wake.notify_one();
             }
@@ -190,13 +190,13 @@ impl RedisStore {
         let now = self.clock.now();
         let (ticket, before, alone, capped) = {
             let mut st = queue.lock();
-            st.retention = st.retention.union(Retention::for_windows(&policy.windows, guard));
+            st.retention = st.retention.union(Retention::for_windows(&policy.kept, guard));
             let retention = st.retention;
             st.lanes.prune(retention, now);
             let (start, before) = st.lanes.tag(share);
             st.next_id += 1;
             let ticket = Ticket { id: st.next_id, client: share.client, class: share.class, start };
-            let capped = st.lanes.cap_free(share.client, &policy.windows, guard, now, 0);
+            let capped = st.lanes.cap_free(share.client, &policy.kept, guard, now, 0);
             (ticket, before, st.waiters.is_empty() && st.asking.is_none(), capped)
         };
         let untag = || queue.lock().lanes.untag(share.client, before);
@@ -271,7 +271,7 @@ impl RedisStore {
                 }
                 let retention = st.retention;
                 st.lanes.prune(retention, now);
-                let chosen = st.lanes.pick(st.tickets(), &policy.windows, guard, now);
+                let chosen = st.lanes.pick(st.tickets(), &policy.kept, guard, now);
                 match chosen {
                     Some((c, at)) if c == ticket.id && st.asking.is_none_or(|a| a == ticket.id) => {
                         if at <= now {
