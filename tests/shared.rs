@@ -176,23 +176,33 @@ async fn flood_fills_the_queue(store: &str) {
     let gw = TestGateway::start_with(&text).await;
     let http = client();
     let url = format!("http://{}", gw.proxy);
+    // Each heavy call's status and the moment its answer came.
     let heavy: Vec<_> = (0..12)
         .map(|_| {
             let (http, url) = (http.clone(), url.clone());
-            tokio::spawn(async move { call(&http, &url, "heavy").await })
+            tokio::spawn(async move { (call(&http, &url, "heavy").await.0, Instant::now()) })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Two went at once, five queued, five were refused: the queue is full.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while gw.metric("quotagate_queue_depth{policy=\"incidents\"}").await < 5.0
+        || gw.metric("quotagate_local_rejections_total{policy=\"incidents\",reason=\"queue_full\"}").await
+            < 5.0
+    {
+        assert!(Instant::now() < deadline, "the heavy calls never filled the queue");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let light_sent = Instant::now();
     let (status, waited) = call(&http, &url, "light").await;
     assert_eq!(status, 200, "the light client got a place in the full queue");
     assert!(waited < Duration::from_millis(1500), "and went at the next slot: {waited:?}");
-    let heavy: Vec<(u16, Duration)> = futures_join(heavy).await;
+    let heavy: Vec<(u16, Instant)> = futures_join(heavy).await;
     let served = heavy.iter().filter(|(s, _)| *s == 200).count();
     let refused = heavy.iter().filter(|(s, _)| *s == 429).count();
     assert_eq!(served + refused, 12, "every heavy call was answered: {heavy:?}");
     // Two went at once and five queued; the light call pushed one of those out.
     assert_eq!(served, 6, "{heavy:?}");
-    let pushed_out = heavy.iter().filter(|(s, w)| *s == 429 && *w >= Duration::from_millis(250)).count();
+    let pushed_out = heavy.iter().filter(|(s, at)| *s == 429 && *at >= light_sent).count();
     assert_eq!(pushed_out, 1, "one queued heavy call was answered when the light one came: {heavy:?}");
     assert_eq!(emu.throttled(), 0);
 }
