@@ -207,6 +207,31 @@ async fn a_sized_response_without_stats_is_reported_unmetered() {
     assert_eq!(gw.metric("quotagate_runtime_in_flight{tenant=\"t\"}").await, 0.0);
 }
 
+/// A hunting query streamed in chunks whose framing breaks never ran: the
+/// client gets a 400, and no running time is reserved or charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_whose_streamed_body_breaks_is_not_charged() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let emu = Emulator::start(EmulatorConfig::new()).await;
+    let gw = TestGateway::start(&emu.url(), &hunting_config(r#"[{ limit = "10m", per = "1h" }]"#, "")).await;
+    let mut conn = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    let head = format!(
+        "POST {HUNT} HTTP/1.1\r\nhost: x\r\nauthorization: {}\r\ntransfer-encoding: chunked\r\n\r\n",
+        bearer("t", "a")
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(b"9\r\n{\"Query\":\r\nZZ\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut answer)).await.unwrap().unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    // The query is read whole before anything is reserved: nothing is.
+    let l = quota(&gw).await;
+    assert!(!l["running_time"].as_array().unwrap().iter().any(|k| k["tenant"] == "t"), "{l}");
+    assert_eq!(gw.metric("quotagate_hunting_charged_seconds_total{policy=\"hunting\"}").await, 0.0);
+    assert!(emu.requests().is_empty(), "nothing reached the upstream");
+}
+
 /// Issue #3, case 2: several tenants at once, each inside its own budget,
 /// and a light tenant is not slowed by the saturated ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -346,21 +346,16 @@ impl Lanes {
 /// a key's queue can fill it only while no one else asks, and a newcomer of
 /// another client gets a place (and its fair rank) by pushing out the
 /// flooder's last waiter, which is answered `QueueFull` at once.
-pub(crate) fn push_out<'t>(
-    tickets: impl IntoIterator<Item = &'t Ticket> + Clone,
-    client: u16,
-) -> Option<u64> {
-    let count = |c: u16| tickets.clone().into_iter().filter(|t| t.client == c).count();
-    let own = count(client);
-    let (heaviest, most) = tickets
-        .clone()
-        .into_iter()
-        .map(|t| (t.client, count(t.client)))
-        .max_by_key(|&(c, n)| (n, std::cmp::Reverse(c)))?;
-    if most < own + 2 {
-        return None;
+pub(crate) fn push_out<'t>(tickets: impl IntoIterator<Item = &'t Ticket>, client: u16) -> Option<u64> {
+    // Per client: its waiters, and its latest one. One pass: the queue may be long.
+    let mut per: std::collections::HashMap<u16, (usize, u64)> = std::collections::HashMap::new();
+    for t in tickets {
+        let e = per.entry(t.client).or_insert((0, 0));
+        *e = (e.0 + 1, e.1.max(t.id));
     }
-    tickets.into_iter().filter(|t| t.client == heaviest).map(|t| t.id).max()
+    let own = per.get(&client).map_or(0, |&(n, _)| n);
+    let (_, &(most, latest)) = per.iter().max_by_key(|&(&c, &(n, _))| (n, std::cmp::Reverse(c)))?;
+    (most >= own + 2).then_some(latest)
 }
 
 /// Not below its reserve, class, start tag, arrival: lower goes first.

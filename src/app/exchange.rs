@@ -236,8 +236,12 @@ impl Metered<'_> {
                 Ok(response) => response,
                 Err(e) => {
                     outcome.decision = "failed";
-                    if let (UpstreamError::Connect(_), Some(r)) = (&e, reservation.take()) {
-                        // Nothing reached the upstream: no running time was spent.
+                    if let (UpstreamError::Connect(_) | UpstreamError::ClientBody(_), Some(r)) =
+                        (&e, reservation.take())
+                    {
+                        // Nothing reached the upstream, or only a query the
+                        // client never finished sending: no running time
+                        // was spent.
                         r.release();
                     }
                     return self.upstream_failed(e, &admitted);

@@ -167,7 +167,7 @@ impl Ledger {
                 if live <= room {
                     break;
                 }
-                live -= c.cost;
+                live = live.saturating_sub(c.cost);
                 if expiry(c) > at {
                     at = expiry(c);
                     decided = Some(*b);

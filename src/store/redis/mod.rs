@@ -386,9 +386,10 @@ impl RedisStore {
                 Err(Refusal::Down(StoreError::Redis(format!("{} is unreachable", self.url))))
             }
             OnOutage::Local => {
-                // This replica's share: every window's limit ÷ replicas.
+                // This replica's share: every window's limit ÷ replicas, those
+                // its waiters are ranked and capped by too.
                 let mut local = policy.clone();
-                for w in &mut local.windows {
+                for w in local.windows.iter_mut().chain(local.kept.iter_mut()) {
                     let share = (w.limit.get() / self.replicas).max(1);
                     w.limit = std::num::NonZeroU32::new(share).unwrap_or(std::num::NonZeroU32::MIN);
                 }

@@ -82,7 +82,7 @@ impl Waiting {
     /// one asking Redis) leaves and is woken to answer `QueueFull`.
     fn push_out_for(&mut self, client: u16) -> bool {
         let asking = self.asking;
-        let candidates = self.tickets().filter(move |t| Some(t.id) != asking);
+        let candidates = self.tickets().filter(|t| Some(t.id) != asking);
         let Some(id) = crate::admission::fair::push_out(candidates, client) else { return false };
         if let Some(i) = self.waiters.iter().position(|w| w.ticket.id == id) {
             self.waiters.remove(i).wake.notify_one();
