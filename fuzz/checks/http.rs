@@ -34,7 +34,7 @@
 //!
 //! Properties:
 //! - no panic, and every connection is answered and closed within 10 s
-//!   (of the paused clock);
+//!   (of the paused clock) for each request line it carries, and 10 s more;
 //! - what comes back is a sequence of well-formed HTTP/1.x responses (a
 //!   body may end early only where the upstream's did, or at the end);
 //! - every error with a body is in the error JSON shape
@@ -75,9 +75,11 @@ const HOSTS: [&str; 3] =
     ["api.security.microsoft.com", "api.securitycenter.microsoft.com", "graph.microsoft.com"];
 /// The SHA-256 of the keyed client's API key, `fuzz-key`.
 const KEY_SHA256: &str = "231e9b2f757db8d48ecd0711b60135e1cc57a3a807be9dc12638856f17a7872c";
-/// Longest a connection may take to be answered and closed, on the
-/// runtime's paused clock (which stands still while the process is paused
-/// or starved, so only the gateway's own timers count against it).
+/// Longest a connection may take to be answered and closed, per request it
+/// carries (pipelined requests are answered one after another, and each may
+/// wait out an upstream timeout), on the runtime's paused clock (which
+/// stands still while the process is paused or starved, so only the
+/// gateway's own timers count against it).
 const DEADLINE: Duration = Duration::from_secs(10);
 /// Response bytes kept at most; the rest is read and dropped.
 const READ_CAP: usize = 1 << 20;
@@ -312,9 +314,12 @@ async fn exchange(env: &Env, mode: u8, input: &[u8]) -> (Vec<u8>, Vec<super::emu
         }
         out
     };
-    let ((), (), out) = tokio::time::timeout(DEADLINE, async { tokio::join!(serve, write, read) })
+    // Request lines bound the requests: one more for whatever else came.
+    let requests = input.windows(7).filter(|w| w == b" HTTP/1").count() + 1;
+    let deadline = DEADLINE * u32::try_from(requests).unwrap_or(u32::MAX);
+    let ((), (), out) = tokio::time::timeout(deadline, async { tokio::join!(serve, write, read) })
         .await
-        .unwrap_or_else(|_| panic!("the connection was not answered and closed within {DEADLINE:?}"));
+        .unwrap_or_else(|_| panic!("the connection was not answered and closed within {deadline:?}"));
     (out, emulator.requests())
 }
 
