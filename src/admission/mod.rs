@@ -84,10 +84,7 @@ pub(crate) struct KeyState {
 impl KeyState {
     /// The policy's windows, tightened by what the upstream revealed.
     fn windows<'a>(&self, policy: &'a Policy) -> Cow<'a, [Window]> {
-        if self.revealed.is_empty() {
-            return Cow::Borrowed(&policy.windows);
-        }
-        Cow::Owned(self.revealed.iter().fold(policy.windows.clone(), |w, &r| tightened(&w, r)))
+        self.tightened(&policy.windows)
     }
 
     /// The windows by which the key's waiters are ranked and capped: those
@@ -95,10 +92,15 @@ impl KeyState {
     /// by what the upstream revealed. Waiters of different policies on one
     /// key thus agree on who goes next.
     fn fair_windows<'a>(&self, policy: &'a Policy) -> Cow<'a, [Window]> {
+        self.tightened(&policy.kept)
+    }
+
+    /// `windows` tightened by every limit revealed for the key.
+    fn tightened<'a>(&self, windows: &'a [Window]) -> Cow<'a, [Window]> {
         if self.revealed.is_empty() {
-            return Cow::Borrowed(&policy.kept);
+            return Cow::Borrowed(windows);
         }
-        Cow::Owned(self.revealed.iter().fold(policy.kept.clone(), |w, &r| tightened(&w, r)))
+        Cow::Owned(self.revealed.iter().fold(windows.to_vec(), |w, &r| tightened(&w, r)))
     }
 
     /// Keep a revealed limit: the lower of it and one already revealed for

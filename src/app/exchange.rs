@@ -192,8 +192,7 @@ impl Metered<'_> {
                     Ok(collected) => replay = Some(collected.to_bytes()),
                     Err(e) => {
                         // Nothing was sent: the slot is not spent.
-                        gw.limiter.refund(&self.key, &admitted);
-                        gw.store.refunded(&self.key, &admitted);
+                        self.refund(&admitted);
                         outcome.decision = "bad_request";
                         return self.fail(GatewayError::BadBody { detail: e.to_string() });
                     }
@@ -203,8 +202,7 @@ impl Metered<'_> {
                 // The body came so slowly that a call admitted meanwhile may
                 // have counted this one's slot as aged out: admit it again,
                 // its body kept, as if it had just arrived. Nothing was sent.
-                gw.limiter.refund(&self.key, &admitted);
-                gw.store.refunded(&self.key, &admitted);
+                self.refund(&admitted);
                 if let Some(r) = reservation.take() {
                     r.release();
                 }
@@ -457,10 +455,15 @@ impl Metered<'_> {
     fn upstream_failed(&self, e: UpstreamError, admitted: &Admitted) -> Response {
         if matches!(e, UpstreamError::Connect(_)) {
             // Nothing reached the upstream: the slot is not spent.
-            self.worker.gateway.limiter.refund(&self.key, admitted);
-            self.worker.gateway.store.refunded(&self.key, admitted);
+            self.refund(admitted);
         }
         failed(self.view, self.upstream, self.metrics, e)
+    }
+
+    /// Take back an admission whose call never left, here and in the store.
+    fn refund(&self, admitted: &Admitted) {
+        self.worker.gateway.limiter.refund(&self.key, admitted);
+        self.worker.gateway.store.refunded(&self.key, admitted);
     }
 
     fn fail(&self, e: GatewayError) -> Response {
