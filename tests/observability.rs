@@ -90,3 +90,42 @@ async fn readiness_reports_each_upstream_and_fails_when_one_cannot_resolve() {
     let mde = body["upstreams"].as_array().unwrap().iter().find(|u| u["name"] == "mde").unwrap();
     assert_eq!(mde["resolvable"], false);
 }
+
+/// One raw HTTP/1.1 GET with the given `Host`, as a browser page whose name
+/// was rebound to 127.0.0.1 would send it: the status and the body.
+async fn get_with_host(addr: std::net::SocketAddr, path: &str, host: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loopback_admin_listener_refuses_requests_addressed_to_other_names() {
+    let emu = Emulator::start(EmulatorConfig::new()).await;
+    let gw = TestGateway::start(&emu.url(), "").await;
+    let port = gw.admin.port();
+    for path in ["/quota", "/metrics", "/", "/healthz"] {
+        let (status, body) = get_with_host(gw.admin, path, &format!("rebind.example:{port}")).await;
+        assert_eq!(status, 403, "{path}: {body}");
+        assert!(body.contains("`rebind.example:") && body.contains("DNS rebinding"), "{body}");
+    }
+    for host in [format!("127.0.0.1:{port}"), format!("localhost:{port}"), format!("[::1]:{port}")] {
+        let (status, body) = get_with_host(gw.admin, "/quota", &host).await;
+        assert_eq!(status, 200, "{host}: {body}");
+        assert!(body.contains("\"tenants\""), "{body}");
+    }
+
+    // Exposed on purpose (all addresses, as in a container), it answers any name.
+    let text = support::gateway::config_text(&emu.url(), "")
+        .replace("admin_listen = \"127.0.0.1:0\"", "admin_listen = \"0.0.0.0:0\"");
+    let exposed = TestGateway::start_with(&text).await;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], exposed.admin.port()));
+    let (status, body) = get_with_host(addr, "/quota", "quotagate.monitoring.svc:7481").await;
+    assert_eq!(status, 200, "{body}");
+}

@@ -1,6 +1,7 @@
 //! The admin listener: the status page, liveness, readiness, quota status
 //! and Prometheus metrics, served apart from proxy traffic.
 
+mod host;
 pub mod probe;
 mod quota;
 
@@ -19,13 +20,20 @@ use http::header::CONTENT_TYPE;
 use crate::app::Gateway;
 
 pub fn router(gateway: Arc<Gateway>) -> Router {
-    Router::new()
+    let loopback = gateway.config().admin_listen.ip().is_loopback();
+    let router = Router::new()
         .route("/", get(|| async { Html(PAGE) }))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
         .route("/quota", get(quota_status))
-        .with_state(gateway)
+        .with_state(gateway);
+    // `admin_listen` needs a restart to change, so this holds for the process.
+    if loopback {
+        router.layer(axum::middleware::from_fn(host::guard))
+    } else {
+        router
+    }
 }
 
 /// Ready when the config is loaded (it is, or the process would not be
