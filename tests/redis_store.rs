@@ -337,3 +337,54 @@ async fn a_policy_with_shorter_windows_keeps_the_shared_charges_a_sharing_policy
     let ttl: i64 = redis::cmd("PTTL").arg(&keys[0]).query(&mut stats).unwrap();
     assert!(ttl > 2_000, "the charges expire in {ttl} ms, before the 3 s window is done with them");
 }
+
+/// Charges added back after an outage share a member name when they ended
+/// at one moment with one cost, and the second gets a number: the shared
+/// ledger must still read its cost and count it. (The number used to end
+/// the member, after the cost, and every reservation of the key then
+/// failed as if Redis were down.) Members written that older way count too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn numbered_charges_count_their_cost() {
+    let redis = Redis::start();
+    let f = Fixture::open(&redis, "5ms", r#"windows = [{ limit = 100, per = "1s" }]"#);
+    let mut stats = f.stats;
+    let budgets = [Budget { limit: Duration::from_secs(3), per: Duration::from_secs(60) }];
+    let estimator = estimator();
+    let demand = demand(&budgets, &estimator, Duration::from_secs(60), Mode::Reject, Duration::ZERO);
+    let reserve = || {
+        let (store, runtime, key, depth, demand) = (&f.store, &f.runtime, &f.key, &f.depth, &demand);
+        async move {
+            let mut r = runtime.reserve(key, demand, depth).await.unwrap();
+            store.share_running_time(key, &mut r, demand, Duration::from_secs(10)).await.map(|()| r)
+        }
+    };
+    // One charge of its own makes the key's set: 300 ms.
+    let first = reserve().await.unwrap_or_else(|_| panic!("the first query fits"));
+    first.settle(Duration::from_millis(300));
+    let asked = std::time::Instant::now();
+    while shared_charges(&mut stats) != 300_000 {
+        assert!(asked.elapsed() < Duration::from_secs(5), "{} µs charged", shared_charges(&mut stats));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*rt-charges*").query(&mut stats).unwrap();
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query(&mut stats).unwrap();
+    let now = secs * 1_000_000 + micros;
+    let add = |stats: &mut redis::Connection, member: &str| {
+        let _: i64 = redis::cmd("ZADD").arg(&keys[0]).arg(now).arg(member).query(stats).unwrap();
+    };
+    // As a catch-up names two charges of one moment and cost now, and as it
+    // named the second before.
+    add(&mut stats, "a-L5:600000");
+    add(&mut stats, "a-L5#2:600000");
+    // 1.5 s charged: a query fits the 3 s budget (its estimate is at most
+    // the 1 s default).
+    let fits = reserve().await.unwrap_or_else(|_| panic!("1.5 s charged and at most 1 s estimated fit 3 s"));
+    fits.release();
+    add(&mut stats, "a-L6:1500000#2");
+    // 3 s charged: it no longer fits, and says so as a budget, not an outage.
+    match reserve().await {
+        Err(quotagate::store::RuntimeRefusal::Rejected(_)) => {}
+        Err(quotagate::store::RuntimeRefusal::Down(e)) => panic!("refused as an outage: {e}"),
+        Ok(_) => panic!("admitted over the budget"),
+    }
+}

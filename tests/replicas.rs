@@ -343,6 +343,49 @@ async fn a_redis_that_restarts_empty_between_calls_gets_the_window_back() {
     assert_eq!((emu.accepted("incidents"), emu.throttled()), (10, 0));
 }
 
+/// A Redis that comes back from an older snapshot (a crash after its last
+/// save, or a lagging replica promoted) keeps its epoch but not the calls
+/// admitted since the snapshot: the replica notices by the sequence
+/// number it was given before, and adds its window back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_comes_back_from_an_older_snapshot_gets_the_window_back() {
+    let data = tempfile::tempdir().unwrap();
+    let mut redis = Redis::start_in(data.path());
+    let emu = Emulator::start(EmulatorConfig::new().quota(QuotaRule::new(
+        "incidents",
+        &["/api/incidents"],
+        &[(10, Duration::from_secs(8))],
+    )))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        &emu.url(),
+        &redis.url(),
+        "",
+        "windows = [{ limit = 10, per = \"8s\" }]\nmode = \"reject\"",
+    );
+    let gws = replicas(1, &cfg, dir.path());
+    until_mode(&gws[0], "shared").await;
+    for _ in 0..4 {
+        assert_eq!(get(gws[0].url("/api/incidents")).await.status(), 200);
+    }
+    redis.save();
+    for _ in 0..6 {
+        assert_eq!(get(gws[0].url("/api/incidents")).await.status(), 200);
+    }
+    // The replica looks at Redis again after the six calls (every 500 ms).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    redis.kill();
+    redis.restart();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    until_mode(&gws[0], "shared").await;
+    let r = get(gws[0].url("/api/incidents")).await;
+    assert_eq!(r.status(), 429, "the window still holds the ten calls, not the snapshot's four");
+    assert_eq!(r.headers()["x-quotagate-throttled-by"], "gateway");
+    assert_eq!((emu.accepted("incidents"), emu.throttled()), (10, 0));
+}
+
 /// Two policies share the tenant's key, one counting 3 calls per 10 s and
 /// one 100 per second: a call under the second must not make Redis forget
 /// (trim or expire) what the first still counts.

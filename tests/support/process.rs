@@ -108,11 +108,14 @@ impl Drop for GatewayProcess {
     }
 }
 
-/// A `redis-server` without persistence on a free loopback port.
+/// A `redis-server` without persistence on a free loopback port (or with
+/// snapshots on demand only, [`Redis::start_in`]).
 pub struct Redis {
     child: Option<Child>,
     pub port: u16,
     password: Option<String>,
+    /// Where [`Redis::save`] writes its snapshot, which a restart loads.
+    dir: Option<std::path::PathBuf>,
 }
 
 impl Redis {
@@ -126,14 +129,35 @@ impl Redis {
     /// process can take it in between; the server then exits, and another
     /// port is tried.
     pub fn start_with(password: Option<&str>) -> Redis {
+        Self::launch(password, None)
+    }
+
+    /// A server that writes a snapshot into `dir` when told to
+    /// ([`Redis::save`]) and loads it when it starts again.
+    pub fn start_in(dir: &std::path::Path) -> Redis {
+        Self::launch(None, Some(dir))
+    }
+
+    fn launch(password: Option<&str>, dir: Option<&std::path::Path>) -> Redis {
         for _ in 0..5 {
             let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            let mut r = Redis { child: None, port, password: password.map(Into::into) };
+            let mut r =
+                Redis { child: None, port, password: password.map(Into::into), dir: dir.map(Into::into) };
             if r.spawn() {
                 return r;
             }
         }
         panic!("redis-server did not start on any of 5 free ports");
+    }
+
+    /// Write a snapshot now (`SAVE`), as a periodic save would.
+    pub fn save(&self) {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut ok = [0u8; 5];
+        s.write_all(b"SAVE\r\n").unwrap();
+        s.read_exact(&mut ok).unwrap();
+        assert_eq!(&ok, b"+OK\r\n", "SAVE answered {:?}", String::from_utf8_lossy(&ok));
     }
 
     /// The URL, with the password when there is one.
@@ -156,6 +180,10 @@ impl Redis {
         let mut args = vec!["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"];
         if let Some(p) = &self.password {
             args.extend(["--requirepass", p]);
+        }
+        let dir = self.dir.as_ref().map(|d| d.to_string_lossy().into_owned());
+        if let Some(d) = &dir {
+            args.extend(["--dir", d]);
         }
         let child = Command::new("redis-server")
             .args(&args)

@@ -59,7 +59,9 @@ local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local guard = tonumber(ARGV[1])
 local est = tonumber(ARGV[2])
 local n = tonumber(ARGV[5])
-local function cost(m) return tonumber(string.match(m, ':(%d+)$')) end
+-- A charge's member ends in `:cost` (one written by an earlier version may
+-- have `#n` after it).
+local function cost(m) return tonumber(string.match(m, ':(%d+)#?%d*$')) end
 local hold = tonumber(redis.call('GET', KEYS[3]) or '0')
 if hold > now then return {0, hold, -1, now} end
 local longest = tonumber(ARGV[6 + 2 * n]) + guard

@@ -240,6 +240,12 @@ pub struct RedisStore {
     down_since: AtomicU64,
     /// The epoch of Redis's data this replica last saw (0: none yet).
     epoch: AtomicU64,
+    /// The sequence number Redis last gave this replica (0: none yet); see
+    /// [`RedisStore::lost_data`].
+    seq: AtomicU64,
+    /// A clock reading before this replica's last look at Redis that found
+    /// nothing lost: what Redis admitted before it is known to be kept.
+    looked: AtomicU64,
     /// The gateway is stopping: requests waiting here for Redis whose slot
     /// comes after the drain are turned away, as the limiters' are.
     drain: Drain,
@@ -290,6 +296,8 @@ impl RedisStore {
             clock,
             down_since: AtomicU64::new(0),
             epoch: AtomicU64::new(0),
+            seq: AtomicU64::new(0),
+            looked: AtomicU64::new(0),
             drain: Drain::default(),
         })
     }
@@ -325,8 +333,11 @@ impl RedisStore {
                 let mut c = ConnectionManager::new_with_config(self.client.clone(), config).await?;
                 // The epoch of the data this replica is about to use, so a
                 // loss of it is noticed from the first admission on.
-                let epoch = self.current_epoch(&mut c).await?;
+                let before = self.clock.now();
+                let (epoch, seq) = self.current_epoch(&mut c).await?;
                 self.epoch.store(epoch, std::sync::atomic::Ordering::SeqCst);
+                self.seq.store(seq, std::sync::atomic::Ordering::SeqCst);
+                self.looked.store(before, std::sync::atomic::Ordering::SeqCst);
                 Ok::<_, redis::RedisError>(c)
             })
             .await?;

@@ -121,6 +121,9 @@ impl RedisStore {
                     // persistence) gets every admission of the open windows
                     // back; one that kept it, those made alone since the
                     // outage began.
+                    // Redis may have lost what it admitted after the last
+                    // look that found nothing lost (a snapshot taken then).
+                    let looked = self.looked.load(Ordering::SeqCst);
                     let lost = match self.lost_data().await {
                         Ok(lost) => lost || lost_while_up,
                         Err(e) => {
@@ -128,7 +131,10 @@ impl RedisStore {
                             continue;
                         }
                     };
-                    let since = if lost { 0 } else { self.down_since.load(Ordering::SeqCst) };
+                    // Until the windows are back, a failed pass must not
+                    // forget that Redis lost them.
+                    lost_while_up = lost;
+                    let since = if lost { 0 } else { self.down_since.load(Ordering::SeqCst).min(looked) };
                     let mut caught_up = true;
                     for (key, key_id, times) in limiter.all_admissions() {
                         // The policy the key runs under now (a reload may have moved it).
@@ -170,27 +176,38 @@ impl RedisStore {
         }
     }
 
-    /// Whether Redis lost its data since this replica last looked: Redis
-    /// holds an epoch, made by the first replica to find it missing; a
+    /// Whether Redis lost its data since this replica last looked. Redis
+    /// holds an epoch, made by the first replica to find it missing: a
     /// replica that finds another epoch than the one it saw last knows the
-    /// data it saw went with the old one. The epoch is first read when the
-    /// connection is made ([`RedisStore::conn`]).
+    /// data it saw went with the old one (Redis restarted empty, or another
+    /// server took its place). Redis also holds a sequence number that every
+    /// look increments: a Redis that came back from an older snapshot (or a
+    /// replica of it that lagged) keeps its epoch, but answers a number no
+    /// greater than one this replica was given before. Both are first read
+    /// when the connection is made ([`RedisStore::conn`]).
     async fn lost_data(&self) -> Result<bool, redis::RedisError> {
         let mut c = self.conn().await?;
-        let current = self.current_epoch(&mut c).await?;
+        let before = self.clock.now();
+        let (current, seq) = self.current_epoch(&mut c).await?;
         let seen = self.epoch.swap(current, Ordering::SeqCst);
-        Ok(seen != 0 && seen != current)
+        let seen_seq = self.seq.swap(seq, Ordering::SeqCst);
+        let lost = (seen != 0 && seen != current) || (seen_seq != 0 && seq <= seen_seq);
+        if !lost {
+            self.looked.store(before, Ordering::SeqCst);
+        }
+        Ok(lost)
     }
 
-    /// Redis's epoch, made now if it has none. The connection reads it
-    /// first when it is made, before any admission goes through it.
+    /// Redis's epoch, made now if it has none, and the next sequence
+    /// number. The connection reads them first when it is made, before any
+    /// admission goes through it.
     pub(super) async fn current_epoch(
         &self,
         c: &mut redis::aio::ConnectionManager,
-    ) -> Result<u64, redis::RedisError> {
+    ) -> Result<(u64, u64), redis::RedisError> {
         let key = format!("{}:epoch", self.prefix);
         let candidate = self.nonce ^ u64::try_from(crate::store::sqlite::unix_now()).unwrap_or(0);
-        let (current,): (u64,) = redis::pipe()
+        let (current, seq): (u64, u64) = redis::pipe()
             .cmd("SET")
             .arg(&key)
             .arg(candidate)
@@ -198,9 +215,11 @@ impl RedisStore {
             .ignore()
             .cmd("GET")
             .arg(&key)
+            .cmd("INCR")
+            .arg(format!("{}:seq", self.prefix))
             .query_async(c)
             .await?;
-        Ok(current)
+        Ok((current, seq))
     }
 
     /// Add this replica's admissions (clock readings) to the shared log,
@@ -215,7 +234,7 @@ impl RedisStore {
         let longest = policy.longest_kept();
         let entries = times.iter().map(|&at| {
             let us = self.clock.to_unix(at) / 1000;
-            (us, format!("{:x}-L{us}", self.nonce))
+            (us, format!("{:x}-L{us}", self.nonce), String::new())
         });
         self.add_missing(self.key("log", key), distinct(entries), longest).await
     }
@@ -234,7 +253,7 @@ impl RedisStore {
     ) -> Result<(), redis::RedisError> {
         let entries = charges.iter().map(|&(end, cost)| {
             let us = self.clock.to_unix(end) / 1000;
-            (us, format!("{:x}-L{us}:{}", self.nonce, (cost / 1000).max(1)))
+            (us, format!("{:x}-L{us}", self.nonce), format!(":{}", (cost / 1000).max(1)))
         });
         self.add_missing(self.key("rt-charges", key), distinct(entries), longest).await
     }
@@ -265,16 +284,19 @@ impl RedisStore {
 /// Members named by time (and cost) alone collide for the calls one script
 /// run admitted together (they share its `now`): the second and later of a
 /// name become `name#2`, `name#3`…, the same at every catch-up of the same
-/// admissions, so a repeat still adds nothing.
-fn distinct(entries: impl Iterator<Item = (i64, String)>) -> impl Iterator<Item = (i64, String)> {
+/// admissions, so a repeat still adds nothing. Each entry is `(score, name,
+/// tail)`; the number goes between the name and its tail (a charge's
+/// `:cost`), so the cost still ends the member, where the scripts read it.
+fn distinct(entries: impl Iterator<Item = (i64, String, String)>) -> impl Iterator<Item = (i64, String)> {
     let mut seen: std::collections::HashMap<String, u32> = std::collections::HashMap::new();
-    entries.map(move |(score, name)| {
-        let n = seen.entry(name.clone()).or_insert(0);
+    entries.map(move |(score, name, tail)| {
+        let whole = format!("{name}{tail}");
+        let n = seen.entry(whole.clone()).or_insert(0);
         *n += 1;
         if *n == 1 {
-            (score, name)
+            (score, whole)
         } else {
-            (score, format!("{name}#{n}"))
+            (score, format!("{name}#{n}{tail}"))
         }
     })
 }
@@ -286,10 +308,22 @@ mod tests {
     #[test]
     fn admissions_of_one_moment_keep_a_member_each() {
         let names = |times: &[i64]| -> Vec<String> {
-            distinct(times.iter().map(|&t| (t, format!("n-L{t}")))).map(|(_, m)| m).collect()
+            distinct(times.iter().map(|&t| (t, format!("n-L{t}"), String::new()))).map(|(_, m)| m).collect()
         };
         let once = names(&[5, 5, 5, 7]);
         assert_eq!(once, ["n-L5", "n-L5#2", "n-L5#3", "n-L7"]);
         assert_eq!(names(&[5, 5, 5, 7]), once, "a second catch-up names them the same");
+    }
+
+    /// Two charges of one moment and one cost: the second's number must not
+    /// end the member, or `RESERVE` and `SETTLE` read no cost from it.
+    #[test]
+    fn charges_of_one_moment_and_cost_still_end_in_their_cost() {
+        let charges = [(5, 40), (5, 40), (5, 41)];
+        let names: Vec<String> =
+            distinct(charges.iter().map(|&(t, c)| (t, format!("n-L{t}"), format!(":{c}"))))
+                .map(|(_, m)| m)
+                .collect();
+        assert_eq!(names, ["n-L5:40", "n-L5#2:40", "n-L5:41"]);
     }
 }
