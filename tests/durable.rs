@@ -376,3 +376,70 @@ async fn a_call_that_leaves_late_is_kept_in_the_file_at_its_departure() {
     assert_eq!(admissions_in(&db), 1);
     gw.kill();
 }
+
+/// A limit the upstream revealed, of a window longer than any configured,
+/// outlives a restart: the reveal itself though no call of the key is in
+/// a configured window any more, and the calls the longer window still
+/// counts. (Both were dropped: the file kept a call only as long as the
+/// configured windows, and restored a reveal only with a call of its key.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revealed_longer_window_and_its_calls_outlive_a_restart() {
+    let _one_at_a_time = support::timing_exclusive().await;
+    let emu = Emulator::start(EmulatorConfig::new().quota(QuotaRule::new(
+        "incidents",
+        &["/api/incidents"],
+        &[(3, Duration::from_secs(2))],
+    )))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.db");
+    let cfg = dir.path().join("gateway.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\naccess_log = false\nguard = \"50ms\"\n\
+             [[upstream]]\nname = \"defender\"\nurl = \"{}\"\nkind = \"defender\"\nroute_prefixes = [\"/api/\"]\n\
+             [store]\nbackend = \"sqlite\"\npath = {:?}\n\
+             [[policy]]\nname = \"incidents\"\npaths = [\"/api/incidents\"]\n\
+             windows = [{{ limit = 100, per = \"300ms\" }}]\nmode = \"reject\"\n",
+            emu.url(),
+            db.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let call = |gw: &Gateway| {
+        client().get(gw.url("/api/incidents")).header("authorization", bearer("t", "a")).send()
+    };
+
+    let gw = Gateway::start(&cfg, dir.path()).unwrap();
+    for _ in 0..3 {
+        assert_eq!(call(&gw).await.unwrap().status(), 200);
+    }
+    // The fourth meets the upstream's 3 per 2 s, which its message reveals.
+    let fourth = call(&gw).await.unwrap();
+    assert_eq!(fourth.headers()["x-quotagate-throttled-by"], "upstream");
+    assert_eq!(emu.throttled(), 1);
+    // Past the upstream's hold, three calls fill the revealed window again.
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    for _ in 0..3 {
+        assert_eq!(call(&gw).await.unwrap().status(), 200);
+    }
+    // Past the configured 300 ms window, and restarted.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    gw.kill();
+    let gw = Gateway::start(&cfg, dir.path()).unwrap();
+    let r = call(&gw).await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(
+        r.headers()["x-quotagate-throttled-by"],
+        "gateway",
+        "the restarted gateway knows 3 per 2 s are spent"
+    );
+    assert_eq!((emu.accepted("incidents"), emu.throttled()), (6, 1));
+
+    // The file keeps every call of the key for the revealed 2 s, those made
+    // before the reveal too.
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let shortest: i64 = conn.query_row("SELECT min(expires - at) FROM admissions", [], |r| r.get(0)).unwrap();
+    assert!(shortest >= 2_000_000_000, "a call is kept only {shortest} ns");
+}

@@ -169,18 +169,23 @@ fn restore(
         let times: Vec<u64> = c.admissions[i..j].iter().map(|(_, _, at)| clock.from_unix(*at)).collect();
         if let (Some(qk), Some(p)) = (decode(key), policy(pid)) {
             // Every limit revealed for the key, of whatever window length.
-            let revealed: Vec<Window> = c
-                .reveals
-                .iter()
-                .filter(|(k, _, _, _)| k == key)
-                .filter_map(|(_, _, per, lim)| {
-                    Some(Window::new(NonZeroU32::new(*lim)?, Duration::from_nanos(u64::try_from(*per).ok()?)))
-                })
-                .collect();
+            let revealed = revealed_windows(c.reveals.iter().filter(|(k, _, _, _)| k == key));
             limiter.restore(&qk, p, &times, 0, &revealed);
             n.0 += times.len();
         }
         i = j;
+    }
+    // A key whose calls have all left its configured windows still keeps
+    // what the upstream revealed for it.
+    let restored = |k: &String| c.admissions.binary_search_by(|(a, _, _)| a.cmp(k)).is_ok();
+    let mut idle: Vec<&(String, String, i64, u32)> =
+        c.reveals.iter().filter(|(k, ..)| !restored(k)).collect();
+    idle.sort_by(|a, b| a.0.cmp(&b.0));
+    for group in idle.chunk_by(|a, b| a.0 == b.0) {
+        let (key, pid, _, _) = group[0];
+        if let (Some(qk), Some(p)) = (decode(key), policy(pid)) {
+            limiter.restore(&qk, p, &[], 0, &revealed_windows(group.iter().copied()));
+        }
     }
     let mut i = 0;
     while i < c.charges.len() {
@@ -206,6 +211,15 @@ fn restore(
         n.2 += 1;
     }
     n
+}
+
+/// The windows of reveal rows `(key, policy, per, limit)`; a row that is
+/// not a window (zero limit, negative length) is left out.
+fn revealed_windows<'a>(rows: impl Iterator<Item = &'a (String, String, i64, u32)>) -> Vec<Window> {
+    rows.filter_map(|(_, _, per, lim)| {
+        Some(Window::new(NonZeroU32::new(*lim)?, Duration::from_nanos(u64::try_from(*per).ok()?)))
+    })
+    .collect()
 }
 
 #[cfg(test)]

@@ -322,7 +322,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let Some(j) = &self.journal else { return Ok(()) };
         let at = j.unix(admitted.at());
-        let horizon = call_horizon(policy, j.guard);
+        let horizon = call_horizon(policy, admitted, j.guard);
         let mut events = vec![Event::Admit {
             key: self.names.encode(key),
             policy: policy.name.clone(),
@@ -368,7 +368,7 @@ impl Store {
         }
         if let Some(j) = &self.journal {
             if admitted.stamp() != admitted.at() {
-                let horizon = call_horizon(policy, j.guard);
+                let horizon = call_horizon(policy, admitted, j.guard);
                 let to = j.unix(admitted.stamp());
                 let (key, at) = (self.names.encode(key), j.unix(admitted.at()));
                 j.send(vec![Event::Restamp { key, at, to, expires: to.saturating_add(horizon) }], None);
@@ -415,6 +415,7 @@ impl Store {
                     per,
                     limit: window.limit.get(),
                     expires: now.saturating_add(horizon),
+                    keep: nanos(window.per + j.guard),
                 }],
                 None,
             );
@@ -442,8 +443,10 @@ impl Store {
 }
 
 /// How long an admission under `policy` counts after its call: the longest
-/// window of the policies that may share its key, and the guard, in
-/// nanoseconds.
-fn call_horizon(policy: &Policy, guard: Duration) -> i64 {
-    nanos(policy.longest_kept() + guard)
+/// window of the policies that may share its key, or of the windows it was
+/// admitted under (a limit the upstream revealed may be of a longer one),
+/// and the guard, in nanoseconds.
+fn call_horizon(policy: &Policy, admitted: &Admitted, guard: Duration) -> i64 {
+    let revealed = admitted.usage.iter().map(|u| u.window.per).max().unwrap_or_default();
+    nanos(policy.longest_kept().max(revealed) + guard)
 }

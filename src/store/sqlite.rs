@@ -71,7 +71,9 @@ pub enum Event {
     /// The upstream holds `key` (`scope` "call" or "runtime") until `until`.
     Hold { scope: &'static str, key: String, policy: String, until: i64 },
     /// The upstream revealed a lower limit for `key`.
-    Reveal { key: String, policy: String, per: i64, limit: u32, expires: i64 },
+    /// A limit the upstream revealed; the key's admissions are kept at least
+    /// `keep` (the window and the guard) after their time from then on.
+    Reveal { key: String, policy: String, per: i64, limit: u32, expires: i64, keep: i64 },
 }
 
 /// Events for the writer, and whom to tell once they are on disk.
@@ -220,6 +222,8 @@ pub fn write(conn: &mut Connection, events: &[&Event]) -> rusqlite::Result<()> {
             "INSERT INTO reveals (key, policy, per, lim, expires) VALUES (?1, ?2, ?3, ?4, ?5)
              ON CONFLICT (key, per) DO UPDATE SET lim = min(lim, excluded.lim), expires = excluded.expires",
         )?;
+        let mut extend =
+            tx.prepare_cached("UPDATE admissions SET expires = max(expires, at + ?2) WHERE key = ?1")?;
         for e in events {
             match e {
                 Event::Admit { key, policy, at, expires } => {
@@ -246,8 +250,9 @@ pub fn write(conn: &mut Connection, events: &[&Event]) -> rusqlite::Result<()> {
                 Event::Hold { scope, key, policy, until } => {
                     hold.execute(params![scope, key, policy, until])?;
                 }
-                Event::Reveal { key, policy, per, limit, expires } => {
+                Event::Reveal { key, policy, per, limit, expires, keep } => {
                     reveal.execute(params![key, policy, per, limit, expires])?;
+                    extend.execute(params![key, keep])?;
                 }
             }
         }
@@ -364,7 +369,14 @@ mod tests {
             Event::Release { pending: 8 },
             Event::Hold { scope: "call", key: k.clone(), policy: "incidents".into(), until: 900 },
             Event::Hold { scope: "call", key: k.clone(), policy: "incidents".into(), until: 800 },
-            Event::Reveal { key: k.clone(), policy: "incidents".into(), per: 60, limit: 30, expires: 2_000 },
+            Event::Reveal {
+                key: k.clone(),
+                policy: "incidents".into(),
+                per: 60,
+                limit: 30,
+                expires: 2_000,
+                keep: 30,
+            },
         ];
         let (_dir, conn) = written(&events);
         let c = load(&conn, 60, 0).unwrap();
