@@ -388,3 +388,39 @@ async fn numbered_charges_count_their_cost() {
         Ok(_) => panic!("admitted over the budget"),
     }
 }
+
+/// A value of another form under one key's name (another program's, under
+/// the key prefix) fails that key's script: that call is refused as in an
+/// outage (failing closed), but the store stays up for every other key.
+/// (It was marked down for all, and every tenant got 503s.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_value_under_one_key_leaves_the_others_shared() {
+    let redis = Redis::start();
+    let Fixture { store, limiter, policy, key, depth, mut stats, .. } =
+        Fixture::open(&redis, "5ms", "mode = \"reject\"\nwindows = [{ limit = 10, per = \"10s\" }]");
+    let ask = |key: QuotaKey| {
+        let (store, limiter, policy, depth) = (store.clone(), limiter.clone(), policy.clone(), depth.clone());
+        async move { store.acquire(&limiter, &key, &policy, &Share::default(), Duration::ZERO, &depth).await }
+    };
+    assert!(ask(key.clone()).await.is_ok());
+    let logs: Vec<String> = redis::cmd("KEYS").arg("quotagate:log:*").query(&mut stats).unwrap();
+    assert_eq!(logs.len(), 1);
+    let hold = logs[0].replacen(":log:", ":hold:", 1);
+    let _: () = redis::cmd("SET").arg(&hold).arg("not a time").query(&mut stats).unwrap();
+
+    match ask(key.clone()).await {
+        Err(Refusal::Down(e)) => assert!(e.to_string().contains("cannot read"), "{e}"),
+        other => {
+            panic!("the broken key's call was not refused as in an outage: {:?}", other.map(|a| a.usage))
+        }
+    }
+    let other = QuotaKey { policy: None, tenant: "tenant-2".into(), app: Some("app-1".into()) };
+    for _ in 0..3 {
+        match ask(other.clone()).await {
+            Ok(_) => {}
+            Err(Refusal::Down(e)) => panic!("another tenant refused as in an outage: {e}"),
+            Err(Refusal::Rejected(r)) => panic!("another tenant rejected: {r:?}"),
+        }
+    }
+    assert_eq!(store.status()["reachable"], true);
+}

@@ -386,16 +386,21 @@ impl RedisStore {
         depth: &IntGauge,
     ) -> Result<Admitted, Refusal> {
         let started = tokio::time::Instant::now();
+        let mut broken = None;
         if self.is_up() {
             match self.shared(limiter, key, policy, share, max_wait, depth).await {
                 Ok(result) => return result.map_err(Refusal::Rejected),
-                Err(e) => self.failed(&e),
+                Err(e) => {
+                    self.failed(&e);
+                    broken = outage::about_the_data(&e).then_some(e);
+                }
             }
         }
         match self.on_outage {
-            OnOutage::FailClosed => {
-                Err(Refusal::Down(StoreError::Redis(format!("{} is unreachable", self.url))))
-            }
+            OnOutage::FailClosed => Err(Refusal::Down(StoreError::Redis(match broken {
+                Some(e) => format!("{} holds a value this key's quota script cannot read: {e}", self.url),
+                None => format!("{} is unreachable", self.url),
+            }))),
             OnOutage::Local => {
                 // This replica's share: every window's limit ÷ replicas, those
                 // its waiters are ranked and capped by too.

@@ -35,8 +35,18 @@ impl RedisStore {
         }
     }
 
+    /// A command failed. The call that ran it is decided as during an
+    /// outage either way. An error Redis answered about one key's data (a
+    /// value of the wrong type or form, say another program's, under the
+    /// key prefix) leaves the store up for every other key: only a Redis
+    /// that does not answer, or answers nothing sensible for any key, is
+    /// down.
     pub(crate) fn failed(&self, e: &redis::RedisError) {
         self.metrics.errors.inc();
+        if about_the_data(e) {
+            tracing::error!(error = %e, "redis refused a quota script over one key's data;                 that call is decided as in an outage, other keys stay shared");
+            return;
+        }
         self.set_up(false, &e.to_string());
     }
 
@@ -278,6 +288,22 @@ impl RedisStore {
             .await
             .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "timed out")))??;
         Ok(())
+    }
+}
+
+/// Whether Redis answered `e` about the data a command met (a script's
+/// runtime error, WRONGTYPE, a reply of an unexpected form), rather than
+/// being unreachable, timing out, loading, read-only or refusing us.
+pub(super) fn about_the_data(e: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    match e.kind() {
+        // A script's runtime error (`ERR user_script:…`), not, say, `ERR
+        // max number of clients reached`.
+        ErrorKind::Server(ServerErrorKind::ResponseError) => e.detail().is_some_and(|d| d.contains("script")),
+        ErrorKind::UnexpectedReturnType => true,
+        // A code the client does not name.
+        ErrorKind::Extension => e.code() == Some("WRONGTYPE"),
+        _ => false,
     }
 }
 
