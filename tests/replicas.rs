@@ -696,6 +696,55 @@ async fn running_time_charged_during_an_outage_is_added_back_to_redis() {
     assert_eq!(emu.requests().len(), 1, "only the query run alone reached the upstream");
 }
 
+/// A query a replica admitted alone while Redis was down, still running
+/// when Redis returns and the catch-up passes, is charged in the shared
+/// ledger when it ends. (Its charge stayed local: the catch-up had gone by,
+/// and it had no shared reservation to settle.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_run_alone_that_ends_after_redis_returns_is_charged_in_redis() {
+    let _one_at_a_time = support::timing_exclusive().await;
+    use support::hunt::{body, query};
+    let mut redis = Redis::start();
+    let emu = Emulator::start(EmulatorConfig::new()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = hunting_config(
+        dir.path(),
+        &emu.url(),
+        &redis.url(),
+        "replicas = 2\non_outage = \"local\"",
+        "budgets = [{ limit = \"1s\", per = \"60s\" }]\nestimate = \"450ms\"",
+        "windows = [{ limit = 100, per = \"1s\" }]\nmode = \"reject\"",
+    );
+    let gws = replicas(2, &path, dir.path());
+    for gw in &gws {
+        until_mode(gw, "shared").await;
+    }
+    let hunt = |gw: &GatewayProcess, cost: f64| {
+        client()
+            .post(gw.url("/api/advancedhunting/run"))
+            .header("authorization", bearer("tenant-1", "app-1"))
+            .body(body(&query(cost, "")))
+            .send()
+    };
+    redis.kill();
+    let alone = tokio::spawn(hunt(&gws[0], 3.0));
+    until_mode(&gws[0], "local").await;
+    redis.restart();
+    for gw in &gws {
+        until_mode(gw, "shared").await;
+    }
+    assert!(!alone.is_finished(), "the query still runs after the catch-up");
+    let alone = alone.await.unwrap().unwrap();
+    assert_eq!(alone.status(), 200, "admitted on the local share");
+    let _ = alone.bytes().await;
+    // The charge goes to Redis in the background.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let refused = hunt(&gws[1], 0.05).await.unwrap();
+    assert_eq!(refused.status(), 429, "the other replica knows the 3 s run alone");
+    assert_eq!(refused.headers()["x-quotagate-throttled-by"], "gateway");
+    assert_eq!(emu.requests().len(), 1, "only the query run alone reached the upstream");
+}
+
 /// A lower limit one replica learns from the upstream's 429 message binds
 /// every replica: the upstream's 3 a second (the config says 10) is kept
 /// from the first throttle on, whichever replica the calls reach.

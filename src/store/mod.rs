@@ -162,6 +162,9 @@ impl Store {
         if let Some(j) = &self.journal {
             j.set_charge_horizon(policies);
         }
+        if let Some(r) = &self.redis {
+            r.set_charges_kept(policies.longest_budget());
+        }
     }
 
     /// The gateway is stopping: requests waiting on a shared store (Redis)

@@ -297,9 +297,14 @@ impl RedisStore {
 pub struct LedgerJournal(pub Arc<RedisStore>);
 
 impl ChargeJournal for LedgerJournal {
-    fn charged(&self, _key: &QuotaKey, pending: Option<u64>, _end: u64, cost: u64) {
-        if let Some(id) = pending {
-            self.0.settle(id, Some((cost / 1000).max(1)));
+    fn charged(&self, key: &QuotaKey, pending: Option<u64>, end: u64, cost: u64) {
+        match pending {
+            Some(id) => self.0.settle(id, Some((cost / 1000).max(1))),
+            // Reserved while Redis was down and settled since it came back:
+            // the catch-up may have passed it by, so it goes itself.
+            None if self.0.is_up() => self.0.add_back_charge(key.clone(), end, cost),
+            // The catch-up adds it when Redis returns.
+            None => {}
         }
     }
 

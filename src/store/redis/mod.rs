@@ -246,6 +246,11 @@ pub struct RedisStore {
     /// A clock reading before this replica's last look at Redis that found
     /// nothing lost: what Redis admitted before it is known to be kept.
     looked: AtomicU64,
+    /// How long a running-time charge counts (ns): the longest budget of
+    /// any policy, for a charge added back alone ([`LedgerJournal`]).
+    ///
+    /// [`LedgerJournal`]: ledger::LedgerJournal
+    charges_kept: AtomicU64,
     /// The gateway is stopping: requests waiting here for Redis whose slot
     /// comes after the drain are turned away, as the limiters' are.
     drain: Drain,
@@ -298,6 +303,9 @@ impl RedisStore {
             epoch: AtomicU64::new(0),
             seq: AtomicU64::new(0),
             looked: AtomicU64::new(0),
+            charges_kept: AtomicU64::new(
+                u64::try_from(config.hunting.retention.as_nanos()).unwrap_or(u64::MAX),
+            ),
             drain: Drain::default(),
         })
     }
@@ -410,7 +418,14 @@ impl RedisStore {
                     w.limit = std::num::NonZeroU32::new(share).unwrap_or(std::num::NonZeroU32::MIN);
                 }
                 let left = max_wait.saturating_sub(started.elapsed());
-                limiter.acquire_as(key, &local, share, left, depth).await.map_err(Refusal::Rejected)
+                let admitted =
+                    limiter.acquire_as(key, &local, share, left, depth).await.map_err(Refusal::Rejected)?;
+                // Redis came back while this call waited, and the catch-up
+                // may have passed it by: it goes to the shared log itself.
+                if self.is_up() {
+                    self.add_back(key, policy, admitted.at()).await;
+                }
+                Ok(admitted)
             }
         }
     }

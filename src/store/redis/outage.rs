@@ -55,6 +55,69 @@ impl RedisStore {
         self.up.load(Ordering::SeqCst)
     }
 
+    /// Follow the budgets of a reloaded config.
+    pub(crate) fn set_charges_kept(&self, longest: std::time::Duration) {
+        self.charges_kept.store(u64::try_from(longest.as_nanos()).unwrap_or(u64::MAX), Ordering::SeqCst);
+    }
+
+    /// Add the open windows' admissions (from `since`) and running-time
+    /// charges of `snapshot` to Redis; false when Redis failed.
+    async fn catch_up(
+        &self,
+        Snapshot { admissions, charges }: Snapshot,
+        since: u64,
+        policy_of: &impl Fn(u16) -> Option<Policy>,
+    ) -> bool {
+        for (key, key_id, times) in admissions {
+            // The policy the key runs under now (a reload may have moved it).
+            let Some(policy) = policy_of(key_id) else { continue };
+            let times: Vec<u64> = times.into_iter().filter(|&t| t >= since).collect();
+            if times.is_empty() {
+                continue;
+            }
+            if let Err(e) = self.push_back(&key, &policy, &times).await {
+                self.metrics.errors.inc();
+                tracing::warn!(error = %e, "could not add local admissions to redis; will retry");
+                return false;
+            }
+        }
+        for (key, longest, charges) in charges {
+            let charges: Vec<(u64, u64)> = charges.into_iter().filter(|&(end, _)| end >= since).collect();
+            if charges.is_empty() {
+                continue;
+            }
+            if let Err(e) = self.push_back_charges(&key, longest, &charges).await {
+                self.metrics.errors.inc();
+                tracing::warn!(error = %e, "could not add local running-time charges to redis; will retry");
+                return false;
+            }
+        }
+        true
+    }
+
+    /// A call admitted alone (Redis was down when it asked) at clock reading
+    /// `at`, now that Redis is back: add it to the shared log under the name
+    /// a catch-up gives it, so either adds it once. Should Redis fail, the
+    /// next catch-up starts no later than `at`.
+    pub(super) async fn add_back(&self, key: &QuotaKey, policy: &Policy, at: u64) {
+        if let Err(e) = self.push_back(key, policy, &[at]).await {
+            self.looked.fetch_min(at, Ordering::SeqCst);
+            self.failed(&e);
+        }
+    }
+
+    /// The same for a running-time charge of `cost` ns ending at `end`.
+    pub(super) fn add_back_charge(self: &Arc<Self>, key: QuotaKey, end: u64, cost: u64) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let kept = std::time::Duration::from_nanos(this.charges_kept.load(Ordering::SeqCst));
+            if let Err(e) = this.push_back_charges(&key, kept, &[(end, cost)]).await {
+                this.looked.fetch_min(end, Ordering::SeqCst);
+                this.failed(&e);
+            }
+        });
+    }
+
     /// Ready unless Redis is down and the store fails closed.
     pub fn ready(&self) -> bool {
         self.is_up() || self.on_outage == OnOutage::Local
@@ -145,39 +208,22 @@ impl RedisStore {
                     // forget that Redis lost them.
                     lost_while_up = lost;
                     let since = if lost { 0 } else { self.down_since.load(Ordering::SeqCst).min(looked) };
-                    let mut caught_up = true;
-                    for (key, key_id, times) in limiter.all_admissions() {
-                        // The policy the key runs under now (a reload may have moved it).
-                        let Some(policy) = policy_of(key_id) else { continue };
-                        let times: Vec<u64> = times.into_iter().filter(|&t| t >= since).collect();
-                        if times.is_empty() {
-                            continue;
-                        }
-                        if let Err(e) = self.push_back(&key, &policy, &times).await {
-                            self.metrics.errors.inc();
-                            tracing::warn!(error = %e, "could not add local admissions to redis; will retry");
-                            caught_up = false;
-                            break;
-                        }
-                    }
-                    for (key, longest, charges) in runtime.all_charges() {
-                        if !caught_up {
-                            break;
-                        }
-                        let charges: Vec<(u64, u64)> =
-                            charges.into_iter().filter(|&(end, _)| end >= since).collect();
-                        if charges.is_empty() {
-                            continue;
-                        }
-                        if let Err(e) = self.push_back_charges(&key, longest, &charges).await {
-                            self.metrics.errors.inc();
-                            tracing::warn!(error = %e, "could not add local running-time charges to redis; will retry");
-                            caught_up = false;
-                        }
-                    }
-                    if caught_up {
+                    let pass = self.clock.now();
+                    if self.catch_up(Snapshot::take(limiter, runtime), since, &policy_of).await {
                         lost_while_up = false;
+                        // Calls admitted and queries settled alone since the
+                        // snapshot (their waits and queries ran across it):
+                        // taken with no await after switching back, so none
+                        // slips between; later ones add themselves back.
                         self.set_up(true, "");
+                        let late = Snapshot::take(limiter, runtime);
+                        if !self.catch_up(late, pass, &policy_of).await {
+                            self.looked.fetch_min(pass, Ordering::SeqCst);
+                            self.set_up(
+                                false,
+                                "could not add back what was admitted alone during the catch-up",
+                            );
+                        }
                     }
                 }
                 Ok(Err(e)) => self.set_up(false, &e.to_string()),
@@ -202,7 +248,9 @@ impl RedisStore {
         let seen = self.epoch.swap(current, Ordering::SeqCst);
         let seen_seq = self.seq.swap(seq, Ordering::SeqCst);
         let lost = (seen != 0 && seen != current) || (seen_seq != 0 && seq <= seen_seq);
-        if !lost {
+        // While down, a catch-up still has to start where a failed add-back
+        // left it.
+        if !lost && self.is_up() {
             self.looked.store(before, Ordering::SeqCst);
         }
         Ok(lost)
@@ -288,6 +336,19 @@ impl RedisStore {
             .await
             .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "timed out")))??;
         Ok(())
+    }
+}
+
+/// What this replica holds of the open windows: every key's admissions
+/// (clock readings) and running-time charges.
+struct Snapshot {
+    admissions: Vec<(QuotaKey, u16, Vec<u64>)>,
+    charges: Vec<crate::admission::runtime::KeyCharges>,
+}
+
+impl Snapshot {
+    fn take(limiter: &Limiter, runtime: &RuntimeLimiter) -> Self {
+        Snapshot { admissions: limiter.all_admissions(), charges: runtime.all_charges() }
     }
 }
 
