@@ -224,3 +224,57 @@ async fn a_key_header_renamed_by_a_reload_is_still_never_forwarded() {
         );
     }
 }
+
+/// A policy's key id follows its name across reloads: a policy a reload
+/// removes and a later one brings back finds its calls still counted, and
+/// a new policy never takes over a removed one's calls. (A new name took
+/// the next id after the largest one running, so it could inherit a
+/// removed policy's keys, and a policy brought back started afresh.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_removed_and_brought_back_by_reloads_keeps_its_calls() {
+    let emu = Emulator::start(EmulatorConfig::new()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("quotagate.toml");
+    let policies = |names: &[&str]| {
+        let text: String = names
+            .iter()
+            .map(|n| {
+                format!(
+                    "\n[[policy]]\nname = \"{n}\"\npaths = [\"/api/{n}\"]\n\
+                     windows = [{{ limit = 2, per = \"60s\" }}]\nmode = \"reject\"\n"
+                )
+            })
+            .collect();
+        config_text(&emu.url(), &text)
+    };
+    std::fs::write(&path, policies(&["incidents", "machines"])).unwrap();
+    let gateway = GatewayProcess::start(&path, dir.path()).unwrap();
+    let http = client();
+    let call = |name: &str| {
+        let req = http.get(gateway.url(&format!("/api/{name}"))).header("authorization", bearer("t", "a"));
+        async move {
+            let r = req.send().await.unwrap();
+            let by = r.headers().get("x-quotagate-throttled-by").map(|v| v.to_str().unwrap().to_string());
+            (r.status().as_u16(), by)
+        }
+    };
+    for _ in 0..2 {
+        assert_eq!(call("machines").await.0, 200);
+    }
+    let mut generation = 1;
+    let mut reload = |names: &'static [&'static str]| {
+        std::fs::write(&path, policies(names)).unwrap();
+        gateway.reload();
+        generation += 1;
+        gateway.until_generation(generation)
+    };
+    reload(&["incidents"]).await;
+    reload(&["incidents", "alerts"]).await;
+    assert_eq!(call("alerts").await, (200, None), "a new policy starts with its own calls");
+    reload(&["incidents", "alerts", "machines"]).await;
+    assert_eq!(
+        call("machines").await,
+        (429, Some("gateway".to_string())),
+        "machines' two calls of the minute still count"
+    );
+}

@@ -52,6 +52,10 @@ pub struct Gateway {
     pub loaded: std::sync::Mutex<Loaded>,
     /// Where the quota state is made durable or shared.
     pub store: Store,
+    /// The key ids of policies a reload removed, by name: a policy that
+    /// comes back takes its id (and its keys' state) again, and no other
+    /// policy is ever given it.
+    retired: std::sync::Mutex<std::collections::HashMap<String, u16>>,
 }
 
 /// The configuration and its clients' runaway-loop guards, replaced as one,
@@ -89,6 +93,7 @@ impl Gateway {
             metrics,
             current: Live::new(Current::new(config)),
             store: Store::memory(),
+            retired: std::sync::Mutex::default(),
         }
     }
 
@@ -106,23 +111,33 @@ impl Gateway {
 
     /// Take a reloaded configuration. Quota state is kept: each policy keeps
     /// the key id its name had, so its keys' admissions, queues and holds
-    /// carry on under new limits; a new name gets a fresh id. Clients' guards
+    /// carry on under new limits; a name a reload removed and a later one
+    /// brings back takes its id again; a new name gets an id no policy had. Clients' guards
     /// start afresh, with the configuration that names them: a request on a
     /// worker not yet refreshed checks the guards of its own configuration.
     /// Callers refresh the workers after. The store stays the one the
     /// gateway started with.
     pub fn replace_config(&self, mut config: Config) {
         let old = self.config();
-        let mut next = old.policies.0.iter().map(|p| p.key_id).max().map_or(0, |m| m.saturating_add(1));
+        let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+        let known = old.policies.0.iter().map(|p| (p.name.as_str(), p.key_id));
+        let known: std::collections::HashMap<&str, u16> =
+            known.chain(retired.iter().map(|(n, id)| (n.as_str(), *id))).collect();
+        let mut next = known.values().max().map_or(0, |m| m.saturating_add(1));
         for p in &mut config.policies.0 {
-            p.key_id = match old.policies.0.iter().find(|o| o.name == p.name) {
-                Some(o) => o.key_id,
+            p.key_id = match known.get(p.name.as_str()) {
+                Some(&id) => id,
                 None => {
                     next = next.saturating_add(1);
                     next - 1
                 }
             };
         }
+        for o in &old.policies.0 {
+            retired.insert(o.name.clone(), o.key_id);
+        }
+        retired.retain(|name, _| config.policies.0.iter().all(|p| &p.name != name));
+        drop(retired);
         self.store.set_policies(&config.policies);
         self.current.set(Current::new(Arc::new(config)));
     }
