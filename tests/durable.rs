@@ -332,6 +332,26 @@ async fn a_query_in_flight_at_a_crash_is_charged_what_it_may_have_run() {
     let gw = Gateway::start(&cfg, dir.path()).unwrap();
     assert_eq!(hunt(&gw, 1.0).await, 429, "the crashed query counts what it may have run");
     assert_eq!(emu.requests().len(), 1, "the upstream ran the first query only");
+
+    // The file now holds it as a charge, as of the first restart: a second
+    // restart a second later neither charges it again nor moves it later.
+    let charges = || {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        let pending: i64 = conn.query_row("SELECT count(*) FROM pending", [], |r| r.get(0)).unwrap();
+        let mut q = conn.prepare("SELECT end_at, cost FROM charges").unwrap();
+        let rows: Vec<(i64, i64)> =
+            q.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect();
+        (pending, rows)
+    };
+    gw.kill();
+    let first = charges();
+    assert_eq!((first.0, first.1.len()), (0, 1), "{first:?}");
+    assert!(first.1[0].1 >= 2_500_000_000, "charged what it may have run: {first:?}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let gw = Gateway::start(&cfg, dir.path()).unwrap();
+    assert_eq!(hunt(&gw, 1.0).await, 429);
+    gw.kill();
+    assert_eq!(charges(), first, "the second restart left the charge as it was");
 }
 
 /// A call whose body comes slowly is counted from when it leaves: the

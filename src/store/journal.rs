@@ -87,7 +87,7 @@ pub(super) fn open(
         }
         other => other.map(|c| (c, None)),
     };
-    let (conn, degraded) = match opened {
+    let (mut conn, degraded) = match opened {
         Ok(ok) => ok,
         Err(e @ StoreError::Unwritable { .. }) if config.store.allow_start_empty => {
             tracing::error!(error = %e,
@@ -104,13 +104,16 @@ pub(super) fn open(
     // The longest a hunting query may run: the gateway gives up on it at
     // its policy's total timeout.
     let longest_run = config.policies.0.iter().filter(|p| p.hunting).map(|p| p.timeouts.total).max();
-    let contents = sqlite::load(&conn, sqlite::unix_now(), nanos(longest_run.unwrap_or_default()))
+    let guard = config.guard;
+    let charge_horizon = horizon(&config.policies, guard);
+    let now = sqlite::unix_now();
+    sqlite::charge_pending(&mut conn, now, nanos(longest_run.unwrap_or_default()), charge_horizon)
+        .map_err(|e| StoreError::Unwritable { path: path.display().to_string(), detail: e.to_string() })?;
+    let contents = sqlite::load(&conn, now)
         .map_err(|e| StoreError::Corrupt { path: path.display().to_string(), detail: e.to_string() })?;
     let restored = restore(config, &names, &contents, clock, limiter, runtime);
     tracing::info!(path = %path.display(), admissions = restored.0, charges = restored.1, holds = restored.2,
         "restored quota state from the state file");
-    let guard = config.guard;
-    let charge_horizon = horizon(&config.policies, guard);
     let (tx, rx) = mpsc::channel();
     let observer = metrics.store_observer();
     let prune_every = config.idle_sweep;

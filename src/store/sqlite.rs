@@ -88,9 +88,8 @@ pub struct Job {
 pub struct Contents {
     /// `(key, policy, at)`.
     pub admissions: Vec<(String, String, i64)>,
-    /// `(key, end, cost)`; queries in flight at a crash appear here charged
-    /// at the moment the file was read: the larger of their estimate and the
-    /// time since they were sent, up to the longest a query may run.
+    /// `(key, end, cost)`, queries in flight at a crash among them once
+    /// [`charge_pending`] has charged them.
     pub charges: Vec<(String, i64, i64)>,
     /// `(scope, key, policy, until)`.
     pub holds: Vec<(String, String, String, i64)>,
@@ -162,9 +161,33 @@ fn policy(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<String> {
     })
 }
 
-/// Everything in the file that still counts at `now`; a query in flight at
-/// a crash is taken to have run at most `longest_run` nanoseconds.
-pub fn load(conn: &Connection, now: i64, longest_run: i64) -> rusqlite::Result<Contents> {
+/// Charge every query that was in flight when the process died, in the
+/// file itself, once: it may have run on at the service, which charges
+/// what it ran, which the gateway never learnt. The rule's max(estimate,
+/// wall time), the wall time up to `now` but no longer than a query may run
+/// (`longest_run`), as ending at `now` (the latest it can have been
+/// charged), counting for `horizon` from then. Its record in flight goes in
+/// the same transaction, so a later restart neither charges it again nor
+/// moves its charge. Returns how many were charged.
+pub fn charge_pending(
+    conn: &mut Connection,
+    now: i64,
+    longest_run: i64,
+    horizon: i64,
+) -> rusqlite::Result<usize> {
+    let tx = conn.transaction()?;
+    let charged = tx.execute(
+        "INSERT INTO charges (key, end_at, cost, expires)
+         SELECT key, ?1, max(estimate, min(max(?1 - sent, 0), ?2)), ?3 FROM pending WHERE expires > ?1",
+        params![now, longest_run.max(0), now.saturating_add(horizon)],
+    )?;
+    tx.execute("DELETE FROM pending", [])?;
+    tx.commit()?;
+    Ok(charged)
+}
+
+/// Everything in the file that still counts at `now`.
+pub fn load(conn: &Connection, now: i64) -> rusqlite::Result<Contents> {
     let mut c = Contents::default();
     let mut q = conn.prepare("SELECT key, policy, at FROM admissions WHERE expires > ?1 ORDER BY key, at")?;
     c.admissions =
@@ -172,18 +195,6 @@ pub fn load(conn: &Connection, now: i64, longest_run: i64) -> rusqlite::Result<C
     let mut q =
         conn.prepare("SELECT key, end_at, cost FROM charges WHERE expires > ?1 ORDER BY key, end_at")?;
     c.charges = q.query_map([now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?;
-    // A query that was in flight when the process died may have run on: the
-    // service charges what it ran, which the gateway never learnt. Charge
-    // the rule's max(estimate, wall time), the wall time up to now but no
-    // longer than a query may run, as ending now (the latest it can have
-    // been charged).
-    let mut q = conn.prepare("SELECT key, sent, estimate FROM pending WHERE expires > ?1")?;
-    let pending: Vec<(String, i64, i64)> =
-        q.query_map([now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?;
-    c.charges.extend(pending.into_iter().map(|(k, sent, e)| {
-        let ran = now.saturating_sub(sent).clamp(0, longest_run.max(0));
-        (k, now, e.max(ran))
-    }));
     let mut q = conn.prepare("SELECT scope, key, policy, until FROM holds WHERE until > ?1")?;
     c.holds = q
         .query_map([now], |r| Ok((r.get(0)?, r.get(1)?, policy(r, 2)?, r.get(3)?)))?
@@ -379,14 +390,14 @@ mod tests {
             },
         ];
         let (_dir, conn) = written(&events);
-        let c = load(&conn, 60, 0).unwrap();
+        let c = load(&conn, 60).unwrap();
         assert_eq!(c.admissions, vec![(k.clone(), "incidents".to_string(), 100)]);
         assert_eq!(c.charges, vec![(k.clone(), 400, 25)]);
         assert_eq!(c.holds, vec![("call".to_string(), k.clone(), "incidents".to_string(), 900)]);
         assert_eq!(c.reveals, vec![(k.clone(), "incidents".to_string(), 60, 30)]);
         assert_eq!(prune(&conn, 1_000, 1).unwrap(), (2, true), "one row a table at a time");
         assert_eq!(prune(&conn, 1_000, 100).unwrap(), (1, false), "two admissions and the hold have expired");
-        assert!(load(&conn, 1_000, 0).unwrap().admissions.is_empty());
+        assert!(load(&conn, 1_000).unwrap().admissions.is_empty());
     }
 
     #[test]
@@ -405,10 +416,10 @@ mod tests {
             Event::Restamp { key: k.clone(), at: 150, to: 500, expires: 1_400 },
         ];
         let (_dir, conn) = written(&events);
-        let c = load(&conn, 60, 0).unwrap();
+        let c = load(&conn, 60).unwrap();
         let at = |t| (k.clone(), "incidents".to_string(), t);
         assert_eq!(c.admissions, vec![at(100), at(400)]);
-        assert_eq!(load(&conn, 1_000, 0).unwrap().admissions, vec![at(400)], "it counts from its departure");
+        assert_eq!(load(&conn, 1_000).unwrap().admissions, vec![at(400)], "it counts from its departure");
     }
 
     #[test]
@@ -420,13 +431,29 @@ mod tests {
         let aside = set_aside(&path).unwrap();
         assert!(aside.exists() && !path.exists());
         let mut conn = open(&path, Durability::Full).unwrap();
-        let e = Event::Pending { id: 1, key: "k".into(), sent: 5, estimate: 9, expires: 100 };
-        write(&mut conn, &[&e]).unwrap();
+        let pending = |conn: &mut Connection| {
+            let e = Event::Pending { id: 1, key: "k".into(), sent: 5, estimate: 9, expires: 100 };
+            write(conn, &[&e]).unwrap();
+        };
+        let charged_at = |conn: &mut Connection, now: i64, longest_run: i64| {
+            assert_eq!(charge_pending(conn, now, longest_run, 1_000).unwrap(), 1);
+            let charges = load(conn, now).unwrap().charges;
+            conn.execute("DELETE FROM charges", []).unwrap();
+            charges
+        };
         // Sent at 5: read at 10, its estimate (9) is more than the 5 it ran.
-        assert_eq!(load(&conn, 10, 1_000).unwrap().charges, vec![("k".to_string(), 10, 9)]);
+        pending(&mut conn);
+        assert_eq!(charged_at(&mut conn, 10, 1_000), vec![("k".to_string(), 10, 9)]);
         // Read at 50, it ran 45: more than its estimate.
-        assert_eq!(load(&conn, 50, 1_000).unwrap().charges, vec![("k".to_string(), 50, 45)]);
+        pending(&mut conn);
+        assert_eq!(charged_at(&mut conn, 50, 1_000), vec![("k".to_string(), 50, 45)]);
         // A query runs 20 at the most: read at 90, it ran no more than that.
-        assert_eq!(load(&conn, 90, 20).unwrap().charges, vec![("k".to_string(), 90, 20)]);
+        pending(&mut conn);
+        assert_eq!(charged_at(&mut conn, 90, 20), vec![("k".to_string(), 90, 20)]);
+        // Charged once: a later start finds the charge where it was put.
+        pending(&mut conn);
+        charge_pending(&mut conn, 50, 1_000, 1_000).unwrap();
+        assert_eq!(charge_pending(&mut conn, 70, 1_000, 1_000).unwrap(), 0);
+        assert_eq!(load(&conn, 70).unwrap().charges, vec![("k".to_string(), 50, 45)]);
     }
 }
