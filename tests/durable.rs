@@ -398,10 +398,10 @@ async fn a_call_that_leaves_late_is_kept_in_the_file_at_its_departure() {
 }
 
 /// A limit the upstream revealed, of a window longer than any configured,
-/// outlives a restart: the reveal itself though no call of the key is in
-/// a configured window any more, and the calls the longer window still
-/// counts. (Both were dropped: the file kept a call only as long as the
-/// configured windows, and restored a reveal only with a call of its key.)
+/// outlives a restart with the calls that window still counts, though none
+/// is in a configured window any more. (The file kept a call only as long
+/// as the configured windows, and restored a reveal only with a call of
+/// its key, so both were gone.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revealed_longer_window_and_its_calls_outlive_a_restart() {
     let _one_at_a_time = support::timing_exclusive().await;

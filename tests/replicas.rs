@@ -386,6 +386,35 @@ async fn a_redis_that_comes_back_from_an_older_snapshot_gets_the_window_back() {
     assert_eq!((emu.accepted("incidents"), emu.throttled()), (10, 0));
 }
 
+/// A value another program left under one key's name in Redis: that
+/// key's calls are answered 503 saying so (failing closed), and every
+/// other tenant's calls go on, shared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_value_under_one_key_fails_only_that_key() {
+    let Setup { redis, emu, dir, cfg } =
+        setup(None, "", "windows = [{ limit = 10, per = \"10s\" }]\nmode = \"reject\"").await;
+    let gws = replicas(1, &cfg, dir.path());
+    until_mode(&gws[0], "shared").await;
+    let call = |tenant: &str| {
+        client().get(gws[0].url("/api/incidents")).header("authorization", bearer(tenant, "app")).send()
+    };
+    assert_eq!(call("tenant-a").await.unwrap().status(), 200);
+    let mut c = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    let logs: Vec<String> = redis::cmd("KEYS").arg("*:log:*").query(&mut c).unwrap();
+    assert_eq!(logs.len(), 1, "{logs:?}");
+    let _: () = redis::cmd("SET").arg(logs[0].replacen(":log:", ":hold:", 1)).arg("x").query(&mut c).unwrap();
+
+    let r = call("tenant-a").await.unwrap();
+    assert_eq!(r.status(), 503);
+    let body = r.text().await.unwrap();
+    assert!(body.contains("cannot read") && body.contains("other keys are unaffected"), "{body}");
+    for _ in 0..3 {
+        assert_eq!(call("tenant-b").await.unwrap().status(), 200, "another tenant is still shared");
+    }
+    assert_eq!(ready(&gws[0]).await.1["store"]["mode"], "shared");
+    assert_eq!(emu.requests().len(), 4, "the refused call was not forwarded");
+}
+
 /// Two policies share the tenant's key, one counting 3 calls per 10 s and
 /// one 100 per second: a call under the second must not make Redis forget
 /// (trim or expire) what the first still counts.

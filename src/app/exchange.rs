@@ -442,12 +442,19 @@ impl Metered<'_> {
     }
 
     /// Redis is down and the config fails closed: nothing is forwarded.
-    fn store_down(&self, e: &dyn std::fmt::Display, outcome: &mut Outcome) -> Response {
+    fn store_down(&self, e: &crate::store::StoreError, outcome: &mut Outcome) -> Response {
         outcome.decision = "rejected";
         self.metrics.rejected.inc();
         tracing::debug!(policy = %self.policy.name, error = %e, "quota store down: failing closed");
+        let detail = match e {
+            crate::store::StoreError::Unreadable(_) => {
+                "the shared quota store (Redis) holds a value for this key that the gateway cannot read \
+                 (the gateway's log says which); other keys are unaffected"
+            }
+            _ => "the shared quota store (Redis) is unreachable",
+        };
         self.fail(GatewayError::StoreUnavailable {
-            detail: "the shared quota store (Redis) is unreachable".into(),
+            detail: detail.into(),
             retry_after: crate::store::redis::FAIL_CLOSED_RETRY,
         })
     }

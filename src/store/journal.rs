@@ -178,18 +178,6 @@ fn restore(
         }
         i = j;
     }
-    // A key whose calls have all left its configured windows still keeps
-    // what the upstream revealed for it.
-    let restored = |k: &String| c.admissions.binary_search_by(|(a, _, _)| a.cmp(k)).is_ok();
-    let mut idle: Vec<&(String, String, i64, u32)> =
-        c.reveals.iter().filter(|(k, ..)| !restored(k)).collect();
-    idle.sort_by(|a, b| a.0.cmp(&b.0));
-    for group in idle.chunk_by(|a, b| a.0 == b.0) {
-        let (key, pid, _, _) = group[0];
-        if let (Some(qk), Some(p)) = (decode(key), policy(pid)) {
-            limiter.restore(&qk, p, &[], 0, &revealed_windows(group.iter().copied()));
-        }
-    }
     let mut i = 0;
     while i < c.charges.len() {
         let key = &c.charges[i].0;

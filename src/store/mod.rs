@@ -131,6 +131,10 @@ pub enum StoreError {
     Write(String),
     #[error("redis store: {0}")]
     Redis(String),
+    /// Redis answers, but holds a value under this key's name that its
+    /// script cannot read (another program's, say); other keys are shared.
+    #[error("redis store: a value under this key cannot be read: {0}")]
+    Unreadable(String),
 }
 
 /// Why a hunting query's shared running time was not reserved.
@@ -301,7 +305,7 @@ impl Store {
                 r.failed(&e);
                 match r.on_outage() {
                     OnOutage::Local => Ok(()),
-                    OnOutage::FailClosed => Err(RuntimeRefusal::Down(StoreError::Redis(e.to_string()))),
+                    OnOutage::FailClosed => Err(RuntimeRefusal::Down(redis::RedisStore::refusal(&e))),
                 }
             }
         }

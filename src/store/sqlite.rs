@@ -216,7 +216,7 @@ pub fn write(conn: &mut Connection, events: &[&Event]) -> rusqlite::Result<()> {
             "DELETE FROM admissions WHERE rowid IN (SELECT rowid FROM admissions WHERE key = ?1 AND at = ?2 LIMIT 1)",
         )?;
         let mut restamp = tx.prepare_cached(
-            "UPDATE admissions SET at = ?3, expires = ?4
+            "UPDATE admissions SET at = ?3, expires = max(expires - at + ?3, ?4)
              WHERE rowid IN (SELECT rowid FROM admissions WHERE key = ?1 AND at = ?2 LIMIT 1)",
         )?;
         let mut pending = tx.prepare_cached(

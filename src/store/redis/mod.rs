@@ -251,6 +251,8 @@ pub struct RedisStore {
     ///
     /// [`LedgerJournal`]: ledger::LedgerJournal
     charges_kept: AtomicU64,
+    /// When an unreadable value was last logged (clock reading; 0: never).
+    unreadable_logged: AtomicU64,
     /// The gateway is stopping: requests waiting here for Redis whose slot
     /// comes after the drain are turned away, as the limiters' are.
     drain: Drain,
@@ -303,6 +305,7 @@ impl RedisStore {
             epoch: AtomicU64::new(0),
             seq: AtomicU64::new(0),
             looked: AtomicU64::new(0),
+            unreadable_logged: AtomicU64::new(0),
             charges_kept: AtomicU64::new(
                 u64::try_from(config.hunting.retention.as_nanos()).unwrap_or(u64::MAX),
             ),
@@ -405,10 +408,10 @@ impl RedisStore {
             }
         }
         match self.on_outage {
-            OnOutage::FailClosed => Err(Refusal::Down(StoreError::Redis(match broken {
-                Some(e) => format!("{} holds a value this key's quota script cannot read: {e}", self.url),
-                None => format!("{} is unreachable", self.url),
-            }))),
+            OnOutage::FailClosed => Err(Refusal::Down(match broken {
+                Some(e) => StoreError::Unreadable(e.to_string()),
+                None => StoreError::Redis(format!("{} is unreachable", self.url)),
+            })),
             OnOutage::Local => {
                 // This replica's share: every window's limit ÷ replicas, those
                 // its waiters are ranked and capped by too.

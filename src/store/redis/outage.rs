@@ -44,10 +44,26 @@ impl RedisStore {
     pub(crate) fn failed(&self, e: &redis::RedisError) {
         self.metrics.errors.inc();
         if about_the_data(e) {
-            tracing::error!(error = %e, "redis refused a quota script over one key's data;                 that call is decided as in an outage, other keys stay shared");
+            // Every call of the key meets it: say so once a minute at most.
+            let now = self.clock.now();
+            let last = self.unreadable_logged.load(Ordering::Relaxed);
+            if last == 0 || now.saturating_sub(last) >= 60_000_000_000 {
+                self.unreadable_logged.store(now, Ordering::Relaxed);
+                tracing::error!(error = %e, "redis holds a value a quota script cannot read; \
+                    the calls of its key are decided as in an outage, other keys stay shared");
+            }
             return;
         }
         self.set_up(false, &e.to_string());
+    }
+
+    /// The store error a call refused over `e` (failing closed) gets.
+    pub(crate) fn refusal(e: &redis::RedisError) -> crate::store::StoreError {
+        if about_the_data(e) {
+            crate::store::StoreError::Unreadable(e.to_string())
+        } else {
+            crate::store::StoreError::Redis(e.to_string())
+        }
     }
 
     /// Whether Redis answers now.
@@ -77,6 +93,11 @@ impl RedisStore {
             }
             if let Err(e) = self.push_back(&key, &policy, &times).await {
                 self.metrics.errors.inc();
+                // One key's unreadable value must not keep every key local.
+                if about_the_data(&e) {
+                    tracing::warn!(error = %e, "could not add one key's local admissions to redis; skipped");
+                    continue;
+                }
                 tracing::warn!(error = %e, "could not add local admissions to redis; will retry");
                 return false;
             }
@@ -88,6 +109,10 @@ impl RedisStore {
             }
             if let Err(e) = self.push_back_charges(&key, longest, &charges).await {
                 self.metrics.errors.inc();
+                if about_the_data(&e) {
+                    tracing::warn!(error = %e, "could not add one key's local running-time charges to redis; skipped");
+                    continue;
+                }
                 tracing::warn!(error = %e, "could not add local running-time charges to redis; will retry");
                 return false;
             }
@@ -331,13 +356,20 @@ impl RedisStore {
             zadd.arg(score).arg(member);
         }
         let ttl = u64::try_from(longest.as_millis()).unwrap_or(u64::MAX) + self.guard_us / 1000 + 1;
-        pipe.cmd("PEXPIRE").arg(&set).arg(ttl).ignore();
+        // Only ever lengthen: the scripts keep a log longer for a revealed
+        // window, which `longest` does not know.
+        pipe.cmd("EVAL").arg(EXTEND_TTL).arg(1).arg(&set).arg(ttl).ignore();
         let _: (i64,) = tokio::time::timeout(TIMEOUT * 2, pipe.query_async(&mut conn))
             .await
             .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "timed out")))??;
         Ok(())
     }
 }
+
+/// KEYS: a key. ARGV: a time to live, ms. Set it unless the key lives
+/// longer already.
+const EXTEND_TTL: &str = "if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then \
+    redis.call('PEXPIRE', KEYS[1], ARGV[1]) end return 1";
 
 /// What this replica holds of the open windows: every key's admissions
 /// (clock readings) and running-time charges.
