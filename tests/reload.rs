@@ -278,3 +278,54 @@ async fn a_policy_removed_and_brought_back_by_reloads_keeps_its_calls() {
         "machines' two calls of the minute still count"
     );
 }
+
+/// A certificate rotated on disk (here: the files rewritten in place) is
+/// served after a reload; the listener kept the one it started with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_serves_a_rotated_certificate() {
+    let emu = Emulator::start(EmulatorConfig::new()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let mint = || {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+        std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
+        reqwest::Certificate::from_pem(cert.cert.pem().as_bytes()).unwrap()
+    };
+    let first = mint();
+    let text = config_text(
+        &emu.url(),
+        &format!(
+            "\n[tls]\ncert_file = {:?}\nkey_file = {:?}\n{}",
+            cert_path.to_str().unwrap(),
+            key_path.to_str().unwrap(),
+            policy(100)
+        ),
+    );
+    let path = dir.path().join("quotagate.toml");
+    std::fs::write(&path, &text).unwrap();
+    let gateway = GatewayProcess::start(&path, dir.path()).unwrap();
+    let port = gateway.proxy.rsplit(':').next().unwrap().to_string();
+    let trusting = |ca: reqwest::Certificate| {
+        let http = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(ca)
+            .resolve("localhost", format!("127.0.0.1:{port}").parse().unwrap())
+            .build()
+            .unwrap();
+        let url = format!("https://localhost:{port}/api/test/status/200");
+        async move { http.get(url).header("authorization", bearer("t", "a")).send().await.map(|r| r.status()) }
+    };
+    assert_eq!(trusting(first.clone()).await.unwrap(), 200);
+
+    // The same text: the generation stays, the certificate is read again.
+    let second = mint();
+    gateway.reload();
+    let asked = std::time::Instant::now();
+    while trusting(second.clone()).await.is_err() {
+        assert!(asked.elapsed() < Duration::from_secs(10), "the rotated certificate is never served");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(trusting(first).await.is_err(), "the old certificate is not served any more");
+}

@@ -143,6 +143,18 @@ impl Gateway {
     }
 }
 
+impl Gateway {
+    /// The same configuration with the certificate of `[tls]` read again
+    /// (a reload of unchanged text after the files were rotated): new
+    /// handshakes use it; nothing else changes, clients' guards included.
+    pub fn replace_tls(&self, tls: Arc<rustls::ServerConfig>) {
+        let current = self.current.get();
+        let mut config = (*current.config).clone();
+        config.tls = Some(tls);
+        self.current.set(Arc::new(Current { config: Arc::new(config), guards: current.guards.clone() }));
+    }
+}
+
 /// What one worker thread's listeners share: its own connection pools and
 /// metric handles, so a request touches no other core's cache lines.
 pub struct Worker {

@@ -97,9 +97,12 @@ pub async fn start_on(config: Config, workers: &[Handle]) -> io::Result<Running>
             let stopped = stopped.clone();
             match config.tls.clone() {
                 Some(tls) => tasks.spawn_on(
-                    async move {
-                        let listener = tls::TlsListener::new(listener, tls);
-                        axum::serve(listener, service).with_graceful_shutdown(stopping(stopped)).await
+                    {
+                        let gateway = gateway.clone();
+                        async move {
+                            let listener = tls::TlsListener::new(listener, gateway, tls);
+                            axum::serve(listener, service).with_graceful_shutdown(stopping(stopped)).await
+                        }
                     },
                     handle,
                 ),

@@ -28,10 +28,14 @@ impl Reloader {
         Reloader { gateway, workers }
     }
 
-    /// Apply `config`, or say why not. The same text again changes nothing.
+    /// Apply `config`, or say why not. The same text again changes nothing
+    /// but the certificate, read again from `[tls]`'s files (rotated in place).
     pub fn apply(&self, mut config: Config) -> Result<Loaded, Vec<String>> {
         let mut loaded = self.gateway.loaded.lock().unwrap_or_else(|e| e.into_inner());
         if loaded.hash == config.source_hash {
+            if let (Some(tls), true) = (config.tls.take(), self.gateway.config().tls.is_some()) {
+                self.gateway.replace_tls(tls);
+            }
             return Ok(loaded.clone());
         }
         let hash = config.source_hash.clone();
@@ -70,7 +74,13 @@ fn restart_only(old: &Config, new: &Config) -> Vec<String> {
     differs("listen / [[listener]]", old.listeners == new.listeners);
     differs("admin_listen", old.admin_listen == new.admin_listen);
     differs("send_timeout", old.send_timeout == new.send_timeout);
-    differs("[tls]", old.tls.is_some() == new.tls.is_some());
+    differs(
+        "[tls] (adding or removing it; its files are read again)",
+        old.tls.is_some() == new.tls.is_some(),
+    );
+    // The limiters and the sweep are built with these.
+    differs("guard", old.guard == new.guard);
+    differs("idle_sweep", old.idle_sweep == new.idle_sweep);
     differs("[forward_proxy]", old.forward_proxy == new.forward_proxy);
     differs("[store]", old.store == new.store);
     let names = |c: &Config| c.upstreams.iter().map(|u| u.name.clone()).collect::<Vec<_>>();
@@ -102,12 +112,16 @@ mod tests {
         let new = config(&[
             ("admin_listen = \"127.0.0.1:7481\"", "admin_listen = \"127.0.0.1:7491\""),
             ("send_timeout = \"60s\"", "send_timeout = \"5s\""),
+            ("guard = \"250ms\"", "guard = \"1s\""),
+            ("idle_sweep = \"30s\"", "idle_sweep = \"5s\""),
         ]);
         assert_eq!(
             restart_only(&old, &new),
             [
                 "admin_listen changed: restart the gateway to apply it",
-                "send_timeout changed: restart the gateway to apply it"
+                "send_timeout changed: restart the gateway to apply it",
+                "guard changed: restart the gateway to apply it",
+                "idle_sweep changed: restart the gateway to apply it"
             ]
         );
     }

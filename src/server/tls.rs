@@ -22,17 +22,23 @@ use super::send_timeout::SendTimeout;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A listener that yields connections whose TLS handshake has completed.
+/// Each handshake uses the certificate of the configuration running when it
+/// starts, so a reload that re-reads rotated certificate files applies to
+/// every connection after it.
 pub struct TlsListener {
     tcp: Dealt,
-    acceptor: TlsAcceptor,
+    gateway: Arc<crate::app::Gateway>,
+    /// The certificate the listener started with, should a configuration
+    /// without one be running (a reload refuses to remove `[tls]`).
+    started: Arc<rustls::ServerConfig>,
     done_tx: mpsc::UnboundedSender<(TlsStream<SendTimeout<TcpStream>>, SocketAddr)>,
     done: mpsc::UnboundedReceiver<(TlsStream<SendTimeout<TcpStream>>, SocketAddr)>,
 }
 
 impl TlsListener {
-    pub fn new(tcp: Dealt, config: Arc<rustls::ServerConfig>) -> Self {
+    pub fn new(tcp: Dealt, gateway: Arc<crate::app::Gateway>, started: Arc<rustls::ServerConfig>) -> Self {
         let (done_tx, done) = mpsc::unbounded_channel();
-        TlsListener { tcp, acceptor: TlsAcceptor::from(config), done_tx, done }
+        TlsListener { tcp, gateway, started, done_tx, done }
     }
 }
 
@@ -44,7 +50,8 @@ impl axum::serve::Listener for TlsListener {
         loop {
             tokio::select! {
                 (tcp, peer) = axum::serve::Listener::accept(&mut self.tcp) => {
-                    let (acceptor, done) = (self.acceptor.clone(), self.done_tx.clone());
+                    let config = self.gateway.config().tls.clone().unwrap_or_else(|| self.started.clone());
+                    let (acceptor, done) = (TlsAcceptor::from(config), self.done_tx.clone());
                     tokio::spawn(async move {
                         match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                             Ok(Ok(tls)) => {
