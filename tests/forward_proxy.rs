@@ -529,3 +529,40 @@ async fn in_shared_mode_a_blind_tunnel_needs_a_known_key() {
     tokio::time::timeout(Duration::from_secs(5), tunnel.read_exact(&mut back)).await.unwrap().unwrap();
     assert_eq!(&back, b"bytes");
 }
+
+/// A stopping gateway drains the forward proxy's intercepted tunnels as it
+/// drains base-URL requests: a call in flight through `HTTPS_PROXY` gets
+/// its answer before the gateway has stopped. (The drain ended as soon as
+/// the listeners had, since a tunnel runs apart from its connection.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_gateway_drains_calls_in_flight_through_the_forward_proxy() {
+    use support::emulator::DELAY_HEADER;
+    let s = Setup::start(None).await;
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(s.export_ca()).unwrap()).unwrap();
+    let http = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(ca)
+        .proxy(reqwest::Proxy::https(format!("http://{}", s.proxy())).unwrap())
+        .build()
+        .unwrap();
+    let call = http
+        .get("https://api.security.microsoft.com/api/incidents")
+        .header("authorization", bearer("tenant-stop", "app"))
+        .header(DELAY_HEADER, "800")
+        .send();
+    let call = tokio::spawn(async move {
+        let r = call.await?;
+        let status = r.status();
+        r.bytes().await.map(|_| status)
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let Setup { gw, emu, .. } = s;
+    let stopping = std::time::Instant::now();
+    gw.stop_within(Duration::from_secs(5)).await;
+    let stopped = stopping.elapsed();
+    // The call had about 600 ms to go.
+    assert!(stopped >= Duration::from_millis(500), "the gateway stopped after {stopped:?}, the call in flight");
+    assert_eq!(call.await.unwrap().expect("an answer").as_u16(), 200);
+    assert_eq!(emu.requests().len(), 1);
+}

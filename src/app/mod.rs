@@ -56,6 +56,9 @@ pub struct Gateway {
     /// comes back takes its id (and its keys' state) again, and no other
     /// policy is ever given it.
     retired: std::sync::Mutex<std::collections::HashMap<String, u16>>,
+    /// The forward proxy's intercepted tunnels open now, which a stopping
+    /// gateway drains with its listeners.
+    pub tunnels: Arc<crate::forward_proxy::tunnels::Tunnels>,
 }
 
 /// The configuration and its clients' runaway-loop guards, replaced as one,
@@ -94,6 +97,7 @@ impl Gateway {
             current: Live::new(Current::new(config)),
             store: Store::memory(),
             retired: std::sync::Mutex::default(),
+            tunnels: Arc::default(),
         }
     }
 

@@ -110,7 +110,9 @@ async fn connect(
         };
         let upgrade = hyper::upgrade::on(&mut req);
         metrics.proxy_connect(ConnectOutcome::Intercepted);
+        let open = worker.gateway().tunnels.open();
         tokio::spawn(async move {
+            let _open = open;
             if let Err(e) = intercept(upgrade, tls, worker, up, credential, stopped).await {
                 tracing::debug!(error = %e, "intercepted tunnel ended with an error");
             }

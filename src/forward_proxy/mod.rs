@@ -22,6 +22,7 @@ pub mod ca;
 mod connect;
 pub mod credential;
 mod leaf;
+pub mod tunnels;
 
 use std::sync::Arc;
 

@@ -239,7 +239,16 @@ impl Running {
                     Some(Ok(Ok(()))) => {}
                     Some(Ok(Err(e))) => break Err(e),
                     Some(Err(e)) => break Err(io::Error::other(e)),
-                    None => break Ok(()),
+                    None => {
+                        // The forward proxy's tunnels run apart from their
+                        // listener's connections: they get the drain too.
+                        tokio::select! {
+                            _ = self.gateway.tunnels.idle() => {}
+                            _ = &mut cut => tracing::warn!(tunnels = self.gateway.tunnels.count(),
+                                "drain time over: cutting the forward proxy's tunnels still open"),
+                        }
+                        break Ok(());
+                    }
                 },
                 _ = &mut cut => {
                     tracing::warn!(tasks = self.tasks.len(), "drain time over: cutting what is still running");

@@ -1,6 +1,7 @@
 //! The real gateway server, started in-process on port 0 in front of an upstream URL.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use quotagate::config::Config;
 use quotagate::server::{self, Running};
@@ -98,6 +99,15 @@ impl TestGateway {
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse().ok())
             .unwrap_or(0.0)
+    }
+}
+
+impl TestGateway {
+    /// Stop as SIGTERM would, letting requests finish for `drain`.
+    pub async fn stop_within(mut self, drain: Duration) {
+        if let Some(running) = self.running.take() {
+            running.stop_within(drain).await.expect("the gateway stops cleanly");
+        }
     }
 }
 
