@@ -562,7 +562,10 @@ async fn a_stopping_gateway_drains_calls_in_flight_through_the_forward_proxy() {
     gw.stop_within(Duration::from_secs(5)).await;
     let stopped = stopping.elapsed();
     // The call had about 600 ms to go.
-    assert!(stopped >= Duration::from_millis(500), "the gateway stopped after {stopped:?}, the call in flight");
+    assert!(
+        stopped >= Duration::from_millis(500),
+        "the gateway stopped after {stopped:?}, the call in flight"
+    );
     assert_eq!(call.await.unwrap().expect("an answer").as_u16(), 200);
     assert_eq!(emu.requests().len(), 1);
 }
